@@ -1,0 +1,26 @@
+"""jetgraph: a compiler for jet expansions of residual networks.
+
+``prog = jetgraph.capture(model, input_ids)`` turns a causal LM into a residual program
+(encoder, residual units, decoder) that later passes expand into paths.
+"""
+
+from jetgraph.api import capture
+from jetgraph.capture.loading import load_model
+from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
+from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "Decoder",
+    "Encoder",
+    "JetRuleError",
+    "JetgraphError",
+    "ModelLoadError",
+    "ResidualProgram",
+    "ResidualUnit",
+    "SideInputs",
+    "capture",
+    "load_model",
+]

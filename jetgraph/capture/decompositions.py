@@ -1,0 +1,109 @@
+"""Decompositions that lower captured graphs to jetgraph's small core op set.
+
+Normalisations become mean/sub/mul/rsqrt and attention becomes matmul/softmax/matmul, so that
+every later layer (Taylor rules, codegen) sees a handful of primitive ops. PyTorch's own
+higher-order derivatives through ``native_layer_norm`` are wrong, and CPU SDPA has no
+forward-mode rule: decomposing here sidesteps both.
+
+Each decomposition is written once against an ``emit(op, *args)`` callback: the lowering pass
+passes one that appends FX nodes; :func:`eager` passes one that runs the op, which is how the
+decompositions are tested against torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+
+Emit = Callable[..., Any]
+Shape = Callable[[Any], Sequence[int]]
+
+
+def layer_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int],
+               weight: Any = None, bias: Any = None, eps: float = 1e-5,
+               cudnn_enable: bool = False) -> Any:
+    """LayerNorm as mean, centring, mean of squares and rsqrt."""
+    dims = list(range(-len(normalized_shape), 0))
+    centred = emit(aten.sub.Tensor, x, emit(aten.mean.dim, x, dims, True))
+    variance = emit(aten.mean.dim, emit(aten.mul.Tensor, centred, centred), dims, True)
+    y = emit(aten.mul.Tensor, centred, emit(aten.rsqrt.default, emit(aten.add.Tensor, variance, eps)))
+    if weight is not None:
+        y = emit(aten.mul.Tensor, y, weight)
+    if bias is not None:
+        y = emit(aten.add.Tensor, y, bias)
+    return y
+
+
+def rms_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int],
+             weight: Any = None, eps: float | None = None) -> Any:
+    """RMSNorm as mean of squares and rsqrt (eps defaults to float32's epsilon, as in torch)."""
+    dims = list(range(-len(normalized_shape), 0))
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    mean_square = emit(aten.mean.dim, emit(aten.mul.Tensor, x, x), dims, True)
+    y = emit(aten.mul.Tensor, x, emit(aten.rsqrt.default, emit(aten.add.Tensor, mean_square, eps)))
+    if weight is not None:
+        y = emit(aten.mul.Tensor, y, weight)
+    return y
+
+
+def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any, value: Any,
+                                 attn_mask: Any = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Any:
+    """Attention as matmul, mask, softmax, matmul (the math backend's definition)."""
+    if dropout_p != 0.0:
+        raise NotImplementedError("jetgraph captures inference graphs: dropout_p must be 0")
+    q_shape, k_shape = shape(query), shape(key)
+    scale = 1.0 / math.sqrt(q_shape[-1]) if scale is None else scale
+    if enable_gqa and k_shape[-3] != q_shape[-3]:
+        repeats = q_shape[-3] // k_shape[-3]
+        key = emit(aten.repeat_interleave.self_int, key, repeats, -3)
+        value = emit(aten.repeat_interleave.self_int, value, repeats, -3)
+    scores = emit(aten.mul.Tensor, emit(aten.matmul.default, query,
+                                        emit(aten.transpose.int, key, -2, -1)), scale)
+    if is_causal:
+        rows = emit(aten.sym_size.int, query, len(q_shape) - 2)
+        cols = emit(aten.sym_size.int, key, len(k_shape) - 2)
+        ones = emit(aten.ones.default, [rows, cols], dtype=torch.bool)
+        keep = emit(aten.tril.default, ones)
+        scores = emit(aten.masked_fill.Scalar, scores, emit(aten.logical_not.default, keep),
+                      float("-inf"))
+    if attn_mask is not None:
+        if _dtype(attn_mask) == torch.bool:
+            scores = emit(aten.masked_fill.Scalar, scores,
+                          emit(aten.logical_not.default, attn_mask), float("-inf"))
+        else:
+            scores = emit(aten.add.Tensor, scores, attn_mask)
+    weights = emit(aten._softmax.default, scores, -1, False)
+    return emit(aten.matmul.default, weights, value)
+
+
+def _dtype(value: Any) -> torch.dtype | None:
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    val = getattr(value, "meta", {}).get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    aten.layer_norm.default: layer_norm,
+    aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
+}
+if hasattr(aten, "rms_norm"):
+    DECOMPOSITIONS[aten.rms_norm.default] = rms_norm
+
+
+def eager(decomposition: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Run a decomposition on real tensors (for tests against torch's kernels)."""
+
+    def emit(op: Any, *op_args: Any, **op_kwargs: Any) -> Any:
+        if op is aten.ones.default:
+            op_kwargs.setdefault("device", args[0].device)
+        return op(*op_args, **op_kwargs)
+
+    return decomposition(emit, lambda t: t.shape, *args, **kwargs)

@@ -1,0 +1,189 @@
+"""Model in, FX graph out: ``torch.export`` of an ``input_ids -> logits`` wrapper.
+
+The graph is exported with a dynamic batch and sequence length where the model allows it,
+decomposed to jetgraph's core op set, and checked against the eager model before it is handed
+to the lift pass. Failures become :class:`jetgraph.CaptureError` naming the module that failed.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from jetgraph.capture.lower import lower_to_core
+from jetgraph.errors import CaptureError
+
+SUPPORTED = (
+    "jetgraph captures pre-LN residual causal LMs whose forward maps input_ids to logits "
+    "(GPT-2, GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Qwen2, Gemma, OPT pre-LN, Phi, ...) "
+    "and plain torch modules of the form h = h + f(h) that take a LongTensor of token ids"
+)
+
+# Ops that only assert or guard; they have no users and carry no computation.
+_ASSERT_OPS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+class LogitsWrapper(nn.Module):
+    """``input_ids -> logits`` around a Hugging Face causal LM or a plain module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+        self.is_hf = hasattr(model, "config") and hasattr(model, "generation_config")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.is_hf:
+            out = self.m(input_ids=input_ids, use_cache=False)
+        else:
+            out = self.m(input_ids)
+        if hasattr(out, "logits"):
+            return out.logits
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+
+@dataclass
+class CapturedGraph:
+    """A decomposed FX graph of ``input_ids -> logits`` plus what lift needs to know."""
+
+    graph_module: fx.GraphModule
+    model_class: str
+    dynamic: bool
+    example_input_ids: torch.Tensor
+    reference_logits: torch.Tensor
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+def export_model(model: nn.Module, example_input_ids: torch.Tensor) -> CapturedGraph:
+    """Export ``model`` on ``example_input_ids`` (shape [batch, seq]) and decompose it."""
+    model_class = type(model).__name__
+    ids = _check_input_ids(example_input_ids, model_class)
+    model.eval()
+    wrapper = LogitsWrapper(model)
+    export_ids = _export_example(ids)
+    with torch.no_grad():
+        try:
+            reference = wrapper(ids)
+        except Exception as exc:  # the model itself cannot run on this input
+            raise _capture_error(exc, model, "the model's forward failed on the example input") from exc
+        if not isinstance(reference, torch.Tensor) or reference.dim() != 3:
+            raise CaptureError(
+                f"the forward returned {type(reference).__name__} "
+                f"{getattr(reference, 'shape', '')}, not logits of shape [batch, seq, vocab]. "
+                + SUPPORTED,
+                model_class=model_class,
+            )
+        dynamic = True
+        try:
+            exported = torch.export.export(
+                wrapper,
+                (export_ids,),
+                dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},),
+                strict=False,
+            )
+        except Exception:
+            dynamic = False
+            try:
+                exported = torch.export.export(wrapper, (ids,), strict=False)
+            except Exception as exc:
+                raise _capture_error(exc, model, "torch.export failed") from exc
+        graph_module = exported.module(check_guards=False)
+        _strip_asserts(graph_module)
+        try:
+            lower_to_core(graph_module)
+        except Exception as exc:
+            raise _capture_error(exc, model, "lowering to the core op set failed") from exc
+        if dynamic and not _accepts(graph_module, ids):
+            dynamic = False
+    return CapturedGraph(graph_module, model_class, dynamic, ids, reference)
+
+
+def _check_input_ids(ids: torch.Tensor, model_class: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise CaptureError(
+            f"example_input_ids must be a torch.LongTensor of shape [batch, seq], got {type(ids).__name__}",
+            model_class=model_class,
+        )
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        raise CaptureError(
+            "example_input_ids must be a non-empty integer tensor of shape [batch, seq], "
+            f"got dtype {ids.dtype} and shape {tuple(ids.shape)}",
+            model_class=model_class,
+        )
+    return ids.long()
+
+
+def _export_example(ids: torch.Tensor) -> torch.Tensor:
+    """An example with batch and sequence >= 2, so export does not specialise them to 1."""
+    if ids.shape[0] < 2:
+        ids = ids.expand(2, -1)
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 2)
+    return ids.contiguous()
+
+
+def _accepts(graph_module: fx.GraphModule, ids: torch.Tensor) -> bool:
+    try:
+        graph_module(ids)
+        return True
+    except Exception:
+        return False
+
+
+def _strip_asserts(graph_module: fx.GraphModule) -> None:
+    """Drop guard and assert nodes: they have no users and no part in the computation."""
+    graph = graph_module.graph
+    for node in reversed(list(graph.nodes)):
+        is_guard = node.op == "call_module" and str(node.target).startswith("_guards")
+        if (is_guard or node.target in _ASSERT_OPS) and not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
+def _capture_error(exc: BaseException, model: nn.Module, what: str) -> CaptureError:
+    """Translate an export failure into a CaptureError naming the innermost failing module."""
+    module = _failing_module(exc, model)
+    match = re.search(r"While executing %(\w+)", str(exc))
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(
+        f"{what}: {type(exc).__name__}: {first_line[:400]}. {SUPPORTED}. "
+        "Common causes: data-dependent Python control flow on tensor values, or a forward that "
+        "does not accept input_ids alone.",
+        model_class=type(model).__name__,
+        module=module,
+        node=match.group(1) if match else None,
+    )
+
+
+def _failing_module(exc: BaseException, model: nn.Module) -> str | None:
+    """The dotted name of the innermost submodule of ``model`` on the failing call stack."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    found: str | None = None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb: types.TracebackType | None = current.__traceback__
+        for frame, _ in traceback.walk_tb(tb):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in names:
+                found = names[id(owner)] or type(model).__name__
+        current = current.__cause__ or current.__context__
+    return found

@@ -1,0 +1,101 @@
+"""Small random-init models of every supported family, for tests, examples and benchmarks.
+
+All configs share a tiny size (d=32, 2 layers, vocab 128) so a capture takes a few seconds.
+``ResidualMLP`` is a plain torch residual network, not from transformers, to show that capture
+needs no Hugging Face structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+VOCAB = 128
+
+
+def _configs() -> dict[str, Callable[[], object]]:
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return {
+        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common),
+        "gpt_neo": lambda: tf.GPTNeoConfig(
+            hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+            window_size=4, max_position_embeddings=64, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            use_parallel_residual=True, max_position_embeddings=64, **common),
+        "gpt_neox_sequential": lambda: tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            use_parallel_residual=False, max_position_embeddings=64, **common),
+        "gptj": lambda: tf.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                      **common),
+        "llama": lambda: tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **common),
+        "mistral": lambda: tf.MistralConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, sliding_window=4, **common),
+        "qwen2": lambda: tf.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **common),
+        "gemma": lambda: tf.GemmaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **common),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, do_layer_norm_before=True, max_position_embeddings=64, **common),
+        "phi": lambda: tf.PhiConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            partial_rotary_factor=0.5, max_position_embeddings=64, **common),
+    }
+
+
+FAMILIES: tuple[str, ...] = (
+    "gpt2", "gpt_neo", "gpt_neox", "gpt_neox_sequential", "gptj", "llama", "mistral", "qwen2",
+    "gemma", "opt", "phi", "residual_mlp",
+)
+PARALLEL_FAMILIES: tuple[str, ...] = ("gpt_neox", "gptj", "phi")
+
+
+class ResidualMLP(nn.Module):
+    """Embedding, L residual units h + W2·act(W1·LN(h)), final LayerNorm and readout."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 32, hidden: int = 64, layers: int = 3,
+                 activation: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), activation(), nn.Linear(hidden, d))
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.readout = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.readout(self.norm(h))
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A random-init model of ``family`` (one of :data:`FAMILIES`), in eval mode."""
+    torch.manual_seed(seed)
+    if family == "residual_mlp":
+        return ResidualMLP().eval()
+    configs = _configs()
+    if family not in configs:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+def gpt2_small_config(layers: int = 12, **overrides: object) -> object:
+    """A GPT-2-small-size config (d=768, 12 heads) for benchmarks."""
+    import transformers
+
+    return transformers.GPT2Config(n_embd=768, n_layer=layers, n_head=12, **overrides)

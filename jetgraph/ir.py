@@ -1,0 +1,380 @@
+"""The residual IR: a model as ``Dec ∘ (id + γ_L) ∘ … ∘ (id + γ_1) ∘ Enc``.
+
+A :class:`ResidualProgram` holds an encoder, an ordered list of residual units and a decoder.
+Each :class:`ResidualUnit` holds the *pure update* γ(h) (never h + γ(h)) as an FX GraphModule.
+Units nest: a transformer block is a unit whose ``children`` are its attention and MLP units,
+and the program can be viewed at ``"block"`` or ``"sublayer"`` granularity. Parallel residual
+blocks (GPT-NeoX, GPT-J, Phi) have ``parallel=True``: their children read the same stream.
+
+Side inputs (causal masks, RoPE tables) are functions of positions only. They are computed once
+per input by :class:`SideInputs` and passed to the units that need them; they are never expanded.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import torch
+from torch import fx
+
+Granularity = Literal["block", "sublayer"]
+GRANULARITIES: tuple[str, ...] = ("block", "sublayer")
+
+
+def _parameter_count(graph_module: fx.GraphModule) -> int:
+    seen: set[int] = set()
+    total = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = _get_attr(graph_module, node.target)
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel()
+    return total
+
+
+def _get_attr(module: torch.nn.Module, target: str) -> object:
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def _op_count(graph_module: fx.GraphModule) -> int:
+    return sum(1 for node in graph_module.graph.nodes if node.op == "call_function")
+
+
+@dataclass(eq=False)
+class SideInputs:
+    """Tensors that depend on positions only (masks, RoPE tables), computed from ``input_ids``.
+
+    ``graph_module(input_ids)`` returns one tensor per name. ``positions_only`` records whether
+    capture verified that the values do not depend on token identity; only then can a unit be
+    called on a stream tensor alone (the side inputs are then rebuilt from its shape).
+    """
+
+    graph_module: fx.GraphModule
+    names: tuple[str, ...]
+    modules: tuple[str, ...]
+    positions_only: bool
+    _cache: dict[tuple[int, int, str], dict[str, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.names:
+            return {}
+        values = self.graph_module(input_ids)
+        return dict(zip(self.names, values, strict=True))
+
+    def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids."""
+        if not self.names:
+            return {}
+        if not self.positions_only:
+            raise ValueError(
+                "this model's side inputs depend on token ids, not only on positions: "
+                "pass side=prog.side_inputs(input_ids) explicitly"
+            )
+        key = (batch, seq, str(device))
+        if key not in self._cache:
+            ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+            self._cache.clear()
+            self._cache[key] = self(ids)
+        return self._cache[key]
+
+
+@dataclass(eq=False)
+class StreamFunction:
+    """A GraphModule ``(h, *side) -> tensor`` whose first argument is a residual stream."""
+
+    graph_module: fx.GraphModule
+    side_inputs: tuple[str, ...]
+    side: SideInputs = field(repr=False)
+
+    def __call__(self, h: torch.Tensor, side: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.side_inputs:
+            if side is None:
+                side = self.side.for_shape(h.shape[0], h.shape[1], h.device)
+            return self.graph_module(h, *(side[name] for name in self.side_inputs))
+        return self.graph_module(h)
+
+    @property
+    def op_count(self) -> int:
+        return _op_count(self.graph_module)
+
+    @property
+    def num_parameters(self) -> int:
+        return _parameter_count(self.graph_module)
+
+
+@dataclass(eq=False)
+class ResidualUnit(StreamFunction):
+    """One residual unit: the pure update γ(h) of ``h_next = h + γ(h)``.
+
+    ``kind`` is ``"attn"`` if the update mixes positions, else ``"mlp"``. ``index`` is the unit's
+    position in its granularity's list; ``reads`` is the index of the stream state it reads
+    (equal to ``index`` except for the second and later branches of a parallel block).
+    """
+
+    name: str = ""
+    kind: str = "mlp"
+    layer: int = 0
+    module_path: str = ""
+    index: int = 0
+    reads: int = 0
+    children: tuple[ResidualUnit, ...] = ()
+    parallel: bool = False
+
+    @property
+    def update(self) -> fx.GraphModule:
+        """γ as an FX GraphModule: ``update(h, *side_inputs)``."""
+        return self.graph_module
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidualUnit({self.name!r}, kind={self.kind!r}, layer={self.layer}, "
+            f"module_path={self.module_path!r}, side_inputs={self.side_inputs})"
+        )
+
+
+@dataclass(eq=False)
+class Encoder:
+    """``input_ids -> h_0``; ``addends`` keeps token and positional embeddings separate."""
+
+    graph_module: fx.GraphModule
+    addends_module: fx.GraphModule
+    addend_names: tuple[str, ...]
+    module_path: str
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(input_ids)
+
+    def addends(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms whose sum is h_0 (e.g. ``token`` and ``position`` for GPT-2)."""
+        values = self.addends_module(input_ids)
+        return dict(zip(self.addend_names, values, strict=True))
+
+
+@dataclass(eq=False)
+class Decoder(StreamFunction):
+    """``h_L -> logits``: the final norm and the unembedding.
+
+    When the last op is an affine readout, ``norm`` maps h to the readout's input and
+    ``unembedding`` (and ``unembedding_bias``) hold U, so logits = norm(h) @ U.T (+ b).
+    """
+
+    norm: StreamFunction | None = None
+    unembedding: torch.Tensor | None = None
+    unembedding_bias: torch.Tensor | None = None
+    module_path: str = ""
+
+
+class ResidualProgram:
+    """A captured model as encoder, residual units and decoder.
+
+    ``prog(input_ids)`` reproduces the model's logits; ``prog.stream(input_ids)`` returns the
+    stream h_0..h_N around the units of this view; ``prog.at("sublayer")`` is the same program
+    seen at sub-block granularity (attention and MLP units).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        blocks: Sequence[ResidualUnit],
+        decoder: Decoder,
+        side: SideInputs,
+        *,
+        granularity: Granularity = "block",
+        model_class: str = "",
+        dynamic: bool = True,
+        example_input_ids: torch.Tensor | None = None,
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.encoder = encoder
+        self.blocks: tuple[ResidualUnit, ...] = tuple(blocks)
+        self.decoder = decoder
+        self.side = side
+        self.granularity: Granularity = granularity
+        self.model_class = model_class
+        self.dynamic = dynamic
+        self.example_input_ids = example_input_ids
+
+    # ----------------------------------------------------------------- views
+    @functools.cached_property
+    def sublayers(self) -> tuple[ResidualUnit, ...]:
+        """Leaf units in execution order (a block without children is its own leaf)."""
+        return tuple(leaf for block in self.blocks for leaf in (block.children or (block,)))
+
+    @property
+    def units(self) -> tuple[ResidualUnit, ...]:
+        return self.blocks if self.granularity == "block" else self.sublayers
+
+    def at(self, granularity: Granularity) -> ResidualProgram:
+        """The same program (shared graphs and weights) viewed at another granularity."""
+        if granularity == self.granularity:
+            return self
+        view = ResidualProgram(
+            self.encoder,
+            self.blocks,
+            self.decoder,
+            self.side,
+            granularity=granularity,
+            model_class=self.model_class,
+            dynamic=self.dynamic,
+            example_input_ids=self.example_input_ids,
+        )
+        return view
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index: int) -> ResidualUnit:
+        return self.units[index]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.decoder.unembedding.shape[1]) if self.decoder.unembedding is not None else -1
+
+    # ------------------------------------------------------------- execution
+    def side_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.side(input_ids)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        states, side = self._run(input_ids, keep="none")
+        return self.decoder(states[-1], side)
+
+    def stream(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """h_0, h_1, …, h_N: the stream before the first and after each unit of this view."""
+        return self._run(input_ids, keep=self.granularity)[0]
+
+    def _run(
+        self, input_ids: torch.Tensor, keep: str
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Execute leaf units in the model's own addition order, keeping states of one view."""
+        input_ids = _as_ids(input_ids)
+        side = self.side(input_ids)
+        h = self.encoder(input_ids)
+        states = [h]
+        for block in self.blocks:
+            leaves = block.children or (block,)
+            if block.parallel:
+                outputs = [leaf(h, side) for leaf in leaves]
+                partial = []
+                for count in range(1, len(outputs) + 1):
+                    if keep == "sublayer" or count == len(outputs):
+                        partial.append(h + functools.reduce(operator.add, outputs[:count]))
+                h = partial[-1]
+                if keep == "sublayer":
+                    states.extend(partial)
+            else:
+                for leaf in leaves:
+                    h = h + leaf(h, side)
+                    if keep == "sublayer":
+                        states.append(h)
+            if keep == "block":
+                states.append(h)
+        if keep == "none":
+            states = [h]
+        return states, side
+
+    def to(self, *args: object, **kwargs: object) -> ResidualProgram:
+        """Move every graph's parameters and buffers (shared between views) in place."""
+        modules = [self.encoder.graph_module, self.encoder.addends_module, self.side.graph_module]
+        modules += [self.decoder.graph_module]
+        if self.decoder.norm is not None:
+            modules.append(self.decoder.norm.graph_module)
+        for unit in self.blocks + self.sublayers:
+            modules.append(unit.graph_module)
+        for module in modules:
+            module.to(*args, **kwargs)
+        self.side._cache.clear()
+        return self
+
+    # ------------------------------------------------------------ inspection
+    def summary_table(self) -> str:
+        """A plain-text table: index, name, kind, module path, op count, parameters."""
+        rows = [("idx", "unit", "kind", "reads", "module", "ops", "params")]
+        rows.append(("-", "embed", "enc", "-", self.encoder.module_path,
+                     str(_op_count(self.encoder.graph_module)),
+                     f"{_parameter_count(self.encoder.graph_module):,}"))
+        for unit in self.units:
+            rows.append((str(unit.index), unit.name, unit.kind, str(unit.reads), unit.module_path,
+                         str(unit.op_count), f"{unit.num_parameters:,}"))
+        rows.append(("-", "unembed", "dec", "-", self.decoder.module_path,
+                     str(self.decoder.op_count), f"{self.decoder.num_parameters:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [
+            f"ResidualProgram of {self.model_class}: {len(self.blocks)} blocks, "
+            f"{len(self.sublayers)} sublayer units, viewed at {self.granularity} granularity",
+            f"side inputs: {', '.join(self.side.names) or 'none'}"
+            + ("" if self.side.positions_only or not self.side.names else " (token-dependent)"),
+        ]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+            if i == 0:
+                lines.append("  ".join("-" * width for width in widths))
+        return "\n".join(lines)
+
+    def summary(self) -> None:
+        """Print :meth:`summary_table`."""
+        print(self.summary_table())
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The unrolled unit graph: an edge from every producer to every unit that reads it.
+
+        Nodes are ``"embed"``, the unit names and ``"unembed"``. A unit reads the stream state
+        ``reads``, which is the sum of the encoder and every unit before that state, so the
+        number of embed→unembed paths is 2^N for N sequential units (3 per parallel block).
+        """
+        graph = nx.DiGraph(model_class=self.model_class, granularity=self.granularity)
+        graph.add_node("embed", kind="enc", module_path=self.encoder.module_path, index=-1)
+        producers = ["embed"]
+        for unit in self.units:
+            graph.add_node(unit.name, kind=unit.kind, layer=unit.layer,
+                           module_path=unit.module_path, index=unit.index)
+            for producer in producers[: unit.reads + 1]:
+                graph.add_edge(producer, unit.name)
+            producers.append(unit.name)
+        graph.add_node("unembed", kind="dec", module_path=self.decoder.module_path,
+                       index=len(self.units))
+        for producer in producers:
+            graph.add_edge(producer, "unembed")
+        return graph
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidualProgram({self.model_class}, blocks={len(self.blocks)}, "
+            f"sublayers={len(self.sublayers)}, granularity={self.granularity!r})"
+        )
+
+
+def _as_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"input_ids must be an integer tensor of shape [batch, seq], got {type(input_ids).__name__}"
+            + (f" of dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else "")
+        )
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+    return input_ids.long()
+
+
+__all__ = [
+    "GRANULARITIES",
+    "Decoder",
+    "Encoder",
+    "ResidualProgram",
+    "ResidualUnit",
+    "SideInputs",
+    "StreamFunction",
+]

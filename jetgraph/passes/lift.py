@@ -1,0 +1,423 @@
+"""The lift pass: a captured FX graph becomes a :class:`~jetgraph.ir.ResidualProgram`.
+
+Residual units are found from graph structure alone. Walking back from the logits, a *stream
+node* is an ``add`` whose addends (looking through single-use adds) contain one node ``p`` that
+every other stream-dependent addend depends on: ``s = p + γ(p)``. The walk repeats from ``p``
+until it reaches a node that is not such an add: that is h_0, the encoder's output. Steps whose
+adds sit in the same module scope (``nn_module_stack``) form one block; steps with several
+addends that depend on ``p`` are parallel residual branches. No per-architecture code.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from jetgraph.capture.export import SUPPORTED, CapturedGraph
+from jetgraph.errors import CaptureError
+from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs, StreamFunction
+from jetgraph.passes.subgraph import (
+    GraphIndex,
+    SideRegistry,
+    combine_sum,
+    combine_tuple,
+    descendants,
+    extract,
+    is_add,
+    module_scope,
+    strip_wrapper,
+)
+
+aten = torch.ops.aten
+
+# Ops that return their (single) tensor input unchanged in value.
+_TRANSPARENT = {
+    aten.alias.default,
+    aten.clone.default,
+    aten.detach.default,
+    aten._to_copy.default,
+    aten.contiguous.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+}
+_READOUTS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+
+
+@dataclass
+class Step:
+    """One residual addition of the stream: ``out = inp + Σ updates``."""
+
+    out: fx.Node
+    inp: fx.Node
+    updates: list[fx.Node]  # stream-dependent branches, in topological order
+    constants: list[fx.Node]  # addends that do not read the stream (added to the first branch)
+
+    @property
+    def scope(self) -> str:
+        return module_scope(self.out)
+
+
+def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram:
+    """Find the residual units of ``captured`` and build its residual program."""
+    index = GraphIndex.build(captured.graph_module)
+    model_class = captured.model_class
+    logits = _logits_node(captured.graph_module.graph)
+    steps, h0 = _find_stream(index, logits, model_class)
+    nodes = list(captured.graph_module.graph.nodes)
+    stream = descendants(nodes, [h0])
+    side_registry = SideRegistry()
+
+    encoder = _build_encoder(index, h0, captured)
+    leaves_by_block = _group_blocks(steps)
+    blocks: list[ResidualUnit] = []
+    decoder_fn, decoder_side = _extract_checked(
+        index, [(steps[-1].out, "h")], [logits], stream, side_registry, "the decoder", model_class
+    )
+    # Side inputs are only known once every region has been cut; build units, then the table.
+    pending: list[tuple[int, list[Step]]] = list(enumerate(leaves_by_block))
+    unit_parts = []
+    for layer, block_steps in pending:
+        unit_parts.append(_cut_block(index, layer, block_steps, stream, side_registry, model_class))
+    side_nodes = list(side_registry.nodes)
+    side_module, _ = extract(index, [(index.input_ids, "input_ids")], side_nodes,
+                             combine=combine_tuple, what="the side inputs")
+    side = SideInputs(
+        side_module,
+        tuple(side_registry.nodes[n] for n in side_nodes),
+        tuple(module_scope(n) for n in side_nodes),
+        positions_only=_positions_only(side_module, captured, bool(side_nodes)),
+    )
+    leaf_index = 0
+    for layer, (block_fn, block_side, block_path, leaves, parallel) in enumerate(unit_parts):
+        children = []
+        block_reads = leaf_index
+        for leaf_fn, leaf_side, leaf_path, _ in leaves:
+            children.append(ResidualUnit(leaf_fn, leaf_side, side, name="", layer=layer,
+                                         module_path=leaf_path, index=leaf_index,
+                                         reads=block_reads if parallel else leaf_index))
+            leaf_index += 1
+        blocks.append(ResidualUnit(block_fn, block_side, side, name=f"block{layer}", layer=layer,
+                                   module_path=block_path, index=layer, reads=layer,
+                                   children=tuple(children), parallel=parallel))
+    decoder = _build_decoder(index, steps[-1].out, logits, decoder_fn, decoder_side, side,
+                             stream, side_registry, model_class)
+    program = ResidualProgram(encoder, blocks, decoder, side, granularity="block",
+                              model_class=model_class, dynamic=captured.dynamic,
+                              example_input_ids=captured.example_input_ids)
+    _assign_kinds(program, captured.example_input_ids)
+    _verify(program, captured)
+    return program.at(granularity)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- stream
+def _logits_node(graph: fx.Graph) -> fx.Node:
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = output.args[0]
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
+def _peel(node: fx.Node) -> fx.Node:
+    """Look through value-preserving ops: clones, same-dtype copies, and views that keep the
+    last (model) dimension, such as OPT's flattening of the stream to [batch*seq, d]."""
+    while node.op == "call_function" and node.target in _TRANSPARENT:
+        parent = node.args[0]
+        if not isinstance(parent, fx.Node):
+            break
+        pval, nval = parent.meta.get("val"), node.meta.get("val")
+        if not isinstance(pval, torch.Tensor) or not isinstance(nval, torch.Tensor):
+            break
+        if pval.dtype != nval.dtype or pval.shape[-1] != nval.shape[-1]:
+            break
+        node = parent
+    return node
+
+
+def _addends(node: fx.Node) -> list[fx.Node]:
+    """Operands of a tree of adds, descending into adds used only by the tree."""
+    result: list[fx.Node] = []
+    for operand in node.args[:2]:
+        if not isinstance(operand, fx.Node):
+            result.append(operand)
+        elif is_add(operand) and len(operand.users) == 1 and _same_shape(operand, node):
+            result.extend(_addends(operand))
+        else:
+            result.append(operand)
+    return result
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+
+
+def _split(index: GraphIndex, node: fx.Node) -> Step | None:
+    """``node = p + Σ updates`` with every update depending on p, or None."""
+    if not is_add(node) or node not in index.on_ids:
+        return None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.dim() < 2:
+        return None
+    addends = _addends(node)
+    if any(not isinstance(a, fx.Node) for a in addends):
+        return None
+    for candidate in sorted(addends, key=index.order.__getitem__):
+        if candidate not in index.on_ids or not _same_shape(candidate, node):
+            continue
+        others = [a for a in addends if a is not candidate]
+        updates = sorted((a for a in others if index.is_ancestor(candidate, a)),
+                         key=index.order.__getitem__)
+        if updates:
+            constants = [a for a in others if a not in updates]
+            return Step(node, _peel(candidate), updates, constants)
+    return None
+
+
+def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[list[Step], fx.Node]:
+    """Walk the residual chain back from the logits; return its steps and h_0."""
+    feeding = index.ancestors([logits])
+    last = None
+    for node in reversed(list(index.graph_module.graph.nodes)):
+        if node in feeding and _split(index, node) is not None:
+            last = node
+            break
+    if last is None:
+        raise CaptureError(
+            "no residual add (h + f(h)) feeds the logits, so there is no residual stream to "
+            "expand. " + SUPPORTED,
+            model_class=model_class,
+        )
+    steps: list[Step] = []
+    node = last
+    while (step := _split(index, node)) is not None:
+        steps.append(step)
+        node = step.inp
+    steps.reverse()
+    h0 = node
+    before = index.ancestors([h0])
+    stray = [n for n in index.graph_module.graph.nodes if n in before and _split(index, n)]
+    if stray:
+        first = stray[-1]
+        raise CaptureError(
+            "the residual stream is interrupted between residual adds (post-LN: the sum "
+            f"h + f(h) at node '{first.name}' is normalised before the next unit reads it), so "
+            "the model is not a composition of residual units id + γ. Post-LN models (BERT, "
+            "OPT with do_layer_norm_before=False) are not supported. " + SUPPORTED,
+            model_class=model_class,
+            module=module_scope(first),
+            node=first.name,
+        )
+    return steps, h0
+
+
+def _group_blocks(steps: Sequence[Step]) -> list[list[Step]]:
+    """Consecutive steps whose adds share a (non-root) module scope form one block."""
+    blocks: list[list[Step]] = []
+    for step in steps:
+        if blocks and step.scope and blocks[-1][-1].scope == step.scope:
+            blocks[-1].append(step)
+        else:
+            blocks.append([step])
+    return blocks
+
+
+# --------------------------------------------------------------------------- regions
+def _extract_checked(index, inputs, outputs, stream, side_registry, what, model_class,
+                     stream_outputs=False):
+    """Cut a region that reads the stream; errors gain the model class and what is supported."""
+    stream_shape = _stream_shape(stream, index)
+    try:
+        return extract(index, inputs, outputs, combine=combine_sum, stream=stream,
+                       side=side_registry, stream_shape=stream_shape,
+                       stream_outputs=stream_outputs, what=what)
+    except CaptureError as exc:
+        raise CaptureError(str(exc) + ". " + SUPPORTED, model_class=model_class,
+                           module=exc.module, node=exc.node) from None
+
+
+def _stream_shape(stream: set[fx.Node], index: GraphIndex) -> torch.Size:
+    h0 = min(stream, key=index.order.__getitem__)
+    return h0.meta["val"].shape
+
+
+def _cut_block(index, layer, block_steps, stream, side_registry, model_class):
+    """Cut one block and its leaf units; return (fn, side, path, leaves, parallel)."""
+    leaves = []
+    for step in block_steps:
+        for position, update in enumerate(step.updates):
+            outputs = [update] + (step.constants if position == 0 else [])
+            fn, side_names = _extract_checked(
+                index, [(step.inp, "h")], outputs, stream, side_registry,
+                f"unit {len(leaves)} of block {layer}", model_class, stream_outputs=True)
+            leaves.append((fn, side_names, _unit_module_path(fn, step.scope), step))
+    outputs = [n for step in block_steps for n in step.updates + step.constants]
+    fn, side_names = _extract_checked(index, [(block_steps[0].inp, "h")], outputs, stream,
+                                      side_registry, f"block {layer}", model_class,
+                                      stream_outputs=True)
+    parallel = len(block_steps) == 1 and len(block_steps[0].updates) > 1
+    if len(block_steps) > 1 and any(len(step.updates) > 1 for step in block_steps):
+        raise CaptureError(
+            f"block {layer} mixes sequential and parallel residual branches; jetgraph supports "
+            "blocks that are either a sequence of residual units or parallel branches of one "
+            "stream", model_class=model_class, module=block_steps[0].scope)
+    return fn, side_names, block_steps[0].scope, leaves, parallel
+
+
+def _unit_module_path(fn: fx.GraphModule, scope: str) -> str:
+    """The module holding most of the unit's parameters (>75%), else their common prefix."""
+    sizes: dict[str, int] = {}
+    for node in fn.graph.nodes:
+        if node.op == "get_attr":
+            value = functools.reduce(getattr, node.target.split("."), fn)
+            module = strip_wrapper(node.target.rsplit(".", 1)[0])
+            sizes[module] = sizes.get(module, 0) + value.numel()
+    if not sizes:
+        return scope
+    parts = [path.split(".") for path in sizes]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    prefix = ".".join(common)
+    children: dict[str, int] = {}
+    for path, size in sizes.items():
+        rest = path[len(prefix):].lstrip(".").split(".")[0]
+        child = f"{prefix}.{rest}" if prefix and rest else (rest or prefix)
+        children[child] = children.get(child, 0) + size
+    best, size = max(children.items(), key=lambda item: item[1])
+    return best if size > 0.75 * sum(sizes.values()) else (prefix or scope)
+
+
+def _build_encoder(index: GraphIndex, h0: fx.Node, captured: CapturedGraph) -> Encoder:
+    embed, _ = extract(index, [(index.input_ids, "input_ids")], [h0], what="the encoder")
+    parts = _addends(h0) if is_add(h0) else [h0]
+    if any(not isinstance(p, fx.Node) for p in parts):
+        parts = [h0]
+    addends_module, _ = extract(index, [(index.input_ids, "input_ids")], parts,
+                                combine=combine_tuple, what="the encoder addends")
+    names = _addend_names(addends_module, captured.example_input_ids)
+    scopes = sorted({module_scope(p) for p in parts})
+    return Encoder(embed, addends_module, names, ", ".join(s for s in scopes if s))
+
+
+def _addend_names(addends_module: fx.GraphModule, ids: torch.Tensor) -> tuple[str, ...]:
+    """``token`` for addends that depend on token identity, ``position`` for the others."""
+    with torch.no_grad():
+        first = addends_module(ids)
+        second = addends_module((ids + 1) % max(int(ids.max()) + 1, 2))
+    kinds = ["token" if not torch.equal(a, b) else "position" for a, b in zip(first, second, strict=True)]
+    names = []
+    for kind in kinds:
+        count = sum(1 for k in kinds if k == kind)
+        names.append(kind if count == 1 else f"{kind}{sum(1 for n in names if n.startswith(kind))}")
+    return tuple(names)
+
+
+def _build_decoder(index, h_last, logits, decoder_fn, decoder_side, side, stream, side_registry,
+                   model_class) -> Decoder:
+    norm = weight = bias = None
+    readout = logits
+    if readout.op == "call_function" and readout.target in _READOUTS:
+        weight_node, x_node, bias_node = _readout_operands(readout)
+        if weight_node is not None and x_node in descendants(list(index.graph_module.graph.nodes), [h_last]):
+            norm_fn, norm_side = _extract_checked(index, [(h_last, "h")], [x_node], stream,
+                                                  side_registry, "the final norm", model_class)
+            norm = StreamFunction(norm_fn, norm_side, side)
+            weight = _attr(index.graph_module, weight_node)
+            bias = _attr(index.graph_module, bias_node) if bias_node is not None else None
+            if readout.target in (aten.mm.default, aten.matmul.default, aten.addmm.default):
+                weight = weight.t() if weight is not None and weight.shape[0] != _vocab(logits) else weight
+    return Decoder(decoder_fn, decoder_side, side, norm=norm, unembedding=weight,
+                   unembedding_bias=bias, module_path=_unit_module_path(decoder_fn, module_scope(logits)))
+
+
+def _vocab(logits: fx.Node) -> int:
+    return int(logits.meta["val"].shape[-1])
+
+
+def _readout_operands(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None, fx.Node | None]:
+    """(weight get_attr, input, bias get_attr) of an affine readout, looking through transposes."""
+    def attr(n):
+        while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (
+            aten.t.default, aten.permute.default, aten.transpose.int):
+            n = n.args[0]
+        return n if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+    if node.target is aten.linear.default:
+        bias = node.args[2] if len(node.args) > 2 else None
+        return attr(node.args[1]), node.args[0], attr(bias) if bias is not None else None
+    if node.target is aten.addmm.default:
+        return attr(node.args[2]), node.args[1], attr(node.args[0])
+    return attr(node.args[1]), node.args[0], None
+
+
+def _attr(module: torch.nn.Module, node: fx.Node) -> torch.Tensor:
+    return functools.reduce(getattr, node.target.split("."), module)
+
+
+# --------------------------------------------------------------------------- checks
+def _positions_only(side_module: fx.GraphModule, captured: CapturedGraph, any_side: bool) -> bool:
+    if not any_side:
+        return True
+    ids = captured.example_input_ids
+    with torch.no_grad():
+        first = side_module(ids)
+        second = side_module(torch.zeros_like(ids))
+    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def _assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
+    """``attn`` if perturbing position 0 changes the update at later positions, else ``mlp``."""
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 2)
+    leaves = program.sublayers
+    with torch.no_grad():
+        states = program.at("sublayer").stream(ids)
+        side = program.side_inputs(ids)
+        generator = torch.Generator().manual_seed(0)
+        counts: dict[tuple[int, str], int] = {}
+        for leaf in leaves:
+            h = states[leaf.reads]
+            out = leaf(h, side)
+            moved = h.clone()
+            noise = torch.randn(moved[:, 0].shape, generator=generator, dtype=h.dtype)
+            moved[:, 0] = noise.to(h.device) * h.std() + h[:, 0]
+            out_moved = leaf(moved, side)
+            scale = out[:, 1:].abs().max().clamp_min(1e-12)
+            mixes = (out_moved[:, 1:] - out[:, 1:]).abs().max() > 1e-5 * scale
+            leaf.kind = "attn" if mixes else "mlp"
+            key = (leaf.layer, leaf.kind)
+            counts[key] = counts.get(key, 0) + 1
+    seen: dict[tuple[int, str], int] = {}
+    for leaf in leaves:
+        key = (leaf.layer, leaf.kind)
+        seen[key] = seen.get(key, 0) + 1
+        if not leaf.name:
+            suffix = "" if counts[key] == 1 else f"_{seen[key]}"
+            leaf.name = f"{leaf.kind}{leaf.layer}{suffix}"
+    for block in program.blocks:
+        if block.children:
+            block.kind = "attn" if any(c.kind == "attn" for c in block.children) else "mlp"
+
+
+def _verify(program: ResidualProgram, captured: CapturedGraph) -> None:
+    """The lifted program must reproduce the model's logits on the example input."""
+    with torch.no_grad():
+        logits = program(captured.example_input_ids)
+    reference = captured.reference_logits
+    error = (logits - reference).abs().max().item() if logits.shape == reference.shape else float("inf")
+    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
+    if not error <= tolerance:
+        raise CaptureError(
+            f"the lifted residual program does not reproduce the model's logits (max abs error "
+            f"{error:.3g} > {tolerance:.3g}); the graph has structure jetgraph does not model. "
+            + SUPPORTED,
+            model_class=captured.model_class,
+        )
