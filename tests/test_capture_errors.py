@@ -85,7 +85,7 @@ def test_post_ln_bert_is_rejected() -> None:
 
 
 def test_export_failure_names_the_failing_module() -> None:
-    with pytest.raises(jetgraph.CaptureError, match="torch.export failed") as info:
+    with pytest.raises(jetgraph.CaptureError, match=r"torch\.export failed") as info:
         jetgraph.capture(Branchy(), random_ids(1, 5))
     assert info.value.model_class == "Branchy"
     assert info.value.module == "gate"

@@ -1,0 +1,113 @@
+"""Capture + lift time and peak RSS for SmolLM2-135M and a GPT-2-small-size random model.
+
+Each model runs in its own subprocess so that its peak RSS is its own. Prints a table and
+writes benchmarks/results/capture.json, which docs/benchmarks.md quotes.
+
+    python benchmarks/bench_capture.py            # both models, 3 repeats each
+    python benchmarks/bench_capture.py --repeats 1
+Targets (issue 2): SmolLM2 capture in <= 15 s and <= 3 GB peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "capture.json"
+MODELS = ("smollm2", "gpt2-small-random")
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def measure(name: str, repeats: int) -> dict[str, object]:
+    """Load ``name``, then time export, lowering and lift ``repeats`` times (in this process)."""
+    import torch
+
+    import jetgraph
+    from jetgraph.capture.export import export_model
+    from jetgraph.capture.zoo import gpt2_small_config
+    from jetgraph.passes import lift
+
+    torch.set_num_threads(torch.get_num_threads())
+    start = time.perf_counter()
+    if name == "smollm2":
+        model, tokenizer = jetgraph.load_model("smollm2")
+        ids = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False).input_ids
+    else:
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(gpt2_small_config()).eval()
+        ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_gb()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        captured = export_model(model, ids)
+        t1 = time.perf_counter()
+        prog = lift(captured)
+        t2 = time.perf_counter()
+        runs.append({"export_lower_s": t1 - t0, "lift_s": t2 - t1, "capture_s": t2 - t0})
+        del captured, prog
+    with torch.no_grad():
+        prog = jetgraph.capture(model, ids)
+        error = (prog(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item()
+    best = min(runs, key=lambda r: r["capture_s"])
+    return {
+        "model": name,
+        "layers": len(prog.blocks),
+        "sublayer_units": len(prog.sublayers),
+        "load_s": round(load_s, 2),
+        "capture_s_best": round(best["capture_s"], 2),
+        "capture_s_all": [round(r["capture_s"], 2) for r in runs],
+        "export_lower_s": round(best["export_lower_s"], 2),
+        "lift_s": round(best["lift_s"], 2),
+        "rss_after_load_gb": round(rss_loaded, 2),
+        "peak_rss_gb": round(_rss_gb(), 2),
+        "max_abs_logit_error": error,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.repeats)))
+        return
+    rows = []
+    for name in MODELS:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    header = ("model", "layers", "load s", "capture s (best)", "export+lower s", "lift s",
+              "RSS after load GB", "peak RSS GB", "max |Δlogit|")
+    print(" | ".join(header))
+    for r in rows:
+        print(" | ".join(str(x) for x in (r["model"], r["layers"], r["load_s"], r["capture_s_best"],
+                                          r["export_lower_s"], r["lift_s"], r["rss_after_load_gb"],
+                                          r["peak_rss_gb"], f"{r['max_abs_logit_error']:.2g}")))
+    import torch
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/bench_capture.py --repeats " + str(args.repeats),
+        "results": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

