@@ -30,20 +30,18 @@ def _rss_gb() -> float:
 def measure(name: str, repeats: int) -> dict[str, object]:
     """Load ``name``, then time export, lowering and lift ``repeats`` times (in this process)."""
     import torch
+    import transformers  # imported before timing: "load" is the model load, not the import
 
     import jetgraph
     from jetgraph.capture.export import export_model
     from jetgraph.capture.zoo import gpt2_small_config
     from jetgraph.passes import lift
 
-    torch.set_num_threads(torch.get_num_threads())
     start = time.perf_counter()
     if name == "smollm2":
         model, tokenizer = jetgraph.load_model("smollm2")
         ids = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False).input_ids
     else:
-        import transformers
-
         torch.manual_seed(0)
         model = transformers.GPT2LMHeadModel(gpt2_small_config()).eval()
         ids = torch.randint(0, model.config.vocab_size, (1, 16))

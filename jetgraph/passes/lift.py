@@ -266,7 +266,8 @@ def _cut_block(index, layer, block_steps, stream, side_registry, model_class):
             f"block {layer} mixes sequential and parallel residual branches; jetgraph supports "
             "blocks that are either a sequence of residual units or parallel branches of one "
             "stream", model_class=model_class, module=block_steps[0].scope)
-    return fn, side_names, block_steps[0].scope, leaves, parallel
+    path = block_steps[0].scope or (leaves[0][2] if len(leaves) == 1 else "")
+    return fn, side_names, path, leaves, parallel
 
 
 def _unit_module_path(fn: fx.GraphModule, scope: str) -> str:
