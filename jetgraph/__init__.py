@@ -8,6 +8,7 @@ from jetgraph.api import capture
 from jetgraph.capture.loading import load_model
 from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
+from jetgraph.taylor import Jet, jet
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "CaptureError",
     "Decoder",
     "Encoder",
+    "Jet",
     "JetRuleError",
     "JetgraphError",
     "ModelLoadError",
@@ -22,5 +24,6 @@ __all__ = [
     "ResidualUnit",
     "SideInputs",
     "capture",
+    "jet",
     "load_model",
 ]

@@ -1,0 +1,103 @@
+"""Monomial bases of truncated Taylor polynomials and their product tables.
+
+A series in m directions truncated at total degree k has one coefficient per monomial
+t^α = t_1^α_1 ⋯ t_m^α_m with |α| ≤ k; the univariate case is m = 1. Coefficients are the
+*normalised* Taylor coefficients f_α = ∂^α f[v^α] / α!, so the jet evaluated at t = 1 is the plain
+sum of coefficients and products are Cauchy products: (uv)_α = Σ_{β+γ=α} u_β v_γ.
+
+Recurrences for exp, log, reciprocal and pow use the Euler operator E = Σ t_i ∂/∂t_i, which
+multiplies a monomial by its degree |α|: E(exp x) = exp(x)·E(x) gives
+|α| y_α = Σ_{β+γ=α, β≠0} |β| x_β y_γ. The same formula serves one direction or many.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Index triples (β, γ, β+γ) of a product table, as long tensors."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    out: torch.Tensor
+
+    def to(self, device: torch.device) -> Pairs:
+        return Pairs(self.left.to(device), self.right.to(device), self.out.to(device))
+
+
+class Basis:
+    """Monomials of total degree ≤ ``order`` in ``directions`` variables, sorted by degree."""
+
+    def __init__(self, directions: int, order: int) -> None:
+        if directions < 1 or order < 0:
+            raise ValueError(f"need directions >= 1 and order >= 0, got {directions}, {order}")
+        self.directions = directions
+        self.order = order
+        monomials = [
+            alpha
+            for alpha in itertools.product(range(order + 1), repeat=directions)
+            if sum(alpha) <= order
+        ]
+        monomials.sort(key=lambda alpha: (sum(alpha), tuple(-a for a in alpha)))
+        self.monomials: tuple[tuple[int, ...], ...] = tuple(monomials)
+        self.index = {alpha: i for i, alpha in enumerate(self.monomials)}
+        self.degrees: tuple[int, ...] = tuple(sum(alpha) for alpha in self.monomials)
+
+    @property
+    def size(self) -> int:
+        return len(self.monomials)
+
+    def __repr__(self) -> str:
+        return f"Basis(directions={self.directions}, order={self.order}, size={self.size})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Basis) and (self.directions, self.order) == (other.directions, other.order)
+
+    def __hash__(self) -> int:
+        return hash((self.directions, self.order))
+
+    def unit(self, direction: int) -> int:
+        """Index of the degree-1 monomial t_direction."""
+        alpha = tuple(1 if i == direction else 0 for i in range(self.directions))
+        return self.index[alpha]
+
+    def indices_of_degree(self, degree: int) -> list[int]:
+        return [i for i, d in enumerate(self.degrees) if d == degree]
+
+    @functools.cache  # noqa: B019 - bases are few and live for the process
+    def pairs(self, out_degree: int | None = None, skip_left_zero: bool = False,
+              skip_right_zero: bool = False) -> tuple[list[int], list[int], list[int]]:
+        """(β, γ, β+γ) index lists of the product table, optionally for one output degree."""
+        left, right, out = [], [], []
+        for i, beta in enumerate(self.monomials):
+            if skip_left_zero and i == 0:
+                continue
+            for j, gamma in enumerate(self.monomials):
+                if skip_right_zero and j == 0:
+                    continue
+                degree = self.degrees[i] + self.degrees[j]
+                if degree > self.order or (out_degree is not None and degree != out_degree):
+                    continue
+                alpha = tuple(b + g for b, g in zip(beta, gamma, strict=True))
+                left.append(i)
+                right.append(j)
+                out.append(self.index[alpha])
+        return left, right, out
+
+    def pair_tensors(self, device: torch.device, out_degree: int | None = None,
+                     skip_left_zero: bool = False, skip_right_zero: bool = False) -> Pairs:
+        return _pair_tensors(self, str(device), out_degree, skip_left_zero, skip_right_zero)
+
+
+@functools.cache
+def _pair_tensors(basis: Basis, device: str, out_degree: int | None, skip_left_zero: bool,
+                  skip_right_zero: bool) -> Pairs:
+    left, right, out = basis.pairs(out_degree, skip_left_zero, skip_right_zero)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return Pairs(as_tensor(left), as_tensor(right), as_tensor(out))
