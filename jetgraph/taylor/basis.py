@@ -90,6 +90,10 @@ class Basis:
                 out.append(self.index[alpha])
         return left, right, out
 
+    def products_by_left(self, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """For each left monomial β: (indices γ with |β|+|γ| ≤ k, indices of β+γ)."""
+        return _products_by_left(self, str(device))
+
     def pair_tensors(self, device: torch.device, out_degree: int | None = None,
                      skip_left_zero: bool = False, skip_right_zero: bool = False) -> Pairs:
         return _pair_tensors(self, str(device), out_degree, skip_left_zero, skip_right_zero)
@@ -101,3 +105,17 @@ def _pair_tensors(basis: Basis, device: str, out_degree: int | None, skip_left_z
     left, right, out = basis.pairs(out_degree, skip_left_zero, skip_right_zero)
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
     return Pairs(as_tensor(left), as_tensor(right), as_tensor(out))
+
+
+@functools.cache
+def _products_by_left(basis: Basis, device: str) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    result = []
+    for i, beta in enumerate(basis.monomials):
+        right, out = [], []
+        for j, gamma in enumerate(basis.monomials):
+            if basis.degrees[i] + basis.degrees[j] <= basis.order:
+                right.append(j)
+                out.append(basis.index[tuple(b + g for b, g in zip(beta, gamma, strict=True))])
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+        result.append((as_tensor(right), as_tensor(out)))
+    return tuple(result)

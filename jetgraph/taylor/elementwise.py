@@ -45,10 +45,12 @@ def derivative_functions(name: str, order: int) -> tuple[Callable[[torch.Tensor]
     return tuple(functions)
 
 
-def derivatives(name: str, x0: torch.Tensor, order: int) -> list[torch.Tensor]:
-    """[f(x0), f'(x0), …, f^(order)(x0)] as tensors shaped like x0."""
-    values = []
-    for function in derivative_functions(name, order):
-        value = function(x0)
-        values.append(value if isinstance(value, torch.Tensor) else torch.full_like(x0, float(value)))
-    return values
+def derivative(name: str, x0: torch.Tensor, order: int) -> Callable[[int], torch.Tensor]:
+    """j -> f^(j)(x0) as a tensor shaped like x0, for j ≤ order."""
+    functions = derivative_functions(name, order)
+
+    def at(j: int) -> torch.Tensor:
+        value = functions[j](x0)
+        return value if isinstance(value, torch.Tensor) else torch.full_like(x0, float(value))
+
+    return at

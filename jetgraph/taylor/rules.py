@@ -67,7 +67,7 @@ def defsympy(op: Any, name: str | Callable[..., str]) -> None:
 
     def rule(x: Series, *args: Any, **kwargs: Any) -> Series:
         fname = name(*args, **kwargs) if callable(name) else name
-        return S.compose(x, elementwise.derivatives(fname, x.primal, x.basis.order))
+        return S.compose(x, elementwise.derivative(fname, x.primal, x.basis.order))
 
     RULES[op] = rule
 

@@ -110,14 +110,36 @@ def add(a: Series, b: Series, alpha: float = 1.0) -> Series:
     return a.with_coeffs(padded(a, ndim) + alpha * padded(b, ndim))
 
 
-def bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Series, b: Series) -> Series:
-    """op(a, b) for op bilinear and batched over a leading dim: the Cauchy product."""
+def bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Series, b: Series,
+             skip_left_zero: bool = False) -> Series:
+    """op(a, b) for op bilinear and batched over a leading dim: the Cauchy product.
+
+    One call per left monomial β against all γ with |β|+|γ| ≤ k at once, so temporaries stay
+    the size of one series. In one direction the γ and β+γ are contiguous ranges: slices and
+    in-place adds, no gathers. ``skip_left_zero`` drops β = 0 (for a factor with zero primal).
+    """
     ndim = max(a.dim(), b.dim())
     ca, cb = padded(a, ndim), padded(b, ndim)
-    pairs = a.basis.pair_tensors(ca.device)
-    products = op(ca.index_select(0, pairs.left), cb.index_select(0, pairs.right))
-    out = products.new_zeros((a.basis.size, *products.shape[1:]))
-    out.index_add_(0, pairs.out, products)
+    univariate = a.basis.directions == 1
+    out = None
+    for beta, (right, targets) in enumerate(a.basis.products_by_left(ca.device)):
+        if skip_left_zero and beta == 0:
+            continue
+        count = right.numel()
+        if univariate:  # γ = 0..k-β, β+γ = β..k
+            product = op(ca[beta : beta + 1], cb[:count])
+        else:
+            product = op(ca[beta : beta + 1], cb.index_select(0, right))
+        if out is None:
+            out = product.new_zeros((a.basis.size, *product.shape[1:]))
+        if univariate:
+            out[beta : beta + count] += product
+        else:
+            out.index_add_(0, targets, product)
+        del product
+    if out is None:  # order 0 with skip_left_zero: the product is zero
+        shape = op(ca[:1], cb[:1]).shape[1:]
+        out = ca.new_zeros((a.basis.size, *shape))
     return a.with_coeffs(out)
 
 
@@ -202,13 +224,18 @@ def power(x: Series, exponent: float) -> Series:
     return x.with_coeffs(y)
 
 
-def compose(x: Series, derivatives: list[torch.Tensor]) -> Series:
-    """f(x) from f's derivatives at x_0: Σ_j f^(j)(x_0)/j! · δ^j with δ = x − x_0 (Horner)."""
+def compose(x: Series, derivative: Callable[[int], torch.Tensor]) -> Series:
+    """f(x) from f's derivatives at x_0: Σ_j f^(j)(x_0)/j! · δ^j with δ = x − x_0 (Horner).
+
+    ``derivative(j)`` returns f^(j)(x_0); each is computed when Horner needs it and dropped
+    after, so at most three series-sized buffers are live.
+    """
     import math
 
-    delta = x.with_coeffs(torch.cat([torch.zeros_like(x.coeffs[:1]), x.coeffs[1:]], 0))
     order = x.basis.order
-    result = constant_series(derivatives[order] / math.factorial(order), x.basis, x)
+    result = constant_series(derivative(order) / math.factorial(order), x.basis, x)
     for j in range(order - 1, -1, -1):
-        result = add_to_primal(mul(delta, result), derivatives[j] / math.factorial(j))
+        # δ has a zero primal: skip its β = 0 products
+        result = bilinear(torch.mul, x, result, skip_left_zero=True)
+        result.coeffs[0] += derivative(j) / math.factorial(j)  # a fresh buffer: safe in place
     return result
