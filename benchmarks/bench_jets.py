@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import weakref
 import json
 import math
 import platform
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ def decompose_silu(module: fx.GraphModule) -> fx.GraphModule:
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target is aten.silu.default:
             x = env[node.args[0]]
-            env[node] = graph.call_function(aten.mul.Tensor, (x, graph.call_function(aten.sigmoid.default, (x,))))
+            sigmoid = graph.call_function(aten.sigmoid.default, (x,))
+            env[node] = graph.call_function(aten.mul.Tensor, (x, sigmoid))
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     return fx.GraphModule(module, graph)
@@ -177,8 +178,9 @@ def main() -> None:
             ours = torch.no_grad()(lambda k=k, block=block, h=h, v=v, side=side: jetgraph.jet(
                 block, h, v, order=k, increment=True, side=side))
             t_ours = timed(ours, args.repeats)
-            t_autograd = timed(lambda k=k, f=f, h=h, v=v: nested_autograd(f, h, v, k), max(1, args.repeats // 2))
-            t_func = timed(lambda k=k, f=f, h=h, v=v: nested_func(f, h, v, k), max(1, args.repeats // 2))
+            slow_repeats = max(1, args.repeats // 2)
+            t_autograd = timed(lambda k=k, f=f, h=h, v=v: nested_autograd(f, h, v, k), slow_repeats)
+            t_func = timed(lambda k=k, f=f, h=h, v=v: nested_func(f, h, v, k), slow_repeats)
             rows.append({
                 "block": name, "order": k, "forward_ms": forward * 1e3,
                 "jetgraph_x": t_ours / forward, "autograd_x": t_autograd / forward,

@@ -81,6 +81,9 @@ def jet(
     if directions is None:
         if variate is None:
             raise ValueError("give a variate (evaluation point or increment) or a list of directions")
+        if not isinstance(variate, torch.Tensor) or variate.shape != center.shape:
+            shape = tuple(variate.shape) if isinstance(variate, torch.Tensor) else type(variate).__name__
+            raise ValueError(f"variate has shape {shape}, expected the centre's {tuple(center.shape)}")
         increments = [variate if increment else variate - center]
     else:
         if variate is not None:
@@ -99,6 +102,8 @@ def jet(
         for i, v in enumerate(increments):
             coeffs[basis.unit(i)] = v.to(center.dtype)
     module, extra = _graph_and_side_inputs(f, center, side)
+    if order == 0:  # J^0 f(c) = f(c): run the graph itself, bit-identical to the forward
+        return Jet(module(center, *extra).unsqueeze(0), basis)
     out = run_series(module, Series(coeffs, basis), *extra)
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -213,7 +213,12 @@ def power(x: Series, exponent: float) -> Series:
         return result
     basis, cx = x.basis, x.coeffs
     y = torch.zeros_like(cx)
-    y[0] = torch.pow(cx[0], exponent)
+    if exponent == -0.5:  # the primal exactly as the forward computes it
+        y[0] = torch.rsqrt(cx[0])
+    elif exponent == 0.5:
+        y[0] = torch.sqrt(cx[0])
+    else:
+        y[0] = torch.pow(cx[0], exponent)
     inverse = 1.0 / cx[0]
     for degree in range(1, basis.order + 1):
         p = basis.pair_tensors(cx.device, degree, skip_left_zero=True)
