@@ -126,10 +126,16 @@ def bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Series
         if skip_left_zero and beta == 0:
             continue
         count = right.numel()
+        if univariate and op is torch.mul and out is not None:  # accumulate in place, no temporary
+            out[beta : beta + count].addcmul_(ca[beta : beta + 1], cb[:count])
+            continue
         if univariate:  # γ = 0..k-β, β+γ = β..k
             product = op(ca[beta : beta + 1], cb[:count])
         else:
             product = op(ca[beta : beta + 1], cb.index_select(0, right))
+        if out is None and univariate and count == a.basis.size:
+            out = product  # β = 0 covers every output coefficient: adopt it, no copy
+            continue
         if out is None:
             out = product.new_zeros((a.basis.size, *product.shape[1:]))
         if univariate:
@@ -202,11 +208,14 @@ def power(x: Series, exponent: float) -> Series:
     """x^p. Integer p ≥ 0 by repeated products (exact at x_0 = 0); otherwise the recurrence
     |α| x_0 y_α = Σ_{β+γ=α, β≠0} (p|β| − |γ|) x_β y_γ (needs x_0 ≠ 0, as the function does)."""
     if float(exponent).is_integer() and exponent >= 0:
-        result = constant_series(torch.ones_like(x.primal), x.basis, x)
-        base, n = x, int(exponent)
+        n = int(exponent)
+        if n == 0:
+            return constant_series(torch.ones_like(x.primal), x.basis, x)
+        result: Series | None = None
+        base = x
         while n:
             if n & 1:
-                result = mul(result, base)
+                result = base if result is None else mul(result, base)
             n >>= 1
             if n:
                 base = mul(base, base)
@@ -239,8 +248,25 @@ def compose(x: Series, derivative: Callable[[int], torch.Tensor]) -> Series:
 
     order = x.basis.order
     result = constant_series(derivative(order) / math.factorial(order), x.basis, x)
+    if x.basis.directions == 1:
+        return _compose_in_place(x, result, derivative)
     for j in range(order - 1, -1, -1):
         # δ has a zero primal: skip its β = 0 products
         result = bilinear(torch.mul, x, result, skip_left_zero=True)
         result.coeffs[0] += derivative(j) / math.factorial(j)  # a fresh buffer: safe in place
+    return result
+
+
+def _compose_in_place(x: Series, result: Series, derivative: Callable[[int], torch.Tensor]) -> Series:
+    """Univariate Horner, r ← δ·r + c_j, in place: r_n = Σ_{β=1..n} δ_β r_{n−β} only reads lower
+    coefficients, so updating n = k..1 downwards needs no second buffer."""
+    import math
+
+    delta, r = x.coeffs, result.coeffs
+    for j in range(x.basis.order - 1, -1, -1):
+        for n in range(x.basis.order, 0, -1):
+            r[n].zero_()
+            for beta in range(1, n + 1):
+                r[n].addcmul_(delta[beta], r[n - beta])
+        r[0] = derivative(j) / math.factorial(j)
     return result
