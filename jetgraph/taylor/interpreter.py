@@ -37,7 +37,34 @@ class JetInterpreter(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> Any:
         self._node = node
-        return super().run_node(node)
+        owned = self._mark_owned(node)
+        try:
+            return super().run_node(node)
+        finally:
+            for value in owned:
+                value.owned = False
+
+    def _mark_owned(self, node: fx.Node) -> list[Series]:
+        """Series that die at ``node`` and share their buffer with no other live value.
+
+        Their op may update them in place (``Series.owned``), which keeps peak memory near one
+        series per live tensor. Graph inputs are never owned: they belong to the caller.
+        """
+        dying = [d for d in self.user_to_last_uses.get(node, ()) if d.op != "placeholder"]
+        candidates = [self.env[d] for d in dying if isinstance(self.env.get(d), Series)]
+        if not candidates:
+            return []
+        live: dict[int, int] = {}
+        for value in self.env.values():
+            for tensor in _tensors(value):
+                key = tensor.untyped_storage().data_ptr()
+                live[key] = live.get(key, 0) + 1
+        owned = []
+        for series in candidates:
+            if live.get(series.coeffs.untyped_storage().data_ptr(), 0) == 1:
+                series.owned = True
+                owned.append(series)
+        return owned
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not _touches_series(args) and not _touches_series(kwargs):
@@ -72,6 +99,20 @@ class JetInterpreter(fx.Interpreter):
             "ops), defzero (piecewise constant), defsympy (elementwise with a closed form) or "
             "RULES[op] = rule(*args) taking Series arguments"
         )
+
+
+def _tensors(value: Any) -> list[Any]:
+    found: list[Any] = []
+
+    def visit(item: Any) -> Any:
+        if isinstance(item, Series):
+            found.append(item.coeffs)
+        elif hasattr(item, "untyped_storage"):
+            found.append(item)
+        return item
+
+    fx.node.map_aggregate(value, visit)
+    return found
 
 
 def run_series(module: fx.GraphModule, *inputs: Series | Any) -> Any:

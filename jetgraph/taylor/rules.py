@@ -194,6 +194,8 @@ def _div(a: Any, b: Any, rounding_mode: str | None = None) -> Any:
     if rounding_mode is not None:
         raise NotImplementedError("division with rounding has no Taylor rule (it is piecewise constant)")
     if not is_series(b):
+        if S._in_place_ok(a, b):
+            return a.with_coeffs(a.coeffs.div_(b))
         ndim = max(a.dim(), S.ndim_of(b))
         return a.with_coeffs(S.padded(a, ndim) / b)
     inverse = S.reciprocal(b)

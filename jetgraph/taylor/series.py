@@ -11,7 +11,7 @@ scatter-add into the output: O(M²) work in one call. Values that are not series
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class Series:
 
     coeffs: torch.Tensor
     basis: Basis
+    # Set by the interpreter for the one op after which this value is dead and whose buffer
+    # nothing else shares: that op may then update ``coeffs`` in place.
+    owned: bool = field(default=False, repr=False, compare=False)
 
     @property
     def primal(self) -> torch.Tensor:
@@ -90,8 +93,23 @@ def constant_series(value: torch.Tensor | float, basis: Basis, like: Series) -> 
     return Series(coeffs, basis)
 
 
+def _in_place_ok(series: Series, other: torch.Tensor | float | Series) -> bool:
+    """Whether ``series op= other`` equals the out-of-place result (same shape and dtype)."""
+    if not series.owned:
+        return False
+    other_value = other.coeffs[0] if isinstance(other, Series) else other
+    if isinstance(other_value, torch.Tensor):
+        if torch.broadcast_shapes(series.shape, other_value.shape) != series.shape:
+            return False
+        return torch.result_type(series.coeffs, other_value) == series.dtype
+    return True
+
+
 def add_to_primal(series: Series, constant: torch.Tensor | float) -> Series:
     """series + constant: only coefficient 0 changes (the shape may broadcast larger)."""
+    if _in_place_ok(series, constant):
+        series.coeffs[0] += constant
+        return series.with_coeffs(series.coeffs)
     ndim = max(series.dim(), ndim_of(constant))
     coeffs = padded(series, ndim)
     head = coeffs[0] + constant
@@ -101,11 +119,17 @@ def add_to_primal(series: Series, constant: torch.Tensor | float) -> Series:
 
 def scale(series: Series, factor: torch.Tensor | float) -> Series:
     """series · constant (a linear op on every coefficient)."""
+    if _in_place_ok(series, factor):
+        return series.with_coeffs(series.coeffs.mul_(factor))
     ndim = max(series.dim(), ndim_of(factor))
     return series.with_coeffs(padded(series, ndim) * factor)
 
 
 def add(a: Series, b: Series, alpha: float = 1.0) -> Series:
+    if a.dim() == b.dim() and _in_place_ok(a, b):
+        return a.with_coeffs(a.coeffs.add_(b.coeffs, alpha=alpha))
+    if alpha == 1.0 and a.dim() == b.dim() and _in_place_ok(b, a):
+        return b.with_coeffs(b.coeffs.add_(a.coeffs))
     ndim = max(a.dim(), b.dim())
     return a.with_coeffs(padded(a, ndim) + alpha * padded(b, ndim))
 
