@@ -29,6 +29,18 @@ def _float64_program(family: str) -> jetgraph.ResidualProgram:
     return jetgraph.capture(tiny_model(family).double(), random_ids(1, 8, seed=1))
 
 
+def _assert_jet_matches_oracle(f32, f64, center: torch.Tensor, scale: float,
+                               generator: torch.Generator, label: str) -> None:
+    """Our float32 jet of f32 vs float64 nested jvp of f64 at ``center`` along a random v."""
+    v = torch.randn(center.shape, generator=generator, dtype=torch.float64) * scale * center.std()
+    expected = nested_jvp_coefficients(f64, center, v, ORDER)
+    ours = jetgraph.jet(f32, center.float(), v.float(), order=ORDER, increment=True)
+    for j in range(ORDER + 1):
+        error = relative_error(ours.coefficients[j], expected[j])
+        name = getattr(f32, "name", "decoder")
+        assert error <= RELATIVE_TOLERANCE, f"{label} {name} order {j}: {error:.2e}"
+
+
 def _functions(prog: jetgraph.ResidualProgram):
     view = prog.at("sublayer")
     return [*view.units, *prog.blocks, prog.decoder]
@@ -50,13 +62,7 @@ def test_unit_and_decoder_jets_match_float64_oracle(family: str) -> None:
             center = block_states[f64.reads]
         else:
             center = sub_states[f64.reads]
-        v = torch.randn(center.shape, generator=generator, dtype=torch.float64) * 0.5 * center.std()
-        expected = nested_jvp_coefficients(f64, center, v, ORDER)
-        ours = jetgraph.jet(f32, center.float(), v.float(), order=ORDER, increment=True)
-        for j in range(ORDER + 1):
-            error = relative_error(ours.coefficients[j], expected[j])
-            name = getattr(f32, "name", "decoder")
-            assert error <= RELATIVE_TOLERANCE, f"{family} {name} order {j}: {error:.2e}"
+        _assert_jet_matches_oracle(f32, f64, center, 0.5, generator, family)
 
 
 def test_every_captured_op_has_a_rule() -> None:
@@ -190,13 +196,7 @@ def test_smollm2_units_and_decoder() -> None:
     picks = [(sub32[i], sub64[i], states[sub64[i].reads]) for i in (0, 1, 30, 31, 58, 59)]
     picks.append((prog32.decoder, prog64.decoder, states[-1]))
     for f32, f64, center in picks:
-        v = torch.randn(center.shape, generator=generator, dtype=torch.float64) * 0.2 * center.std()
-        expected = nested_jvp_coefficients(f64, center, v, ORDER)
-        ours = jetgraph.jet(f32, center.float(), v.float(), order=ORDER, increment=True)
-        for j in range(ORDER + 1):
-            error = relative_error(ours.coefficients[j], expected[j])
-            name = getattr(f32, "name", "decoder")
-            assert error <= RELATIVE_TOLERANCE, f"SmolLM2 {name} order {j}: {error:.2e}"
+        _assert_jet_matches_oracle(f32, f64, center, 0.2, generator, "SmolLM2")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
