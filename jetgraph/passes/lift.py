@@ -65,49 +65,39 @@ class Step:
 def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram:
     """Find the residual units of ``captured`` and build its residual program."""
     index = GraphIndex.build(captured.graph_module)
-    model_class = captured.model_class
     logits = _logits_node(captured.graph_module.graph)
-    steps, h0 = _find_stream(index, logits, model_class)
-    nodes = list(captured.graph_module.graph.nodes)
-    stream = descendants(nodes, [h0])
-    side_registry = SideRegistry()
-
+    steps, h0 = _find_stream(index, logits, captured.model_class)
+    cutter = _Cutter(index, descendants(list(captured.graph_module.graph.nodes), [h0]),
+                     SideRegistry(), captured.model_class)
     encoder = _build_encoder(index, h0, captured)
-    leaves_by_block = _group_blocks(steps)
+    cut_blocks = [cutter.block(layer, block_steps) for layer, block_steps in enumerate(_group_blocks(steps))]
+    decoder_region = cutter.region([(steps[-1].out, "h")], [logits], "the decoder")
+    readout = _readout(index, steps[-1].out, logits)
+    norm_region = cutter.region([(steps[-1].out, "h")], [readout.x], "the final norm") if readout else None
+    # every region is cut, so the side-input table is complete
+    side = _build_side_inputs(index, cutter.side_registry, captured)
     blocks: list[ResidualUnit] = []
-    decoder_fn, decoder_side = _extract_checked(
-        index, [(steps[-1].out, "h")], [logits], stream, side_registry, "the decoder", model_class
-    )
-    # Side inputs are only known once every region has been cut; build units, then the table.
-    pending: list[tuple[int, list[Step]]] = list(enumerate(leaves_by_block))
-    unit_parts = []
-    for layer, block_steps in pending:
-        unit_parts.append(_cut_block(index, layer, block_steps, stream, side_registry, model_class))
-    side_nodes = list(side_registry.nodes)
-    side_module, _ = extract(index, [(index.input_ids, "input_ids")], side_nodes,
-                             combine=combine_tuple, what="the side inputs")
-    side = SideInputs(
-        side_module,
-        tuple(side_registry.nodes[n] for n in side_nodes),
-        tuple(module_scope(n) for n in side_nodes),
-        positions_only=_positions_only(side_module, captured, bool(side_nodes)),
-    )
     leaf_index = 0
-    for layer, (block_fn, block_side, block_path, leaves, parallel) in enumerate(unit_parts):
+    for layer, cut in enumerate(cut_blocks):
         children = []
-        block_reads = leaf_index
-        for leaf_fn, leaf_side, leaf_path, _ in leaves:
-            children.append(ResidualUnit(leaf_fn, leaf_side, side, name="", layer=layer,
-                                         module_path=leaf_path, index=leaf_index,
-                                         reads=block_reads if parallel else leaf_index))
+        first = leaf_index  # parallel branches all read the stream state at the block's start
+        for leaf in cut.leaves:
+            reads = first if cut.parallel else leaf_index
+            children.append(ResidualUnit(leaf.fn, leaf.side_inputs, side, layer=layer,
+                                         module_path=leaf.module_path, index=leaf_index, reads=reads))
             leaf_index += 1
-        blocks.append(ResidualUnit(block_fn, block_side, side, name=f"block{layer}", layer=layer,
-                                   module_path=block_path, index=layer, reads=layer,
-                                   children=tuple(children), parallel=parallel))
-    decoder = _build_decoder(index, steps[-1].out, logits, decoder_fn, decoder_side, side,
-                             stream, side_registry, model_class)
+        blocks.append(ResidualUnit(cut.region.fn, cut.region.side_inputs, side, name=f"block{layer}",
+                                   layer=layer, module_path=cut.region.module_path, index=layer,
+                                   reads=layer, children=tuple(children), parallel=cut.parallel))
+    decoder = Decoder(
+        decoder_region.fn, decoder_region.side_inputs, side,
+        norm=StreamFunction(norm_region.fn, norm_region.side_inputs, side) if norm_region else None,
+        unembedding=readout.weight if readout else None,
+        unembedding_bias=readout.bias if readout else None,
+        module_path=_unit_module_path(decoder_region.fn, module_scope(logits)),
+    )
     program = ResidualProgram(encoder, blocks, decoder, side, granularity="block",
-                              model_class=model_class, dynamic=captured.dynamic,
+                              model_class=captured.model_class, dynamic=captured.dynamic,
                               example_input_ids=captured.example_input_ids)
     _assign_kinds(program, captured.example_input_ids)
     _verify(program, captured)
@@ -228,46 +218,65 @@ def _group_blocks(steps: Sequence[Step]) -> list[list[Step]]:
 
 
 # --------------------------------------------------------------------------- regions
-def _extract_checked(index, inputs, outputs, stream, side_registry, what, model_class,
-                     stream_outputs=False):
-    """Cut a region that reads the stream; errors gain the model class and what is supported."""
-    stream_shape = _stream_shape(stream, index)
-    try:
-        return extract(index, inputs, outputs, combine=combine_sum, stream=stream,
-                       side=side_registry, stream_shape=stream_shape,
-                       stream_outputs=stream_outputs, what=what)
-    except CaptureError as exc:
-        raise CaptureError(str(exc) + ". " + SUPPORTED, model_class=model_class,
-                           module=exc.module, node=exc.node) from None
+@dataclass
+class Region:
+    """A cut-out GraphModule ``(h, *side) -> value``, its side inputs and its module path."""
+
+    fn: fx.GraphModule
+    side_inputs: tuple[str, ...]
+    module_path: str
 
 
-def _stream_shape(stream: set[fx.Node], index: GraphIndex) -> torch.Size:
-    h0 = min(stream, key=index.order.__getitem__)
-    return h0.meta["val"].shape
+@dataclass
+class CutBlock:
+    region: Region
+    leaves: list[Region]
+    parallel: bool
 
 
-def _cut_block(index, layer, block_steps, stream, side_registry, model_class):
-    """Cut one block and its leaf units; return (fn, side, path, leaves, parallel)."""
-    leaves = []
-    for step in block_steps:
-        for position, update in enumerate(step.updates):
-            outputs = [update] + (step.constants if position == 0 else [])
-            fn, side_names = _extract_checked(
-                index, [(step.inp, "h")], outputs, stream, side_registry,
-                f"unit {len(leaves)} of block {layer}", model_class, stream_outputs=True)
-            leaves.append((fn, side_names, _unit_module_path(fn, step.scope), step))
-    outputs = [n for step in block_steps for n in step.updates + step.constants]
-    fn, side_names = _extract_checked(index, [(block_steps[0].inp, "h")], outputs, stream,
-                                      side_registry, f"block {layer}", model_class,
-                                      stream_outputs=True)
-    parallel = len(block_steps) == 1 and len(block_steps[0].updates) > 1
-    if len(block_steps) > 1 and any(len(step.updates) > 1 for step in block_steps):
-        raise CaptureError(
-            f"block {layer} mixes sequential and parallel residual branches; jetgraph supports "
-            "blocks that are either a sequence of residual units or parallel branches of one "
-            "stream", model_class=model_class, module=block_steps[0].scope)
-    path = block_steps[0].scope or (leaves[0][2] if len(leaves) == 1 else "")
-    return fn, side_names, path, leaves, parallel
+@dataclass
+class _Cutter:
+    """Cuts stream-reading regions out of one captured graph, sharing one side-input registry."""
+
+    index: GraphIndex
+    stream: set[fx.Node]
+    side_registry: SideRegistry
+    model_class: str
+
+    def region(self, inputs: list[tuple[fx.Node, str]], outputs: list[fx.Node], what: str,
+               stream_outputs: bool = False, scope: str = "") -> Region:
+        """Cut ``inputs -> outputs``; errors gain the model class and what is supported."""
+        h0 = min(self.stream, key=self.index.order.__getitem__)
+        try:
+            fn, side_names = extract(self.index, inputs, outputs, combine=combine_sum,
+                                     stream=self.stream, side=self.side_registry,
+                                     stream_shape=h0.meta["val"].shape,
+                                     stream_outputs=stream_outputs, what=what)
+        except CaptureError as exc:
+            raise CaptureError(str(exc) + ". " + SUPPORTED, model_class=self.model_class,
+                               module=exc.module, node=exc.node) from None
+        return Region(fn, side_names, _unit_module_path(fn, scope))
+
+    def block(self, layer: int, block_steps: list[Step]) -> CutBlock:
+        """One block and its leaf units (one per update branch of each step)."""
+        if len(block_steps) > 1 and any(len(step.updates) > 1 for step in block_steps):
+            raise CaptureError(
+                f"block {layer} mixes sequential and parallel residual branches; jetgraph supports "
+                "blocks that are either a sequence of residual units or parallel branches of one "
+                "stream", model_class=self.model_class, module=block_steps[0].scope)
+        leaves = []
+        for step in block_steps:
+            for position, update in enumerate(step.updates):
+                outputs = [update] + (step.constants if position == 0 else [])
+                leaves.append(self.region([(step.inp, "h")], outputs,
+                                          f"unit {len(leaves)} of block {layer}",
+                                          stream_outputs=True, scope=step.scope))
+        outputs = [n for step in block_steps for n in step.updates + step.constants]
+        region = self.region([(block_steps[0].inp, "h")], outputs, f"block {layer}",
+                             stream_outputs=True)
+        region.module_path = block_steps[0].scope or (leaves[0].module_path if len(leaves) == 1 else "")
+        parallel = len(block_steps) == 1 and len(block_steps[0].updates) > 1
+        return CutBlock(region, leaves, parallel)
 
 
 def _unit_module_path(fn: fx.GraphModule, scope: str) -> str:
@@ -321,22 +330,27 @@ def _addend_names(addends_module: fx.GraphModule, ids: torch.Tensor) -> tuple[st
     return tuple(names)
 
 
-def _build_decoder(index, h_last, logits, decoder_fn, decoder_side, side, stream, side_registry,
-                   model_class) -> Decoder:
-    norm = weight = bias = None
-    readout = logits
-    if readout.op == "call_function" and readout.target in _READOUTS:
-        weight_node, x_node, bias_node = _readout_operands(readout)
-        if weight_node is not None and x_node in descendants(list(index.graph_module.graph.nodes), [h_last]):
-            norm_fn, norm_side = _extract_checked(index, [(h_last, "h")], [x_node], stream,
-                                                  side_registry, "the final norm", model_class)
-            norm = StreamFunction(norm_fn, norm_side, side)
-            weight = _attr(index.graph_module, weight_node)
-            bias = _attr(index.graph_module, bias_node) if bias_node is not None else None
-            if readout.target in (aten.mm.default, aten.matmul.default, aten.addmm.default):
-                weight = weight.t() if weight is not None and weight.shape[0] != _vocab(logits) else weight
-    return Decoder(decoder_fn, decoder_side, side, norm=norm, unembedding=weight,
-                   unembedding_bias=bias, module_path=_unit_module_path(decoder_fn, module_scope(logits)))
+@dataclass
+class Readout:
+    """The decoder's final affine map: logits = x @ weight.T (+ bias)."""
+
+    x: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _readout(index: GraphIndex, h_last: fx.Node, logits: fx.Node) -> Readout | None:
+    """The unembedding, when the logits are an affine readout of a function of h_L."""
+    if logits.op != "call_function" or logits.target not in _READOUTS:
+        return None
+    weight_node, x_node, bias_node = _readout_operands(logits)
+    if weight_node is None or not index.is_ancestor(h_last, x_node):
+        return None
+    weight = _attr(index.graph_module, weight_node)
+    if logits.target is not aten.linear.default and weight.shape[0] != _vocab(logits):
+        weight = weight.t()  # mm/matmul/addmm read x @ W with W [d, vocab]
+    bias = _attr(index.graph_module, bias_node) if bias_node is not None else None
+    return Readout(x_node, weight, bias)
 
 
 def _vocab(logits: fx.Node) -> int:
@@ -345,7 +359,7 @@ def _vocab(logits: fx.Node) -> int:
 
 def _readout_operands(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None, fx.Node | None]:
     """(weight get_attr, input, bias get_attr) of an affine readout, looking through transposes."""
-    def attr(n):
+    def attr(n: object) -> fx.Node | None:
         while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (
             aten.t.default, aten.permute.default, aten.transpose.int):
             n = n.args[0]
@@ -364,6 +378,16 @@ def _attr(module: torch.nn.Module, node: fx.Node) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- checks
+def _build_side_inputs(index: GraphIndex, registry: SideRegistry, captured: CapturedGraph) -> SideInputs:
+    """The side-input table: one graph ``input_ids -> (mask, cos, sin, …)`` for all units."""
+    nodes = list(registry.nodes)
+    module, _ = extract(index, [(index.input_ids, "input_ids")], nodes, combine=combine_tuple,
+                        what="the side inputs")
+    return SideInputs(module, tuple(registry.nodes[n] for n in nodes),
+                      tuple(module_scope(n) for n in nodes),
+                      positions_only=_positions_only(module, captured, bool(nodes)))
+
+
 def _positions_only(side_module: fx.GraphModule, captured: CapturedGraph, any_side: bool) -> bool:
     if not any_side:
         return True
