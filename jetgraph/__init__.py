@@ -8,6 +8,7 @@ from jetgraph.api import capture
 from jetgraph.capture.loading import load_model
 from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
+from jetgraph.passes.expand import Expansion, Term, expand, source_terms, stream_term
 from jetgraph.taylor import Jet, jet
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "CaptureError",
     "Decoder",
     "Encoder",
+    "Expansion",
     "Jet",
     "JetRuleError",
     "JetgraphError",
@@ -23,7 +25,11 @@ __all__ = [
     "ResidualProgram",
     "ResidualUnit",
     "SideInputs",
+    "Term",
     "capture",
+    "expand",
     "jet",
     "load_model",
+    "source_terms",
+    "stream_term",
 ]

@@ -1,0 +1,277 @@
+"""Algorithm 1: expand one residual unit (or the decoder) into jet terms around chosen centres.
+
+A :class:`Term` is symbolic: it says how one summand is computed from the input ids (which
+encoder addend or stream state it starts from, which units it passed through, at which centre,
+order and weight), so expansions compose — the terms of one expansion are centres of the next —
+and can be evaluated on any input. :meth:`Expansion.evaluate` returns every term's tensor and
+the exact remainder, target − Σ terms, so Σ terms + remainder reproduces the target by
+construction; the target itself is the model's own stream state or logits.
+
+Semantics (docs/architecture.md): expanding unit ℓ with centres c_i (sub-streams whose sum is the
+stream h the unit reads) and weights w_i gives the terms w_i · J^k γ_ℓ(c_i)(h) — one term per
+order j ≤ k, the j-th Taylor coefficient along h − c_i — plus the skip branch: the centres
+themselves (``identity="pass"``) or w_i · J^k id(c_i)(h) (``identity="jet"``, the paper's code).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+
+from jetgraph.ir import ResidualProgram, StreamFunction
+from jetgraph.taylor import jet
+
+Space = Literal["stream", "logits"]
+_ids = itertools.count()
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One summand, symbolically.
+
+    ``kind``: ``"source"`` (an encoder addend), ``"stream"`` (a stream state h_ℓ of the
+    program's view), ``"jet"`` (the order-``order`` coefficient of ``unit``'s order-``depth`` jet
+    at ``center``), or ``"identity"`` (the skip branch of ``unit`` for ``center``). ``path`` is
+    the provenance: where the term started and the units it passed through, in order.
+    """
+
+    kind: Literal["source", "stream", "jet", "identity"]
+    path: tuple[str, ...]
+    unit: str | None = None
+    center: Term | None = None
+    order: int = 0
+    depth: int = 0
+    weight: float | torch.Tensor = 1.0
+    space: Space = "stream"
+    state: int | None = None
+    uid: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def name(self) -> str:
+        base = "→".join(self.path)
+        if self.kind == "jet" and self.order:
+            base += f"^{self.order}"
+        if self.kind == "identity":
+            base += "(id)"
+        return base
+
+    def __repr__(self) -> str:
+        return f"Term({self.name!r}, kind={self.kind}, space={self.space})"
+
+
+def source_terms(prog: ResidualProgram) -> list[Term]:
+    """The encoder's addends as terms (``embed.token``, ``embed.position``, …): they sum to h_0."""
+    return [Term("source", (f"embed.{name}",), state=i) for i, name in enumerate(prog.encoder.addend_names)]
+
+
+def stream_term(prog: ResidualProgram, state: int) -> Term:
+    """The stream state h_state of ``prog``'s view as one term."""
+    if not 0 <= state <= len(prog.units):
+        raise IndexError(f"stream state {state} out of range: the {prog.granularity} view has states "
+                         f"0..{len(prog.units)}")
+    return Term("stream", (f"h{state}",), state=state)
+
+
+@dataclass
+class ExpansionValues:
+    """Evaluated terms (by name, in order), the target and the exact remainder."""
+
+    terms: dict[str, torch.Tensor]
+    target: torch.Tensor
+    remainder: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        return torch.stack(list(self.terms.values())).sum(0)
+
+
+class Expansion:
+    """Terms of one expanded unit (or the decoder) and what they must add up to."""
+
+    def __init__(self, prog: ResidualProgram, unit: int, terms: Sequence[Term], space: Space,
+                 order: int) -> None:
+        self.prog = prog
+        self.unit = unit
+        self.terms: tuple[Term, ...] = tuple(terms)
+        self.space: Space = space
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def __repr__(self) -> str:
+        where = "decoder" if self.space == "logits" else self.prog.units[self.unit].name
+        return f"Expansion({where}, order={self.order}, terms={len(self.terms)})"
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor) -> ExpansionValues:
+        """Every term's tensor on ``input_ids``, the target and target − Σ terms."""
+        evaluator = _Evaluator(self.prog, input_ids)
+        values = {term.name: evaluator.value(term) for term in self.terms}
+        target = evaluator.logits() if self.space == "logits" else evaluator.states[self.unit + 1]
+        total = torch.stack(list(values.values())).sum(0)
+        return ExpansionValues(values, target, target - total)
+
+    @torch.no_grad()
+    def faithfulness(self, input_ids: torch.Tensor, k: int = 5) -> dict[str, float]:
+        """How well Σ terms stands for the model: in logit space (stream sums are decoded)."""
+        result = self.evaluate(input_ids)
+        evaluator = _Evaluator(self.prog, input_ids)
+        logits = evaluator.logits()
+        approx = result.total() if self.space == "logits" else self.prog.decoder(result.total())
+        true_top = logits.topk(k, -1).indices
+        approx_top = approx.topk(k, -1).indices
+        overlap = (true_top.unsqueeze(-1) == approx_top.unsqueeze(-2)).any(-1).float().mean()
+        return {
+            "relative_remainder": (result.remainder.norm() / result.target.norm()).item(),
+            "cosine": F.cosine_similarity(approx, logits, dim=-1).mean().item(),
+            "kl": F.kl_div(approx.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                           reduction="none").sum(-1).mean().item(),
+            "top1": (approx.argmax(-1) == logits.argmax(-1)).float().mean().item(),
+            f"top{k}": overlap.item(),
+        }
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The terms and everything they were built from: an edge from each centre to its terms."""
+        graph = nx.DiGraph()
+        stack = list(self.terms)
+        while stack:
+            term = stack.pop()
+            if term.uid in graph and graph.nodes[term.uid].get("term") is term:
+                continue
+            graph.add_node(term.uid, term=term, label=term.name, kind=term.kind, unit=term.unit,
+                           order=term.order, space=term.space)
+            if term.center is not None:
+                graph.add_edge(term.center.uid, term.uid, unit=term.unit)
+                stack.append(term.center)
+        return graph
+
+
+def expand(
+    prog: ResidualProgram,
+    unit: int | str,
+    centers: Sequence[Term] | Expansion,
+    order: int = 0,
+    weights: str | float | torch.Tensor = "uniform",
+    identity: Literal["pass", "jet"] = "pass",
+) -> Expansion:
+    """Algorithm 1: expand ``unit`` of ``prog`` (an index of ``prog.units``, or ``"decoder"`` /
+    ``len(prog.units)`` for the decoder) around ``centers`` at order ``order``.
+
+    ``weights``: ``"uniform"`` (1/N), ``"unit"`` (1), a float, or a tensor with one leading entry
+    per centre whose rest broadcasts against a term [batch, seq, d] from the right: [N] scalars,
+    [N, seq, 1] per position, [N, d] per coordinate, [N, batch, seq, d] in full.
+    """
+    units = prog.units
+    decoder = unit in ("decoder", len(units))
+    if not decoder:
+        if not isinstance(unit, int) or not 0 <= unit < len(units):
+            raise IndexError(f"unit {unit!r} out of range: {prog.granularity} view has units "
+                             f"0..{len(units) - 1}, and 'decoder' (= {len(units)})")
+    if identity not in ("pass", "jet"):
+        raise ValueError(f"identity must be 'pass' or 'jet', got {identity!r}")
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"order must be a non-negative int, got {order!r}")
+    centers = list(centers.terms if isinstance(centers, Expansion) else centers)
+    if not centers:
+        raise ValueError("expand needs at least one centre")
+    for term in centers:
+        if not isinstance(term, Term) or term.space != "stream":
+            raise TypeError(f"centres must be stream-space Terms (source_terms, stream_term or an "
+                            f"earlier expansion's terms), got {term!r}")
+    per_centre = _weights(weights, len(centers))
+    name = "unembed" if decoder else units[unit].name
+    space: Space = "logits" if decoder else "stream"
+    terms: list[Term] = []
+    for center, weight in zip(centers, per_centre, strict=True):
+        for j in range(order + 1):
+            terms.append(Term("jet", (*center.path, name), unit=name, center=center, order=j,
+                              depth=order, weight=weight, space=space))
+    if not decoder:
+        if identity == "pass":
+            terms = list(centers) + terms
+        else:
+            terms = [Term("identity", center.path, unit=name, center=center, order=order, weight=w)
+                     for center, w in zip(centers, per_centre, strict=True)] + terms
+    return Expansion(prog, len(units) if decoder else unit, terms, space, order)
+
+
+def _weights(weights: str | float | torch.Tensor, count: int) -> list[float | torch.Tensor]:
+    if isinstance(weights, str):
+        if weights == "uniform":
+            return [1.0 / count] * count
+        if weights == "unit":
+            return [1.0] * count
+        raise ValueError(f"weights must be 'uniform', 'unit', a float or a tensor, got {weights!r}")
+    if isinstance(weights, (int, float)):
+        return [float(weights)] * count
+    if not isinstance(weights, torch.Tensor) or weights.dim() == 0 or weights.shape[0] != count:
+        shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"weights must have one leading entry per centre ({count}), got shape {shape}")
+    return list(weights.unbind(0))
+
+
+class _Evaluator:
+    """Evaluates terms on one input, memoised per term and per (unit, centre) jet."""
+
+    def __init__(self, prog: ResidualProgram, input_ids: torch.Tensor) -> None:
+        self.prog = prog
+        self.input_ids = input_ids
+        self.states = prog.stream(input_ids)
+        self.side = prog.side_inputs(input_ids)
+        self._addends: dict[str, torch.Tensor] | None = None
+        self._values: dict[int, torch.Tensor] = {}
+        self._jets: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._units = {u.name: u for u in prog.units}
+
+    def logits(self) -> torch.Tensor:
+        return self.prog.decoder(self.states[-1], self.side)
+
+    def value(self, term: Term) -> torch.Tensor:
+        if term.uid not in self._values:
+            self._values[term.uid] = self._compute(term)
+        return self._values[term.uid]
+
+    def _compute(self, term: Term) -> torch.Tensor:
+        if term.kind == "source":
+            if self._addends is None:
+                self._addends = list(self.prog.encoder.addends(self.input_ids).values())
+            return self._addends[term.state]
+        if term.kind == "stream":
+            return self.states[term.state]
+        center = self.value(term.center)
+        if term.kind == "identity":  # J^k id(c)(h) = c at k = 0, h above
+            base = center if term.order == 0 else self._variate(term)
+            return _scaled(base, term.weight)
+        coefficients = self._jet(term, center)
+        return _scaled(coefficients[term.order], term.weight)
+
+    def _function(self, term: Term) -> StreamFunction:
+        return self.prog.decoder if term.unit == "unembed" else self._units[term.unit]
+
+    def _variate(self, term: Term) -> torch.Tensor:
+        """The stream state the term's unit reads: where its jets are evaluated."""
+        if term.unit == "unembed":
+            return self.states[-1]
+        return self.states[self._units[term.unit].reads]
+
+    def _jet(self, term: Term, center: torch.Tensor) -> torch.Tensor:
+        """All coefficients 0..depth of the unit's jet at the centre: one Taylor-mode pass."""
+        key = (term.unit, term.center.uid, term.depth)
+        if key not in self._jets:
+            result = jet(self._function(term), center, self._variate(term), order=term.depth,
+                         side=self.side)
+            self._jets[key] = result.coefficients
+        return self._jets[key]
+
+
+def _scaled(value: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """value · w; a tensor w broadcasts against [batch, seq, d] from the right."""
+    if isinstance(weight, torch.Tensor):
+        return value * weight.to(value.dtype)
+    return value if weight == 1.0 else value * weight

@@ -1,0 +1,187 @@
+"""Algorithm 1 (jetgraph.expand): terms + remainder, composition, the lens and linear invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import jetgraph
+from jetgraph.passes.expand import expand, source_terms, stream_term
+from tests.conftest import captured, random_ids
+
+RELATIVE = 1e-5
+
+
+def _reconstructs(values) -> None:
+    scale = values.target.abs().max().clamp_min(1.0)
+    assert ((values.total() + values.remainder - values.target).abs().max() / scale).item() <= RELATIVE
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_terms_plus_remainder_reconstruct_the_stream_and_logits(family: str, order: int) -> None:
+    _, prog = captured(family)
+    view = prog.at("sublayer")
+    ids = random_ids(2, 6, seed=order)
+    expansion = expand(view, 1, [stream_term(view, view.units[1].reads)], order=order, weights="unit")
+    values = expansion.evaluate(ids)
+    _reconstructs(values)
+    torch.testing.assert_close(values.target, view.stream(ids)[2])
+    decoded = expand(view, "decoder", expansion, order=order)
+    logits = decoded.evaluate(ids)
+    _reconstructs(logits)
+    torch.testing.assert_close(logits.target, prog(ids))
+
+
+def test_single_centre_expansions_are_exact_at_the_true_stream() -> None:
+    """Centred at the stream state it reads, a unit's order-0 jet is the unit's own update."""
+    _, prog = captured("llama")
+    ids = random_ids(1, 5)
+    values = expand(prog, 0, [stream_term(prog, 0)], order=0, weights="unit").evaluate(ids)
+    assert values.remainder.abs().max().item() <= 1e-5
+
+
+def test_order_zero_decoder_expansion_is_the_logit_lens() -> None:
+    _, prog = captured("gpt2")
+    ids = random_ids(2, 7)
+    states = prog.at("sublayer").stream(ids)
+    for layer in range(len(states)):
+        lens = expand(prog.at("sublayer"), "decoder", [stream_term(prog.at("sublayer"), layer)],
+                      order=0, weights="unit").evaluate(ids)
+        (value,) = lens.terms.values()
+        by_hand = prog.decoder.norm(states[layer]) @ prog.decoder.unembedding.T
+        torch.testing.assert_close(value, by_hand, rtol=0, atol=1e-5)
+        torch.testing.assert_close(value, prog.decoder(states[layer]), rtol=0, atol=0)
+
+
+class LinearResidual(nn.Module):
+    """h_0 = E[ids], h_ℓ = h_{ℓ-1} + A_ℓ h_{ℓ-1}, logits = U h_L: every path is U A_S E."""
+
+    def __init__(self, layers: int = 3, d: int = 8, vocab: int = 11) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.units = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.readout = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for unit in self.units:
+            h = h + unit(h)
+        return self.readout(h)
+
+
+def test_linear_network_order_zero_gives_the_two_to_the_l_products() -> None:
+    torch.manual_seed(0)
+    model = LinearResidual().double()
+    ids = random_ids(1, 4, vocab=11)
+    prog = jetgraph.capture(model, ids)
+    terms = source_terms(prog)
+    for unit in range(len(prog.units)):
+        terms = expand(prog, unit, terms, order=0, weights="unit", identity="pass").terms
+    logits = expand(prog, "decoder", terms, order=0, weights="unit")
+    values = logits.evaluate(ids)
+    assert len(values.terms) == 2 ** len(prog.units)
+    assert values.remainder.abs().max().item() <= 1e-12
+    e = model.embed(ids)
+    a = [u.weight for u in model.units]
+    u = model.readout.weight
+    expected = set()
+    for subset in range(2 ** len(a)):
+        x = e
+        for i, weight in enumerate(a):
+            if subset >> i & 1:
+                x = x @ weight.T
+        expected.add(tuple(torch.round(x @ u.T, decimals=8).flatten().tolist()))
+    got = {tuple(torch.round(v, decimals=8).flatten().tolist()) for v in values.terms.values()}
+    assert got == expected
+
+
+def test_two_block_example_four_paths() -> None:
+    """x_0 = Enc, x_1 = γ_1(x_0); expand γ_2 at {x_0, x_1}, then Dec at the 4 sub-streams."""
+    _, prog = captured("residual_mlp")  # 3 units; use the first two as γ_1, γ_2
+    ids = random_ids(1, 5)
+    x0 = source_terms(prog)
+    first = expand(prog, 0, x0, order=0, weights="unit")  # x_0 and γ_1(x_0)
+    second = expand(prog, 1, first, order=0, weights="unit")
+    assert [t.name for t in second.terms] == [
+        "embed.token", "embed.token→block0", "embed.token→block1", "embed.token→block0→block1"]
+    values = second.evaluate(ids)
+    _reconstructs(values)
+    graph = second.to_networkx()
+    assert graph.number_of_nodes() == 4 and graph.number_of_edges() == 3
+
+
+def test_identity_jet_weights_the_skip_branch() -> None:
+    _, prog = captured("llama")
+    ids = random_ids(1, 5)
+    centres = [stream_term(prog, 0)]
+    passed = expand(prog, 0, centres, order=1, weights=0.5, identity="pass").evaluate(ids)
+    jetted = expand(prog, 0, centres, order=1, weights=0.5, identity="jet").evaluate(ids)
+    h0 = prog.stream(ids)[0]
+    torch.testing.assert_close(next(iter(passed.terms.values())), h0)
+    torch.testing.assert_close(next(iter(jetted.terms.values())), 0.5 * h0)
+
+
+def test_tensor_weights_per_position_and_coordinate() -> None:
+    _, prog = captured("gpt2")
+    ids = random_ids(1, 5)
+    centres = source_terms(prog)  # token and position embeddings: they sum to h_0
+    assert len(centres) == 2
+    per_position = torch.rand(2, 5, 1)
+    per_coordinate = torch.rand(2, prog.d_model)
+    for weights in (per_position, per_coordinate, torch.tensor([0.3, 0.7])):
+        values = expand(prog, 0, centres, order=1, weights=weights).evaluate(ids)
+        _reconstructs(values)
+
+
+def test_faithfulness_report() -> None:
+    _, prog = captured("gpt2")
+    ids = random_ids(2, 6)
+    report = expand(prog, "decoder", [stream_term(prog, len(prog.units))], order=0,
+                    weights="unit").faithfulness(ids)
+    assert report["relative_remainder"] <= 1e-6 and report["top1"] == 1.0
+    assert report["cosine"] == pytest.approx(1.0, abs=1e-6) and report["kl"] <= 1e-6
+
+
+def test_bad_input_errors() -> None:
+    _, prog = captured("llama")
+    centre = [stream_term(prog, 0)]
+    with pytest.raises(IndexError, match="out of range"):
+        expand(prog, 7, centre)
+    with pytest.raises(IndexError, match="out of range"):
+        stream_term(prog, 9)
+    with pytest.raises(ValueError, match="one leading entry per centre"):
+        expand(prog, 0, centre, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="weights must be"):
+        expand(prog, 0, centre, weights="fancy")
+    with pytest.raises(ValueError, match="at least one centre"):
+        expand(prog, 0, [])
+    decoded = expand(prog, "decoder", centre)
+    with pytest.raises(TypeError, match="stream-space Terms"):
+        expand(prog, 0, decoded)
+    with pytest.raises(ValueError, match="identity"):
+        expand(prog, 0, centre, identity="skip")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_remainders_have_order_k_plus_one(order: int) -> None:
+    """For a real unit and the decoder (float64), remainder(c + t v) / t^(k+1) tends to a
+    non-zero constant as t → 0."""
+    from jetgraph.capture.zoo import tiny_model
+
+    # GPT-2: computed in float64 throughout (HF's Llama RMSNorm casts to float32 internally)
+    prog = jetgraph.capture(tiny_model("gpt2").double(), random_ids(1, 6)).at("sublayer")
+    ids = random_ids(1, 6, seed=5)
+    states = prog.stream(ids)
+    generator = torch.Generator().manual_seed(order)
+    for fn, center in ((prog.units[0], states[0]), (prog.units[1], states[1]), (prog.decoder, states[-1])):
+        v = torch.randn(center.shape, generator=generator, dtype=torch.float64)
+        ratios = []
+        for t in (1e-3, 5e-4, 2.5e-4):
+            point = center + t * v
+            remainder = fn(point) - jetgraph.jet(fn, center, point, order=order).value
+            ratios.append((remainder.norm() / t ** (order + 1)).item())
+        assert ratios[-1] > 1e-8, "the remainder vanished faster than t^(k+1)"
+        coarse, fine = abs(ratios[1] / ratios[0] - 1), abs(ratios[2] / ratios[1] - 1)
+        assert fine < 0.02 and fine <= coarse + 1e-3, ratios  # converging to a constant
