@@ -9,6 +9,7 @@ from jetgraph.capture.loading import load_model
 from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
 from jetgraph.passes.expand import Expansion, Term, expand, source_terms, stream_term
+from jetgraph.passes.paths import count_paths, expand_paths
 from jetgraph.taylor import Jet, jet
 
 __version__ = "0.1.0"
@@ -27,7 +28,9 @@ __all__ = [
     "SideInputs",
     "Term",
     "capture",
+    "count_paths",
     "expand",
+    "expand_paths",
     "jet",
     "load_model",
     "source_terms",

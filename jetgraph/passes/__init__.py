@@ -2,5 +2,27 @@
 
 from jetgraph.passes.expand import Expansion, ExpansionValues, Term, expand, source_terms, stream_term
 from jetgraph.passes.lift import lift
+from jetgraph.passes.paths import (
+    PathExpansion,
+    PathSpec,
+    closed_form,
+    count_paths,
+    expand_paths,
+    nested_paths,
+)
 
-__all__ = ["Expansion", "ExpansionValues", "Term", "expand", "lift", "source_terms", "stream_term"]
+__all__ = [
+    "Expansion",
+    "ExpansionValues",
+    "PathExpansion",
+    "PathSpec",
+    "Term",
+    "closed_form",
+    "count_paths",
+    "expand",
+    "expand_paths",
+    "lift",
+    "nested_paths",
+    "source_terms",
+    "stream_term",
+]
