@@ -6,6 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
 [ "${1:-}" = "dev" ] && extras="models,dev"
+# graphviz's `dot` renders path and IR pictures (jetgraph.viz); without it DOT text is written.
+if ! command -v dot >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq graphviz >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq graphviz >/dev/null 2>&1)) \
+      || echo "warning: could not install graphviz; pictures fall back to DOT text" >&2
+  else
+    echo "note: install graphviz (apt-get install graphviz / brew install graphviz) to render SVG/PNG" >&2
+  fi
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

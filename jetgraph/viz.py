@@ -1,0 +1,128 @@
+"""Pictures of residual programs and expansions with graphviz (SVG, PNG or DOT).
+
+``render_program`` draws the residual IR: encoder, units (attention and MLP coloured apart) and
+decoder on the stream, with runs of identical blocks collapsed past ``max_nodes``.
+``render_expansion`` draws an expansion's term DAG — an edge from each centre to the terms built
+on it — labelled with units, orders and, given an input, each term's norm; past ``max_nodes`` the
+largest terms are kept and the rest summarised in one node. Without the ``dot`` program the DOT
+text is still written, and the error says how to install graphviz.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import graphviz
+import networkx as nx
+import torch
+
+from jetgraph.errors import JetgraphError
+from jetgraph.ir import ResidualProgram
+from jetgraph.passes.expand import Expansion
+
+COLOURS = {"attn": "#f4a261", "mlp": "#8ab17d", "enc": "#b8c0ff", "dec": "#b8c0ff",
+           "source": "#b8c0ff", "stream": "#e9ecef", "identity": "#e9ecef", "logits": "#ffd6a5"}
+FORMATS = ("svg", "png", "dot")
+
+
+class RenderError(JetgraphError):
+    """The picture could not be rendered (usually: graphviz's ``dot`` is not installed)."""
+
+
+def program_graph(prog: ResidualProgram, max_nodes: int = 40) -> graphviz.Digraph:
+    """The residual IR as a graphviz graph (runs of blocks collapsed beyond ``max_nodes``)."""
+    dot = graphviz.Digraph(name=prog.model_class, graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica"})
+    dot.node("embed", f"embed\n{prog.encoder.module_path}", fillcolor=COLOURS["enc"])
+    units = list(prog.units)
+    half = max(1, max_nodes // 2)
+    shown = units if len(units) <= max_nodes else [*units[:half], None, *units[len(units) - half:]]
+    previous = "embed"
+    for unit in shown:
+        if unit is None:
+            hidden = len(units) - 2 * half
+            dot.node("collapsed", f"… {hidden} more units …", shape="plaintext", style="")
+            dot.edge(previous, "collapsed", style="dashed")
+            previous = "collapsed"
+            continue
+        label = (f"{unit.name}  [{unit.kind}]\n{unit.module_path}\n"
+                 f"{unit.op_count} ops, {unit.num_parameters:,} params")
+        dot.node(unit.name, label, fillcolor=COLOURS.get(unit.kind, "#ffffff"))
+        dot.edge(previous, unit.name, label="h" if unit.reads == unit.index else "h (parallel)")
+        previous = unit.name
+    dot.node("unembed", f"unembed\n{prog.decoder.module_path}", fillcolor=COLOURS["dec"])
+    dot.edge(previous, "unembed")
+    return dot
+
+
+@torch.no_grad()
+def expansion_graph(expansion: Expansion, input_ids: torch.Tensor | None = None,
+                    max_nodes: int = 60) -> graphviz.Digraph:
+    """The term DAG of ``expansion``; with ``input_ids``, labels carry norms and large terms win."""
+    graph = expansion.to_networkx()
+    norms: dict[int, float] = {}
+    if input_ids is not None:
+        values = expansion.evaluate(input_ids)
+        by_name = {term.name: term.uid for term in expansion.terms}
+        norms = {by_name[name]: value.norm().item() for name, value in values.terms.items()}
+    keep = set(graph.nodes)
+    if len(keep) > max_nodes:
+        outputs = sorted((t.uid for t in expansion.terms), key=lambda uid: -norms.get(uid, 0.0))
+        keep = set()
+        for uid in outputs:
+            needed = {uid} | _ancestors(graph, uid)
+            if len(keep | needed) > max_nodes:
+                break
+            keep |= needed
+    dot = graphviz.Digraph(name="expansion", graph_attr={"rankdir": "LR", "fontname": "Helvetica"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica"})
+    for uid in keep:
+        data = graph.nodes[uid]
+        term = data["term"]
+        label = term.path[-1] if term.kind != "identity" else f"{term.path[-1]} (id)"
+        if term.kind == "jet" and term.depth:
+            label += f"\norder {term.order}"
+        if uid in norms:
+            label += f"\n‖·‖ = {norms[uid]:.3g}"
+        colour = COLOURS["logits"] if term.space == "logits" else COLOURS.get(term.kind, "#ffffff")
+        dot.node(str(uid), label, fillcolor=colour, penwidth="2" if uid in norms else "1")
+    for source, target in graph.edges:
+        if source in keep and target in keep:
+            dot.edge(str(source), str(target), label=graph.edges[source, target].get("unit") or "")
+    hidden = len(graph.nodes) - len(keep)
+    if hidden:
+        dot.node("more", f"… {hidden} more terms (smaller norms) …", shape="plaintext", style="")
+    return dot
+
+
+def render(graph: graphviz.Digraph, path: str | Path) -> Path:
+    """Write ``graph`` to ``path``; the suffix picks SVG, PNG or DOT."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise RenderError(f"unsupported picture format {path.suffix!r}: use one of "
+                          f"{', '.join('.' + f for f in FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "dot":
+        path.write_text(graph.source)
+        return path
+    if shutil.which("dot") is None:
+        fallback = path.with_suffix(".dot")
+        fallback.write_text(graph.source)
+        raise RenderError(f"graphviz's `dot` program is not installed, so {path.name} was not drawn; "
+                          f"the DOT text is in {fallback}. Install it with `apt-get install graphviz` "
+                          "(Debian/Ubuntu) or `brew install graphviz` (macOS)")
+    data = graph.pipe(format=fmt)
+    path.write_bytes(data)
+    return path
+
+
+def _ancestors(graph: nx.DiGraph, node: int) -> set[int]:
+    stack, seen = [node], set()
+    while stack:
+        for parent in graph.predecessors(stack.pop()):
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
