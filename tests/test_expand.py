@@ -185,3 +185,26 @@ def test_remainders_have_order_k_plus_one(order: int) -> None:
         assert ratios[-1] > 1e-8, "the remainder vanished faster than t^(k+1)"
         coarse, fine = abs(ratios[1] / ratios[0] - 1), abs(ratios[2] / ratios[1] - 1)
         assert fine < 0.02 and fine <= coarse + 1e-3, ratios  # converging to a constant
+
+
+def test_fitted_weights_lower_the_logit_space_remainder() -> None:
+    _, prog = captured("gpt2")
+    view = prog.at("sublayer")
+    ids = random_ids(1, 6)
+    centres = source_terms(view)  # token and position embeddings
+    uniform = expand(view, 0, centres, order=1, weights="uniform", identity="jet")
+    fitted = expand(view, 0, centres, order=1, weights="fit", identity="jet", fit_on=ids, fit_steps=60)
+    assert len(fitted.fit_losses) == 60 and fitted.fit_losses[-1] < fitted.fit_losses[0]
+    u = view.decoder.unembedding
+
+    def loss(expansion) -> float:
+        r = expansion.evaluate(ids).remainder @ u.T
+        return (r.pow(2).sum() / r.numel()).item()
+
+    assert loss(fitted) < loss(uniform)
+    assert loss(fitted) == pytest.approx(fitted.fit_losses[-1], rel=0.05)
+    weights = torch.stack([t.weight for t in fitted.terms if t.kind == "identity"])
+    torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]))  # softmax over centres
+    _reconstructs(fitted.evaluate(ids))
+    with pytest.raises(ValueError, match="fit_on"):
+        expand(view, 0, centres, weights="fit")

@@ -100,6 +100,7 @@ class Expansion:
         self.terms: tuple[Term, ...] = tuple(terms)
         self.space: Space = space
         self.order = order
+        self.fit_losses: list[float] = []  # set when the weights were fitted
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -159,14 +160,24 @@ def expand(
     order: int = 0,
     weights: str | float | torch.Tensor = "uniform",
     identity: Literal["pass", "jet"] = "pass",
+    *,
+    fit_on: torch.Tensor | None = None,
+    fit_steps: int = 100,
+    fit_lr: float = 1e-2,
 ) -> Expansion:
     """Algorithm 1: expand ``unit`` of ``prog`` (an index of ``prog.units``, or ``"decoder"`` /
     ``len(prog.units)`` for the decoder) around ``centers`` at order ``order``.
 
     ``weights``: ``"uniform"`` (1/N), ``"unit"`` (1), a float, or a tensor with one leading entry
     per centre whose rest broadcasts against a term [batch, seq, d] from the right: [N] scalars,
-    [N, seq, 1] per position, [N, d] per coordinate, [N, batch, seq, d] in full.
+    [N, seq, 1] per position, [N, d] per coordinate, [N, batch, seq, d] in full. ``"fit"``
+    fits per-token softmax weights on ``fit_on`` (input ids) with Adam, minimising the
+    logit-space remainder ‖U·r‖² (‖r‖² for the decoder); the loss curve is ``fit_losses``.
     """
+    if weights == "fit":
+        if fit_on is None:
+            raise ValueError('weights="fit" needs fit_on: the input ids to fit the weights on')
+        return _fit(prog, unit, centers, order, identity, fit_on, fit_steps, fit_lr)
     units = prog.units
     decoder = unit in ("decoder", len(units))
     if not decoder:
@@ -199,6 +210,41 @@ def expand(
             terms = [Term("identity", center.path, unit=name, center=center, order=order, weight=w)
                      for center, w in zip(centers, per_centre, strict=True)] + terms
     return Expansion(prog, len(units) if decoder else unit, terms, space, order)
+
+
+def _fit(prog: ResidualProgram, unit: int | str, centers: Sequence[Term] | Expansion, order: int,
+         identity: Literal["pass", "jet"], input_ids: torch.Tensor, steps: int, lr: float) -> Expansion:
+    """Per-token softmax weights over centres that minimise the logit-space remainder (Adam)."""
+    unweighted = expand(prog, unit, centers, order, weights="unit", identity=identity)
+    values = unweighted.evaluate(input_ids)
+    count = len(centers.terms if isinstance(centers, Expansion) else centers)
+    # the weighted part of each centre: its jet terms (centre-major, orders 0..k) and identity
+    per_centre = torch.zeros((count, *values.target.shape), dtype=values.target.dtype)
+    for index, term in enumerate(t for t in unweighted.terms if t.kind == "jet"):
+        per_centre[index // (order + 1)] += values.terms[term.name]
+    for index, term in enumerate(t for t in unweighted.terms if t.kind == "identity"):
+        per_centre[index] += values.terms[term.name]
+    fixed = sum((values.terms[t.name] for t in unweighted.terms if t.kind not in ("jet", "identity")),
+                torch.zeros_like(values.target))
+    readout = None if unweighted.space == "logits" else prog.decoder.unembedding
+    if unweighted.space == "stream" and readout is None:
+        raise ValueError("fitting weights in stream space needs the decoder's unembedding U")
+    logits = torch.zeros((*per_centre.shape[:-1], 1), dtype=per_centre.dtype, requires_grad=True)
+    optimiser = torch.optim.Adam([logits], lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimiser.zero_grad()
+        w = torch.softmax(logits, 0)
+        remainder = values.target - fixed - (w * per_centre).sum(0)
+        projected = remainder if readout is None else remainder @ readout.T
+        loss = projected.pow(2).sum() / projected.numel()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    fitted = torch.softmax(logits.detach(), 0)
+    expansion = expand(prog, unit, centers, order, weights=fitted, identity=identity)
+    expansion.fit_losses = losses
+    return expansion
 
 
 def _weights(weights: str | float | torch.Tensor, count: int) -> list[float | torch.Tensor]:
