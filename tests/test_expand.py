@@ -208,3 +208,39 @@ def test_fitted_weights_lower_the_logit_space_remainder() -> None:
     _reconstructs(fitted.evaluate(ids))
     with pytest.raises(ValueError, match="fit_on"):
         expand(view, 0, centres, weights="fit")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_split_jets_sum_to_the_univariate_jets(order: int) -> None:
+    """With centres that add up to the stream, the per-monomial terms of each centre sum to
+    its univariate jet: both expansions leave the same remainder."""
+    import math
+
+    _, prog = captured("gpt2")
+    view = prog.at("sublayer")
+    ids = random_ids(1, 5)
+    centres = source_terms(view)  # token + position = h_0, the stream attn0 reads
+    whole = expand(view, 0, centres, order=order, weights="unit").evaluate(ids)
+    split = expand(view, 0, centres, order=order, weights="unit", split=True)
+    n = len(centres)
+    assert sum(t.kind == "jet" for t in split.terms) == n * math.comb(n - 1 + order, order)
+    values = split.evaluate(ids)
+    torch.testing.assert_close(values.remainder, whole.remainder, rtol=1e-4, atol=1e-5)
+    graph = split.to_networkx()
+    assert any(data["role"] == "direction" for *_, data in graph.edges(data=True))
+
+
+def test_split_mixed_term_is_the_directional_derivative() -> None:
+    _, prog = captured("gpt2")
+    view = prog.at("sublayer")
+    ids = random_ids(1, 5)
+    token, position = source_terms(view)
+    split = expand(view, 0, [token, position], order=2, weights="unit", split=True)
+    values = split.evaluate(ids)
+    term = next(t for t in split.terms if t.monomial == (2,) and t.center is token)
+    assert term.name == "embed.token→attn0[embed.position^2]"
+    addends = view.encoder.addends(ids)
+    f = view.units[0]
+    c, v = addends["token"], addends["position"]
+    second = torch.func.jvp(lambda x: torch.func.jvp(f, (x,), (v,))[1], (c,), (v,))[1] / 2
+    torch.testing.assert_close(values.terms[term.name], second, rtol=1e-4, atol=1e-5)

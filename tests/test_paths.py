@@ -101,3 +101,19 @@ def test_smollm2_bigram_paths_without_materialising_two_to_the_sixty() -> None:
     assert paths.count() == 1 + 30 + 30 * 29 // 2
     values = paths.expansion().evaluate(ids)
     assert len(values.terms) == 466 and torch.isfinite(values.remainder).all()
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_split_counts_are_super_exponential_and_match_enumeration(order: int) -> None:
+    from jetgraph.passes.expand import expand, source_terms
+    from jetgraph.passes.paths import split_term_counts
+
+    _, prog = captured("residual_mlp")
+    terms = source_terms(prog)
+    counts = [len(terms)]
+    for unit in range(len(prog.units)):
+        terms = expand(prog, unit, terms, order=order, weights="unit", split=True).terms
+        counts.append(len(terms))
+    assert counts == split_term_counts(1, len(prog.units), order)
+    assert split_term_counts(1, 3, 1) == [1, 2, 6, 42] and split_term_counts(1, 3, 2)[-1] == 296
+    assert split_term_counts(1, 3, 0) == [1, 2, 4, 8]

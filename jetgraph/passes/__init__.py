@@ -24,5 +24,6 @@ __all__ = [
     "lift",
     "nested_paths",
     "source_terms",
+    "split_term_counts",
     "stream_term",
 ]

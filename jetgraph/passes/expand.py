@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from jetgraph.ir import ResidualProgram, StreamFunction
-from jetgraph.taylor import jet
+from jetgraph.taylor import Basis, jet
 
 Space = Literal["stream", "logits"]
 _ids = itertools.count()
@@ -50,12 +50,18 @@ class Term:
     weight: float | torch.Tensor = 1.0
     space: Space = "stream"
     state: int | None = None
+    directions: tuple[Term, ...] = ()  # split jets: the other centres the monomial is over
+    monomial: tuple[int, ...] = ()
     uid: int = field(default_factory=lambda: next(_ids))
 
     @property
     def name(self) -> str:
         base = "→".join(self.path)
-        if self.kind == "jet" and self.order:
+        if self.monomial:
+            parts = [f"{d.name}^{a}" if a > 1 else d.name
+                     for d, a in zip(self.directions, self.monomial, strict=True) if a]
+            base += f"[{'·'.join(parts)}]" if parts else ""
+        elif self.kind == "jet" and self.order:
             base += f"^{self.order}"
         if self.kind == "identity":
             base += "(id)"
@@ -148,8 +154,11 @@ class Expansion:
             graph.add_node(term.uid, term=term, label=term.name, kind=term.kind, unit=term.unit,
                            order=term.order, space=term.space)
             if term.center is not None:
-                graph.add_edge(term.center.uid, term.uid, unit=term.unit)
+                graph.add_edge(term.center.uid, term.uid, unit=term.unit, role="centre")
                 stack.append(term.center)
+            for direction in term.directions:
+                graph.add_edge(direction.uid, term.uid, unit=term.unit, role="direction")
+                stack.append(direction)
         return graph
 
 
@@ -161,6 +170,7 @@ def expand(
     weights: str | float | torch.Tensor = "uniform",
     identity: Literal["pass", "jet"] = "pass",
     *,
+    split: bool = False,
     fit_on: torch.Tensor | None = None,
     fit_steps: int = 100,
     fit_lr: float = 1e-2,
@@ -173,11 +183,15 @@ def expand(
     [N, seq, 1] per position, [N, d] per coordinate, [N, batch, seq, d] in full. ``"fit"``
     fits per-token softmax weights on ``fit_on`` (input ids) with Adam, minimising the
     logit-space remainder ‖U·r‖² (‖r‖² for the decoder); the loss curve is ``fit_losses``.
+
+    ``split=True`` splits each centre's jet by direction: one term per monomial of degree ≤ k
+    in the *other* centres (multivariate), N·C(N−1+k, k) terms instead of N·(k+1). Their sum is
+    the jet at the sum of the centres, which is the stream when the centres add up to it.
     """
     if weights == "fit":
         if fit_on is None:
             raise ValueError('weights="fit" needs fit_on: the input ids to fit the weights on')
-        return _fit(prog, unit, centers, order, identity, fit_on, fit_steps, fit_lr)
+        return _fit(prog, unit, centers, order, identity, split, fit_on, fit_steps, fit_lr)
     units = prog.units
     decoder = unit in ("decoder", len(units))
     if not decoder:
@@ -199,7 +213,18 @@ def expand(
     name = "unembed" if decoder else units[unit].name
     space: Space = "logits" if decoder else "stream"
     terms: list[Term] = []
-    for center, weight in zip(centers, per_centre, strict=True):
+    for index, (center, weight) in enumerate(zip(centers, per_centre, strict=True)):
+        if split and order >= 1 and len(centers) == 1:  # no other centre: no direction
+            terms.append(Term("jet", (*center.path, name), unit=name, center=center, order=0,
+                              depth=0, weight=weight, space=space))
+            continue
+        if split and order >= 1:
+            others = tuple(c for i, c in enumerate(centers) if i != index)
+            for monomial in Basis(len(others), order).monomials:
+                terms.append(Term("jet", (*center.path, name), unit=name, center=center,
+                                  order=sum(monomial), depth=order, weight=weight, space=space,
+                                  directions=others, monomial=monomial))
+            continue
         for j in range(order + 1):
             terms.append(Term("jet", (*center.path, name), unit=name, center=center, order=j,
                               depth=order, weight=weight, space=space))
@@ -213,17 +238,18 @@ def expand(
 
 
 def _fit(prog: ResidualProgram, unit: int | str, centers: Sequence[Term] | Expansion, order: int,
-         identity: Literal["pass", "jet"], input_ids: torch.Tensor, steps: int, lr: float) -> Expansion:
+         identity: Literal["pass", "jet"], split: bool, input_ids: torch.Tensor, steps: int,
+         lr: float) -> Expansion:
     """Per-token softmax weights over centres that minimise the logit-space remainder (Adam)."""
-    unweighted = expand(prog, unit, centers, order, weights="unit", identity=identity)
+    unweighted = expand(prog, unit, centers, order, weights="unit", identity=identity, split=split)
     values = unweighted.evaluate(input_ids)
-    count = len(centers.terms if isinstance(centers, Expansion) else centers)
-    # the weighted part of each centre: its jet terms (centre-major, orders 0..k) and identity
-    per_centre = torch.zeros((count, *values.target.shape), dtype=values.target.dtype)
-    for index, term in enumerate(t for t in unweighted.terms if t.kind == "jet"):
-        per_centre[index // (order + 1)] += values.terms[term.name]
-    for index, term in enumerate(t for t in unweighted.terms if t.kind == "identity"):
-        per_centre[index] += values.terms[term.name]
+    centre_list = list(centers.terms if isinstance(centers, Expansion) else centers)
+    position = {c.uid: i for i, c in enumerate(centre_list)}
+    # the weighted part of each centre: its jet terms and its identity term
+    per_centre = torch.zeros((len(centre_list), *values.target.shape), dtype=values.target.dtype)
+    for term in unweighted.terms:
+        if term.kind in ("jet", "identity"):
+            per_centre[position[term.center.uid]] += values.terms[term.name]
     fixed = sum((values.terms[t.name] for t in unweighted.terms if t.kind not in ("jet", "identity")),
                 torch.zeros_like(values.target))
     readout = None if unweighted.space == "logits" else prog.decoder.unembedding
@@ -242,7 +268,7 @@ def _fit(prog: ResidualProgram, unit: int | str, centers: Sequence[Term] | Expan
         optimiser.step()
         losses.append(loss.item())
     fitted = torch.softmax(logits.detach(), 0)
-    expansion = expand(prog, unit, centers, order, weights=fitted, identity=identity)
+    expansion = expand(prog, unit, centers, order, weights=fitted, identity=identity, split=split)
     expansion.fit_losses = losses
     return expansion
 
@@ -272,7 +298,7 @@ class _Evaluator:
         self.side = prog.side_inputs(input_ids)
         self._addends: dict[str, torch.Tensor] | None = None
         self._values: dict[int, torch.Tensor] = {}
-        self._jets: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._jets: dict[tuple, object] = {}
         self._units = {u.name: u for u in prog.units}
 
     def logits(self) -> torch.Tensor:
@@ -294,6 +320,9 @@ class _Evaluator:
         if term.kind == "identity":  # J^k id(c)(h) = c at k = 0, h above
             base = center if term.order == 0 else self._variate(term)
             return _scaled(base, term.weight)
+        if term.monomial:
+            basis, coefficients = self._split_jet(term, center)
+            return _scaled(coefficients[basis.index[term.monomial]], term.weight)
         coefficients = self._jet(term, center)
         return _scaled(coefficients[term.order], term.weight)
 
@@ -305,6 +334,16 @@ class _Evaluator:
         if term.unit == "unembed":
             return self.states[-1]
         return self.states[self._units[term.unit].reads]
+
+    def _split_jet(self, term: Term, center: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+        """The multivariate jet along the other centres: one pass gives every monomial."""
+        key = (term.unit, term.center.uid, term.depth, tuple(d.uid for d in term.directions))
+        if key not in self._jets:
+            directions = [self.value(d) for d in term.directions]
+            result = jet(self._function(term), center, order=term.depth, directions=directions,
+                         side=self.side)
+            self._jets[key] = (result.basis, result.coefficients)
+        return self._jets[key]
 
     def _jet(self, term: Term, center: torch.Tensor) -> torch.Tensor:
         """All coefficients 0..depth of the unit's jet at the centre: one Taylor-mode pass."""

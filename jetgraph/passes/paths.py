@@ -188,3 +188,19 @@ def nested_paths(layers: int | Sequence[int], depth: int | None = None) -> int:
         total = (1 + through_unit) ** width
         through_unit = total - 1
     return total
+
+
+def split_term_counts(sources: int, layers: int, order: int) -> list[int]:
+    """Stream terms after each unit when every unit is expanded with ``split=True``.
+
+    Each of the N_ℓ terms passes unchanged (identity) and spawns one term per monomial of
+    degree ≤ k in the other N_ℓ − 1 terms: N_{ℓ+1} = N_ℓ + N_ℓ·C(N_ℓ − 1 + k, k). For k ≥ 1 this
+    grows super-exponentially in depth (N_{ℓ+1} = Θ(N_ℓ^{k+1})); for k = 0 it is 2^ℓ per source.
+    """
+    import math
+
+    counts = [sources]
+    for _ in range(layers):
+        n = counts[-1]
+        counts.append(n + n * math.comb(n - 1 + order, order))
+    return counts
