@@ -85,8 +85,10 @@ def test_path_filter_errors() -> None:
         expand_paths(prog, exclude={"conv"})
     with pytest.raises(ValueError, match="max_length"):
         expand_paths(prog, max_length=-1)
-    with pytest.raises(NotImplementedError, match="order 0"):
-        expand_paths(prog, order=1)
+    with pytest.raises(ValueError, match="order"):
+        expand_paths(prog, order=-1)
+    with pytest.raises(ValueError, match="select no unit"):
+        expand_paths(prog, include={"attn"}, exclude={"attn"})
     with pytest.raises(ValueError, match="weights"):
         expand_paths(prog, weights="fit")
 
@@ -117,3 +119,20 @@ def test_split_counts_are_super_exponential_and_match_enumeration(order: int) ->
     assert counts == split_term_counts(1, len(prog.units), order)
     assert split_term_counts(1, 3, 1) == [1, 2, 6, 42] and split_term_counts(1, 3, 2)[-1] == 296
     assert split_term_counts(1, 3, 0) == [1, 2, 4, 8]
+
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_higher_order_paths_count_and_reconstruct(family: str, order: int) -> None:
+    _, prog = captured(family)
+    for granularity in ("block", "sublayer"):
+        paths = expand_paths(prog, order=order, granularity=granularity)
+        form = closed_form(granularity, parallel=family in PARALLEL_FAMILIES, order=order)
+        expected = int(form.subs(sp.Symbol("L", integer=True, nonnegative=True), 2))
+        assert paths.count() == count_paths(prog, granularity, order) == expected
+    ids = random_ids(1, 4)
+    values = expand_paths(prog, order=order, granularity="sublayer", max_length=1).expansion().evaluate(ids)
+    torch.testing.assert_close(values.total() + values.remainder, prog(ids))
+    names = list(values.terms)
+    assert "embed.token→attn0^1→unembed" in names and f"embed.token→unembed^{order}" in names

@@ -56,19 +56,21 @@ class Term:
 
     @property
     def name(self) -> str:
-        base = "→".join(self.path)
-        if self.monomial:
-            parts = [f"{d.name}^{a}" if a > 1 else d.name
-                     for d, a in zip(self.directions, self.monomial, strict=True) if a]
-            base += f"[{'·'.join(parts)}]" if parts else ""
-        elif self.kind == "jet" and self.order:
-            base += f"^{self.order}"
-        if self.kind == "identity":
-            base += "(id)"
-        return base
+        """The provenance as text: ``embed.token→attn0^1→unembed`` (``^j``: the order-j
+        coefficient; ``[x·y]``: the monomial of a split jet; ``(id)``: a skip branch)."""
+        return "→".join(self.path) + ("(id)" if self.kind == "identity" else "")
 
     def __repr__(self) -> str:
         return f"Term({self.name!r}, kind={self.kind}, space={self.space})"
+
+
+def step_label(unit: str, order: int = 0, monomial: tuple[int, ...] = (),
+               directions: Sequence[Term] = ()) -> str:
+    """One step of a term's path: the unit, with the order or split monomial it contributes."""
+    if monomial:
+        parts = [f"{d.name}^{a}" if a > 1 else d.name for d, a in zip(directions, monomial, strict=True) if a]
+        return f"{unit}[{'·'.join(parts)}]" if parts else unit
+    return f"{unit}^{order}" if order else unit
 
 
 def source_terms(prog: ResidualProgram) -> list[Term]:
@@ -107,6 +109,10 @@ class Expansion:
         self.space: Space = space
         self.order = order
         self.fit_losses: list[float] = []  # set when the weights were fitted
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError("terms with the same provenance appear twice: "
+                             f"{sorted({n for n in names if names.count(n) > 1})[:5]}")
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -119,8 +125,9 @@ class Expansion:
     def evaluate(self, input_ids: torch.Tensor) -> ExpansionValues:
         """Every term's tensor on ``input_ids``, the target and target − Σ terms."""
         evaluator = _Evaluator(self.prog, input_ids)
-        values = {term.name: evaluator.value(term) for term in self.terms}
         target = evaluator.logits() if self.space == "logits" else evaluator.states[self.unit + 1]
+        # terms may broadcast (a positional embedding has batch 1): give them the target's shape
+        values = {term.name: evaluator.value(term).expand(target.shape) for term in self.terms}
         total = torch.stack(list(values.values())).sum(0)
         return ExpansionValues(values, target, target - total)
 
@@ -216,18 +223,19 @@ def expand(
     for index, (center, weight) in enumerate(zip(centers, per_centre, strict=True)):
         if split and order >= 1 and len(centers) == 1:  # no other centre: no direction
             terms.append(Term("jet", (*center.path, name), unit=name, center=center, order=0,
-                              depth=0, weight=weight, space=space))
+                              depth=0, weight=weight, space=space))  # no direction: order 0
             continue
         if split and order >= 1:
             others = tuple(c for i, c in enumerate(centers) if i != index)
             for monomial in Basis(len(others), order).monomials:
-                terms.append(Term("jet", (*center.path, name), unit=name, center=center,
-                                  order=sum(monomial), depth=order, weight=weight, space=space,
-                                  directions=others, monomial=monomial))
+                terms.append(Term("jet", (*center.path, step_label(name, monomial=monomial,
+                                                                    directions=others)),
+                                  unit=name, center=center, order=sum(monomial), depth=order,
+                                  weight=weight, space=space, directions=others, monomial=monomial))
             continue
         for j in range(order + 1):
-            terms.append(Term("jet", (*center.path, name), unit=name, center=center, order=j,
-                              depth=order, weight=weight, space=space))
+            terms.append(Term("jet", (*center.path, step_label(name, j)), unit=name, center=center,
+                              order=j, depth=order, weight=weight, space=space))
     if not decoder:
         if identity == "pass":
             terms = list(centers) + terms
@@ -317,6 +325,8 @@ class _Evaluator:
         if term.kind == "stream":
             return self.states[term.state]
         center = self.value(term.center)
+        if term.kind == "jet":  # a broadcast centre (batch 1) takes the variate's full shape
+            center = center.expand(self._variate(term).shape)
         if term.kind == "identity":  # J^k id(c)(h) = c at k = 0, h above
             base = center if term.order == 0 else self._variate(term)
             return _scaled(base, term.weight)
@@ -339,7 +349,7 @@ class _Evaluator:
         """The multivariate jet along the other centres: one pass gives every monomial."""
         key = (term.unit, term.center.uid, term.depth, tuple(d.uid for d in term.directions))
         if key not in self._jets:
-            directions = [self.value(d) for d in term.directions]
+            directions = [self.value(d).expand(center.shape) for d in term.directions]
             result = jet(self._function(term), center, order=term.depth, directions=directions,
                          side=self.side)
             self._jets[key] = (result.basis, result.coefficients)

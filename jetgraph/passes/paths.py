@@ -11,42 +11,51 @@ at most one branch per block, since the branches read the same stream.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.expand import Expansion, Term, source_terms
+from jetgraph.passes.expand import Expansion, Term, source_terms, step_label
 
 
 @dataclass(frozen=True)
 class PathSpec:
-    """One path: a source addend and the units it passes through, in order."""
+    """One path: a source addend, the units it passes through, and the order of the Taylor
+    coefficient taken at each unit and at the decoder (all 0 at order 0)."""
 
     source: str
     units: tuple[str, ...]
+    orders: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
-        return "→".join((f"embed.{self.source}", *self.units, "unembed"))
+        steps = [*self.units, "unembed"]
+        orders = self.orders or (0,) * len(steps)
+        return "→".join((f"embed.{self.source}",
+                         *(f"{s}^{j}" if j else s for s, j in zip(steps, orders, strict=True))))
 
 
 class PathExpansion:
     """The paths of ``prog`` that pass the filters, as a lazy sequence of terms."""
 
     def __init__(self, prog: ResidualProgram, weights: str, include: Callable[[ResidualUnit], bool],
-                 max_length: int | None) -> None:
+                 max_length: int | None, order: int = 0) -> None:
         self.prog = prog
         self.weights = weights
         self.include = include
         self.max_length = max_length
-        self._counts = _centre_counts(prog)
+        self.order = order
+        self._counts = _centre_counts(prog, order)
 
     def __iter__(self) -> Iterator[PathSpec]:
         units = self.prog.units
         allowed = [u for u in units if self.include(u)]
         for source in self.prog.encoder.addend_names:
-            yield from (PathSpec(source, tuple(u.name for u in chosen))
-                        for chosen in _increasing(allowed, self.max_length))
+            for chosen in _increasing(allowed, self.max_length):
+                names = tuple(u.name for u in chosen)
+                for orders in itertools.product(range(self.order + 1), repeat=len(chosen) + 1):
+                    yield PathSpec(source, names, orders)
 
     def count(self) -> int:
         """The number of paths, by enumeration of unit sequences (no tensors)."""
@@ -55,15 +64,19 @@ class PathExpansion:
     def terms(self) -> Iterator[Term]:
         """Logit-space terms, one per path (built lazily)."""
         by_name = {u.name: u for u in self.prog.units}
-        built: dict[tuple[str, ...], Term] = {t.path: t for t in source_terms(self.prog)}
+        built: dict[tuple, Term] = {t.path: t for t in source_terms(self.prog)}
         for spec in self:
             path: tuple[str, ...] = (f"embed.{spec.source}",)
-            for name in spec.units:  # shared prefixes are the same Term: evaluated once
-                center, path = built[path], (*path, name)
-                if path not in built:
-                    built[path] = Term("jet", path, unit=name, center=center,
-                                       weight=self._weight(by_name[name].reads))
-            yield Term("jet", (*path, "unembed"), unit="unembed", center=built[path],
+            key: tuple = path
+            for name, order in zip(spec.units, spec.orders, strict=False):
+                # shared prefixes are the same Term: evaluated once
+                center, path, key = built[key], (*path, step_label(name, order)), (*key, (name, order))
+                if key not in built:
+                    built[key] = Term("jet", path, unit=name, center=center, order=order,
+                                      depth=self.order, weight=self._weight(by_name[name].reads))
+            yield Term("jet", (*path, step_label("unembed", spec.orders[-1])), unit="unembed",
+                       center=built[key],
+                       order=spec.orders[-1], depth=self.order,
                        weight=self._weight(len(self.prog.units)), space="logits")
 
     def expansion(self, limit: int | None = None) -> Expansion:
@@ -76,7 +89,7 @@ class PathExpansion:
         if not terms:
             raise ValueError("the filters select no path: every unit was excluded and there is "
                              "no source, or max_length < 0")
-        return Expansion(self.prog, len(self.prog.units), terms, "logits", 0)
+        return Expansion(self.prog, len(self.prog.units), terms, "logits", self.order)
 
     def _weight(self, state: int) -> float:
         return 1.0 if self.weights == "unit" else 1.0 / self._counts[state]
@@ -91,7 +104,8 @@ def expand_paths(
     max_length: int | None = None,
     weights: str = "uniform",
 ) -> PathExpansion:
-    """Algorithm 2 at order 0: all paths of ``prog`` (at ``granularity``), lazily.
+    """Algorithm 2: all paths of ``prog`` (at ``granularity``), lazily; at order k each unit on a
+    path (and the decoder) contributes one of its Taylor coefficients 0..k along the stream.
 
     ``include`` / ``exclude`` filter units by kind (``"attn"``, ``"mlp"``) or name
     (``"mlp3"``); ``exclude={"attn"}`` keeps the attention-free paths, whose terms see one token
@@ -99,8 +113,8 @@ def expand_paths(
     ``"uniform"`` (each unit's term divided by the number of stream terms it was expanded at,
     the paper's choice) or ``"unit"`` (the textbook sum over paths of linear networks).
     """
-    if order != 0:
-        raise NotImplementedError("expand_paths supports order 0; higher orders are issue 4's open part")
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"order must be a non-negative int, got {order!r}")
     if weights not in ("uniform", "unit"):
         raise ValueError(f"weights must be 'uniform' or 'unit', got {weights!r}")
     if max_length is not None and max_length < 0:
@@ -119,7 +133,10 @@ def expand_paths(
             return False
         return not (exclude is not None and tags & set(exclude))
 
-    return PathExpansion(view, weights, keep, max_length)
+    if (include is not None or exclude is not None) and not any(keep(u) for u in view.units):
+        raise ValueError(f"the filters select no unit (include={sorted(include or [])}, "
+                         f"exclude={sorted(exclude or [])}); only the embed→unembed path would remain")
+    return PathExpansion(view, weights, keep, max_length, order)
 
 
 def _increasing(units: list[ResidualUnit], max_length: int | None) -> Iterator[tuple[ResidualUnit, ...]]:
@@ -142,32 +159,36 @@ def _increasing(units: list[ResidualUnit], max_length: int | None) -> Iterator[t
         yield from extend((), 0, length)
 
 
-def _centre_counts(prog: ResidualProgram) -> list[int]:
-    """Number of terms in the fully expanded stream at each state (the uniform weights' N)."""
+def _centre_counts(prog: ResidualProgram, order: int = 0) -> list[int]:
+    """Number of terms in the fully expanded stream at each state (the uniform weights' N):
+    each unit adds k+1 terms (one per order) for every term of the state it reads."""
     counts = [len(prog.encoder.addend_names)]
     for unit in prog.units:
-        counts.append(counts[-1] + counts[unit.reads])
+        counts.append(counts[-1] + (order + 1) * counts[unit.reads])
     return counts
 
 
 
 
 # ------------------------------------------------------------------------------------ counts
-def count_paths(prog: ResidualProgram, granularity: str | None = None) -> int:
-    """The number of order-0 paths (all sources), from the units' reads: P_{i+1} = P_i + P_{reads_i}."""
+def count_paths(prog: ResidualProgram, granularity: str | None = None, order: int = 0) -> int:
+    """The number of paths (all sources) from the units' reads: P_{i+1} = P_i + (k+1)·P_{reads_i},
+    times k+1 for the decoder's orders."""
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
-    return _centre_counts(view)[-1]
+    return (order + 1) * _centre_counts(view, order)[-1]
 
 
-def closed_form(granularity: str = "block", parallel: bool = False):
-    """sympy: order-0 paths of an L-layer transformer per source — 2^L per block; at sublayer
-    granularity 4^L (sequential blocks) or 3^L (parallel attention and MLP branches)."""
+def closed_form(granularity: str = "block", parallel: bool = False, order: int = 0):
+    """sympy: paths of an L-layer transformer per source — (k+1)(k+2)^L per block; at sublayer
+    granularity (k+1)(k+2)^{2L} (sequential blocks) or (k+1)(2k+3)^L (parallel branches).
+    At order 0: 2^L, 4^L and 3^L."""
     import sympy as sp
 
     layers = sp.Symbol("L", integer=True, nonnegative=True)
+    k = order
     if granularity == "block":
-        return 2**layers
-    return (3 if parallel else 4) ** layers
+        return (k + 1) * (k + 2) ** layers
+    return (k + 1) * ((2 * k + 3) if parallel else (k + 2) ** 2) ** layers
 
 
 def nested_paths(layers: int | Sequence[int], depth: int | None = None) -> int:
