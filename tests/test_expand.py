@@ -291,3 +291,29 @@ def test_relu_network_first_order_expansion_is_exact_with_lemma_2_weights() -> N
     assert values.remainder.abs().max().item() <= 1e-12
     uniform = expand(prog, 0, centres, order=1, weights="uniform").evaluate(ids)
     assert uniform.remainder.abs().max().item() > 1e-3  # the weights matter
+
+
+def test_rank_export_and_logit_space_evaluation(tmp_path) -> None:
+    import csv
+    import json
+
+    _, prog = captured("gpt2")
+    view = prog.at("sublayer")
+    ids = random_ids(1, 5)
+    expansion = expand(view, 0, source_terms(view), order=1)
+    ranked = expansion.rank(ids)
+    norms = [n for _, n in ranked]
+    assert norms == sorted(norms, reverse=True) and len(ranked) == len(expansion.terms)
+    assert len(expansion.rank(ids, top=2)) == 2
+    rows = json.loads(expansion.export(tmp_path / "terms.json", ids).read_text())
+    assert {r["name"] for r in rows} == {t.name for t in expansion.terms}
+    assert all(isinstance(r["norm"], float) for r in rows)
+    with (expansion.export(tmp_path / "terms.csv")).open() as handle:
+        assert [r["name"] for r in csv.DictReader(handle)] == [t.name for t in expansion.terms]
+    with pytest.raises(ValueError, match=r"csv or \.json"):
+        expansion.export(tmp_path / "terms.txt")
+    logits = expansion.evaluate(ids, space="logits")
+    torch.testing.assert_close(logits.target, view(ids))
+    assert set(logits.terms) == {f"{t.name}→unembed" for t in expansion.terms}
+    with pytest.raises(ValueError, match="space"):
+        expansion.evaluate(ids, space="tokens")  # type: ignore[arg-type]

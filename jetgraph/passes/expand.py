@@ -15,9 +15,12 @@ themselves (``identity="pass"``) or w_i · J^k id(c_i)(h) (``identity="jet"``, t
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import networkx as nx
@@ -122,8 +125,18 @@ class Expansion:
         return f"Expansion({where}, order={self.order}, terms={len(self.terms)})"
 
     @torch.no_grad()
-    def evaluate(self, input_ids: torch.Tensor) -> ExpansionValues:
-        """Every term's tensor on ``input_ids``, the target and target − Σ terms."""
+    def evaluate(self, input_ids: torch.Tensor, space: Space | None = None) -> ExpansionValues:
+        """Every term's tensor on ``input_ids``, the target and target − Σ terms.
+
+        ``space="logits"`` on a stream-space expansion decodes each term (the decoder's order-0
+        jet at every term, unit weights) and compares with the model's logits.
+        """
+        if space not in (None, "stream", "logits"):
+            raise ValueError(f"space must be 'stream' or 'logits', got {space!r}")
+        if space == "logits" and self.space == "stream":
+            return expand(self.prog, "decoder", self, order=0, weights="unit").evaluate(input_ids)
+        if space == "stream" and self.space == "logits":
+            raise ValueError("a logit-space expansion has no stream-space values")
         evaluator = _Evaluator(self.prog, input_ids)
         target = evaluator.logits() if self.space == "logits" else evaluator.states[self.unit + 1]
         # terms may broadcast (a positional embedding has batch 1): give them the target's shape
@@ -149,6 +162,33 @@ class Expansion:
             "top1": (approx.argmax(-1) == logits.argmax(-1)).float().mean().item(),
             f"top{k}": overlap.item(),
         }
+
+    def rank(self, input_ids: torch.Tensor, top: int | None = None) -> list[tuple[Term, float]]:
+        """Terms by decreasing norm on ``input_ids`` (the first ``top``)."""
+        values = self.evaluate(input_ids)
+        ranked = sorted(((t, values.terms[t.name].norm().item()) for t in self.terms),
+                        key=lambda pair: -pair[1])
+        return ranked[:top] if top is not None else ranked
+
+    def export(self, path: str | Path, input_ids: torch.Tensor | None = None) -> Path:
+        """Write the terms' provenance (and norms, given an input) as CSV or JSON (by suffix)."""
+        path = Path(path)
+        if path.suffix not in (".csv", ".json"):
+            raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
+        norms = dict((t.uid, n) for t, n in self.rank(input_ids)) if input_ids is not None else {}
+        rows = [{"name": t.name, "kind": t.kind, "path": "→".join(t.path), "unit": t.unit or "",
+                 "order": t.order, "depth": t.depth, "space": t.space,
+                 "center": t.center.name if t.center is not None else "",
+                 "weight": _describe(t.weight), "norm": norms.get(t.uid, "")} for t in self.terms]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+        else:
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        return path
 
     def to_networkx(self) -> nx.DiGraph:
         """The terms and everything they were built from: an edge from each centre to its terms."""
@@ -363,6 +403,12 @@ class _Evaluator:
                          side=self.side)
             self._jets[key] = result.coefficients
         return self._jets[key]
+
+
+def _describe(weight: float | torch.Tensor) -> str | float:
+    if isinstance(weight, torch.Tensor):
+        return weight.item() if weight.numel() == 1 else f"tensor{tuple(weight.shape)}"
+    return weight
 
 
 def _scaled(value: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
