@@ -157,6 +157,21 @@ def _strip_asserts(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
+def module_scope(node: fx.Node) -> str:
+    """The innermost module path recorded for ``node``, without the capture wrapper's prefix."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return strip_wrapper(list(stack.values())[-1][0])
+
+
+def strip_wrapper(path: str) -> str:
+    """A module path of the wrapped model: ``m.model.layers.0`` -> ``model.layers.0``."""
+    if path == "m" or path.startswith("_empty_nn_module_stack"):
+        return ""
+    return path[2:] if path.startswith("m.") else path
+
+
 def _capture_error(exc: BaseException, model: nn.Module, what: str) -> CaptureError:
     """Translate an export failure into a CaptureError naming the innermost failing module."""
     module = _failing_module(exc, model)

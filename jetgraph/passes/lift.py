@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from jetgraph.capture.export import SUPPORTED, CapturedGraph
+from jetgraph.capture.export import SUPPORTED, CapturedGraph, module_scope, strip_wrapper
 from jetgraph.errors import CaptureError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs, StreamFunction
 from jetgraph.passes.subgraph import (
@@ -28,8 +28,6 @@ from jetgraph.passes.subgraph import (
     descendants,
     extract,
     is_add,
-    module_scope,
-    strip_wrapper,
 )
 
 aten = torch.ops.aten

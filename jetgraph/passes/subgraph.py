@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from jetgraph.capture.export import module_scope
 from jetgraph.errors import CaptureError
 
 aten = torch.ops.aten
@@ -78,21 +79,6 @@ def descendants(nodes: Sequence[fx.Node], roots: Iterable[fx.Node]) -> set[fx.No
         if node not in found and any(parent in found for parent in node.all_input_nodes):
             found.add(node)
     return found
-
-
-def module_scope(node: fx.Node) -> str:
-    """The innermost module path recorded for ``node``, without the capture wrapper's prefix."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return strip_wrapper(path)
-
-
-def strip_wrapper(path: str) -> str:
-    if path == "m" or path.startswith("_empty_nn_module_stack"):
-        return ""
-    return path[2:] if path.startswith("m.") else path
 
 
 class SideRegistry:

@@ -27,9 +27,6 @@ class Pairs:
     right: torch.Tensor
     out: torch.Tensor
 
-    def to(self, device: torch.device) -> Pairs:
-        return Pairs(self.left.to(device), self.right.to(device), self.out.to(device))
-
 
 class Basis:
     """Monomials of total degree ≤ ``order`` in ``directions`` variables, sorted by degree."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import fx
 
+from jetgraph.capture.export import module_scope
 from jetgraph.errors import JetRuleError
 from jetgraph.taylor.rules import RULES
 from jetgraph.taylor.series import Series, is_series
@@ -89,9 +90,7 @@ class JetInterpreter(fx.Interpreter):
 
     def _missing(self, target: Any, detail: str = "") -> JetRuleError:
         node = self._node
-        stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
-        module = list(stack.values())[-1][0] if stack else "?"
-        module = module[2:] if module.startswith("m.") else module
+        module = (module_scope(node) if node is not None else "") or "?"
         reason = f" ({detail})" if detail else ""
         return JetRuleError(
             f"no Taylor rule for op {target} at node '{node.name if node else '?'}' in module "

@@ -274,18 +274,22 @@ def _relu(x: Series) -> Series:
     return x.with_coeffs(x.coeffs * active)
 
 
-def _softmax(x: Series, dim: int, *rest: Any, **kwargs: Any) -> Series:
-    """softmax = e / Σ e with e = exp(x − max x_0): exp recurrence, a sum and a reciprocal."""
+def _shifted_exp(x: Series, dim: int) -> tuple[Series, Series, Series]:
+    """(x − max x_0, e = exp of it, Σ e over dim): the shared part of softmax and log-softmax."""
     shifted = S.add_to_primal(x, -x.primal.amax(dim, keepdim=True).detach())
     e = S.exp(shifted)
-    total = e.with_coeffs(e.coeffs.sum(_shift(dim), keepdim=True))
+    return shifted, e, e.with_coeffs(e.coeffs.sum(_shift(dim), keepdim=True))
+
+
+def _softmax(x: Series, dim: int, *rest: Any, **kwargs: Any) -> Series:
+    """softmax = e / Σ e with e = exp(x − max x_0): exp recurrence, a sum and a reciprocal."""
+    _, e, total = _shifted_exp(x, dim)
     return S.mul(e, S.reciprocal(total))
 
 
 def _log_softmax(x: Series, dim: int, *rest: Any, **kwargs: Any) -> Series:
-    shifted = S.add_to_primal(x, -x.primal.amax(dim, keepdim=True).detach())
-    e = S.exp(shifted)
-    total = e.with_coeffs(e.coeffs.sum(_shift(dim), keepdim=True))
+    """log-softmax = (x − max x_0) − log Σ e."""
+    shifted, _, total = _shifted_exp(x, dim)
     return S.add(shifted, S.log(total), -1.0)
 
 
