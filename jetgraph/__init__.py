@@ -6,9 +6,10 @@
 
 from jetgraph.api import capture
 from jetgraph.capture.loading import load_model
+from jetgraph.codegen import emit, emit_source
 from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
-from jetgraph.passes.expand import Expansion, Term, expand, source_terms, stream_term
+from jetgraph.passes.expand import Expansion, Term, expand, expand_stream, source_terms, stream_term
 from jetgraph.passes.paths import count_paths, expand_paths
 from jetgraph.taylor import Jet, jet
 
@@ -29,7 +30,10 @@ __all__ = [
     "Term",
     "capture",
     "count_paths",
+    "emit",
+    "emit_source",
     "expand",
+    "expand_stream",
     "expand_paths",
     "jet",
     "load_model",

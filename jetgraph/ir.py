@@ -255,6 +255,12 @@ class ResidualProgram:
         """h_0, h_1, …, h_N: the stream before the first and after each unit of this view."""
         return self._run(input_ids, keep=self.granularity)[0]
 
+    def stream_with_side_inputs(
+        self, input_ids: torch.Tensor
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`stream` and the side inputs it used, computed once."""
+        return self._run(input_ids, keep=self.granularity)
+
     def _run(
         self, input_ids: torch.Tensor, keep: str
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:

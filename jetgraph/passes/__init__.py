@@ -1,6 +1,6 @@
 """Passes: pure functions over captured graphs, the residual IR and expansions."""
 
-from jetgraph.passes.expand import Expansion, ExpansionValues, Term, expand, source_terms, stream_term
+from jetgraph.passes.expand import Expansion, ExpansionValues, Term, expand, expand_stream, source_terms, stream_term
 from jetgraph.passes.lift import lift
 from jetgraph.passes.paths import (
     PathExpansion,
@@ -20,6 +20,7 @@ __all__ = [
     "closed_form",
     "count_paths",
     "expand",
+    "expand_stream",
     "expand_paths",
     "lift",
     "nested_paths",

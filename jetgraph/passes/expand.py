@@ -285,6 +285,33 @@ def expand(
     return Expansion(prog, len(units) if decoder else unit, terms, space, order)
 
 
+def expand_stream(
+    prog: ResidualProgram,
+    order: int = 0,
+    centers: Sequence[Term] | None = None,
+    weights: str | float = "uniform",
+    identity: Literal["pass", "jet"] = "pass",
+    upto: int | None = None,
+) -> Expansion:
+    """Algorithm 1 iterated over units ``0..upto`` (default: all): every unit is expanded around
+    all terms of the stream before it. At order 0 with ``identity="pass"`` the result holds one
+    term per path through the units (2^N per centre for N sequential units).
+
+    ``centers`` default to the encoder's addends (:func:`source_terms`); ``[stream_term(prog, 0)]``
+    starts from h_0 as one term.
+    """
+    last = len(prog.units) - 1 if upto is None else upto
+    if not 0 <= last < len(prog.units):
+        raise IndexError(f"upto {upto} out of range: the {prog.granularity} view has units "
+                         f"0..{len(prog.units) - 1}")
+    terms: Sequence[Term] | Expansion = list(centers) if centers is not None else source_terms(prog)
+    expansion = None
+    for unit in range(last + 1):
+        expansion = expand(prog, unit, terms, order, weights, identity)
+        terms = expansion
+    return expansion
+
+
 def _fit(prog: ResidualProgram, unit: int | str, centers: Sequence[Term] | Expansion, order: int,
          identity: Literal["pass", "jet"], split: bool, input_ids: torch.Tensor, steps: int,
          lr: float) -> Expansion:

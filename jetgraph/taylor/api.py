@@ -96,14 +96,13 @@ def jet(
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"direction {i} has shape {shape}, expected the centre's {tuple(center.shape)}")
     basis = Basis(len(increments), order)
-    coeffs = center.new_zeros((basis.size, *center.shape))
-    coeffs[0] = center
-    if order >= 1:
-        for i, v in enumerate(increments):
-            coeffs[basis.unit(i)] = v.to(center.dtype)
     module, extra = _graph_and_side_inputs(f, center, side)
     if order == 0:  # J^0 f(c) = f(c): run the graph itself, bit-identical to the forward
         return Jet(module(center, *extra).unsqueeze(0), basis)
+    coeffs = center.new_zeros((basis.size, *center.shape))
+    coeffs[0] = center
+    for i, v in enumerate(increments):
+        coeffs[basis.unit(i)] = v.to(center.dtype)
     out = run_series(module, Series(coeffs, basis), *extra)
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -116,3 +116,9 @@ def _products_by_left(basis: Basis, device: str) -> tuple[tuple[torch.Tensor, to
         as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
         result.append((as_tensor(right), as_tensor(out)))
     return tuple(result)
+
+
+def clear_tensor_caches() -> None:
+    """Forget cached index tensors, so a trace creates its own (deterministic emitted code)."""
+    _pair_tensors.cache_clear()
+    _products_by_left.cache_clear()

@@ -58,11 +58,11 @@ class JetInterpreter(fx.Interpreter):
         live: dict[int, int] = {}
         for value in self.env.values():
             for tensor in _tensors(value):
-                key = tensor.untyped_storage().data_ptr()
+                key = tensor.untyped_storage()._cdata
                 live[key] = live.get(key, 0) + 1
         owned = []
         for series in candidates:
-            if live.get(series.coeffs.untyped_storage().data_ptr(), 0) == 1:
+            if live.get(series.coeffs.untyped_storage()._cdata, 0) == 1:
                 series.owned = True
                 owned.append(series)
         return owned

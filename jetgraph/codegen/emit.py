@@ -1,0 +1,191 @@
+"""``jetgraph.emit``: one batched, straight-line FX GraphModule per expansion.
+
+The batched evaluator (:mod:`jetgraph.codegen.execute`) is traced by ``make_fx`` on an example
+input: the Taylor interpreter, the schedule and all Python control flow disappear, leaving aten
+ops only. Each unit's jet appears once, on its centres stacked along the batch dimension, and
+Taylor-mode arithmetic is inlined as plain tensor code. Weights become buffers named after the
+model's parameters, factory ops follow the input's device, and a guard checks the input shape the
+code was specialised to.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+
+from jetgraph.capture.export import strip_wrapper
+from jetgraph.codegen.execute import BatchedRun
+from jetgraph.codegen.fuse import fuse
+from jetgraph.codegen.schedule import Schedule, Step, plan
+from jetgraph.ir import ResidualProgram
+from jetgraph.passes.expand import Expansion
+from jetgraph.taylor.basis import clear_tensor_caches
+
+RESERVED = ("target", "remainder")
+STEP_META = "jetgraph_step"
+
+
+def check_input(input_ids: torch.Tensor, shape: tuple[int, int]) -> None:
+    """The emitted code's guard: it was specialised to one [batch, seq] shape."""
+    if tuple(input_ids.shape) != tuple(shape):
+        raise ValueError(f"this expansion was emitted for input_ids of shape {tuple(shape)}, got "
+                         f"{tuple(input_ids.shape)}: emit it again for the new shape")
+
+
+
+def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
+         fuse_ops: bool = True) -> fx.GraphModule:
+    """Lower ``expansion`` to one FX GraphModule ``forward(input_ids) -> dict``.
+
+    The dict maps every term's path name to its tensor, plus ``"target"`` (the model's stream
+    state or logits) and ``"remainder"`` (target − Σ terms). The code is specialised to the shape
+    of ``input_ids`` (default: the program's capture example); ``gm.to(device)`` moves it.
+    ``fuse_ops`` puts fused kernels back where the code runs decomposed LayerNorm or tanh-GELU
+    forward (:mod:`jetgraph.codegen.fuse`); ``gm.fused`` counts them.
+    """
+    if not isinstance(expansion, Expansion):
+        raise TypeError(f"emit takes an Expansion (jetgraph.expand or expand_paths(...).expansion()), "
+                        f"got {type(expansion).__name__}")
+    prog = expansion.prog
+    ids = _example_ids(prog, input_ids)
+    schedule = plan(expansion)
+    names = [term.name for term in schedule.outputs]
+    clash = set(names) & set(RESERVED)
+    if clash:
+        raise ValueError(f"term names {sorted(clash)} collide with the reserved outputs {RESERVED}")
+    marks: list[tuple[fx.Node | None, Step]] = []
+
+    def mark(step: Step) -> None:
+        graph = get_proxy_mode().tracer.graph
+        marks.append((next(iter(reversed(graph.nodes)), None), step))
+
+    def forward(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs, target, remainder = BatchedRun(schedule, input_ids).run(on_step=mark)
+        result = {name: outputs[i] for i, name in enumerate(names)}
+        result["target"] = target
+        result["remainder"] = remainder
+        return result
+
+    clear_tensor_caches()  # index tables are then created inside the trace, every time
+    try:
+        with torch.no_grad():
+            traced = make_fx(forward, tracing_mode="real")(ids)
+    finally:
+        clear_tensor_caches()
+    _label_steps(traced.graph, marks)
+    module = _with_named_buffers(traced, prog)
+    module.fused = fuse(module.graph) if fuse_ops else {}
+    module.graph.eliminate_dead_code()
+    _follow_input_device(module.graph)
+    _guard_shape(module.graph, tuple(ids.shape))
+    module.recompile()
+    module.term_names = tuple(names)
+    module.input_shape = tuple(ids.shape)
+    module.schedule_summary = describe(schedule)
+    return module
+
+
+def describe(schedule: Schedule) -> list[str]:
+    """One line per step: what the emitted code computes, unit by unit."""
+    return [step.label for step in schedule.steps]
+
+
+def _example_ids(prog: ResidualProgram, input_ids: torch.Tensor | None) -> torch.Tensor:
+    ids = input_ids if input_ids is not None else prog.example_input_ids
+    if ids is None:
+        raise ValueError("give input_ids: the program has no capture example to specialise the code to")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an integer tensor [batch, seq], got {type(ids).__name__}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(ids.shape)}")
+    return ids.long()
+
+
+def _label_steps(graph: fx.Graph, marks: list[tuple[fx.Node | None, Step]]) -> None:
+    """Tag every node with the schedule step that produced it (for comments in emitted source)."""
+    boundaries = {id(node): step for node, step in marks if node is not None}
+    current = "side inputs and the model's own stream h_0..h_N"
+    for node in graph.nodes:
+        node.meta[STEP_META] = current
+        if id(node) in boundaries:
+            current = boundaries[id(node)].label
+    for node in graph.nodes:  # the tail after the last step: gathering outputs and the remainder
+        if node.op == "output":
+            node.meta[STEP_META] = "outputs"
+
+
+def _parameter_names(prog: ResidualProgram) -> dict[int, str]:
+    """id(tensor) -> readable name, from every graph of the program (first name wins)."""
+    modules = [prog.encoder.graph_module, prog.encoder.addends_module, prog.side.graph_module,
+               prog.decoder.graph_module]
+    modules += [u.graph_module for u in prog.blocks + prog.sublayers]
+    names: dict[int, str] = {}
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            names.setdefault(id(tensor), strip_wrapper(name) or name)
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                value = functools.reduce(getattr, node.target.split("."), module)
+                if isinstance(value, torch.Tensor):
+                    names.setdefault(id(value), strip_wrapper(node.target) or node.target)
+    return names
+
+
+def _identifier(name: str) -> str:
+    ident = re.sub(r"\W", "_", name).strip("_") or "const"
+    return ident if not ident[0].isdigit() else f"w_{ident}"
+
+
+def _with_named_buffers(traced: fx.GraphModule, prog: ResidualProgram) -> fx.GraphModule:
+    """Rebuild the GraphModule with every constant as a buffer named after its parameter."""
+    known = _parameter_names(prog)
+    root = torch.nn.Module()
+    taken: dict[str, int] = {}
+    by_tensor: dict[int, str] = {}
+    constants = 0
+    for node in traced.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(traced, node.target)
+        if id(value) not in by_tensor:
+            if id(value) in known:
+                base = _identifier(known[id(value)])
+            else:
+                base, constants = f"const{constants}", constants + 1
+            name = base if base not in taken else f"{base}_{taken[base]}"
+            taken[base] = taken.get(base, 0) + 1
+            taken.setdefault(name, 1)
+            tensor = value.detach() if isinstance(value, torch.Tensor) else value
+            if isinstance(tensor, torch.Tensor):
+                root.register_buffer(name, tensor)
+            else:
+                setattr(root, name, tensor)
+            by_tensor[id(value)] = name
+        node.target = by_tensor[id(value)]
+    return fx.GraphModule(root, traced.graph, class_name="EmittedExpansion")
+
+
+def _follow_input_device(graph: fx.Graph) -> None:
+    """Replace device constants recorded while tracing by ``input_ids.device``."""
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    device_node: fx.Node | None = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.kwargs.get("device"), torch.device):
+            continue
+        if device_node is None:
+            with graph.inserting_after(placeholder):
+                device_node = graph.call_function(getattr, (placeholder, "device"))
+        node.kwargs = {**node.kwargs, "device": device_node}
+
+
+def _guard_shape(graph: fx.Graph, shape: tuple[int, int]) -> None:
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(placeholder):
+        guard = graph.call_function(check_input, (placeholder, shape))
+    guard.meta[STEP_META] = "check the input shape"
+
