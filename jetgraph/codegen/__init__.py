@@ -9,4 +9,6 @@ from jetgraph.codegen.execute import BatchedRun, evaluate_batched
 from jetgraph.codegen.schedule import Schedule, Step, plan
 from jetgraph.codegen.source import CodegenError, emit_source
 
-__all__ = ["BatchedRun", "CodegenError", "Schedule", "Step", "emit", "emit_source", "evaluate_batched", "plan"]
+__all__ = [
+    "BatchedRun", "CodegenError", "Schedule", "Step", "emit", "emit_source", "evaluate_batched", "plan",
+]

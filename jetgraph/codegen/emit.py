@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx

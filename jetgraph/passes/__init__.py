@@ -1,6 +1,14 @@
 """Passes: pure functions over captured graphs, the residual IR and expansions."""
 
-from jetgraph.passes.expand import Expansion, ExpansionValues, Term, expand, expand_stream, source_terms, stream_term
+from jetgraph.passes.expand import (
+    Expansion,
+    ExpansionValues,
+    Term,
+    expand,
+    expand_stream,
+    source_terms,
+    stream_term,
+)
 from jetgraph.passes.lift import lift
 from jetgraph.passes.paths import (
     PathExpansion,
@@ -9,6 +17,7 @@ from jetgraph.passes.paths import (
     count_paths,
     expand_paths,
     nested_paths,
+    split_term_counts,
 )
 
 __all__ = [
@@ -20,8 +29,8 @@ __all__ = [
     "closed_form",
     "count_paths",
     "expand",
-    "expand_stream",
     "expand_paths",
+    "expand_stream",
     "lift",
     "nested_paths",
     "source_terms",
