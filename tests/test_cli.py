@@ -33,3 +33,40 @@ def test_capture_tinystories_writes_summary(tmp_path, capsys) -> None:
     assert "LlamaForCausalLM" in text and "block1" in text
     assert "eager attention)| = 0" in text or "eager attention)| = " in text
     assert text.strip() in capsys.readouterr().out
+
+
+def test_emit_writes_an_importable_module(tmp_path, capsys) -> None:
+    import importlib.util
+
+    import torch
+
+    path = require_tinystories()
+    out = tmp_path / "expanded_tiny.py"
+    assert main(["emit", str(path), "-o", str(out), "--text", "Once upon a time", "--order", "1",
+                 "--exclude", "attn"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    spec = importlib.util.spec_from_file_location("expanded_tiny", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ids = torch.zeros(module.INPUT_SHAPE, dtype=torch.long)
+    result = module.load()(ids)
+    assert set(module.TERMS) | {"target", "remainder"} == set(result)
+    assert all("attn" not in name for name in module.TERMS)
+
+
+def test_emit_lens(tmp_path) -> None:
+    path = require_tinystories()
+    out = tmp_path / "lens.py"
+    assert main(["emit", str(path), "-o", str(out), "--expansion", "lens", "--order", "1"]) == 0
+    assert "'h0→unembed^1'," in out.read_text()
+
+
+def test_emit_usage_errors(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.txt")]) == 2
+    assert "--out must name a .py file" in capsys.readouterr().err
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-length", "2", "--limit", "3"]) == 2
+    assert "more than --limit 3" in capsys.readouterr().err
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--exclude", "nonsense"]) == 1
+    assert "unknown units or kinds" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

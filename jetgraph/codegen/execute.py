@@ -24,19 +24,40 @@ class BatchedRun:
         self.prog = schedule.prog
         self.input_ids = input_ids
         self.batch, self.seq = input_ids.shape
-        self.states, self.side = self.prog.stream_with_side_inputs(input_ids)
+        self._states: list[torch.Tensor] | None = None
+        self._side: dict[str, torch.Tensor] | None = None
         self.units = {u.name: u for u in self.prog.units}
         self.buffers: list[torch.Tensor] = []
         self._stacked_side: dict[int, dict[str, torch.Tensor]] = {}
 
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The model's own stream h_0..h_N, computed on first use (order-0 paths never need it)."""
+        if self._states is None:
+            self._states, self._side = self.prog.stream_with_side_inputs(self.input_ids)
+        return self._states
+
+    @property
+    def side(self) -> dict[str, torch.Tensor]:
+        if self._side is None:
+            self._side = self.prog.side_inputs(self.input_ids)
+        return self._side
+
     # ---------------------------------------------------------------- driver
-    def run(self, on_step=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(outputs [terms, batch, seq, width], target, remainder = target − Σ outputs)."""
+    def run(self, on_step=None, remainder: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(outputs [terms, batch, seq, width], target, remainder = target − Σ outputs).
+
+        ``remainder=False`` skips the model's own forward when no step needs it (target and
+        remainder are then None): what n-gram tables over the vocabulary want.
+        """
         for step in self.schedule.steps:
             if on_step is not None:
                 on_step(step)
             self.buffers.append(self._compute(step))
         outputs = self.gather(self.schedule.outputs)
+        if not remainder:
+            return outputs, None, None
         if self.schedule.space == "logits":
             target = self.prog.decoder(self.states[-1], self.side)
         else:
@@ -86,9 +107,9 @@ class BatchedRun:
 
     def _jet(self, step: Step) -> torch.Tensor:
         count = len(step.centres)
-        width = self.states[0].shape[-1]
-        flat = (count * self.batch, self.seq, width)
-        centres = self.gather(step.centres).reshape(flat)
+        centres = self.gather(step.centres)
+        flat = (count * self.batch, self.seq, centres.shape[-1])
+        centres = centres.reshape(flat)
         side = self._side_for(count)
         function = self._function(step.unit)
         if step.directions:
@@ -98,7 +119,7 @@ class BatchedRun:
                                side=side).coefficients
         else:  # at order 0 the variate is not read: the centres stand in for it
             variate = centres if step.depth == 0 else \
-                self._variate(step.unit).expand(count, *self.states[0].shape).reshape(flat)
+                self._variate(step.unit).expand(count, self.batch, self.seq, flat[-1]).reshape(flat)
             coefficients = jet(function, centres, variate, order=step.depth, side=side).coefficients
         size = coefficients.shape[0]
         coefficients = coefficients.reshape(size * count, self.batch, self.seq, coefficients.shape[-1])
@@ -145,7 +166,7 @@ def _weighted(rows: torch.Tensor, weights: list[Weight]) -> torch.Tensor:
     return rows * stacked.view(len(tensors), *([1] * (rows.dim() - 1 - len(shape))), *shape)
 
 
-def evaluate_batched(schedule: Schedule, input_ids: torch.Tensor):
+def evaluate_batched(schedule: Schedule, input_ids: torch.Tensor, remainder: bool = True):
     """Eager batched evaluation: (outputs, target, remainder)."""
     with torch.no_grad():
-        return BatchedRun(schedule, input_ids).run()
+        return BatchedRun(schedule, input_ids).run(remainder=remainder)

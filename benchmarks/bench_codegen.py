@@ -1,0 +1,192 @@
+"""Emitted code against term-by-term evaluation and the FLOP floor.
+
+1. The order-0 exhaustive expansion (Algorithm 2 in stream space, one centre h_0, unit weights)
+   of GPT-2-config models (random init, d=768, 12 heads) with 8 and 12 blocks, seq 32: 2^L terms
+   from 2^L − 1 block applications. Compared in one run:
+   - emitted: ``jetgraph.emit`` (one batched call per block),
+   - interpreter: ``Expansion.evaluate`` (2^L − 1 applications one at a time, shared prefixes once),
+   - term by term: every path evaluated on its own from h_0, as the paper's code does
+     (L·2^(L−1) applications; sampled and extrapolated where that takes minutes),
+   - FLOP floor: (2^L − 1) × the block's FLOPs (torch's FlopCounterMode) at the matmul rate
+     measured in the same run.
+2. The order-1 iterative lens over all SmolLM2 layers (one decoder jet per stream state h_0..h_L,
+   16 tokens): emitted against the interpreter.
+
+    python benchmarks/bench_codegen.py [--layers 8 12] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import jetgraph
+from jetgraph.capture.zoo import gpt2_small_config
+
+RESULTS = Path(__file__).resolve().parent / "results" / "codegen.json"
+
+
+def best_of(fn, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str, repeats: int = 5) -> float:
+    """FLOP/s of a GPT-2-MLP-shaped float32 matmul ([8192, 768] × [768, 3072])."""
+    a = torch.randn(8192, 768, device=device)
+    b = torch.randn(768, 3072, device=device)
+    a @ b
+    seconds = best_of(lambda: a @ b, repeats, device)
+    return 2 * 8192 * 768 * 3072 / seconds
+
+
+def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, rate: float,
+               interpreter: bool) -> dict:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(gpt2_small_config(layers)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    prog = jetgraph.capture(model, ids)
+    expansion = jetgraph.expand_stream(prog, centers=[jetgraph.stream_term(prog, 0)], weights="unit")
+    start = time.perf_counter()
+    module = jetgraph.emit(expansion, ids)
+    emit_s = time.perf_counter() - start
+    prog.to(device)
+    module.to(device)
+    ids_d = ids.to(device)
+    with torch.no_grad():
+        out = module(ids_d)
+        emitted_s = best_of(lambda: module(ids_d), repeats, device)
+        h0 = prog.stream(ids_d)[0]
+        with FlopCounterMode(display=False) as counter:
+            prog.units[0](h0)
+        flops = counter.get_total_flops()
+        applications = 2**layers - 1
+        floor_s = applications * flops / rate
+        row = {"layers": layers, "terms": len(expansion), "applications": applications,
+               "block_gflop": round(flops / 1e9, 4), "emit_trace_s": round(emit_s, 2),
+               "emitted_s": round(emitted_s, 4), "floor_s": round(floor_s, 4),
+               "emitted_over_floor": round(emitted_s / floor_s, 2)}
+        # term by term: each path from h_0 through its blocks, nothing shared (the paper's code)
+        subsets = [s for n in range(layers + 1) for s in itertools.combinations(range(layers), n)]
+        chosen = subsets if len(subsets) <= sample else random.Random(0).sample(subsets, sample)
+        units = prog.units
+
+        def one_by_one() -> None:
+            for subset in chosen:
+                h = h0
+                for i in subset:
+                    h = units[i](h)
+
+        measured = best_of(one_by_one, 1, device)
+        term_s = measured * len(subsets) / len(chosen)
+        row.update({"term_by_term_s": round(term_s, 3),
+                    "term_by_term_sampled": f"{len(chosen)}/{len(subsets)} paths",
+                    "speedup_vs_term_by_term": round(term_s / emitted_s, 1)})
+        if interpreter:
+            start = time.perf_counter()
+            reference = expansion.evaluate(ids_d)
+            row["interpreter_s"] = round(time.perf_counter() - start, 3)
+            row["speedup_vs_interpreter"] = round(row["interpreter_s"] / emitted_s, 1)
+            scale = max(v.abs().max().item() for v in reference.terms.values())
+            row["max_error_vs_interpreter"] = max(
+                (out[name] - value).abs().max().item() for name, value in reference.terms.items()) / scale
+    return row
+
+
+def lens(order: int, tokens: int, repeats: int, device: str) -> dict:
+    model, tokenizer = jetgraph.load_model("smollm2")
+    text = "The quick brown fox jumps over the lazy dog because it wanted to see what"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
+    prog = jetgraph.capture(model, ids)
+    states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
+    expansion = jetgraph.expand(prog, "decoder", states, order=order, weights="unit")
+    start = time.perf_counter()
+    module = jetgraph.emit(expansion, ids)
+    emit_s = time.perf_counter() - start
+    prog.to(device)
+    module.to(device)
+    ids_d = ids.to(device)
+    with torch.no_grad():
+        out = module(ids_d)
+        emitted_s = best_of(lambda: module(ids_d), repeats, device)
+        interpreter_s = best_of(lambda: expansion.evaluate(ids_d), repeats, device)
+        forward_s = best_of(lambda: prog(ids_d), repeats, device)
+        reference = expansion.evaluate(ids_d)
+    scale = max(v.abs().max().item() for v in reference.terms.values())
+    error = max((out[n] - v).abs().max().item() for n, v in reference.terms.items()) / scale
+    return {"model": "SmolLM2-135M", "order": order, "tokens": int(ids.shape[1]),
+            "centres": len(states), "terms": len(expansion), "emit_trace_s": round(emit_s, 2),
+            "emitted_s": round(emitted_s, 4), "interpreter_s": round(interpreter_s, 4),
+            "speedup": round(interpreter_s / emitted_s, 2), "forward_s": round(forward_s, 4),
+            "max_error_vs_interpreter": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 12])
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sample", type=int, default=256,
+                        help="paths timed one by one before extrapolating (default 256)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-interpreter-above", type=int, default=12,
+                        help="skip the interpreter baseline above this many layers")
+    parser.add_argument("--skip-lens", action="store_true")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    rate = matmul_rate(args.device)
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({args.device}, {torch.get_num_threads()} threads)")
+    rows = []
+    for layers in args.layers:
+        row = exhaustive(layers, args.seq, args.repeats, args.sample, args.device, rate,
+                         layers <= args.no_interpreter_above)
+        rows.append(row)
+        print(json.dumps(row))
+    lens_rows = []
+    if not args.skip_lens:
+        for order in (0, 1):
+            lens_rows.append(lens(order, 16, args.repeats, args.device))
+            print(json.dumps(lens_rows[-1]))
+    header = ("layers", "terms", "emitted_s", "floor_s", "emitted_over_floor", "term_by_term_s",
+              "speedup_vs_term_by_term", "interpreter_s", "speedup_vs_interpreter")
+    print("\n" + " | ".join(header))
+    for row in rows:
+        print(" | ".join(str(row.get(key, "-")) for key in header))
+    for row in lens_rows:
+        print(f"lens order {row['order']}: emitted {row['emitted_s']} s, interpreter {row['interpreter_s']} s "
+              f"({row['speedup']}x), forward {row['forward_s']} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"device {args.device}",
+        "command": "python benchmarks/bench_codegen.py " + " ".join(
+            f"--layers {' '.join(map(str, args.layers))}".split()),
+        "matmul_gflops": round(rate / 1e9, 1), "peak_rss_gb": round(peak, 2),
+        "exhaustive": rows, "lens": lens_rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
