@@ -406,7 +406,8 @@ def diff_tables(prog_a: ResidualProgram, prog_b: ResidualProgram, path: str, top
     return result
 
 
-def compare_to_reference(table_logits: torch.Tensor, reference: torch.Tensor, k: int = 100) -> dict[str, float]:
+def compare_to_reference(table_logits: torch.Tensor, reference: torch.Tensor,
+                         k: int = 100) -> dict[str, float]:
     """A full jet bigram table against a reference (true chain rows or corpus counts), both
     [V, V] (rows: context token). Reports the top-1 hit ratio per row (rows with data), the mean
     KL(reference row ‖ jet row), the global top-k hit ratio |top-k jet ∩ top-k reference| / k and
@@ -425,5 +426,5 @@ def compare_to_reference(table_logits: torch.Tensor, reference: torch.Tensor, k:
                   .flatten().topk(k).indices.tolist())
     ref_top = set(joint.flatten().topk(k).indices.tolist())
     mass = joint.flatten()[list(jet_top)].sum().item()
-    return {"top1_hit_ratio": top1, "mean_kl": kl.mean().item(), f"top{k}_hit_ratio": len(jet_top & ref_top) / k,
-            f"top{k}_mass": mass, "rows": int(rows.sum())}
+    return {"top1_hit_ratio": top1, "mean_kl": kl.mean().item(),
+            f"top{k}_hit_ratio": len(jet_top & ref_top) / k, f"top{k}_mass": mass, "rows": int(rows.sum())}
