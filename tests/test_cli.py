@@ -43,7 +43,7 @@ def test_emit_writes_an_importable_module(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "expanded_tiny.py"
     assert main(["emit", str(path), "-o", str(out), "--text", "Once upon a time", "--order", "1",
-                 "--exclude", "attn"]) == 0
+                 "--exclude", "attn", "--granularity", "sublayer"]) == 0
     assert "wrote" in capsys.readouterr().out
     spec = importlib.util.spec_from_file_location("expanded_tiny", out)
     module = importlib.util.module_from_spec(spec)
@@ -70,3 +70,49 @@ def test_emit_usage_errors(tmp_path, capsys) -> None:
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--exclude", "nonsense"]) == 1
     assert "unknown units or kinds" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lens_command(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    png, table = tmp_path / "lens.png", tmp_path / "lens.csv"
+    assert main(["lens", str(path), "Once upon a time", "--order", "2", "--out", str(png),
+                 "--csv", str(table)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "cos@i2" in capsys.readouterr().out
+    assert table.read_text().startswith("centre,cosine")
+
+
+def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    out = tmp_path / "bigrams.csv"
+    assert main(["ngrams", str(path), "--paths", "E→U", "E→MLP_last→U", "--top", "20",
+                 "--keywords", "toxic", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "keyword mass (toxic" in printed
+    assert (tmp_path / "bigrams-0.csv").read_text().count("\n") == 21
+    assert (tmp_path / "bigrams-1.csv").is_file()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    assert main(["ngrams", str(path), "--keywords", str(empty), "--out", str(out)]) == 1
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_paths_command(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    out = tmp_path / "paths.dot"
+    assert main(["paths", str(path), "--render", str(out)]) == 0
+    assert "paths at sublayer granularity" in capsys.readouterr().out
+    assert out.read_text().startswith("digraph")
+
+
+def test_mismatched_tokenizer_and_long_text(capsys) -> None:
+    from tests.conftest import SHARED_MODELS
+
+    path = require_tinystories()
+    gpt2_tokenizer = SHARED_MODELS / "gpt2-tokenizer" / "tokenizer.json"
+    if not gpt2_tokenizer.is_file():
+        pytest.skip("shared/models/gpt2-tokenizer is absent")
+    assert main(["lens", str(path), "Hello there", "--tokenizer", str(gpt2_tokenizer)]) == 1
+    assert "do not belong together" in capsys.readouterr().err
+    assert main(["lens", str(path), "once upon a time " * 400]) == 1
+    assert "the model's context holds" in capsys.readouterr().err

@@ -99,3 +99,48 @@ def _smollm2_folder() -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def load_tokenizer(name_or_path: str) -> object:
+    """A tokenizer from a local folder or file (tokenizer.json), or a cached hub id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(name_or_path)
+    try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
+
+
+def model_vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's output embedding (its vocabulary), if it has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def encode(model: nn.Module, tokenizer: object, text: str) -> torch.Tensor:
+    """``text`` as input ids [1, seq] for ``model``, refusing a tokenizer whose ids do not fit the
+    model's vocabulary and a text longer than the model's context."""
+    if not text:
+        raise ValueError("the text is empty: give at least one token of input")
+    vocab = model_vocab_size(model)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if vocab is not None and size is not None and size > vocab:
+        raise ModelLoadError(f"the tokenizer has {size} tokens but the model's vocabulary has {vocab}: "
+                             "they do not belong together (pass the model's own tokenizer)")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.numel() == 0:
+        raise ValueError(f"the text {text!r} encodes to no tokens")
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ModelLoadError(f"the tokenizer produced id {int(ids.max())}, outside the model's vocabulary "
+                             f"of {vocab}: the tokenizer does not match the model")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or \
+        getattr(getattr(model, "config", None), "n_positions", None)
+    if context is not None and ids.shape[1] > context:
+        raise ValueError(f"the text is {ids.shape[1]} tokens long but the model's context holds {context}")
+    return ids

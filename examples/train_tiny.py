@@ -1,0 +1,361 @@
+"""Jet bigrams against ground truth: train tiny GPT-2s and read their bigram tables off the weights.
+
+Jet n-grams (paper §4) claim that attention-free paths such as ``E→U`` (embedding decoded directly)
+or ``E→MLP_last→U`` are bigram tables the model has written into its weights. This script checks the
+claim where the truth is known, on CPU in about a minute and a half:
+
+(a) a synthetic first-order Markov chain over V=48 tokens (rows drawn from a Dirichlet(0.1), fixed
+    seed): a tiny GPT-2 is trained on sequences sampled from it, and at each checkpoint the jet
+    bigram tables are compared with the true transition matrix (reference: the joint mass
+    π_i·P_ij, π the stationary distribution);
+(b) real text: the help topics of the stdlib module ``pydoc_data.topics`` tokenised with a
+    byte-level BPE (vocabulary 512) trained on that text; the reference is the corpus's bigram
+    counts;
+(c) the agreement across the checkpoint series, drawn as curves.
+
+Agreement is ``jetgraph.applications.compare_to_reference``: top-1 hit ratio per row, mean
+KL(reference row ‖ jet row), global top-k hit ratio and the reference mass covered by the jet's
+top-k. Baselines: a random table (chance), the unigram table (every row = the token frequencies),
+and the model itself run on one token (the best a one-token-context table could read).
+
+    python examples/train_tiny.py                 # full run: JSON under benchmarks/results, PNGs in docs/img
+    python examples/train_tiny.py --quick         # a few seconds' smoke run
+    python examples/train_tiny.py --out /tmp/tt   # write the JSON and PNGs under /tmp/tt instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+import jetgraph
+from jetgraph.applications import compare_to_reference, full_table
+from jetgraph.applications.plots import plot_curves
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTN_FREE_SUM = "sum of attention-free paths"
+MODEL_1TOK = "model, 1-token input"
+
+
+@dataclass
+class RunConfig:
+    """Sizes and optimiser settings of one training run."""
+
+    vocab: int = 48
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    seq: int = 64
+    batch: int = 32
+    steps: int = 400
+    lr: float = 3e-3
+    seed: int = 0
+    k: int = 100
+
+
+def checkpoint_steps(steps: int) -> list[int]:
+    """Step 0 and steps/16, /8, /4, /2, steps (deduplicated): e.g. 0, 25, 50, 100, 200, 400."""
+    return sorted({0, *(max(1, steps // d) for d in (16, 8, 4, 2)), steps})
+
+
+# ----------------------------------------------------------------- data
+def markov_chain(vocab: int, alpha: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random transition matrix P (rows Dirichlet(alpha)) and its stationary distribution π."""
+    with torch.random.fork_rng():  # Dirichlet sampling uses the global generator
+        torch.manual_seed(seed)
+        rows = torch.distributions.Dirichlet(torch.full((vocab, vocab), alpha, dtype=torch.double)).sample()
+    transition = rows.clamp_min(1e-12)
+    transition = transition / transition.sum(-1, keepdim=True)
+    stationary = torch.full((vocab,), 1.0 / vocab, dtype=torch.double)
+    for _ in range(10_000):
+        updated = stationary @ transition
+        if (updated - stationary).abs().max() < 1e-14:
+            break
+        stationary = updated
+    return transition, stationary / stationary.sum()
+
+
+def sample_markov(transition: torch.Tensor, stationary: torch.Tensor, count: int, length: int,
+                  seed: int = 0) -> torch.Tensor:
+    """``count`` sequences of ``length`` tokens, started from π (so the chain is stationary)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(count, length, dtype=torch.long)
+    out[:, 0] = torch.multinomial(stationary.float(), count, replacement=True, generator=generator)
+    for t in range(1, length):
+        out[:, t] = torch.multinomial(transition[out[:, t - 1]].float(), 1, generator=generator)[:, 0]
+    return out
+
+
+def topics_text() -> tuple[str, str]:
+    """The help topics of ``pydoc_data.topics`` (sorted by name, blank-line separated) and its file."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics)), topics.__file__
+
+
+def bpe_encode(text: str, vocab: int) -> tuple[torch.Tensor, object]:
+    """A byte-level BPE of size ``vocab`` trained on ``text``, and the text as one id tensor."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator([text], vocab_size=vocab, min_frequency=2, show_progress=False)
+    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.long), tokenizer
+
+
+def bigram_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[V, V] counts of (token, next token) over the rows of ``ids`` ([n] or [batch, n])."""
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids
+    flat = (ids[:, :-1] * vocab + ids[:, 1:]).reshape(-1)
+    return torch.bincount(flat, minlength=vocab * vocab).view(vocab, vocab).double()
+
+
+def window_batches(stream: torch.Tensor, batch: int, seq: int, seed: int):
+    """Endless random windows of ``seq`` tokens from a 1-D token stream."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, stream.numel() - seq, (batch,), generator=generator)
+        yield torch.stack([stream[s:s + seq] for s in starts.tolist()])
+
+
+def row_batches(rows: torch.Tensor, batch: int, seed: int):
+    """Endless random batches of rows (sequences) of a [count, seq] tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield rows[torch.randint(0, rows.shape[0], (batch,), generator=generator)]
+
+
+# ----------------------------------------------------------------- model and training
+def tiny_gpt2(cfg: RunConfig) -> GPT2LMHeadModel:
+    """A tiny GPT-2 (tied embeddings, no dropout, eager attention), seeded."""
+    torch.manual_seed(cfg.seed)
+    config = GPT2Config(vocab_size=cfg.vocab, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        n_positions=cfg.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return GPT2LMHeadModel(config)
+
+
+def train(model: GPT2LMHeadModel, batches, cfg: RunConfig,
+          at: list[int]) -> tuple[dict[int, GPT2LMHeadModel], list[float]]:
+    """AdamW for ``cfg.steps`` steps; returns frozen copies of the model at the steps in ``at``."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(cfg.steps, 1)))
+    snapshots, losses = {}, []
+    for step in range(cfg.steps + 1):
+        if step in at:
+            snapshots[step] = copy.deepcopy(model).eval()
+        if step == cfg.steps:
+            break
+        model.train()
+        ids = next(batches)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+    return snapshots, losses
+
+
+@torch.no_grad()
+def mean_loss(model: GPT2LMHeadModel, rows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` on the [n, seq] rows."""
+    model.eval()
+    return float(torch.stack([model(input_ids=r, labels=r).loss for r in rows.split(64)]).mean())
+
+
+# ----------------------------------------------------------------- jet tables and scores
+def attention_free_paths(prog) -> list[str]:
+    """Every path from the token embedding through any increasing subset of MLPs to the decoder."""
+    mlps = [u.name for u in prog.at("sublayer").units if u.kind == "mlp"]
+    subsets = itertools.chain.from_iterable(itertools.combinations(mlps, r) for r in range(len(mlps) + 1))
+    return ["→".join(("E", *subset, "U")) for subset in subsets]
+
+
+@torch.no_grad()
+def bigram_tables(model: GPT2LMHeadModel, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Capture ``model`` and return its [V, V] jet bigram tables (and the model's own 1-token output)."""
+    prog = jetgraph.capture(model.eval(), example)
+    paths = attention_free_paths(prog)
+    tables = {path: full_table(prog, path).float() for path in paths}
+    tables["E→MLP_last→U"] = full_table(prog, "E→MLP_last→U").float()
+    tables[ATTN_FREE_SUM] = sum(tables[p] for p in paths)
+    vocab = model.config.vocab_size
+    tables[MODEL_1TOK] = model(input_ids=torch.arange(vocab).view(-1, 1)).logits[:, 0].float()
+    return tables
+
+
+def baselines(reference: torch.Tensor, k: int, seeds: int = 5) -> dict[str, dict[str, float]]:
+    """Scores of tables that know nothing about the rows: random logits (mean of ``seeds`` draws) and
+    the unigram table (every row = the reference's next-token frequencies)."""
+    vocab = reference.shape[1]
+    draws = [compare_to_reference(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(s)),
+                                  reference, k) for s in range(seeds)]
+    random = {key: sum(d[key] for d in draws) / seeds for key in draws[0]}
+    unigram = reference.sum(0).clamp_min(0.5).log().expand(vocab, vocab).float()
+    return {"random table (chance)": random, "unigram table": compare_to_reference(unigram, reference, k)}
+
+
+def score_checkpoints(snapshots: dict[int, GPT2LMHeadModel], reference: torch.Tensor, example: torch.Tensor,
+                      k: int) -> dict[int, dict[str, dict[str, float]]]:
+    """compare_to_reference for every table of every checkpoint."""
+    return {step: {name: compare_to_reference(table, reference, k)
+                   for name, table in bigram_tables(model, example).items()}
+            for step, model in snapshots.items()}
+
+
+# ----------------------------------------------------------------- the two experiments
+def run_markov(cfg: RunConfig, sequences: int = 2000, alpha: float = 0.1,
+               at: list[int] | None = None) -> dict:
+    """Part (a): train on a synthetic Markov chain, score the jet tables against the true chain."""
+    start = time.perf_counter()
+    transition, stationary = markov_chain(cfg.vocab, alpha, cfg.seed)
+    data = sample_markov(transition, stationary, sequences, cfg.seq, cfg.seed + 1)
+    held_out = sample_markov(transition, stationary, 128, cfg.seq, cfg.seed + 2)
+    reference = stationary[:, None] * transition  # joint mass of (token, next token)
+    at = at if at is not None else checkpoint_steps(cfg.steps)
+    snapshots, losses = train(tiny_gpt2(cfg), row_batches(data, cfg.batch, cfg.seed), cfg, at)
+    entropy_rate = float(-(reference * transition.log()).sum())
+    result = {
+        "config": asdict(cfg) | {"sequences": sequences, "dirichlet_alpha": alpha},
+        "reference": "true joint mass pi_i * P_ij of the chain (KL and top-1 against the rows P_i)",
+        "entropy_rate_nats": entropy_rate,
+        "final_train_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "held_out_loss": mean_loss(snapshots[max(snapshots)], held_out),
+        "checkpoints": score_checkpoints(snapshots, reference, data[:1, :16], cfg.k),
+        "baselines": baselines(reference, cfg.k),
+        "empirical_vs_true": compare_to_reference(bigram_counts(data, cfg.vocab).clamp_min(1e-3).log(),
+                                                  reference, cfg.k),
+    }
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def run_topics(cfg: RunConfig, max_chars: int | None = None) -> dict:
+    """Part (b): train on pydoc help text (byte-level BPE), score the jet tables against corpus bigrams."""
+    start = time.perf_counter()
+    text, source = topics_text()
+    text = text[:max_chars] if max_chars else text
+    ids, tokenizer = bpe_encode(text, cfg.vocab)
+    cfg.vocab = tokenizer.get_vocab_size()
+    split = int(0.9 * ids.numel())
+    train_ids, val_ids = ids[:split], ids[split:]
+    reference = bigram_counts(train_ids, cfg.vocab)
+    at = checkpoint_steps(cfg.steps)
+    snapshots, losses = train(tiny_gpt2(cfg), window_batches(train_ids, cfg.batch, cfg.seq, cfg.seed), cfg, at)
+    val_rows = val_ids[: val_ids.numel() // cfg.seq * cfg.seq].view(-1, cfg.seq)
+    unigram = reference.sum(0) / reference.sum()
+    conditional = reference / reference.sum(-1, keepdim=True).clamp_min(1)
+    result = {
+        "config": asdict(cfg) | {"chars": len(text), "tokens": ids.numel(), "train_tokens": split,
+                                 "source": source},
+        "reference": "bigram counts of the training split (90%)",
+        "train_bigram_entropy_nats": float(-(reference / reference.sum() * conditional.clamp_min(1e-300).log())
+                                           .sum()),
+        "train_unigram_entropy_nats": float(-(unigram * unigram.clamp_min(1e-300).log()).sum()),
+        "final_train_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "held_out_loss": mean_loss(snapshots[max(snapshots)], val_rows),
+        "checkpoints": score_checkpoints(snapshots, reference, train_ids[:16].view(1, -1), cfg.k),
+        "baselines": baselines(reference, cfg.k),
+        "example_bigrams": top_bigrams(reference, tokenizer, 8),
+    }
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def top_bigrams(reference: torch.Tensor, tokenizer, count: int) -> list[str]:
+    """The most frequent bigrams of the corpus, decoded (for the write-up)."""
+    vocab = reference.shape[1]
+    return [repr(tokenizer.decode([i // vocab]) + "|" + tokenizer.decode([i % vocab]))
+            for i in reference.flatten().topk(count).indices.tolist()]
+
+
+# ----------------------------------------------------------------- report
+SHOWN = ("E→U", "E→MLP_last→U", ATTN_FREE_SUM, MODEL_1TOK)
+
+
+def print_table(title: str, result: dict) -> None:
+    """A short text table: final checkpoint's scores for the main tables and the baselines."""
+    k = result["config"]["k"]
+    final = result["checkpoints"][max(result["checkpoints"])]
+    rows = {name: final[name] for name in SHOWN} | result["baselines"]
+    print(f"\n{title}  (final step {max(result['checkpoints'])}, k={k}, {result['seconds']:.1f} s)")
+    print(f"  {'table':34s} {'top1':>6s} {'KL':>7s} {'topk hit':>9s} {'topk mass':>10s}")
+    for name, s in rows.items():
+        print(f"  {name:34s} {s['top1_hit_ratio']:6.3f} {s['mean_kl']:7.3f} {s[f'top{k}_hit_ratio']:9.3f} "
+              f"{s[f'top{k}_mass']:10.3f}")
+
+
+def plot_result(result: dict, path: Path, title: str) -> Path:
+    """Top-1 hit ratio and top-k mass across checkpoints, for the main tables and the chance level."""
+    k = result["config"]["k"]
+    steps = sorted(result["checkpoints"])
+    series = {}
+    for name in SHOWN:
+        series[f"top-1 hit, {name}"] = [result["checkpoints"][s][name]["top1_hit_ratio"] for s in steps]
+    for name in ("E→U", ATTN_FREE_SUM):
+        series[f"top-{k} mass, {name}"] = [result["checkpoints"][s][name][f"top{k}_mass"] for s in steps]
+    chance = result["baselines"]["random table (chance)"]
+    series["top-1 hit, random table"] = [chance["top1_hit_ratio"]] * len(steps)
+    series[f"top-{k} mass, random table"] = [chance[f"top{k}_mass"]] * len(steps)
+    return plot_curves(steps, series, path, "training step", "hit ratio / mass", title)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write train_tiny.json and the PNGs here (default: benchmarks/results/ "
+                             "and docs/img/)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps per model (default 400)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (40 steps, little data)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    steps = 40 if args.quick else args.steps
+    start = time.perf_counter()
+    markov = run_markov(RunConfig(vocab=48, steps=steps, k=100), sequences=200 if args.quick else 2000)
+    print_table("(a) Markov chain, V=48: jet bigram tables vs the true transition matrix", markov)
+    topics = run_topics(RunConfig(vocab=512, steps=steps, k=1000), max_chars=50_000 if args.quick else None)
+    print_table(f"(b) pydoc topics, BPE V={topics['config']['vocab']}: jet bigram tables vs corpus bigrams",
+                topics)
+    json_dir = args.out or ROOT / "benchmarks" / "results"
+    img_dir = args.out or ROOT / "docs" / "img"
+    pngs = [plot_result(markov, img_dir / "train_tiny_markov.png",
+                        "Markov chain (V=48): jet bigram tables vs the true chain"),
+            plot_result(topics, img_dir / "train_tiny_topics.png",
+                        f"pydoc topics (BPE V={topics['config']['vocab']}): jet bigrams vs corpus bigrams")]
+    payload = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"python {platform.python_version()}",
+        "command": "python examples/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seconds": round(time.perf_counter() - start, 1),
+        "markov": markov, "topics": topics, "pngs": [str(p) for p in pngs],
+    }
+    json_dir.mkdir(parents=True, exist_ok=True)
+    (json_dir / "train_tiny.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    print(f"\nwrote {json_dir / 'train_tiny.json'} and {', '.join(map(str, pngs))} "
+          f"in {payload['seconds']} s")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
