@@ -175,8 +175,8 @@ def main() -> None:
     for row in rows:
         print(" | ".join(str(row.get(key, "-")) for key in header))
     for row in lens_rows:
-        print(f"lens order {row['order']}: emitted {row['emitted_s']} s, interpreter {row['interpreter_s']} s "
-              f"({row['speedup']}x), forward {row['forward_s']} s")
+        print(f"lens order {row['order']}: emitted {row['emitted_s']} s, interpreter "
+              f"{row['interpreter_s']} s ({row['speedup']}x), forward {row['forward_s']} s")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({

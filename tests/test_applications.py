@@ -112,7 +112,10 @@ def test_keyword_mass_and_bootstrap() -> None:
     keywords = [3, 17, 99]
     table = ngram_table(prog, "E→mlp1→U", top=5, keywords=keywords, progress=False)
     probs = full_table(prog, "E→mlp1→U").softmax(-1)
-    torch.testing.assert_close(table.keyword_mass, probs[:, keywords].sum(-1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(table.keyword_mass(), probs[:, keywords].sum(-1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(table.keyword_mass([17]), probs[:, 17], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="not in it: \\[5\\]"):
+        table.keyword_mass([5])
     mass = table.mass(samples=200)
     assert mass["low"] <= mass["mean"] <= mass["high"]
     ci = bootstrap_mean(torch.ones(50))

@@ -12,6 +12,7 @@ with per-token softmax weights fitted to the logits (Adam on the logit-space rem
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,8 @@ class LensResult:
     """One lens on one input.
 
     ``logits[s]`` is the lens's logits for centre s ([centres, batch, seq, vocab]); ``metrics``
-    maps each of :data:`METRICS` to a [centres, seq] tensor averaged over the batch: cosine to
+    (computed on first use) maps each of :data:`METRICS` to a [centres, seq] tensor averaged over
+    the batch: cosine to
     the true logits, KL(true ‖ lens), top-1 agreement, top-k overlap and the relative remainder
     ‖true − lens‖/‖true‖.
     """
@@ -41,15 +43,15 @@ class LensResult:
     logits: torch.Tensor
     true_logits: torch.Tensor
     k: int
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: torch.Tensor | None = None  # joint lens: fitted weights [centres, batch, seq, 1]
     fit_losses: list[float] = field(default_factory=list)
     centre_labels: list[str] = field(default_factory=list)  # joint lens: h_0 and the γ_ℓ
     centre_logits: torch.Tensor | None = None  # joint lens: each centre's weighted jet
 
-    def __post_init__(self) -> None:
-        if not self.metrics:
-            self.metrics = lens_metrics(self.logits, self.true_logits, self.k)
+    @functools.cached_property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Each of :data:`METRICS` per centre and position (computed on first use)."""
+        return lens_metrics(self.logits, self.true_logits, self.k)
 
     def top1(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, probabilities) of each centre's top-1 prediction, [centres, batch, seq]."""

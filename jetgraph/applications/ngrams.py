@@ -95,7 +95,8 @@ class NgramTable:
 
     ``top`` holds the global top-k as (logit, context row, next token); ``row_top`` the
     per-context top-k ids and logits; ``log_normaliser`` each row's logsumexp (so probabilities
-    are exp(logit − normaliser)); ``keyword_mass`` each row's probability on the keyword set.
+    are exp(logit − normaliser)); ``keyword_logits`` each row's logits at the keyword tokens, from
+    which :meth:`keyword_mass` gives the probability on the whole set or any subset.
     """
 
     path: str
@@ -106,8 +107,22 @@ class NgramTable:
     row_values: torch.Tensor | None = None
     row_index: torch.Tensor | None = None
     log_normaliser: torch.Tensor | None = None
-    keyword_mass: torch.Tensor | None = None
+    keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
     keywords: list[int] = field(default_factory=list)
+
+    def keyword_mass(self, subset: Sequence[int] | None = None) -> torch.Tensor:
+        """Each row's probability on the keywords (or on ``subset``, token ids among them)."""
+        if self.keyword_logits is None or self.log_normaliser is None:
+            raise ValueError("this table was built without keywords")
+        columns = slice(None)
+        if subset is not None:
+            position = {k: i for i, k in enumerate(self.keywords)}
+            missing = sorted(set(subset) - set(position))
+            if missing or not subset:
+                raise ValueError("subset must be a non-empty list of the table's keywords; "
+                                 f"not in it: {missing}")
+            columns = [position[k] for k in subset]
+        return torch.exp(torch.logsumexp(self.keyword_logits[:, columns], -1) - self.log_normaliser)
 
     def entries(self, tokenizer=None) -> list[dict]:
         """The global top-k as rows: rank, context, next token, logit, probability."""
@@ -142,11 +157,11 @@ class NgramTable:
                 writer.writerows(rows)
         return path
 
-    def mass(self, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-        """Mean probability mass on the keyword set over contexts, with a bootstrap interval."""
-        if self.keyword_mass is None:
-            raise ValueError("this table was built without keywords")
-        return bootstrap_mean(self.keyword_mass, samples, confidence, seed)
+    def mass(self, subset: Sequence[int] | None = None, samples: int = 1000, confidence: float = 0.95,
+             seed: int = 0) -> dict[str, float]:
+        """Mean probability mass on the keyword set (or a subset) over contexts, with a bootstrap
+        confidence interval."""
+        return bootstrap_mean(self.keyword_mass(subset), samples, confidence, seed)
 
 
 def bootstrap_mean(values: torch.Tensor, samples: int = 1000, confidence: float = 0.95,
@@ -255,7 +270,7 @@ class _State:
     row_values: list[torch.Tensor] = field(default_factory=list)
     row_index: list[torch.Tensor] = field(default_factory=list)
     normaliser: list[torch.Tensor] = field(default_factory=list)
-    mass: list[torch.Tensor] = field(default_factory=list)
+    mass: list[torch.Tensor] = field(default_factory=list)  # logits at the keywords, per chunk
 
     @classmethod
     def start(cls, name, contexts, top, row_top, normalise, keywords, chunk, resume) -> _State:
@@ -273,8 +288,7 @@ class _State:
 
     def add(self, logits: torch.Tensor, offset: int, keyword_index: torch.Tensor | None) -> None:
         vocab = logits.shape[-1]
-        k = min(self.top, logits.numel())
-        values, flat = logits.reshape(-1).topk(k)
+        values, flat = _chunk_top(logits, self.top, self.values[-1] if len(self.values) == self.top else None)
         values, flat = values.cpu(), flat.cpu() + offset * vocab
         merged_values = torch.cat([self.values, values])
         merged_index = torch.cat([self.index, flat])
@@ -288,8 +302,7 @@ class _State:
             normaliser = torch.logsumexp(logits.float(), -1)
             self.normaliser.append(normaliser.cpu())
             if keyword_index is not None:
-                selected = torch.logsumexp(logits.float().index_select(-1, keyword_index), -1)
-                self.mass.append(torch.exp(selected - normaliser).cpu())
+                self.mass.append(logits.float().index_select(-1, keyword_index).cpu())
 
     def save(self) -> None:
         if self.resume is None:
@@ -307,9 +320,30 @@ class _State:
             row_values=torch.cat(self.row_values) if self.row_values else None,
             row_index=torch.cat(self.row_index) if self.row_index else None,
             log_normaliser=torch.cat(self.normaliser) if self.normaliser else None,
-            keyword_mass=torch.cat(self.mass) if self.mass else None,
+            keyword_logits=torch.cat(self.mass) if self.mass else None,
             keywords=keywords,
         )
+
+
+def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's top entries (value, flat index), reading the big table only twice.
+
+    An entry among the chunk's ``top`` largest lies in one of the ``top`` rows with the largest
+    maxima (each row with a larger maximum holds a distinct larger entry), so one row-max pass
+    picks ≤ ``top`` candidate rows; rows whose maximum cannot beat the running threshold (the
+    current top-th value) are dropped before the exact top-k over the candidates.
+    """
+    row_max = logits.amax(-1)
+    rows = row_max.topk(min(top, row_max.numel())).indices
+    if threshold is not None:
+        rows = rows[row_max[rows] > threshold.to(row_max.device)]
+        if rows.numel() == 0:
+            return logits.new_empty(0), torch.empty(0, dtype=torch.long, device=logits.device)
+    candidates = logits.index_select(0, rows)
+    values, flat = candidates.reshape(-1).topk(min(top, candidates.numel()))
+    vocab = logits.shape[-1]
+    return values, rows[flat // vocab] * vocab + flat % vocab
 
 
 @torch.no_grad()
