@@ -117,7 +117,8 @@ def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, ra
 
 def lens(order: int, tokens: int, repeats: int, device: str) -> dict:
     model, tokenizer = jetgraph.load_model("smollm2")
-    text = "The quick brown fox jumps over the lazy dog because it wanted to see what"
+    text = ("The quick brown fox jumps over the lazy dog, and then it runs back into the forest to find "
+            "its friends")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
     prog = jetgraph.capture(model, ids)
     states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
