@@ -49,10 +49,10 @@ def model_section(name: str, source: str) -> tuple[list[str], dict]:
         record["lens"].append({"state": label, "cosine": cos, "top1": top1})
     keyword_sets = {name: keyword_ids(tokenizer, load_keywords(name)) for name in ("toxic", "refusal")}
     every_keyword = sorted(set().union(*keyword_sets.values()))
-    lines += ["", "### Top bigrams of attention-free paths (global top by logit, whole vocabulary)", ""]
+    lines += ["", "### Top bigrams of attention-free paths (global top by p(next | token), all tokens)", ""]
     mass_rows = []
     for spec in PATHS:
-        table = ngram_table(prog, spec, top=10, keywords=every_keyword, progress=False)
+        table = ngram_table(prog, spec, top=10, keywords=every_keyword, rank="prob", progress=False)
         entries = table.entries(tokenizer)
         shown = ", ".join(f"`{e['context']!r}→{e['next']!r}` ({e['prob']:.2f})" for e in entries[:8])
         lines.append(f"- **{table.path}**: {shown}")

@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         help='keyword list for probability masses: "toxic", "refusal" or a file')
     ngrams.add_argument("--first", type=int, default=None,
                         help="paths through attention: only tokens < N as the first context token")
+    ngrams.add_argument("--rank", choices=("prob", "logit"), default="prob",
+                        help="order the top-N by conditional probability (default) or by raw logit")
     ngrams.add_argument("--chunk", type=int, default=1024, help="contexts per batched call")
     ngrams.add_argument("--resume", type=Path, help="folder for checkpoints (an interrupted run continues)")
     ngrams.add_argument("--out", type=Path, default=Path("ngrams.csv"),
@@ -99,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--include", default=None, help="comma list of unit kinds or names to keep")
     emit.add_argument("--exclude", default=None, help='comma list of unit kinds or names to drop ("attn")')
     emit.add_argument("--max-length", type=int, default=1, help="units per path at most (default 1)")
+    emit.add_argument("--no-remainder", action="store_true",
+                      help="leave out the model's own forward (target, remainder) and its weights")
     emit.add_argument("--limit", type=int, default=5000,
                       help="refuse expansions with more terms than this (default 5000)")
     emit.set_defaults(run=_run_emit)
@@ -195,7 +199,7 @@ def _run_emit(args: argparse.Namespace) -> int:
             raise UsageError(f"{count} paths pass the filters, more than --limit {args.limit}: lower "
                              "--max-length, --exclude unit kinds, or raise --limit")
         expansion = paths.expansion()
-    path = jetgraph.emit_source(expansion, args.out, ids)
+    path = jetgraph.emit_source(expansion, args.out, ids, remainder=not args.no_remainder)
     weights = path.with_suffix(".safetensors")
     print(f"{expansion!r} of {prog.model_class}: {len(expansion)} terms for input_ids of shape "
           f"{tuple(ids.shape)}")
@@ -255,7 +259,7 @@ def _run_ngrams(args: argparse.Namespace) -> int:
             contexts = all_contexts(vocab, 2, first=range(min(args.first, vocab)))
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
         table = ngram_table(prog, term, contexts=contexts, top=args.top, keywords=keywords,
-                            normalise=True, chunk=args.chunk, resume=resume)
+                            normalise=True, rank=args.rank, chunk=args.chunk, resume=resume)
         out = args.out
         if len(args.paths) > 1:
             out = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")

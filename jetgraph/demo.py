@@ -58,7 +58,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 2048) -> int:
     keywords = keyword_ids(tokenizer, load_keywords("toxic"))
     found: list[str] = []
     for index, spec in enumerate(DEMO_PATHS):
-        table = ngram_table(prog, spec, top=100, keywords=keywords, chunk=chunk)
+        table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)
         path = table.export(out / f"bigrams_{index}.csv", tokenizer)
         top = table.entries(tokenizer)[:5]
         pairs = ", ".join(f"{e['context']!r}→{e['next']!r}" for e in top)
@@ -74,9 +74,11 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 2048) -> int:
     log.step(f"{_count(total)} paths at sublayer granularity; {selected.count()} attention-free paths of "
              "length <= 2 -> paths.svg (the 60 first)")
 
-    bigram_paths = jetgraph.expand_paths(view, exclude={"attn"}, max_length=1).expansion()
-    module = jetgraph.emit_source(bigram_paths, out / "bigram_paths.py", ids)
-    log.step(f"emitted {len(bigram_paths)} bigram paths as {module.name} (+ .safetensors)")
+    bigram_paths = jetgraph.expand_paths(view, include={"mlp"}, max_length=1).expansion()
+    module = jetgraph.emit_source(bigram_paths, out / "bigram_paths.py", ids, remainder=False)
+    size = module.with_suffix(".safetensors").stat().st_size / 1e6
+    log.step(f"emitted the {len(bigram_paths)} bigram paths E→U, E→mlp_i→U as {module.name} "
+             f"(+ {size:.0f} MB of weights)")
 
     summary = [
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",

@@ -107,6 +107,19 @@ def test_streamed_top_k_equals_the_full_table(path: str) -> None:
     assert streamed.contexts.shape[1] == (2 if "attn" in path else 1)
 
 
+def test_rank_by_probability() -> None:
+    _, prog = captured("gpt2")
+    log_probs = full_table(prog, "E→mlp0→U").log_softmax(-1)
+    table = ngram_table(prog, "E→mlp0→U", top=15, rank="prob", chunk=50, progress=False)
+    values, index = log_probs.flatten().topk(15)
+    torch.testing.assert_close(table.top_values, values)
+    assert table.top_index.tolist() == index.tolist()
+    first = table.entries()[0]
+    assert first["prob"] == pytest.approx(values[0].exp().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="rank must be"):
+        ngram_table(prog, "E→U", rank="count", progress=False)
+
+
 def test_keyword_mass_and_bootstrap() -> None:
     _, prog = captured("llama")
     keywords = [3, 17, 99]

@@ -102,6 +102,22 @@ def test_one_batched_call_per_unit() -> None:
     assert_matches_interpreter(expansion, ids, module)
 
 
+def test_without_remainder_only_the_paths_weights_remain() -> None:
+    _, prog = captured("gpt2")
+    ids = random_ids(1, 6)
+    expansion = jetgraph.expand_paths(prog.at("sublayer"), include={"mlp"}, max_length=1).expansion()
+    full, lean = emit(expansion, ids), emit(expansion, ids, remainder=False)
+    assert set(lean(ids)) == set(expansion_names(expansion))
+    assert not any("attn" in name for name, _ in lean.named_buffers())
+    assert sum(b.numel() for b in lean.buffers()) < sum(b.numel() for b in full.buffers())
+    for name in lean.term_names:
+        torch.testing.assert_close(lean(ids)[name], full(ids)[name])
+
+
+def expansion_names(expansion: jetgraph.Expansion) -> list[str]:
+    return [t.name for t in expansion.terms]
+
+
 def test_fusion_is_exact_to_rounding() -> None:
     _, prog = captured("gpt2")
     ids = random_ids(2, 6, seed=7)

@@ -109,6 +109,7 @@ class NgramTable:
     log_normaliser: torch.Tensor | None = None
     keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
     keywords: list[int] = field(default_factory=list)
+    rank: str = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
 
     def keyword_mass(self, subset: Sequence[int] | None = None) -> torch.Tensor:
         """Each row's probability on the keywords (or on ``subset``, token ids among them)."""
@@ -125,16 +126,18 @@ class NgramTable:
         return torch.exp(torch.logsumexp(self.keyword_logits[:, columns], -1) - self.log_normaliser)
 
     def entries(self, tokenizer=None) -> list[dict]:
-        """The global top-k as rows: rank, context, next token, logit, probability."""
+        """The global top-k as rows: rank, context, next token, logit, probability (when the row
+        normalisers were kept)."""
         rows = []
         for rank, (value, flat) in enumerate(zip(self.top_values.tolist(), self.top_index.tolist(),
                                                  strict=True), start=1):
             row, token = divmod(int(flat), self.vocab)
             context = self.contexts[row].tolist()
+            logit = value + float(self.log_normaliser[row]) if self.rank == "prob" else value
             entry = {"rank": rank, "context_ids": " ".join(map(str, context)), "next_id": token,
-                     "logit": round(value, 5)}
+                     "logit": round(logit, 5)}
             if self.log_normaliser is not None:
-                entry["prob"] = round(float(torch.exp(value - self.log_normaliser[row])), 6)
+                entry["prob"] = round(float(torch.exp(logit - self.log_normaliser[row])), 6)
             if tokenizer is not None:
                 entry["context"] = tokenizer.decode(context)
                 entry["next"] = tokenizer.decode([token])
@@ -198,17 +201,21 @@ def ngram_table(
     row_top: int = 0,
     keywords: Sequence[int] | None = None,
     normalise: bool = False,
+    rank: str = "logit",
     chunk: int = 1024,
     resume: str | Path | None = None,
     progress: bool = True,
 ) -> NgramTable:
     """Evaluate one path on every context (default: every token, or every token pair for paths
-    through attention) in chunks, keeping the global top-``top`` by logit.
+    through attention) in chunks, keeping the global top-``top``.
 
     ``row_top``: also keep each row's top tokens. ``keywords``: token ids whose probability mass
     each row puts on them is recorded (implies ``normalise``). ``normalise``: record each row's
-    logsumexp, so probabilities can be reported. ``resume``: a checkpoint file written after every
-    chunk; an interrupted call with the same arguments continues from it.
+    logsumexp, so probabilities can be reported. ``rank``: order the global top-k by ``"logit"``
+    (the paper's tables; one pass less) or by conditional probability ``"prob"`` (implies
+    ``normalise``; a next token that is large in every row no longer fills the table).
+    ``resume``: a checkpoint file written after every chunk; an interrupted call with the same
+    arguments continues from it.
     """
     term = path_term(prog, path, order)
     view = prog.at("sublayer")
@@ -231,9 +238,12 @@ def ngram_table(
         normalise = True
     if top < 1 or chunk < 1:
         raise ValueError("top and chunk must be >= 1")
+    if rank not in ("logit", "prob"):
+        raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
+    normalise = normalise or rank == "prob"
     schedule = plan(Expansion(view, len(view.units), [term], "logits", term.depth))
     device = view.decoder.unembedding.device
-    state = _State.start(term.name, contexts, top, row_top, normalise, keywords, chunk, resume)
+    state = _State.start(term.name, contexts, top, row_top, normalise, keywords, chunk, resume, rank)
     rows = contexts.shape[0]
     bar = tqdm(total=rows, initial=state.done, unit="ctx", desc=f"n-grams {term.name}", disable=not progress,
                leave=False)
@@ -247,6 +257,7 @@ def ngram_table(
         bar.update(end - start)
     bar.close()
     return state.table(term.name, contexts, vocab, keywords or [])
+
 
 
 def _evaluate(schedule: Schedule, ids: torch.Tensor) -> torch.Tensor:
@@ -264,6 +275,7 @@ class _State:
     row_top: int
     normalise: bool
     resume: Path | None
+    rank: str = "logit"
     done: int = 0
     values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
@@ -273,11 +285,11 @@ class _State:
     mass: list[torch.Tensor] = field(default_factory=list)  # logits at the keywords, per chunk
 
     @classmethod
-    def start(cls, name, contexts, top, row_top, normalise, keywords, chunk, resume) -> _State:
+    def start(cls, name, contexts, top, row_top, normalise, keywords, chunk, resume, rank) -> _State:
         digest = hashlib.sha256()
-        digest.update(json.dumps([name, top, row_top, normalise, keywords, chunk]).encode())
+        digest.update(json.dumps([name, top, row_top, normalise, keywords, chunk, rank]).encode())
         digest.update(contexts.numpy().tobytes())
-        state = cls(digest.hexdigest(), top, row_top, normalise, Path(resume) if resume else None)
+        state = cls(digest.hexdigest(), top, row_top, normalise, Path(resume) if resume else None, rank)
         if state.resume is not None and state.resume.is_file():
             saved = torch.load(state.resume, weights_only=False)
             if saved.get("key") != state.key:
@@ -288,7 +300,9 @@ class _State:
 
     def add(self, logits: torch.Tensor, offset: int, keyword_index: torch.Tensor | None) -> None:
         vocab = logits.shape[-1]
-        values, flat = _chunk_top(logits, self.top, self.values[-1] if len(self.values) == self.top else None)
+        normaliser = torch.logsumexp(logits.float(), -1) if self.normalise else None
+        threshold = self.values[-1] if len(self.values) == self.top else None
+        values, flat = _chunk_top(logits, self.top, threshold, normaliser if self.rank == "prob" else None)
         values, flat = values.cpu(), flat.cpu() + offset * vocab
         merged_values = torch.cat([self.values, values])
         merged_index = torch.cat([self.index, flat])
@@ -298,8 +312,7 @@ class _State:
             v, i = logits.topk(min(self.row_top, vocab), -1)
             self.row_values.append(v.cpu())
             self.row_index.append(i.cpu())
-        if self.normalise:
-            normaliser = torch.logsumexp(logits.float(), -1)
+        if normaliser is not None:
             self.normaliser.append(normaliser.cpu())
             if keyword_index is not None:
                 self.mass.append(logits.float().index_select(-1, keyword_index).cpu())
@@ -322,25 +335,29 @@ class _State:
             log_normaliser=torch.cat(self.normaliser) if self.normaliser else None,
             keyword_logits=torch.cat(self.mass) if self.mass else None,
             keywords=keywords,
+            rank=self.rank,
         )
 
 
-def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None,
+               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunk's top entries (value, flat index), reading the big table only twice.
 
     An entry among the chunk's ``top`` largest lies in one of the ``top`` rows with the largest
     maxima (each row with a larger maximum holds a distinct larger entry), so one row-max pass
     picks ≤ ``top`` candidate rows; rows whose maximum cannot beat the running threshold (the
-    current top-th value) are dropped before the exact top-k over the candidates.
+    current top-th value) are dropped before the exact top-k over the candidates. ``shift``
+    (per row) ranks logits − shift instead: log-probabilities when it is the row's logsumexp.
     """
-    row_max = logits.amax(-1)
+    row_max = logits.amax(-1) if shift is None else logits.amax(-1) - shift
     rows = row_max.topk(min(top, row_max.numel())).indices
     if threshold is not None:
         rows = rows[row_max[rows] > threshold.to(row_max.device)]
         if rows.numel() == 0:
             return logits.new_empty(0), torch.empty(0, dtype=torch.long, device=logits.device)
     candidates = logits.index_select(0, rows)
+    if shift is not None:
+        candidates = candidates - shift[rows, None]
     values, flat = candidates.reshape(-1).topk(min(top, candidates.numel()))
     vocab = logits.shape[-1]
     return values, rows[flat // vocab] * vocab + flat % vocab

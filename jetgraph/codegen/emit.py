@@ -38,14 +38,16 @@ def check_input(input_ids: torch.Tensor, shape: tuple[int, int]) -> None:
 
 
 def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
-         fuse_ops: bool = True) -> fx.GraphModule:
+         fuse_ops: bool = True, remainder: bool = True) -> fx.GraphModule:
     """Lower ``expansion`` to one FX GraphModule ``forward(input_ids) -> dict``.
 
     The dict maps every term's path name to its tensor, plus ``"target"`` (the model's stream
     state or logits) and ``"remainder"`` (target − Σ terms). The code is specialised to the shape
     of ``input_ids`` (default: the program's capture example); ``gm.to(device)`` moves it.
     ``fuse_ops`` puts fused kernels back where the code runs decomposed LayerNorm or tanh-GELU
-    forward (:mod:`jetgraph.codegen.fuse`); ``gm.fused`` counts them.
+    forward (:mod:`jetgraph.codegen.fuse`); ``gm.fused`` counts them. ``remainder=False`` drops
+    ``"target"`` and ``"remainder"`` and, where no jet needs it, the model's own forward (and its
+    weights): order-0 paths then carry only the weights on the paths.
     """
     if not isinstance(expansion, Expansion):
         raise TypeError(f"emit takes an Expansion (jetgraph.expand or expand_paths(...).expansion()), "
@@ -64,10 +66,11 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
         marks.append((next(iter(reversed(graph.nodes)), None), step))
 
     def forward(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs, target, remainder = BatchedRun(schedule, input_ids).run(on_step=mark)
+        outputs, target, rest = BatchedRun(schedule, input_ids).run(on_step=mark, remainder=remainder)
         result = {name: outputs[i] for i, name in enumerate(names)}
-        result["target"] = target
-        result["remainder"] = remainder
+        if remainder:
+            result["target"] = target
+            result["remainder"] = rest
         return result
 
     clear_tensor_caches()  # index tables are then created inside the trace, every time
@@ -85,6 +88,7 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     module.recompile()
     module.term_names = tuple(names)
     module.input_shape = tuple(ids.shape)
+    module.has_remainder = remainder
     module.schedule_summary = describe(schedule)
     return module
 

@@ -27,19 +27,20 @@ class CodegenError(JetgraphError):
 
 
 def emit_source(expansion: Expansion, path: str | Path, input_ids: torch.Tensor | None = None, *,
-                fuse_ops: bool = True) -> Path:
+                fuse_ops: bool = True, remainder: bool = True) -> Path:
     """Write ``expansion`` as ``path`` (a .py module) and its weights as ``path`` with the
     suffix ``.safetensors``; returns the module's path.
 
     ``import`` the module and call ``load(device)``; the model maps ``input_ids`` of the shape it
-    was emitted for to a dict of term tensors plus ``"target"`` and ``"remainder"``.
+    was emitted for to a dict of term tensors plus ``"target"`` and ``"remainder"`` (unless
+    ``remainder=False``, see :func:`jetgraph.emit`).
     """
     path = Path(path)
     if path.suffix != ".py":
         raise ValueError(f"emit_source writes a .py module, got {path.name!r}")
     if not path.stem.isidentifier():
         raise ValueError(f"{path.name!r} cannot be imported: the file name must be a Python identifier")
-    module = emit(expansion, input_ids, fuse_ops=fuse_ops)
+    module = emit(expansion, input_ids, fuse_ops=fuse_ops, remainder=remainder)
     weights = _weights(module)
     source = render(module, expansion, weights_file=path.with_suffix(".safetensors").name)
     payload = _serialise(weights)  # everything is built before anything is written
@@ -74,7 +75,8 @@ def render(module: fx.GraphModule, expansion: Expansion, weights_file: str) -> s
     output = next(n for n in graph.nodes if n.op == "output")
     result = output.args[0]
     lines.append("")
-    lines.append("# ── outputs: one tensor per term, the model's own value and the remainder")
+    lines.append("# ── outputs: one tensor per term" + (", the model's own value and the remainder"
+                                                       if module.has_remainder else ""))
     lines.append("return {")
     for name, value in result.items():
         lines.append(f"    {name!r}: {_expr(value)},")
