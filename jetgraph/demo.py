@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_PATHS = ("E→U", "E→MLP_last→U")
+DEMO_PATHS = ("E→U", "E→mlp0→U", "E→MLP_last→U")
 
 
 class _Log:
@@ -74,11 +74,13 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 2048) -> int:
     log.step(f"{_count(total)} paths at sublayer granularity; {selected.count()} attention-free paths of "
              "length <= 2 -> paths.svg (the 60 first)")
 
-    bigram_paths = jetgraph.expand_paths(view, include={"mlp"}, max_length=1).expansion()
+    mlps = [u.name for u in view.units if u.kind == "mlp"]
+    chosen = {mlps[0], mlps[-1]}
+    bigram_paths = jetgraph.expand_paths(view, include=chosen, max_length=1).expansion()
     module = jetgraph.emit_source(bigram_paths, out / "bigram_paths.py", ids, remainder=False)
     size = module.with_suffix(".safetensors").stat().st_size / 1e6
-    log.step(f"emitted the {len(bigram_paths)} bigram paths E→U, E→mlp_i→U as {module.name} "
-             f"(+ {size:.0f} MB of weights)")
+    names = ", ".join(t.name for t in bigram_paths.terms)
+    log.step(f"emitted the bigram paths {names} as {module.name} (+ {size:.0f} MB of weights)")
 
     summary = [
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",
@@ -86,8 +88,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 2048) -> int:
         f"- lens: cosine to the logits at {results[0].labels[middle]}: "
         + ", ".join(f"order {k} {cos[k]:.3f}" for k in range(3)),
         *(f"- {line}" for line in found),
-        f"- paths: {_count(total)} in total; the {len(bigram_paths)} attention-free single-MLP paths emitted "
-        f"as {module.name}",
+        f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
         f"- outputs in {out}/: program.txt/svg, lens.png, lens_order1.csv, bigrams_*.csv, paths.svg, "
         f"{module.name}",
         f"- total {time.perf_counter() - log.start:.0f} s",

@@ -116,3 +116,14 @@ def test_mismatched_tokenizer_and_long_text(capsys) -> None:
     assert "do not belong together" in capsys.readouterr().err
     assert main(["lens", str(path), "once upon a time " * 400]) == 1
     assert "the model's context holds" in capsys.readouterr().err
+
+
+def test_demo_writes_every_output(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(path), "--text", "Once upon a time", "--out", str(out)]) == 0
+    expected = {"program.txt", "program.svg", "lens.png", "lens_order1.csv", "bigrams_0.csv", "bigrams_1.csv",
+                "bigrams_2.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt"}
+    assert expected <= {p.name for p in out.iterdir()}
+    printed = capsys.readouterr().out
+    assert "toxic-word mass" in printed and "logits reproduced to" in printed
