@@ -265,7 +265,7 @@ class ResidualProgram:
         self, input_ids: torch.Tensor, keep: str
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Execute leaf units in the model's own addition order, keeping states of one view."""
-        input_ids = _as_ids(input_ids)
+        input_ids = as_input_ids(input_ids)
         side = self.side(input_ids)
         h = self.encoder(input_ids)
         states = [h]
@@ -362,7 +362,8 @@ class ResidualProgram:
         )
 
 
-def _as_ids(input_ids: torch.Tensor) -> torch.Tensor:
+def as_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """Validate token ids: an integer tensor [batch, seq] (or [seq]) as int64 [batch, seq]."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"input_ids must be an integer tensor of shape [batch, seq], got {type(input_ids).__name__}"
@@ -383,4 +384,5 @@ __all__ = [
     "ResidualUnit",
     "SideInputs",
     "StreamFunction",
+    "as_input_ids",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from jetgraph.codegen import BatchedRun, plan
-from jetgraph.ir import ResidualProgram, _as_ids
+from jetgraph.ir import ResidualProgram, as_input_ids
 from jetgraph.passes.expand import Expansion, expand, stream_term
 
 METRICS = ("cosine", "kl", "top1", "topk", "remainder")
@@ -104,7 +104,7 @@ def iterative_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 
     """
     if not isinstance(order, int) or order < 0:
         raise ValueError(f"order must be a non-negative int, got {order!r}")
-    ids = _as_ids(input_ids)
+    ids = as_input_ids(input_ids)
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
     states = [stream_term(view, i) for i in range(len(view.units) + 1)]
     expansion = expand(view, "decoder", states, order=order, weights="unit")
@@ -129,7 +129,7 @@ def joint_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 0, k
                steps: int = 100, lr: float = 1e-2) -> LensResult:
     """The decoder expanded jointly around h_0 and the units' contributions, with per-token softmax
     weights fitted on ``input_ids``; ``logits[i]`` is centre i's weighted jet, their sum the lens."""
-    ids = _as_ids(input_ids)
+    ids = as_input_ids(input_ids)
     centres = contribution_centres(prog)
     with torch.enable_grad():
         expansion = expand(prog, "decoder", centres, order=order, weights="fit", fit_on=ids,

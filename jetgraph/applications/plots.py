@@ -48,12 +48,16 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
                      fontsize=8)
     fig.colorbar(image, ax=axes[:-1], fraction=0.02, pad=0.01)
     curve = axes[-1]
+    lowest = 0.0
     for result in results:
         cosine = result.metrics["cosine"].mean(-1).numpy()
+        lowest = min(lowest, float(cosine.min()))
         curve.plot(range(len(cosine)), cosine, marker="o", markersize=3, label=f"order {result.order}")
     curve.set_xlabel("stream state h_ℓ")
+    curve.yaxis.tick_right()
+    curve.yaxis.set_label_position("right")
     curve.set_ylabel("cosine to the model's logits")
-    curve.set_ylim(-0.05, 1.02)
+    curve.set_ylim(lowest - 0.05, 1.02)
     curve.grid(alpha=0.3)
     curve.legend(fontsize=7)
     curve.set_title("lens faithfulness by layer", fontsize=8)

@@ -21,7 +21,7 @@ from jetgraph.capture.export import strip_wrapper
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
 from jetgraph.codegen.schedule import Schedule, Step, plan
-from jetgraph.ir import ResidualProgram
+from jetgraph.ir import ResidualProgram, as_input_ids
 from jetgraph.passes.expand import Expansion
 from jetgraph.taylor.basis import clear_tensor_caches
 
@@ -102,13 +102,7 @@ def _example_ids(prog: ResidualProgram, input_ids: torch.Tensor | None) -> torch
     ids = input_ids if input_ids is not None else prog.example_input_ids
     if ids is None:
         raise ValueError("give input_ids: the program has no capture example to specialise the code to")
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be an integer tensor [batch, seq], got {type(ids).__name__}")
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(ids.shape)}")
-    return ids.long()
+    return as_input_ids(ids)
 
 
 def _label_steps(graph: fx.Graph, marks: list[tuple[fx.Node | None, Step]]) -> None:
