@@ -86,3 +86,30 @@ def test_load_model_errors(tmp_path) -> None:
         jetgraph.load_model("no-such-model")
     with pytest.raises(jetgraph.ModelLoadError, match=r"without config\.json"):
         jetgraph.load_model(str(tmp_path))
+
+
+def test_smollm2_lens_bigrams_and_emitted_lens() -> None:
+    """The applications on the real model: the order-0 lens is norm + U by hand, the emitted
+    order-1 lens equals the interpreter, and a streamed bigram table equals the full one."""
+    require_smollm2()
+    from jetgraph.applications import full_table, iterative_lens, ngram_table
+
+    model, tokenizer = _loaded("smollm2")
+    ids = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False).input_ids
+    prog = jetgraph.capture(model, ids)
+    states = prog.stream(ids)
+    lens0 = iterative_lens(prog, ids, order=0)
+    for i in (0, 15, 30):
+        by_hand = prog.decoder.norm(states[i]) @ prog.decoder.unembedding.T
+        torch.testing.assert_close(lens0.logits[i], by_hand, rtol=1e-5, atol=1e-4)
+    lens1 = jetgraph.expand(prog, "decoder", [jetgraph.stream_term(prog, i) for i in (0, 15)], order=1,
+                            weights="unit")
+    emitted = jetgraph.emit(lens1, ids)(ids)
+    reference = lens1.evaluate(ids).terms
+    scale = max(v.abs().max().item() for v in reference.values())  # as in tests/test_codegen.py
+    for name, value in reference.items():
+        assert (emitted[name] - value).abs().max().item() <= 1e-5 * scale, name
+    contexts = torch.arange(300).unsqueeze(1)
+    table = ngram_table(prog, "E→mlp0→U", contexts=contexts, top=10, chunk=128, progress=False)
+    full = full_table(prog, "E→mlp0→U", contexts=contexts)
+    assert table.top_index.tolist() == full.flatten().topk(10).indices.tolist()
