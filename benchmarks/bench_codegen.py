@@ -8,6 +8,7 @@
    - interpreter: ``Expansion.evaluate`` (2^L − 1 applications one at a time, shared prefixes once),
    - term by term: every path evaluated on its own from h_0, as the paper's code does
      (L·2^(L−1) applications; sampled and extrapolated where that takes minutes),
+   - compiled: the same emitted GraphModule through ``torch.compile`` (inductor),
    - FLOP floor: (2^L − 1) × the block's FLOPs (torch's FlopCounterMode) at the matmul rate
      measured in the same run.
 2. The order-1 iterative lens over all SmolLM2 layers (one decoder jet per stream state h_0..h_L,
@@ -62,7 +63,7 @@ def matmul_rate(device: str, repeats: int = 5) -> float:
 
 
 def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, rate: float,
-               interpreter: bool) -> dict:
+               interpreter: bool, compile_too: bool) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -110,6 +111,15 @@ def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, ra
         emitted_s = min(emitted_s, best_of(lambda: terms_only(ids_d), repeats, device))
         row["emitted_s"] = round(emitted_s, 4)
         row["emitted_over_floor"] = round(emitted_s / floor_s, 2)
+        if compile_too:  # the same emitted GraphModule through torch.compile (inductor)
+            compiled = torch.compile(terms_only)
+            start = time.perf_counter()
+            compiled(ids_d)
+            row["compile_s"] = round(time.perf_counter() - start, 1)
+            compiled_s = best_of(lambda: compiled(ids_d), repeats, device)
+            row.update({"compiled_s": round(compiled_s, 4),
+                        "compiled_over_floor": round(compiled_s / floor_s, 2),
+                        "compiled_speedup_vs_term_by_term": round(term_s / compiled_s, 1)})
         row.update({"term_by_term_s": round(term_s, 3),
                     "term_by_term_sampled": f"{len(chosen)}/{len(subsets)} paths",
                     "speedup_vs_term_by_term": round(term_s / emitted_s, 1)})
@@ -164,6 +174,7 @@ def main() -> None:
     parser.add_argument("--no-interpreter-above", type=int, default=12,
                         help="skip the interpreter baseline above this many layers")
     parser.add_argument("--skip-lens", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rate = max(matmul_rate(args.device), matmul_rate(args.device))  # best of two 5-run measurements
@@ -171,7 +182,7 @@ def main() -> None:
     rows = []
     for layers in args.layers:
         row = exhaustive(layers, args.seq, args.repeats, args.sample, args.device, rate,
-                         layers <= args.no_interpreter_above)
+                         layers <= args.no_interpreter_above, not args.no_compile)
         rows.append(row)
         print(json.dumps(row))
     lens_rows = []
@@ -179,8 +190,9 @@ def main() -> None:
         for order in (0, 1):
             lens_rows.append(lens(order, 16, args.repeats, args.device))
             print(json.dumps(lens_rows[-1]))
-    header = ("layers", "terms", "emitted_s", "with_remainder_s", "floor_s", "emitted_over_floor",
-              "term_by_term_s", "speedup_vs_term_by_term", "interpreter_s", "speedup_vs_interpreter")
+    header = ("layers", "terms", "emitted_s", "with_remainder_s", "compiled_s", "floor_s", "emitted_over_floor",
+              "term_by_term_s", "speedup_vs_term_by_term", "compiled_speedup_vs_term_by_term", "interpreter_s",
+              "speedup_vs_interpreter")
     print("\n" + " | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(key, "-")) for key in header))
