@@ -190,9 +190,9 @@ def main() -> None:
         for order in (0, 1):
             lens_rows.append(lens(order, 16, args.repeats, args.device))
             print(json.dumps(lens_rows[-1]))
-    header = ("layers", "terms", "emitted_s", "with_remainder_s", "compiled_s", "floor_s", "emitted_over_floor",
-              "term_by_term_s", "speedup_vs_term_by_term", "compiled_speedup_vs_term_by_term", "interpreter_s",
-              "speedup_vs_interpreter")
+    header = ("layers", "terms", "emitted_s", "with_remainder_s", "compiled_s", "floor_s",
+              "emitted_over_floor", "term_by_term_s", "speedup_vs_term_by_term",
+              "compiled_speedup_vs_term_by_term", "interpreter_s", "speedup_vs_interpreter")
     print("\n" + " | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(key, "-")) for key in header))
