@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2")
     demo.add_argument("--text", default=DEFAULT_TEXT)
     demo.add_argument("--out", type=Path, default=Path("jetgraph-demo"), help="output folder")
-    demo.add_argument("--chunk", type=int, default=2048, help="vocabulary rows per batched call")
+    demo.add_argument("--chunk", type=int, default=1024, help="vocabulary rows per batched call")
     demo.set_defaults(run=_run_demo)
     return parser
 

@@ -27,7 +27,7 @@ class _Log:
 
 
 @torch.no_grad()
-def run_demo(model_name: str, text: str, out: Path, chunk: int = 2048) -> int:
+def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     import jetgraph
     from jetgraph.applications import iterative_lens, keyword_ids, load_keywords, ngram_table
     from jetgraph.applications.plots import plot_lens

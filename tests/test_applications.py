@@ -239,3 +239,12 @@ def test_keyword_lists() -> None:
     assert keyword_ids(Tokenizer(), ["ab", "abc"]) == [2, 3, 4]
     with pytest.raises(ValueError, match="empty"):
         keyword_ids(Tokenizer(), [" ", ""])
+
+
+def test_fast_log_normaliser_matches_float64_on_wide_rows() -> None:
+    from jetgraph.applications.ngrams import _log_normaliser
+
+    logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * 40  # spreads of hundreds
+    exact = torch.logsumexp(logits.double(), -1)
+    fast = _log_normaliser(logits, logits.amax(-1))
+    assert (fast.double() - exact).abs().max().item() < 1e-5
