@@ -62,6 +62,20 @@ def matmul_rate(device: str, repeats: int = 5) -> float:
     return 2 * 8192 * 768 * 3072 / seconds
 
 
+def emit_timed(expansion: jetgraph.Expansion, ids: torch.Tensor, device: str,
+               **options: bool) -> tuple[torch.fx.GraphModule, float]:
+    """The emitted module on ``device`` and the seconds its trace took."""
+    start = time.perf_counter()
+    module = jetgraph.emit(expansion, ids, **options)
+    return module.to(device), time.perf_counter() - start
+
+
+def relative_error(out: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Largest term difference, relative to the largest reference term (as in the tests)."""
+    scale = max(v.abs().max().item() for v in reference.values())
+    return max((out[name] - value).abs().max().item() for name, value in reference.items()) / scale
+
+
 def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, rate: float,
                interpreter: bool, compile_too: bool) -> dict:
     import transformers
@@ -71,13 +85,9 @@ def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, ra
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     prog = jetgraph.capture(model, ids)
     expansion = jetgraph.expand_stream(prog, centers=[jetgraph.stream_term(prog, 0)], weights="unit")
-    start = time.perf_counter()
-    module = jetgraph.emit(expansion, ids)
-    emit_s = time.perf_counter() - start
-    terms_only = jetgraph.emit(expansion, ids, remainder=False)  # what the baselines compute
+    module, emit_s = emit_timed(expansion, ids, device)
+    terms_only, _ = emit_timed(expansion, ids, device, remainder=False)  # what the baselines compute
     prog.to(device)
-    module.to(device)
-    terms_only.to(device)
     ids_d = ids.to(device)
     with torch.no_grad():
         out = module(ids_d)
@@ -128,9 +138,7 @@ def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, ra
             reference = expansion.evaluate(ids_d)
             row["interpreter_s"] = round(time.perf_counter() - start, 3)
             row["speedup_vs_interpreter"] = round(row["interpreter_s"] / emitted_s, 1)
-            scale = max(v.abs().max().item() for v in reference.terms.values())
-            row["max_error_vs_interpreter"] = max(
-                (out[name] - value).abs().max().item() for name, value in reference.terms.items()) / scale
+            row["max_error_vs_interpreter"] = relative_error(out, reference.terms)
     return row
 
 
@@ -142,11 +150,8 @@ def lens(order: int, tokens: int, repeats: int, device: str) -> dict:
     prog = jetgraph.capture(model, ids)
     states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
     expansion = jetgraph.expand(prog, "decoder", states, order=order, weights="unit")
-    start = time.perf_counter()
-    module = jetgraph.emit(expansion, ids)
-    emit_s = time.perf_counter() - start
+    module, emit_s = emit_timed(expansion, ids, device)
     prog.to(device)
-    module.to(device)
     ids_d = ids.to(device)
     with torch.no_grad():
         out = module(ids_d)
@@ -154,8 +159,7 @@ def lens(order: int, tokens: int, repeats: int, device: str) -> dict:
         interpreter_s = best_of(lambda: expansion.evaluate(ids_d), repeats, device)
         forward_s = best_of(lambda: prog(ids_d), repeats, device)
         reference = expansion.evaluate(ids_d)
-    scale = max(v.abs().max().item() for v in reference.terms.values())
-    error = max((out[n] - v).abs().max().item() for n, v in reference.terms.items()) / scale
+    error = relative_error(out, reference.terms)
     return {"model": "SmolLM2-135M", "order": order, "tokens": int(ids.shape[1]),
             "centres": len(states), "terms": len(expansion), "emit_trace_s": round(emit_s, 2),
             "emitted_s": round(emitted_s, 4), "interpreter_s": round(interpreter_s, 4),

@@ -69,8 +69,12 @@ class SideInputs:
         values = self.graph_module(input_ids)
         return dict(zip(self.names, values, strict=True))
 
-    def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids."""
+    def for_shape(self, batch: int, seq: int, device: torch.device,
+                  cache: bool = True) -> dict[str, torch.Tensor]:
+        """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids.
+
+        ``cache=False`` for code being traced: a cached tensor would leak out of the trace.
+        """
         if not self.names:
             return {}
         if not self.positions_only:
@@ -80,9 +84,11 @@ class SideInputs:
             )
         key = (batch, seq, str(device))
         if key not in self._cache:
-            ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+            values = self(torch.zeros(batch, seq, dtype=torch.long, device=device))
+            if not cache:
+                return values
             self._cache.clear()
-            self._cache[key] = self(ids)
+            self._cache[key] = values
         return self._cache[key]
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.ir import ResidualProgram
-from jetgraph.passes.expand import Expansion, Term, source_terms, step_label
+from jetgraph.passes.expand import Expansion, Term, source_terms
 
 ALIASES = {"e": "embed.token", "embed": "embed.token", "u": "unembed", "unembed": "unembed"}
 
@@ -72,10 +72,8 @@ def path_term(prog: ResidualProgram, spec: str | Term, order: int | None = None)
         if units[unit].index <= previous:
             raise ValueError(f"path {spec!r}: units must appear in model order")
         previous = units[unit].index
-        term = Term("jet", (*term.path, step_label(unit, j)), unit=unit, center=term, order=j, depth=depth)
-    j = parsed[-1][1]
-    return Term("jet", (*term.path, step_label("unembed", j)), unit="unembed", center=term, order=j,
-                depth=depth, space="logits")
+        term = term.then(unit, j, depth)
+    return term.then("unembed", parsed[-1][1], depth, space="logits")
 
 
 def context_length(term: Term) -> int:
@@ -241,7 +239,7 @@ def ngram_table(
     if rank not in ("logit", "prob"):
         raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
     normalise = normalise or rank == "prob"
-    schedule = plan(Expansion(view, len(view.units), [term], "logits", term.depth))
+    schedule = _schedule(view, term)
     device = view.decoder.unembedding.device
     state = _State.start(term.name, contexts, top, row_top, normalise, keywords, chunk, resume, rank)
     rows = contexts.shape[0]
@@ -258,6 +256,11 @@ def ngram_table(
     bar.close()
     return state.table(term.name, contexts, vocab, keywords or [])
 
+
+
+def _schedule(view: ResidualProgram, term: Term) -> Schedule:
+    """The batched plan of one logit-space path term."""
+    return plan(Expansion(view, len(view.units), [term], "logits", term.depth))
 
 
 def _evaluate(schedule: Schedule, ids: torch.Tensor) -> torch.Tensor:
@@ -282,7 +285,7 @@ class _State:
     row_values: list[torch.Tensor] = field(default_factory=list)
     row_index: list[torch.Tensor] = field(default_factory=list)
     normaliser: list[torch.Tensor] = field(default_factory=list)
-    mass: list[torch.Tensor] = field(default_factory=list)  # logits at the keywords, per chunk
+    keyword_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk
 
     @classmethod
     def start(cls, name, contexts, top, row_top, normalise, keywords, chunk, resume, rank) -> _State:
@@ -317,7 +320,7 @@ class _State:
         if normaliser is not None:
             self.normaliser.append(normaliser.cpu())
             if keyword_index is not None:
-                self.mass.append(logits.float().index_select(-1, keyword_index).cpu())
+                self.keyword_logits.append(logits.float().index_select(-1, keyword_index).cpu())
 
     def save(self) -> None:
         if self.resume is None:
@@ -335,7 +338,7 @@ class _State:
             row_values=torch.cat(self.row_values) if self.row_values else None,
             row_index=torch.cat(self.row_index) if self.row_index else None,
             log_normaliser=torch.cat(self.normaliser) if self.normaliser else None,
-            keyword_logits=torch.cat(self.mass) if self.mass else None,
+            keyword_logits=torch.cat(self.keyword_logits) if self.keyword_logits else None,
             keywords=keywords,
             rank=self.rank,
         )
@@ -353,8 +356,7 @@ def _log_normaliser(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor
 
 
 def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None,
-               shift: torch.Tensor | None = None, row_max: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               shift: torch.Tensor | None, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunk's top entries (value, flat index), reading the big table only twice.
 
     An entry among the chunk's ``top`` largest lies in one of the ``top`` rows with the largest
@@ -363,7 +365,6 @@ def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None,
     current top-th value) are dropped before the exact top-k over the candidates. ``shift``
     (per row) ranks logits − shift instead: log-probabilities when it is the row's logsumexp.
     """
-    row_max = logits.amax(-1) if row_max is None else row_max
     if shift is not None:
         row_max = row_max - shift
     rows = row_max.topk(min(top, row_max.numel())).indices
@@ -390,7 +391,7 @@ def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor |
     if contexts.shape[0] * vocab > max_entries:
         raise ValueError(f"the full table has {contexts.shape[0] * vocab:,} entries, more than max_entries "
                          f"{max_entries:,}: stream it with ngram_table instead")
-    schedule = plan(Expansion(view, len(view.units), [term], "logits", term.depth))
+    schedule = _schedule(view, term)
     device = view.decoder.unembedding.device
     parts = [_evaluate(schedule, contexts[i:i + chunk].to(device)).cpu()
              for i in range(0, contexts.shape[0], chunk)]
@@ -447,8 +448,7 @@ def diff_tables(prog_a: ResidualProgram, prog_b: ResidualProgram, path: str, top
     vocab = int(va.shape[0])
     contexts = all_contexts(vocab, context_length(term_a)) if contexts is None else torch.as_tensor(contexts)
     views = prog_a.at("sublayer"), prog_b.at("sublayer")
-    schedules = [plan(Expansion(v, len(v.units), [t], "logits", t.depth)) for v, t in
-                 zip(views, (term_a, term_b), strict=True)]
+    schedules = [_schedule(v, t) for v, t in zip(views, (term_a, term_b), strict=True)]
     best = {"increase": (torch.empty(0), torch.empty(0, dtype=torch.long)),
             "decrease": (torch.empty(0), torch.empty(0, dtype=torch.long))}
     probs_at: dict[int, tuple[float, float]] = {}

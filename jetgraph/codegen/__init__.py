@@ -5,10 +5,10 @@ that into one aten-level GraphModule and ``emit_source`` prints it as a standalo
 """
 
 from jetgraph.codegen.emit import emit
-from jetgraph.codegen.execute import BatchedRun, evaluate_batched
+from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.schedule import Schedule, Step, plan
 from jetgraph.codegen.source import CodegenError, emit_source
 
 __all__ = [
-    "BatchedRun", "CodegenError", "Schedule", "Step", "emit", "emit_source", "evaluate_batched", "plan",
+    "BatchedRun", "CodegenError", "Schedule", "Step", "emit", "emit_source", "plan",
 ]

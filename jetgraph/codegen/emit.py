@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from jetgraph.capture.export import strip_wrapper
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
-from jetgraph.codegen.schedule import Schedule, Step, plan
+from jetgraph.codegen.schedule import Step, plan
 from jetgraph.ir import ResidualProgram, as_input_ids
 from jetgraph.passes.expand import Expansion
 from jetgraph.taylor.basis import clear_tensor_caches
@@ -89,13 +89,8 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     module.term_names = tuple(names)
     module.input_shape = tuple(ids.shape)
     module.has_remainder = remainder
-    module.schedule_summary = describe(schedule)
+    module.schedule_summary = [step.label for step in schedule.steps]  # one line per batched step
     return module
-
-
-def describe(schedule: Schedule) -> list[str]:
-    """One line per step: what the emitted code computes, unit by unit."""
-    return [step.label for step in schedule.steps]
 
 
 def _example_ids(prog: ResidualProgram, input_ids: torch.Tensor | None) -> torch.Tensor:

@@ -139,9 +139,8 @@ class BatchedRun:
             return self.side
         if count not in self._stacked_side:
             if self.prog.side.positions_only:  # rebuilt from positions: right by construction
-                ids = torch.zeros(count * self.batch, self.seq, dtype=torch.long,
-                                  device=self.input_ids.device)
-                self._stacked_side[count] = self.prog.side_inputs(ids)
+                self._stacked_side[count] = self.prog.side.for_shape(
+                    count * self.batch, self.seq, self.input_ids.device, cache=False)
             else:
                 self._stacked_side[count] = {
                     name: value.repeat(count, *([1] * (value.dim() - 1)))
@@ -165,8 +164,3 @@ def _weighted(rows: torch.Tensor, weights: list[Weight]) -> torch.Tensor:
     stacked = torch.stack([t.expand(shape) for t in tensors])
     return rows * stacked.view(len(tensors), *([1] * (rows.dim() - 1 - len(shape))), *shape)
 
-
-def evaluate_batched(schedule: Schedule, input_ids: torch.Tensor, remainder: bool = True):
-    """Eager batched evaluation: (outputs, target, remainder)."""
-    with torch.no_grad():
-        return BatchedRun(schedule, input_ids).run(remainder=remainder)

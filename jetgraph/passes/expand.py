@@ -66,6 +66,12 @@ class Term:
     def __repr__(self) -> str:
         return f"Term({self.name!r}, kind={self.kind}, space={self.space})"
 
+    def then(self, unit: str, order: int = 0, depth: int = 0, weight: float | torch.Tensor = 1.0,
+             space: Space = "stream") -> Term:
+        """The order-``order`` coefficient of ``unit``'s order-``depth`` jet centred at this term."""
+        return Term("jet", (*self.path, step_label(unit, order)), unit=unit, center=self, order=order,
+                    depth=depth, weight=weight, space=space)
+
 
 def step_label(unit: str, order: int = 0, monomial: tuple[int, ...] = (),
                directions: Sequence[Term] = ()) -> str:
@@ -273,9 +279,7 @@ def expand(
                                   unit=name, center=center, order=sum(monomial), depth=order,
                                   weight=weight, space=space, directions=others, monomial=monomial))
             continue
-        for j in range(order + 1):
-            terms.append(Term("jet", (*center.path, step_label(name, j)), unit=name, center=center,
-                              order=j, depth=order, weight=weight, space=space))
+        terms.extend(center.then(name, j, order, weight, space) for j in range(order + 1))
     if not decoder:
         if identity == "pass":
             terms = list(centers) + terms

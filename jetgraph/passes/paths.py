@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.expand import Expansion, Term, source_terms, step_label
+from jetgraph.passes.expand import Expansion, Term, source_terms
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,14 @@ class PathExpansion:
         by_name = {u.name: u for u in self.prog.units}
         built: dict[tuple, Term] = {t.path: t for t in source_terms(self.prog)}
         for spec in self:
-            path: tuple[str, ...] = (f"embed.{spec.source}",)
-            key: tuple = path
+            key: tuple = (f"embed.{spec.source}",)
             for name, order in zip(spec.units, spec.orders, strict=False):
                 # shared prefixes are the same Term: evaluated once
-                center, path, key = built[key], (*path, step_label(name, order)), (*key, (name, order))
+                center, key = built[key], (*key, (name, order))
                 if key not in built:
-                    built[key] = Term("jet", path, unit=name, center=center, order=order,
-                                      depth=self.order, weight=self._weight(by_name[name].reads))
-            yield Term("jet", (*path, step_label("unembed", spec.orders[-1])), unit="unembed",
-                       center=built[key],
-                       order=spec.orders[-1], depth=self.order,
-                       weight=self._weight(len(self.prog.units)), space="logits")
+                    built[key] = center.then(name, order, self.order, self._weight(by_name[name].reads))
+            yield built[key].then("unembed", spec.orders[-1], self.order,
+                                  self._weight(len(self.prog.units)), space="logits")
 
     def expansion(self, limit: int | None = None) -> Expansion:
         """The first ``limit`` paths (all if None) as an :class:`Expansion` with a remainder."""
