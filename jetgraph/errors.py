@@ -41,3 +41,8 @@ class ModelLoadError(JetgraphError):
 
 class JetRuleError(JetgraphError):
     """An op has no Taylor-mode rule."""
+
+
+class CostError(JetgraphError):
+    """Planned work is past a limit (time, memory, terms); the message holds the estimate and the
+    option that lifts the limit."""

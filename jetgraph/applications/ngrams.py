@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import os
-import tempfile
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from jetgraph.applications.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.codegen import BatchedRun, Schedule, plan
+from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.expand import Expansion, Term, source_terms
 
@@ -87,31 +89,140 @@ def context_length(term: Term) -> int:
     return 2 if any(u.startswith("attn") for u in units) else 1
 
 
+class Contexts:
+    """The contexts of a table, generated lazily from their row index.
+
+    A grid (every token, or every pair ``first × second``) is never held as a list: row i of the
+    pair grid is ``(first[i // len(second)], second[i % len(second)])``, so a V² sweep costs no
+    memory for its contexts. An explicit ``[rows, length]`` tensor of token ids is kept as given.
+    Row order is the order of the ids (the tie-breaker of the tables).
+    """
+
+    def __init__(self, length: int, first: torch.Tensor | None = None, second: torch.Tensor | None = None,
+                 explicit: torch.Tensor | None = None) -> None:
+        self.length = length
+        self.first, self.second, self.explicit = first, second, explicit
+
+    @classmethod
+    def grid(cls, vocab: int, length: int, first: Sequence[int] | None = None,
+             second: Sequence[int] | None = None) -> Contexts:
+        """Every context of ``length`` tokens, the first token restricted to ``first`` and the
+        second (for pairs) to ``second``."""
+        if length not in (1, 2):
+            raise ValueError(f"contexts are one or two tokens long, not {length}")
+        tokens = [_token_ids(first, vocab, "first"), _token_ids(second, vocab, "second")]
+        return cls(length, tokens[0], tokens[1] if length == 2 else None)
+
+    @classmethod
+    def of(cls, contexts: torch.Tensor | Contexts, length: int, vocab: int) -> Contexts:
+        """``contexts`` as given: a [rows, length] tensor of ids in [0, vocab)."""
+        if isinstance(contexts, Contexts):
+            if contexts.length != length:
+                raise ValueError(f"contexts have {contexts.length} token(s), the path reads {length}")
+            return contexts
+        tensor = torch.as_tensor(contexts)
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise ValueError(f"contexts must be integer token ids, got {tensor.dtype}")
+        tensor = tensor.long()
+        if tensor.dim() != 2 or tensor.shape[1] != length:
+            raise ValueError(f"a path that reads {length} token(s) of context needs contexts of shape "
+                             f"[rows, {length}], got {tuple(tensor.shape)}")
+        if tensor.numel() and (tensor.min() < 0 or tensor.max() >= vocab):
+            raise ValueError(f"context token ids must lie in [0, {vocab})")
+        return cls(length, explicit=tensor)
+
+    def __len__(self) -> int:
+        if self.explicit is not None:
+            return int(self.explicit.shape[0])
+        return len(self.first) * (len(self.second) if self.second is not None else 1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.length)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows ``start..end`` as a [end − start, length] id tensor."""
+        if self.explicit is not None:
+            return self.explicit[start:end]
+        index = torch.arange(start, end)
+        if self.second is None:
+            return self.first[index].unsqueeze(1)
+        return torch.stack([self.first[index // len(self.second)], self.second[index % len(self.second)]], 1)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self.rows(row, row + 1)[0]
+
+    def tensor(self) -> torch.Tensor:
+        """All rows materialised (only for tables small enough to hold)."""
+        return self.rows(0, len(self))
+
+    def fingerprint(self, digest) -> None:
+        """Feed what defines the rows into a hashlib ``digest`` (checkpoint keys)."""
+        parts = [self.explicit] if self.explicit is not None else [self.first, self.second]
+        for part in parts:
+            digest.update(b"-" if part is None else part.numpy().tobytes() + b"|")
+
+    def held_bytes(self) -> int:
+        parts = (self.explicit, self.first, self.second)
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
+
+def _token_ids(tokens: Sequence[int] | None, vocab: int, which: str) -> torch.Tensor:
+    if tokens is None:
+        return torch.arange(vocab)
+    ids = torch.as_tensor(list(tokens), dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError(f"the {which} token subset is empty")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"{which} token ids must lie in [0, {vocab})")
+    return ids
+
+
 @dataclass
 class NgramTable:
     """The streamed result of one path over a set of contexts.
 
-    ``top`` holds the global top-k as (logit, context row, next token); ``row_top`` the
-    per-context top-k ids and logits; ``log_normaliser`` each row's logsumexp (so probabilities
-    are exp(logit − normaliser)); ``keyword_logits`` each row's logits at the keyword tokens, from
-    which :meth:`keyword_mass` gives the probability on the whole set or any subset.
+    The path carries unit weights: its logits are the path's own, as a bigram table reads them.
+    ``top_values`` holds the global top-k by the ranking key (logits, or log-probabilities with
+    ``rank="prob"``), ``top_logits`` their logits and ``top_index`` the flat position
+    ``row · vocab + next token``; ties are ordered by probability (or logit), then logit, then ids,
+    so a smaller ``top`` is always a prefix of a larger one. ``row_values``/``row_index`` hold
+    each context's top tokens. With normalisers kept, ``row_max`` and ``log_sum`` give each row's
+    log-probabilities as ``(logit − row_max) − log_sum`` without the cancellation of
+    ``logit − logsumexp`` when the logits are large; ``keyword_logits`` each row's logits at the
+    keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
     """
 
     path: str
-    contexts: torch.Tensor  # [rows, n-1] token ids
+    contexts: Contexts
     top_values: torch.Tensor
     top_index: torch.Tensor  # flat row * vocab + next token
     vocab: int
+    top_logits: torch.Tensor | None = None
     row_values: torch.Tensor | None = None
     row_index: torch.Tensor | None = None
-    log_normaliser: torch.Tensor | None = None
+    row_max: torch.Tensor | None = None
+    log_sum: torch.Tensor | None = None  # log Σ exp(logit − row_max), ≥ 0
     keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
     keywords: list[int] = field(default_factory=list)
     rank: str = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
 
+    @property
+    def log_normaliser(self) -> torch.Tensor | None:
+        """Each row's logsumexp in float64 (``row_max + log_sum``)."""
+        if self.row_max is None or self.log_sum is None:
+            return None
+        return self.row_max.double() + self.log_sum.double()
+
+    def log_prob(self, row: int, logit: float) -> float:
+        """log p(next | context row) of a next token with this ``logit``, in float64."""
+        if self.row_max is None or self.log_sum is None:
+            raise ValueError("this table was built without row normalisers (normalise=False)")
+        return (float(logit) - float(self.row_max[row])) - float(self.log_sum[row])
+
     def keyword_mass(self, subset: Sequence[int] | None = None) -> torch.Tensor:
         """Each row's probability on the keywords (or on ``subset``, token ids among them)."""
-        if self.keyword_logits is None or self.log_normaliser is None:
+        if self.keyword_logits is None or self.row_max is None or self.log_sum is None:
             raise ValueError("this table was built without keywords")
         columns = slice(None)
         if subset is not None:
@@ -121,21 +232,24 @@ class NgramTable:
                 raise ValueError("subset must be a non-empty list of the table's keywords; "
                                  f"not in it: {missing}")
             columns = [position[k] for k in subset]
-        return torch.exp(torch.logsumexp(self.keyword_logits[:, columns], -1) - self.log_normaliser)
+        shifted = self.keyword_logits[:, columns].double() - self.row_max.double()[:, None]
+        return torch.exp(torch.logsumexp(shifted, -1) - self.log_sum.double())
 
     def entries(self, tokenizer=None) -> list[dict]:
-        """The global top-k as rows: rank, context, next token, logit, probability (when the row
-        normalisers were kept)."""
+        """The global top-k as rows: rank, context, next token, logit and, when the row
+        normalisers were kept, the log-probability and probability of the next token."""
         rows = []
-        for rank, (value, flat) in enumerate(zip(self.top_values.tolist(), self.top_index.tolist(),
-                                                 strict=True), start=1):
+        logits = self.top_logits if self.top_logits is not None else self.top_values
+        for rank, (logit, flat) in enumerate(zip(logits.tolist(), self.top_index.tolist(), strict=True),
+                                             start=1):
             row, token = divmod(int(flat), self.vocab)
             context = self.contexts[row].tolist()
-            logit = value + float(self.log_normaliser[row]) if self.rank == "prob" else value
             entry = {"rank": rank, "context_ids": " ".join(map(str, context)), "next_id": token,
-                     "logit": round(logit, 5)}
-            if self.log_normaliser is not None:
-                entry["prob"] = round(float(torch.exp(logit - self.log_normaliser[row])), 6)
+                     "logit": float(f"{logit:.7g}")}
+            if self.row_max is not None:
+                log_p = self.log_prob(row, logit)
+                entry["log_prob"] = float(f"{log_p:.9g}")
+                entry["prob"] = float(f"{math.exp(log_p):.9g}")
             if tokenizer is not None:
                 entry["context"] = tokenizer.decode(context)
                 entry["next"] = tokenizer.decode([token])
@@ -143,20 +257,22 @@ class NgramTable:
         return rows
 
     def export(self, path: str | Path, tokenizer=None) -> Path:
-        """The global top-k as CSV or JSON (by suffix), decoded with ``tokenizer`` if given."""
+        """The global top-k as CSV or JSON (by suffix), decoded with ``tokenizer`` if given;
+        written whole or not at all."""
         path = Path(path)
-        rows = self.entries(tokenizer)
         if path.suffix not in (".csv", ".json"):
             raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.entries(tokenizer)
         if path.suffix == ".json":
-            path.write_text(json.dumps({"path": self.path, "top": rows}, indent=1, ensure_ascii=False) + "\n")
+            text = json.dumps({"path": self.path, "weights": "unit", "rank": self.rank, "top": rows},
+                              indent=1, ensure_ascii=False) + "\n"
         else:
-            with path.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        return path
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["rank"])
+            writer.writeheader()
+            writer.writerows(rows)
+            text = buffer.getvalue()
+        return atomic_write(path, text)
 
     def mass(self, subset: Sequence[int] | None = None, samples: int = 1000, confidence: float = 0.95,
              seed: int = 0) -> dict[str, float]:
@@ -179,13 +295,83 @@ def bootstrap_mean(values: torch.Tensor, samples: int = 1000, confidence: float 
 
 def all_contexts(vocab: int, length: int, first: Sequence[int] | None = None,
                  second: Sequence[int] | None = None) -> torch.Tensor:
-    """Every context: all tokens (length 1) or all pairs first × second (length 2)."""
-    if length == 1:
-        tokens = torch.arange(vocab) if first is None else torch.as_tensor(list(first))
-        return tokens.unsqueeze(1)
-    a = torch.arange(vocab) if first is None else torch.as_tensor(list(first))
-    b = torch.arange(vocab) if second is None else torch.as_tensor(list(second))
-    return torch.cartesian_prod(a, b).view(-1, 2)
+    """Every context as a tensor: all tokens (length 1) or all pairs first × second (length 2).
+    For large grids use :meth:`Contexts.grid`, which never materialises them."""
+    return Contexts.grid(vocab, length, first, second).tensor()
+
+
+@dataclass
+class _Job:
+    """One table's parsed arguments: the path's schedule, its contexts and reductions."""
+
+    term: Term
+    view: ResidualProgram
+    vocab: int
+    contexts: Contexts
+    keywords: list[int] | None
+    normalise: bool
+    top: int
+    row_top: int
+    rank: str
+    chunk: int
+
+
+def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, first, top: int,
+         row_top: int, keywords, normalise: bool, rank: str, chunk: int) -> _Job:
+    """Validate every argument before any work (cheap: no tensors of table size)."""
+    if not isinstance(top, int) or not isinstance(chunk, int) or top < 1 or chunk < 1:
+        raise ValueError(f"top and chunk must be ints >= 1, got top={top!r}, chunk={chunk!r}")
+    if not isinstance(row_top, int) or row_top < 0:
+        raise ValueError(f"row_top must be an int >= 0, got {row_top!r}")
+    if rank not in ("logit", "prob"):
+        raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
+    term = path_term(prog, path, order)
+    view = prog.at("sublayer")
+    if view.decoder.unembedding is None:
+        raise ValueError("the decoder has no affine readout: cannot size the vocabulary")
+    vocab = int(view.decoder.unembedding.shape[0])
+    length = context_length(term)
+    if contexts is not None and first is not None:
+        raise ValueError("give contexts or first, not both")
+    rows = Contexts.grid(vocab, length, first) if contexts is None else Contexts.of(contexts, length, vocab)
+    if keywords is not None:
+        keywords = sorted({int(k) for k in keywords})
+        if not keywords:
+            raise ValueError("the keyword list is empty: give at least one token id")
+        if keywords[0] < 0 or keywords[-1] >= vocab:
+            raise ValueError(f"keyword token ids must lie in [0, {vocab})")
+        normalise = True
+    normalise = normalise or rank == "prob"
+    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, rank, chunk)
+
+
+def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = None,
+               contexts: torch.Tensor | Contexts | None = None, first: Sequence[int] | None = None,
+               top: int = 100, row_top: int = 0, keywords: Sequence[int] | None = None,
+               normalise: bool = False, rank: str = "logit", chunk: int = 1024) -> Plan:
+    """What :func:`ngram_table` with these arguments will cost (contexts, FLOPs, peak memory above
+    the model, time here), from one evaluated context: nothing of table size is allocated."""
+    return _plan(_job(prog, path, order, contexts, first, top, row_top, keywords, normalise, rank, chunk))
+
+
+def _plan(job: _Job) -> Plan:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    schedule = _schedule(job.view, job.term)
+    device = job.view.decoder.unembedding.device
+    probe = torch.zeros(1, job.contexts.length, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        BatchedRun(schedule, probe).run(remainder=False)
+    rows, vocab = len(job.contexts), job.vocab
+    width = min(job.chunk, max(rows, 1))
+    chunk_tensors = 3 if job.normalise else 2  # logits, exp pass / candidates
+    per_row = (8 if job.normalise else 0) + 4 * len(job.keywords or ()) + 12 * job.row_top
+    peak = width * vocab * 4 * chunk_tensors + rows * per_row + 16 * job.top * 3
+    elements = rows * vocab * (4 if job.normalise else 2)
+    seconds = estimate_seconds(counter.get_total_flops() * rows, elements,
+                               overhead=2e-3 * math.ceil(rows / job.chunk))
+    return Plan(f"n-gram table {job.term.name}", rows, "contexts", counter.get_total_flops() * rows,
+                peak, seconds, gemm_rate())
 
 
 @torch.no_grad()
@@ -194,7 +380,8 @@ def ngram_table(
     path: str | Term,
     *,
     order: int | None = None,
-    contexts: torch.Tensor | None = None,
+    contexts: torch.Tensor | Contexts | None = None,
+    first: Sequence[int] | None = None,
     top: int = 100,
     row_top: int = 0,
     keywords: Sequence[int] | None = None,
@@ -203,59 +390,41 @@ def ngram_table(
     chunk: int = 1024,
     resume: str | Path | None = None,
     progress: bool = True,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> NgramTable:
-    """Evaluate one path on every context (default: every token, or every token pair for paths
-    through attention) in chunks, keeping the global top-``top``.
+    """Evaluate one path (unit weights: its own logits) on every context — every token, or every
+    token pair for paths through attention, the first token restricted to ``first`` if given,
+    or the rows of ``contexts`` — in chunks, keeping the global top-``top``.
 
     ``row_top``: also keep each row's top tokens. ``keywords``: token ids whose probability mass
-    each row puts on them is recorded (implies ``normalise``). ``normalise``: record each row's
-    logsumexp, so probabilities can be reported. ``rank``: order the global top-k by ``"logit"``
+    each row puts on them is recorded (implies ``normalise``). ``normalise``: keep each row's
+    normaliser, so probabilities can be reported. ``rank``: order the global top-k by ``"logit"``
     (the paper's tables; one pass less) or by conditional probability ``"prob"`` (implies
     ``normalise``; a next token that is large in every row no longer fills the table).
     ``resume``: a checkpoint file written after every chunk; an interrupted call with the same
-    arguments continues from it.
+    arguments continues from it. The cost is planned first (:func:`ngram_plan`): a table
+    estimated to take longer than ``max_seconds`` (None: no limit) or more memory than is
+    available is refused before any work, with the estimate.
     """
-    term = path_term(prog, path, order)
-    view = prog.at("sublayer")
-    vocab = int(view.decoder.unembedding.shape[0]) if view.decoder.unembedding is not None else None
-    if vocab is None:
-        raise ValueError("the decoder has no affine readout: cannot size the vocabulary")
-    length = context_length(term)
-    contexts = all_contexts(vocab, length) if contexts is None else torch.as_tensor(contexts).long()
-    if contexts.dim() != 2 or contexts.shape[1] != length:
-        raise ValueError(f"path {term.name!r} reads {length} token(s) of context: contexts must be "
-                         f"[rows, {length}], got {tuple(contexts.shape)}")
-    if contexts.numel() and (contexts.min() < 0 or contexts.max() >= vocab):
-        raise ValueError(f"context token ids must lie in [0, {vocab})")
-    if keywords is not None:
-        keywords = sorted({int(k) for k in keywords})
-        if not keywords:
-            raise ValueError("the keyword list is empty: give at least one token id")
-        if keywords[0] < 0 or keywords[-1] >= vocab:
-            raise ValueError(f"keyword token ids must lie in [0, {vocab})")
-        normalise = True
-    if top < 1 or chunk < 1:
-        raise ValueError("top and chunk must be >= 1")
-    if rank not in ("logit", "prob"):
-        raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
-    normalise = normalise or rank == "prob"
-    schedule = _schedule(view, term)
-    device = view.decoder.unembedding.device
-    state = _State.start(term.name, contexts, top, row_top, normalise, keywords, chunk, resume, rank)
-    rows = contexts.shape[0]
-    bar = tqdm(total=rows, initial=state.done, unit="ctx", desc=f"n-grams {term.name}", disable=not progress,
-               leave=False)
-    keyword_index = torch.tensor(keywords, device=device) if keywords else None
+    job = _job(prog, path, order, contexts, first, top, row_top, keywords, normalise, rank, chunk)
+    _plan(job).check(max_seconds, "max_seconds (None: no limit)",
+                     memory_option="lower chunk, or keep fewer per-row results (keywords, row_top)")
+    schedule = _schedule(job.view, job.term)
+    device = job.view.decoder.unembedding.device
+    state = _State.start(job, resume)
+    rows = len(job.contexts)
+    bar = tqdm(total=rows, initial=state.done, unit="ctx", desc=f"n-grams {job.term.name}",
+               disable=not progress, leave=False)
+    keyword_index = torch.tensor(job.keywords, device=device) if job.keywords else None
     while state.done < rows:
         start, end = state.done, min(state.done + chunk, rows)
-        logits = _evaluate(schedule, contexts[start:end].to(device))
+        logits = _evaluate(schedule, job.contexts.rows(start, end).to(device))
         state.add(logits, start, keyword_index)
         state.done = end
         state.save()
         bar.update(end - start)
     bar.close()
-    return state.table(term.name, contexts, vocab, keywords or [])
-
+    return state.table(job)
 
 
 def _schedule(view: ResidualProgram, term: Term) -> Schedule:
@@ -267,6 +436,9 @@ def _evaluate(schedule: Schedule, ids: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] logits of the single path term at the last position."""
     outputs, _, _ = BatchedRun(schedule, ids).run(remainder=False)
     return outputs[0, :, -1, :]
+
+
+_CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -281,21 +453,29 @@ class _State:
     rank: str = "logit"
     done: int = 0
     values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     row_values: list[torch.Tensor] = field(default_factory=list)
     row_index: list[torch.Tensor] = field(default_factory=list)
-    normaliser: list[torch.Tensor] = field(default_factory=list)
+    row_max: list[torch.Tensor] = field(default_factory=list)
+    log_sum: list[torch.Tensor] = field(default_factory=list)
     keyword_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk
 
     @classmethod
-    def start(cls, name, contexts, top, row_top, normalise, keywords, chunk, resume, rank) -> _State:
+    def start(cls, job: _Job, resume: str | Path | None) -> _State:
         digest = hashlib.sha256()
-        digest.update(json.dumps([name, top, row_top, normalise, keywords, chunk, rank]).encode())
-        digest.update(contexts.numpy().tobytes())
-        state = cls(digest.hexdigest(), top, row_top, normalise, Path(resume) if resume else None, rank)
+        digest.update(json.dumps([_CHECKPOINT_FORMAT, job.term.name, job.top, job.row_top, job.normalise,
+                                  job.keywords, job.chunk, job.rank, job.contexts.length]).encode())
+        job.contexts.fingerprint(digest)
+        state = cls(digest.hexdigest(), job.top, job.row_top, job.normalise,
+                    Path(resume) if resume else None, job.rank)
         if state.resume is not None and state.resume.is_file():
-            saved = torch.load(state.resume, weights_only=False)
-            if saved.get("key") != state.key:
+            try:
+                saved = torch.load(state.resume, weights_only=False)
+            except Exception as exc:  # a truncated or foreign file
+                raise ValueError(f"checkpoint {state.resume} cannot be read ({type(exc).__name__}): "
+                                 "delete it to start again") from exc
+            if not isinstance(saved, dict) or saved.get("key") != state.key:
                 raise ValueError(f"checkpoint {state.resume} belongs to another table (different path, "
                                  "contexts or options): delete it or choose another file")
             state.__dict__.update({k: v for k, v in saved.items() if k != "key"})
@@ -303,98 +483,116 @@ class _State:
 
     def add(self, logits: torch.Tensor, offset: int, keyword_index: torch.Tensor | None) -> None:
         vocab = logits.shape[-1]
-        row_max = logits.amax(-1)
-        normaliser = _log_normaliser(logits, row_max) if self.normalise else None
-        threshold = self.values[-1] if len(self.values) == self.top else None
-        values, flat = _chunk_top(logits, self.top, threshold, normaliser if self.rank == "prob" else None,
-                                  row_max)
-        values, flat = values.cpu(), flat.cpu() + offset * vocab
-        merged_values = torch.cat([self.values, values])
-        merged_index = torch.cat([self.index, flat])
-        keep = merged_values.topk(min(self.top, merged_values.numel())).indices
-        self.values, self.index = merged_values[keep], merged_index[keep]
+        logits = logits.float()
+        row_max, argmax = logits.max(-1)
+        log_sum = _log_sum(logits, row_max, argmax) if self.normalise else None
+        by_prob = self.rank == "prob"
+        row_best = -log_sum if by_prob else row_max
+        threshold = self.values[-1] if len(self.values) >= self.top else None
+        values, raw, flat = _chunk_top(logits, row_best, self.top, threshold,
+                                       (row_max, log_sum) if by_prob else None)
+        values = torch.cat([self.values, values.cpu()])
+        raw = torch.cat([self.logits, raw.cpu()])
+        flat = torch.cat([self.index, flat.cpu() + offset * vocab])
+        keep = _ranking(values, raw, flat)[: self.top]
+        self.values, self.logits, self.index = values[keep], raw[keep], flat[keep]
         if self.row_top:
             v, i = logits.topk(min(self.row_top, vocab), -1)
             self.row_values.append(v.cpu())
             self.row_index.append(i.cpu())
-        if normaliser is not None:
-            self.normaliser.append(normaliser.cpu())
+        if log_sum is not None:
+            self.row_max.append(row_max.cpu())
+            self.log_sum.append(log_sum.cpu())
             if keyword_index is not None:
-                self.keyword_logits.append(logits.float().index_select(-1, keyword_index).cpu())
+                self.keyword_logits.append(logits.index_select(-1, keyword_index).cpu())
 
     def save(self) -> None:
         if self.resume is None:
             return
         payload = {k: v for k, v in self.__dict__.items() if k != "resume"}
-        self.resume.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.resume.parent, suffix=".tmp")
-        os.close(handle)
-        torch.save(payload, temporary)
-        os.replace(temporary, self.resume)
+        atomic_write(self.resume, lambda name: torch.save(payload, name))
 
-    def table(self, name: str, contexts: torch.Tensor, vocab: int, keywords: list[int]) -> NgramTable:
+    def table(self, job: _Job) -> NgramTable:
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+            return torch.cat(parts) if parts else None
+
         return NgramTable(
-            name, contexts, self.values, self.index, vocab,
-            row_values=torch.cat(self.row_values) if self.row_values else None,
-            row_index=torch.cat(self.row_index) if self.row_index else None,
-            log_normaliser=torch.cat(self.normaliser) if self.normaliser else None,
-            keyword_logits=torch.cat(self.keyword_logits) if self.keyword_logits else None,
-            keywords=keywords,
-            rank=self.rank,
+            job.term.name, job.contexts, self.values, self.index, job.vocab,
+            top_logits=self.logits,
+            row_values=joined(self.row_values), row_index=joined(self.row_index),
+            row_max=joined(self.row_max), log_sum=joined(self.log_sum),
+            keyword_logits=joined(self.keyword_logits),
+            keywords=job.keywords or [], rank=self.rank,
         )
 
 
-def _log_normaliser(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
-    """Each row's logsumexp, 4× faster than ``torch.logsumexp`` on CPU for wide rows.
+def _log_sum(logits: torch.Tensor, row_max: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """log Σ_j exp(l_j − max) per row, as log1p of the sum over all entries but one maximum.
 
-    exp() of arguments far below −88 takes a slow path; they are clamped at −80 first. Every
-    clamped entry then adds e^−80 instead of something smaller, a relative error below
-    V·e^−80 ≈ 1e−30 for V = 49152 (the sum is ≥ 1): nothing in float32.
+    Written so, a row whose top entry holds almost all the mass keeps its tiny remainder (log p of
+    the top entry is −log1p(s), exact for s far below float32's 1e−7), and no large logit is
+    subtracted from a large normaliser. exp() of arguments far below −88 takes a slow CPU path;
+    they are clamped at −80, which adds at most V·e^−80 ≈ 1e−30 to the sum.
     """
-    shifted = (logits.float() - row_max.float().unsqueeze(-1)).clamp_(min=-80.0).exp_()
-    return shifted.sum(-1).log_().add_(row_max.float())
+    shifted = (logits - row_max.unsqueeze(-1)).clamp_(min=-80.0).exp_()
+    shifted.scatter_(-1, argmax.unsqueeze(-1), 0.0)
+    return shifted.sum(-1).log1p_()
 
 
-def _chunk_top(logits: torch.Tensor, top: int, threshold: torch.Tensor | None,
-               shift: torch.Tensor | None, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's top entries (value, flat index), reading the big table only twice.
+def _chunk_top(logits: torch.Tensor, row_best: torch.Tensor, top: int, threshold: torch.Tensor | None,
+               shift: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every entry of the chunk that can be in the global top (ranking value, logit, flat index),
+    ties at the cut included, reading the big table only twice.
 
-    An entry among the chunk's ``top`` largest lies in one of the ``top`` rows with the largest
-    maxima (each row with a larger maximum holds a distinct larger entry), so one row-max pass
-    picks ≤ ``top`` candidate rows; rows whose maximum cannot beat the running threshold (the
-    current top-th value) are dropped before the exact top-k over the candidates. ``shift``
-    (per row) ranks logits − shift instead: log-probabilities when it is the row's logsumexp.
+    The chunk's top-``top`` entries lie in the rows whose best value is at least the ``top``-th
+    largest row best (those rows hold ``top`` distinct entries at least that large), so one pass
+    over the row maxima picks the candidate rows; rows whose best is below the running global
+    threshold cannot enter. ``shift = (row_max, log_sum)`` ranks log-probabilities
+    ``(logit − row_max) − log_sum`` instead of logits.
     """
-    if shift is not None:
-        row_max = row_max - shift
-    rows = row_max.topk(min(top, row_max.numel())).indices
-    if threshold is not None:
-        rows = rows[row_max[rows] > threshold.to(row_max.device)]
-        if rows.numel() == 0:
-            return logits.new_empty(0), torch.empty(0, dtype=torch.long, device=logits.device)
-    candidates = logits.index_select(0, rows)
-    if shift is not None:
-        candidates = candidates - shift[rows, None]
-    values, flat = candidates.reshape(-1).topk(min(top, candidates.numel()))
     vocab = logits.shape[-1]
-    return values, rows[flat // vocab] * vocab + flat % vocab
+    cut = row_best.topk(min(top, row_best.numel())).values[-1]
+    if threshold is not None:
+        cut = torch.maximum(cut, threshold.to(cut.device))
+    rows = (row_best >= cut).nonzero().squeeze(1)
+    raw = logits.index_select(0, rows)
+    value = raw if shift is None else (raw - shift[0][rows, None]) - shift[1][rows, None]
+    if value.numel() == 0:
+        empty = logits.new_empty(0)
+        return empty, empty, torch.empty(0, dtype=torch.long, device=logits.device)
+    kth = value.reshape(-1).topk(min(top, value.numel())).values[-1]
+    if threshold is not None:
+        kth = torch.maximum(kth, threshold.to(kth.device))
+    hit_row, hit_token = (value >= kth).nonzero(as_tuple=True)
+    return value[hit_row, hit_token], raw[hit_row, hit_token], rows[hit_row] * vocab + hit_token
+
+
+def _ranking(values: torch.Tensor, logits: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The permutation that orders entries by value, then logit (both descending), then flat
+    index (context row, then next token id, ascending): deterministic under ties."""
+    order = torch.argsort(flat)
+    order = order[torch.argsort(logits[order], descending=True, stable=True)]
+    return order[torch.argsort(values[order], descending=True, stable=True)]
 
 
 @torch.no_grad()
-def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor | None = None,
+def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor | Contexts | None = None,
                chunk: int = 1024, max_entries: int = 50_000_000) -> torch.Tensor:
-    """The whole [contexts, vocab] logit table (only when asked: refuses more than ``max_entries``)."""
+    """The whole [contexts, vocab] logit table (only when asked: refuses more than ``max_entries``
+    before computing anything)."""
     term = path_term(prog, path)
     view = prog.at("sublayer")
     vocab = int(view.decoder.unembedding.shape[0])
-    contexts = all_contexts(vocab, context_length(term)) if contexts is None else torch.as_tensor(contexts)
-    if contexts.shape[0] * vocab > max_entries:
-        raise ValueError(f"the full table has {contexts.shape[0] * vocab:,} entries, more than max_entries "
+    length = context_length(term)
+    rows = Contexts.grid(vocab, length) if contexts is None else Contexts.of(contexts, length, vocab)
+    if len(rows) * vocab > max_entries:
+        raise ValueError(f"the full table has {len(rows) * vocab:,} entries, more than max_entries "
                          f"{max_entries:,}: stream it with ngram_table instead")
     schedule = _schedule(view, term)
     device = view.decoder.unembedding.device
-    parts = [_evaluate(schedule, contexts[i:i + chunk].to(device)).cpu()
-             for i in range(0, contexts.shape[0], chunk)]
+    parts = [_evaluate(schedule, rows.rows(i, min(i + chunk, len(rows))).to(device)).cpu()
+             for i in range(0, len(rows), chunk)]
     return torch.cat(parts)
 
 

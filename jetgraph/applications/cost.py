@@ -1,0 +1,130 @@
+"""Cost before work: what a sweep or enumeration will take, computed before it starts.
+
+A :class:`Plan` counts the work items (contexts of an n-gram table, terms of an expansion), the
+matmul FLOPs, the peak memory above the loaded model and the time this machine needs for them at
+its measured rates (a GEMM and an elementwise pass timed once per process, ≈ 30 ms). Commands
+print it with ``--dry-run`` and refuse, within a second and before allocating anything large,
+when it is past a limit; the refusal names the estimate and the option that lifts the limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from jetgraph.errors import CostError
+
+DEFAULT_MAX_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The estimated cost of one job.
+
+    ``items``: how many ``item_name`` it processes; ``flops``: matmul floating-point operations;
+    ``peak_bytes``: memory it allocates at its peak on top of the loaded model; ``seconds``: the
+    estimated wall time at ``gemm_rate`` FLOP/s (measured here) plus elementwise passes.
+    """
+
+    what: str
+    items: int
+    item_name: str
+    flops: float
+    peak_bytes: float
+    seconds: float
+    gemm_rate: float
+
+    def describe(self) -> str:
+        return (f"{self.what}: {_count(self.items)} {self.item_name}, {_flops(self.flops)}, "
+                f"peak memory ≈ {_bytes(self.peak_bytes)}, estimated {_duration(self.seconds)} "
+                f"(at {self.gemm_rate / 1e9:.0f} GFLOP/s measured here)")
+
+    def check(self, max_seconds: float | None, option: str, max_bytes: float | None = None,
+              memory_option: str | None = None) -> Plan:
+        """Raise :class:`CostError` if the plan takes longer than ``max_seconds`` or more memory
+        than ``max_bytes`` (default: the memory available now); ``None`` lifts a limit."""
+        if max_seconds is not None and self.seconds > max_seconds:
+            raise CostError(f"refusing {self.describe()}: more than the limit of "
+                            f"{_duration(max_seconds)}; shrink the job or raise {option}")
+        limit = available_memory() if max_bytes is None else max_bytes
+        if limit is not None and self.peak_bytes > limit:
+            raise CostError(f"refusing {self.describe()}: needs more memory than the "
+                            f"{_bytes(limit)} available; {memory_option or 'shrink the job'}")
+        return self
+
+
+@functools.lru_cache(maxsize=1)
+def gemm_rate() -> float:
+    """float32 matmul FLOP/s on this machine (best of three 1024³ products)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
+
+
+@functools.lru_cache(maxsize=1)
+def elementwise_rate() -> float:
+    """Elements per second of one exp pass over a large float32 tensor."""
+    x = torch.randn(1 << 22)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.exp(x)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() / best
+
+
+def available_memory() -> float | None:
+    """Bytes of memory available to new allocations now (``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_seconds(flops: float, elements: float = 0.0, overhead: float = 0.0) -> float:
+    """Wall time of ``flops`` matmul FLOPs plus ``elements`` elementwise operations at the rates
+    measured here, plus a fixed ``overhead`` (Python dispatch, in seconds)."""
+    return flops / gemm_rate() + elements / elementwise_rate() + overhead
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}" if value < 1e9 else f"{value:.2e}"
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} FLOP"
+
+
+def _bytes(value: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 86400:.3g} days"
