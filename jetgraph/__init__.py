@@ -4,6 +4,7 @@
 (encoder, residual units, decoder) that later passes expand into paths.
 """
 
+from jetgraph._version import __version__ as __version__
 from jetgraph.api import capture
 from jetgraph.capture.loading import load_model
 from jetgraph.codegen import emit, emit_source
@@ -12,8 +13,6 @@ from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInp
 from jetgraph.passes.expand import Expansion, Term, expand, expand_stream, source_terms, stream_term
 from jetgraph.passes.paths import count_paths, expand_paths
 from jetgraph.taylor import Jet, jet
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",

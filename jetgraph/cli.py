@@ -1,127 +1,352 @@
-"""The ``jetgraph`` command line: ``capture`` a model and ``demo`` (the README's main job).
+"""The ``jetgraph`` command line: capture, lens, ngrams, paths, emit and the end-to-end demo.
 
-Exit codes: 0 success, 1 a jetgraph error (bad model, capture failure), 2 bad usage.
+Everything a command can check is checked before the model is loaded (path specs, unit names
+against the model's config, orders, keyword files, output paths); sweeps and enumerations then
+print or check their cost plan before any work. Exit codes: 0 success, 1 an error (bad model,
+refused plan, unwritable output), 2 bad usage, 130 interrupted. A user error is one line, never
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_TEXT = "The capital of France is"
+DEFAULT_GRANULARITY = "sublayer"  # the unit names of the path language (attn0, mlp0, …)
+DEFAULT_MAX_TIME = 3600.0
 
 
 class UsageError(Exception):
     """Arguments that cannot work together (exit code 2)."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default and keeps the descriptions' line breaks."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and parse errors (2)
+        return int(exc.code or 0)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
     from jetgraph.errors import JetgraphError
 
     try:
+        if hasattr(args, "check"):
+            args.check(args)
         return args.run(args)
     except UsageError as exc:
-        print(f"jetgraph: error: {exc}", file=sys.stderr)
+        print(f"jetgraph {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (JetgraphError, ValueError) as exc:
-        print(f"jetgraph: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\njetgraph {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return 130
+    except (JetgraphError, ValueError, IndexError, OSError, MemoryError) as exc:
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            message = "out of memory: " + (str(exc) or "lower --chunk or the size of the job")
+        print(f"jetgraph {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    if getattr(args, "resume", None):
+        return f"rerun the same command to resume from the checkpoints in {args.resume}"
+    if args.command == "ngrams":
+        return "no output was written; add --resume DIR to make long tables resumable"
+    return "no output was half-written"
+
+
+# ------------------------------------------------------------------------------ arguments
+def _order(text: str) -> int:
+    from jetgraph.taylor import check_order
+
+    try:
+        return check_order(int(text), "--order")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if text.lstrip("-").isdigit() else
+                                         f"expected an integer, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float | None:
+    if text.lower() in ("none", "inf", "unlimited"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'none', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from jetgraph._version import __version__
+
     parser = argparse.ArgumentParser(
-        prog="jetgraph", description="Capture residual networks and expand them into jet paths.")
-    commands = parser.add_subparsers(title="commands")
-    capture = commands.add_parser(
-        "capture", help="capture a model, print its residual IR and check it against the model")
-    capture.add_argument("model", help='"smollm2", a local Hugging Face folder, or a cached hub id')
+        prog="jetgraph", formatter_class=_Formatter,
+        description="Capture residual networks and expand them into jet paths.")
+    parser.add_argument("--version", action="version", version=f"jetgraph {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description or help,
+                                   formatter_class=_Formatter)
+
+    capture = command("capture", "capture a model, print its residual IR and check it against the model")
+    _model_argument(capture, tokenizer=False)
     capture.add_argument("--text", default=DEFAULT_TEXT, help="example input text")
-    capture.add_argument("--granularity", choices=("block", "sublayer"), default="block")
+    _granularity(capture)
     capture.add_argument("--out", type=Path, help="also write the summary to this file")
-    capture.set_defaults(run=_run_capture)
-    lens = commands.add_parser(
-        "lens", help="the iterative jet lens: every layer's decoder jet, as a PNG and a CSV",
-        description="Decode every stream state h_l with the order-k jet of the decoder centred there "
-                    "(order 0 = logit lens) and compare with the model's logits.")
-    _model_arguments(lens)
+    capture.set_defaults(run=_run_capture, check=_check_capture)
+
+    lens = command("lens", "the iterative jet lens: every layer's decoder jet, as a PNG and a CSV",
+                   "Decode every stream state h_l with the order-k jet of the decoder centred there "
+                   "(order 0 = logit lens) and compare with the model's logits.")
+    _model_argument(lens)
     lens.add_argument("text", help="input text")
-    lens.add_argument("--order", type=int, default=1, help="highest Taylor order; orders 0..K are drawn")
-    lens.add_argument("--granularity", choices=("block", "sublayer"), default="block")
-    lens.add_argument("--joint", action="store_true", help="also fit the joint lens (weighted centres)")
-    lens.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write (default lens.png)")
-    lens.add_argument("--csv", type=Path, help="also write the per-layer metrics as CSV")
-    lens.set_defaults(run=_run_lens)
-    ngrams = commands.add_parser(
-        "ngrams", help="bigram / skip-bigram tables read from attention-free or one-attention paths",
-        description="Evaluate paths on every vocabulary token (or token pair) and keep the global top-N.")
-    _model_arguments(ngrams)
+    lens.add_argument("--order", type=_order, default=1, help="highest Taylor order; orders 0..K are drawn")
+    _granularity(lens)
+    lens.add_argument("--joint", action="store_true",
+                      help="also fit the joint lens (weighted centres), drawn and written with the rest")
+    lens.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write")
+    lens.add_argument("--csv", type=Path, help="also write every order's per-layer metrics as CSV")
+    lens.set_defaults(run=_run_lens, check=_check_lens)
+
+    ngrams = command("ngrams", "bigram / skip-bigram tables read from attention-free or one-attention paths",
+                     "Evaluate paths (unit weights: their own logits) on every vocabulary token (or token "
+                     "pair for paths through attention) and keep the global top-N.\nThe cost is planned "
+                     "first: --dry-run prints it, and a table estimated past --max-time is refused.")
+    _model_argument(ngrams)
     ngrams.add_argument("--paths", nargs="+", default=["E→U"],
                         help='paths such as "E→U" "E→MLP_last→U" "E→mlp3^1→U" "E→attn0→U"')
-    ngrams.add_argument("--top", type=int, default=100, help="global top-N entries (default 100)")
+    ngrams.add_argument("--top", type=_positive, default=100, help="global top-N entries")
     ngrams.add_argument("--keywords",
                         help='keyword list for probability masses: "toxic", "refusal" or a file')
-    ngrams.add_argument("--first", type=int, default=None,
-                        help="paths through attention: only tokens < N as the first context token")
+    sources = ngrams.add_mutually_exclusive_group()
+    sources.add_argument("--first", type=_positive, default=None,
+                         help="only tokens < N as the (first) context token, for every path (default: all)")
+    sources.add_argument("--contexts", type=Path, default=None,
+                         help="a file of contexts, one per line as token ids (two ids for paths through "
+                              "attention)")
     ngrams.add_argument("--rank", choices=("prob", "logit"), default="prob",
-                        help="order the top-N by conditional probability (default) or by raw logit")
-    ngrams.add_argument("--chunk", type=int, default=1024, help="contexts per batched call")
+                        help="order the top-N by conditional probability or by raw logit")
+    ngrams.add_argument("--chunk", type=_positive, default=1024, help="contexts per batched call")
     ngrams.add_argument("--resume", type=Path, help="folder for checkpoints (an interrupted run continues)")
     ngrams.add_argument("--out", type=Path, default=Path("ngrams.csv"),
-                        help="CSV or JSON to write; one file per path (suffixed) when several")
-    ngrams.set_defaults(run=_run_ngrams)
-    paths = commands.add_parser("paths", help="count the paths of a model and draw an expansion's path graph")
-    _model_arguments(paths)
-    paths.add_argument("--text", default=DEFAULT_TEXT)
-    paths.add_argument("--granularity", choices=("block", "sublayer"), default="sublayer")
-    paths.add_argument("--order", type=int, default=0)
-    paths.add_argument("--exclude", default="attn",
-                       help='comma list of kinds or units to drop (default "attn")')
-    paths.add_argument("--max-length", type=int, default=2)
-    paths.add_argument("--max-nodes", type=int, default=60, help="largest graph drawn in full")
+                        help="CSV or JSON to write; one file per path (suffixed -0, -1, …) when several")
+    _cost_arguments(ngrams)
+    ngrams.set_defaults(run=_run_ngrams, check=_check_ngrams)
+
+    paths = command("paths", "count the paths of a model and draw an expansion's path graph")
+    _model_argument(paths)
+    paths.add_argument("--text", default=DEFAULT_TEXT, help="input on which the drawn terms' norms are taken")
+    _granularity(paths)
+    _path_filters(paths, exclude="attn", max_length=2)
+    paths.add_argument("--max-nodes", type=_positive, default=60, help="largest graph drawn in full")
+    paths.add_argument("--limit", type=_positive, default=5000,
+                       help="refuse selections of more paths than this")
     paths.add_argument("--render", type=Path, default=Path("paths.svg"), help="SVG, PNG or DOT to write")
-    paths.set_defaults(run=_run_paths)
-    emit = commands.add_parser(
-        "emit", help="emit an expansion of a model as a standalone Python module (+ .safetensors)",
-        description="Expand MODEL (its paths, or its iterative lens) and write the expansion as a "
-                    "standalone module that imports only torch and safetensors.")
-    _model_arguments(emit)
-    emit.add_argument("-o", "--out", type=Path, required=True, help="the .py file to write")
+    _cost_arguments(paths)
+    paths.set_defaults(run=_run_paths, check=_check_paths)
+
+    emit = command("emit", "emit an expansion of a model as a standalone Python module (+ .safetensors)",
+                   "Expand MODEL (its paths, or its iterative lens) and write the expansion as a "
+                   "standalone module that imports only torch and safetensors.")
+    _model_argument(emit)
+    emit.add_argument("-o", "--out", type=Path, required=True, help="the .py file to write (+ .safetensors)")
     emit.add_argument("--text", default=DEFAULT_TEXT, help="example input: fixes the emitted shape")
     emit.add_argument("--expansion", choices=("paths", "lens"), default="paths",
                       help="paths: Algorithm 2 with filters; lens: the decoder's jet at every h_l")
-    emit.add_argument("--order", type=int, default=0, help="Taylor order (default 0)")
-    emit.add_argument("--granularity", choices=("block", "sublayer"), default="block")
-    emit.add_argument("--include", default=None, help="comma list of unit kinds or names to keep")
-    emit.add_argument("--exclude", default=None, help='comma list of unit kinds or names to drop ("attn")')
-    emit.add_argument("--max-length", type=int, default=1, help="units per path at most (default 1)")
+    _granularity(emit)
+    _path_filters(emit, exclude=None, max_length=1)
     emit.add_argument("--no-remainder", action="store_true",
                       help="leave out the model's own forward (target, remainder) and its weights")
-    emit.add_argument("--limit", type=int, default=5000,
-                      help="refuse expansions with more terms than this (default 5000)")
-    emit.set_defaults(run=_run_emit)
-    demo = commands.add_parser(
-        "demo", help="end to end on SmolLM2: capture, lens, bigrams, path graph, emitted code",
-        description="The README's main job: writes PNG/SVG/CSV/.py into --out and prints a summary.")
-    demo.add_argument("--model", default="smollm2")
-    demo.add_argument("--text", default=DEFAULT_TEXT)
+    emit.add_argument("--limit", type=_positive, default=5000,
+                      help="refuse expansions with more terms than this")
+    _cost_arguments(emit)
+    emit.set_defaults(run=_run_emit, check=_check_emit)
+
+    demo = command("demo", "end to end on SmolLM2: capture, lens, bigrams, path graph, emitted code",
+                   "The README's main job: writes PNG/SVG/CSV/.py into --out and prints a summary.")
+    demo.add_argument("--model", default="smollm2", help="model to run the demo on")
+    demo.add_argument("--text", default=DEFAULT_TEXT, help="input text of the lens and the emitted code")
     demo.add_argument("--out", type=Path, default=Path("jetgraph-demo"), help="output folder")
-    demo.add_argument("--chunk", type=int, default=1024, help="vocabulary rows per batched call")
-    demo.set_defaults(run=_run_demo)
+    demo.add_argument("--chunk", type=_positive, default=1024, help="vocabulary rows per batched call")
+    demo.set_defaults(run=_run_demo, check=_check_demo)
     return parser
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_argument(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     parser.add_argument("model", help='"smollm2", a local Hugging Face folder, or a cached hub id')
-    parser.add_argument("--tokenizer", help="a tokenizer folder or tokenizer.json (default: the model's)")
+    if tokenizer:
+        parser.add_argument("--tokenizer", help="a tokenizer folder or tokenizer.json (default: the model's)")
 
 
+def _granularity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--granularity", choices=("block", "sublayer"), default=DEFAULT_GRANULARITY,
+                        help="residual units: whole blocks, or attention and MLP sublayers")
+
+
+def _path_filters(parser: argparse.ArgumentParser, exclude: str | None, max_length: int) -> None:
+    parser.add_argument("--order", type=_order, default=0, help="Taylor order of every unit's jet")
+    parser.add_argument("--include", default=None, help="comma list of unit kinds or names to keep")
+    parser.add_argument("--exclude", default=exclude,
+                        help='comma list of unit kinds or names to drop ("attn": the attention-free paths)')
+    parser.add_argument("--max-length", type=_non_negative, default=max_length, help="units per path at most")
+    parser.add_argument("--weights", choices=("unit", "uniform"), default="unit",
+                        help="unit: each path term is the path's own value (a bigram path's logits, as "
+                             "in ngrams); uniform: Algorithm 2's 1/N per unit")
+
+
+def _cost_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the cost plan (items, FLOPs, memory, time) and stop")
+    parser.add_argument("--max-time", type=_seconds, default=DEFAULT_MAX_TIME,
+                        help="refuse work estimated to take longer (seconds; 'none' for no limit)")
+
+
+# ----------------------------------------------------------------------- checks before work
+def _check_text(text: str, option: str) -> None:
+    if not text or not text.strip():
+        raise UsageError(f"{option} is empty: give at least one token of input text")
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
+    from jetgraph.files import check_writable
+
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
+    check_writable(path, option)
+
+
+def _check_capture(args: argparse.Namespace) -> None:
+    _check_text(args.text, "--text")
+    if args.out is not None:
+        from jetgraph.files import check_writable
+
+        check_writable(args.out, "--out")
+
+
+def _check_lens(args: argparse.Namespace) -> None:
+    _check_text(args.text, "the text")
+    _check_output(args.out, (".png",), "--out")
+    if args.csv is not None:
+        _check_output(args.csv, (".csv",), "--csv")
+
+
+def _check_ngrams(args: argparse.Namespace) -> None:
+    from jetgraph.applications.ngrams import check_path_units, load_keywords, parse_path
+
+    layers = _config_layers(args.model)
+    for spec in args.paths:
+        parse_path(spec)
+        if layers is not None:
+            check_path_units(spec, layers)
+    args.keyword_words = load_keywords(args.keywords) if args.keywords else None
+    if args.contexts is not None:
+        args.context_rows = _read_contexts(args.contexts)
+    for out in _ngram_outputs(args):
+        _check_output(out, (".csv", ".json"), "--out")
+    if args.resume is not None:
+        from jetgraph.files import check_writable
+
+        check_writable(args.resume / "ngrams-0.pt", "--resume folder")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    _check_text(args.text, "--text")
+    _check_output(args.render, (".svg", ".png", ".dot"), "--render")
+
+
+def _check_emit(args: argparse.Namespace) -> None:
+    _check_text(args.text, "--text")
+    _check_output(args.out, (".py",), "--out")
+    from jetgraph.files import check_writable
+
+    check_writable(args.out.with_suffix(".safetensors"), "weights file")
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    from jetgraph.files import check_writable
+
+    _check_text(args.text, "--text")
+    check_writable(args.out / "summary.txt", "--out folder")
+
+
+def _config_layers(model: str) -> int | None:
+    """The number of layers in the model's config.json, read without loading the model (None when
+    there is no local config: the capture checks unit names then)."""
+    from jetgraph.capture.loading import SMOLLM2_NAMES, cache_dir
+
+    folder = cache_dir() / "smollm2-135m-instruct-f32" if model.lower() in SMOLLM2_NAMES else Path(model)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 30 if model.lower() in SMOLLM2_NAMES else None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
+def _read_contexts(path: Path) -> list[list[int]]:
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"--contexts {str(path)!r} is not a text file of token ids") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.replace(",", " ").split()
+        if not all(p.isdigit() for p in parts):
+            raise UsageError(f"--contexts {str(path)!r} line {number}: expected token ids, "
+                             f"got {line.strip()!r}")
+        rows.append([int(p) for p in parts])
+    if not rows:
+        raise UsageError(f"--contexts {str(path)!r} holds no contexts")
+    if len({len(r) for r in rows}) != 1:
+        raise UsageError(f"--contexts {str(path)!r}: every line needs the same number of token ids")
+    return rows
+
+
+def _ngram_outputs(args: argparse.Namespace) -> list[Path]:
+    if len(args.paths) == 1:
+        return [args.out]
+    return [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(args.paths))]
+
+
+# ------------------------------------------------------------------------------ commands
 def _load(args: argparse.Namespace, text: str | None = None):
     """(model, tokenizer, input ids) with the tokenizer and text checked against the model."""
     import jetgraph
@@ -136,11 +361,11 @@ def _load(args: argparse.Namespace, text: str | None = None):
 
 def _run_capture(args: argparse.Namespace) -> int:
     import jetgraph
+    from jetgraph.files import atomic_write
 
     start = time.perf_counter()
-    model, tokenizer = jetgraph.load_model(args.model)
+    model, _, ids = _load(args)
     loaded = time.perf_counter()
-    ids = tokenizer(args.text, return_tensors="pt", add_special_tokens=False).input_ids
     prog = jetgraph.capture(model, ids, granularity=args.granularity)
     captured = time.perf_counter()
     errors = _logit_errors(model, prog, ids)
@@ -155,8 +380,7 @@ def _run_capture(args: argparse.Namespace) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write(args.out, text + "\n")
     return 0
 
 
@@ -180,32 +404,74 @@ def _logit_errors(model, prog, ids) -> dict[str, float]:
     return errors
 
 
+def _selected_paths(args: argparse.Namespace, prog):
+    """The filtered paths of ``prog`` at the chosen granularity, refused past ``--limit``."""
+    import jetgraph
+    from jetgraph.errors import CostError
+
+    view = prog.at(args.granularity)
+    try:
+        paths = jetgraph.expand_paths(view, order=args.order, include=_names(args.include),
+                                      exclude=_names(args.exclude), max_length=args.max_length,
+                                      weights=args.weights)
+    except ValueError as exc:
+        other = "block" if args.granularity == "sublayer" else "sublayer"
+        raise ValueError(f"{exc} (at --granularity {args.granularity}; {other} names units differently)"
+                         ) from None
+    count = paths.count()
+    if count > args.limit:
+        raise CostError(f"{count:,} paths pass the filters, more than --limit {args.limit}: lower "
+                        "--max-length, --exclude unit kinds, --include fewer units, or raise --limit")
+    return view, paths, count
+
+
 def _run_emit(args: argparse.Namespace) -> int:
     import jetgraph
+    from jetgraph.applications.cost import expansion_plan
 
-    if args.out.suffix != ".py":
-        raise UsageError(f"--out must name a .py file, got {str(args.out)!r}")
     start = time.perf_counter()
     model, _, ids = _load(args)
-    prog = jetgraph.capture(model, ids, granularity=args.granularity)
+    prog = jetgraph.capture(model, ids)
     if args.expansion == "lens":
-        states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
-        expansion = jetgraph.expand(prog, "decoder", states, order=args.order, weights="unit")
+        view = prog.at(args.granularity)
+        count = (len(view.units) + 1) * (args.order + 1)
     else:
-        paths = jetgraph.expand_paths(prog, order=args.order, include=_names(args.include),
-                                      exclude=_names(args.exclude), max_length=args.max_length)
-        count = paths.count()
-        if count > args.limit:
-            raise UsageError(f"{count} paths pass the filters, more than --limit {args.limit}: lower "
-                             "--max-length, --exclude unit kinds, or raise --limit")
-        expansion = paths.expansion()
+        view, paths, count = _selected_paths(args, prog)
+    plan = expansion_plan(view, count, ids, args.order, f"emitting {count:,} terms")
+    if _stop_at_plan(args, [plan]):
+        return 0
+    if args.expansion == "lens":
+        states = [jetgraph.stream_term(view, i) for i in range(len(view.units) + 1)]
+        expansion = jetgraph.expand(view, "decoder", states, order=args.order, weights="unit")
+    else:
+        expansion = paths.expansion(max_terms=None)
     path = jetgraph.emit_source(expansion, args.out, ids, remainder=not args.no_remainder)
     weights = path.with_suffix(".safetensors")
-    print(f"{expansion!r} of {prog.model_class}: {len(expansion)} terms for input_ids of shape "
-          f"{tuple(ids.shape)}")
+    print(f"{expansion!r} of {prog.model_class}: {len(expansion)} terms ({args.weights} weights) for "
+          f"input_ids of shape {tuple(ids.shape)}")
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB) and {weights} "
           f"({weights.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _stop_at_plan(args: argparse.Namespace, plans) -> bool:
+    """Print the plans for --dry-run (True: stop), else refuse those past --max-time."""
+    from jetgraph.errors import CostError
+
+    if args.dry_run:
+        for plan in plans:
+            print(plan.describe())
+        if len(plans) > 1:
+            print(f"total: estimated {sum(p.seconds for p in plans):.3g} s")
+        return True
+    for plan in plans:
+        plan.check(args.max_time, "--max-time SECONDS (or --max-time none)",
+                   memory_option="lower --chunk or shrink the selection")
+    total = sum(p.seconds for p in plans)
+    if args.max_time is not None and total > args.max_time:
+        raise CostError(f"refusing {len(plans)} jobs estimated at {total:.3g} s together, more than "
+                        f"--max-time {args.max_time:g}: run fewer at once or raise --max-time")
+    return False
 
 
 def _names(text: str | None) -> set[str] | None:
@@ -214,61 +480,66 @@ def _names(text: str | None) -> set[str] | None:
 
 def _run_lens(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.applications import iterative_lens, joint_lens
+    from jetgraph.applications import iterative_lens, joint_lens, write_lens_csv
     from jetgraph.applications.plots import plot_lens
 
-    if args.order < 0:
-        raise UsageError(f"--order must be >= 0, got {args.order}")
     model, tokenizer, ids = _load(args)
     prog = jetgraph.capture(model, ids, granularity=args.granularity)
     results = [iterative_lens(prog, ids, order=k) for k in range(args.order + 1)]
     if args.joint:
         results.append(joint_lens(prog, ids, order=args.order))
-    plot_lens(results[: args.order + 1], args.out, tokenizer, ids)
+    plot_lens(results, args.out, tokenizer, ids)
     print(_lens_table(results))
     if args.csv is not None:
-        results[args.order].to_csv(args.csv)
+        write_lens_csv(results, args.csv)
     print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
     return 0
 
 
 def _lens_table(results) -> str:
-    lines = [f"{'centre':<16}" + "".join(f"  cos@{r.kind[0]}{r.order}" for r in results)]
-    for i, label in enumerate(results[0].labels):
-        cells = "".join(f"  {r.metrics['cosine'][i].mean().item():7.3f}" if i < len(r.labels) else "        -"
-                        for r in results)
+    """Cosine to the logits by centre, one column per iterative order; the joint lens after."""
+    iterative = [r for r in results if r.kind == "iterative"]
+    lines = [f"{'centre':<16}" + "".join(f"  {'cos@' + str(r.order):>7}" for r in iterative)]
+    for i, label in enumerate(iterative[0].labels):
+        cells = "".join(f"  {r.metrics['cosine'][i].mean().item():7.3f}" for r in iterative)
         lines.append(f"{label:<16}{cells}")
+    for result in results:
+        if result.kind == "joint":
+            lines.append(f"joint lens, order {result.order}: cosine "
+                         f"{result.metrics['cosine'][0].mean().item():.3f} (weights fitted on this input)")
     return "\n".join(lines)
 
 
 def _run_ngrams(args: argparse.Namespace) -> int:
-    import jetgraph
-    from jetgraph.applications import keyword_ids, load_keywords, ngram_table, path_term
-    from jetgraph.applications.ngrams import all_contexts, context_length
+    import torch
 
-    if args.out.suffix not in (".csv", ".json"):
-        raise UsageError(f"--out must end in .csv or .json, got {str(args.out)!r}")
+    import jetgraph
+    from jetgraph.applications import keyword_ids, ngram_table
+    from jetgraph.applications.ngrams import ngram_plan
+
     model, tokenizer, ids = _load(args, text="a")
     prog = jetgraph.capture(model, ids)
-    keywords = keyword_ids(tokenizer, load_keywords(args.keywords)) if args.keywords else None
-    for index, spec in enumerate(args.paths):
-        term = path_term(prog, spec)
-        contexts = None
-        if context_length(term) == 2 and args.first is not None:
-            vocab = int(prog.decoder.unembedding.shape[0])
-            contexts = all_contexts(vocab, 2, first=range(min(args.first, vocab)))
+    keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
+    contexts = torch.tensor(args.context_rows) if args.contexts is not None else None
+    first = range(args.first) if args.first is not None else None
+    vocab = int(prog.decoder.unembedding.shape[0])
+    if first is not None and args.first > vocab:
+        first = range(vocab)
+    options = dict(contexts=contexts, first=first, top=args.top, keywords=keywords, normalise=True,
+                   rank=args.rank, chunk=args.chunk)
+    plans = [ngram_plan(prog, spec, **options) for spec in args.paths]
+    if _stop_at_plan(args, plans):
+        return 0
+    outputs = _ngram_outputs(args)
+    for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
-        table = ngram_table(prog, term, contexts=contexts, top=args.top, keywords=keywords,
-                            normalise=True, rank=args.rank, chunk=args.chunk, resume=resume)
-        out = args.out
-        if len(args.paths) > 1:
-            out = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
+        table = ngram_table(prog, spec, resume=resume, max_seconds=None, **options)
         table.export(out, tokenizer)
-        print(f"{term.name}: top {args.top} of {table.contexts.shape[0]:,} contexts x {table.vocab:,} "
-              f"-> {out}")
+        print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
+              f"(by {args.rank}) -> {out}")
         for entry in table.entries(tokenizer)[:10]:
             print(f"  {entry['context']!r:>16} -> {entry['next']!r:<16} logit {entry['logit']:8.3f}  "
-                  f"p {entry['prob']:.3f}")
+                  f"p {entry['prob']:.6f}")
         if keywords:
             mass = table.mass()
             print(f"  keyword mass ({args.keywords}, {len(keywords)} tokens): {mass['mean']:.5f} "
@@ -278,18 +549,21 @@ def _run_ngrams(args: argparse.Namespace) -> int:
 
 def _run_paths(args: argparse.Namespace) -> int:
     import jetgraph
+    from jetgraph.applications.cost import expansion_plan
     from jetgraph.viz import expansion_graph, render
 
     model, _, ids = _load(args)
     prog = jetgraph.capture(model, ids)
-    view = prog.at(args.granularity)
-    paths = jetgraph.expand_paths(view, order=args.order, exclude=_names(args.exclude),
-                                  max_length=args.max_length)
-    expansion = paths.expansion()
+    view, paths, count = _selected_paths(args, prog)
+    plan = expansion_plan(view, count, ids, args.order, f"drawing {count:,} paths")
+    if _stop_at_plan(args, [plan]):
+        return 0
+    expansion = paths.expansion(max_terms=None)
     out = render(expansion_graph(expansion, ids, max_nodes=args.max_nodes), args.render)
     total = jetgraph.count_paths(prog, args.granularity, args.order)
     print(f"{prog.model_class}: {total:,} paths at {args.granularity} granularity (order {args.order}); "
-          f"{len(expansion)} selected (exclude {args.exclude or 'nothing'}, max length {args.max_length})")
+          f"{len(expansion)} selected (exclude {args.exclude or 'nothing'}, max length {args.max_length}, "
+          f"{args.weights} weights)")
     print(f"wrote {out}")
     return 0
 

@@ -29,9 +29,10 @@ class _Log:
 @torch.no_grad()
 def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     import jetgraph
-    from jetgraph.applications import iterative_lens, keyword_ids, load_keywords, ngram_table
+    from jetgraph.applications import iterative_lens, keyword_ids, load_keywords, ngram_table, write_lens_csv
     from jetgraph.applications.plots import plot_lens
     from jetgraph.capture.loading import encode
+    from jetgraph.files import atomic_write
     from jetgraph.viz import expansion_graph, program_graph, render
 
     log = _Log()
@@ -42,18 +43,18 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
 
     prog = jetgraph.capture(model, ids)
     error = (prog(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item()
-    (out / "program.txt").write_text(prog.at("sublayer").summary_table() + "\n")
+    atomic_write(out / "program.txt", prog.at("sublayer").summary_table() + "\n")
     render(program_graph(prog.at("sublayer")), out / "program.svg")
     log.step(f"captured {len(prog.blocks)} blocks / {len(prog.sublayers)} sublayer units; "
              f"max |logit error| vs the model {error:.2e} -> program.txt, program.svg")
 
     results = [iterative_lens(prog, ids, order=k) for k in range(3)]
     plot_lens(results, out / "lens.png", tokenizer, ids)
-    results[1].to_csv(out / "lens_order1.csv")
+    write_lens_csv(results, out / "lens.csv")
     middle = len(results[0].labels) // 2
     cos = {k: results[k].metrics["cosine"][middle].mean().item() for k in range(3)}
     log.step(f"jet lens, orders 0-2: cosine at {results[0].labels[middle]} = "
-             + ", ".join(f"{cos[k]:.3f} (order {k})" for k in range(3)) + " -> lens.png, lens_order1.csv")
+             + ", ".join(f"{cos[k]:.3f} (order {k})" for k in range(3)) + " -> lens.png, lens.csv")
 
     keywords = keyword_ids(tokenizer, load_keywords("toxic"))
     found: list[str] = []
@@ -65,7 +66,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         mass = table.mass()
         found.append(f"{table.path}: top bigrams {pairs}; toxic-word mass {mass['mean']:.2e} "
                      f"[{mass['low']:.2e}, {mass['high']:.2e}]")
-        log.step(f"bigram table {table.path} over {table.contexts.shape[0]:,} tokens -> {path.name}")
+        log.step(f"bigram table {table.path} over {len(table.contexts):,} tokens -> {path.name}")
 
     view = prog.at("sublayer")
     selected = jetgraph.expand_paths(view, exclude={"attn"}, max_length=2)
@@ -80,7 +81,8 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     module = jetgraph.emit_source(bigram_paths, out / "bigram_paths.py", ids, remainder=False)
     size = module.with_suffix(".safetensors").stat().st_size / 1e6
     names = ", ".join(t.name for t in bigram_paths.terms)
-    log.step(f"emitted the bigram paths {names} as {module.name} (+ {size:.0f} MB of weights)")
+    log.step(f"emitted the bigram paths {names} (unit weights: each output is the path's logits, as in "
+             f"the tables) as {module.name} (+ {size:.0f} MB of weights)")
 
     summary = [
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",
@@ -89,12 +91,12 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         + ", ".join(f"order {k} {cos[k]:.3f}" for k in range(3)),
         *(f"- {line}" for line in found),
         f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
-        f"- outputs in {out}/: program.txt/svg, lens.png, lens_order1.csv, bigrams_*.csv, paths.svg, "
+        f"- outputs in {out}/: program.txt/svg, lens.png, lens.csv, bigrams_*.csv, paths.svg, "
         f"{module.name}",
         f"- total {time.perf_counter() - log.start:.0f} s",
     ]
     text_summary = "\n".join(summary)
-    (out / "summary.txt").write_text(text_summary + "\n" + "\n".join(log.lines) + "\n")
+    atomic_write(out / "summary.txt", text_summary + "\n" + "\n".join(log.lines) + "\n")
     print("\n" + text_summary)
     return 0
 

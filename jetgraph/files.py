@@ -16,7 +16,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
-    current = os.umask(0)
+    """The process's umask: read from /proc on Linux (no race), else set and set straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
     os.umask(current)
     return current
 

@@ -369,7 +369,7 @@ class ResidualProgram:
 
 
 def as_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
-    """Validate token ids: an integer tensor [batch, seq] (or [seq]) as int64 [batch, seq]."""
+    """Validate token ids: a non-empty integer tensor [batch, seq] (or [seq]) as int64 [batch, seq]."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"input_ids must be an integer tensor of shape [batch, seq], got {type(input_ids).__name__}"
@@ -379,6 +379,9 @@ def as_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; give at least one "
+                         "sequence of at least one token")
     return input_ids.long()
 
 

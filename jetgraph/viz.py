@@ -18,6 +18,7 @@ import networkx as nx
 import torch
 
 from jetgraph.errors import JetgraphError
+from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.expand import Expansion
 
@@ -90,9 +91,10 @@ def expansion_graph(expansion: Expansion, input_ids: torch.Tensor | None = None,
     for source, target in graph.edges:
         if source in keep and target in keep:
             dot.edge(str(source), str(target), label=graph.edges[source, target].get("unit") or "")
-    hidden = len(graph.nodes) - len(keep)
+    hidden = sum(1 for term in expansion.terms if term.uid not in keep)  # terms, not DAG nodes
     if hidden:
-        dot.node("more", f"… {hidden} more terms (smaller norms) …", shape="plaintext", style="")
+        why = "smaller norms" if norms else "not drawn"
+        dot.node("more", f"… {hidden} more terms ({why}) …", shape="plaintext", style="")
     return dot
 
 
@@ -103,19 +105,14 @@ def render(graph: graphviz.Digraph, path: str | Path) -> Path:
     if fmt not in FORMATS:
         raise RenderError(f"unsupported picture format {path.suffix!r}: use one of "
                           f"{', '.join('.' + f for f in FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "dot":
-        path.write_text(graph.source)
-        return path
+        return atomic_write(path, graph.source)
     if shutil.which("dot") is None:
-        fallback = path.with_suffix(".dot")
-        fallback.write_text(graph.source)
+        fallback = atomic_write(path.with_suffix(".dot"), graph.source)
         raise RenderError(f"graphviz's `dot` program is not installed, so {path.name} was not drawn; "
                           f"the DOT text is in {fallback}. Install it with `apt-get install graphviz` "
                           "(Debian/Ubuntu) or `brew install graphviz` (macOS)")
-    data = graph.pipe(format=fmt)
-    path.write_bytes(data)
-    return path
+    return atomic_write(path, graph.pipe(format=fmt))
 
 
 def _ancestors(graph: nx.DiGraph, node: int) -> set[int]:

@@ -1,6 +1,8 @@
-"""The command line: help, exit codes, capture output."""
+"""The command line: help, exit codes, outputs, and every user error as one line before the work."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -8,11 +10,44 @@ from jetgraph.cli import main
 from tests.conftest import require_tinystories
 
 
-def test_help_exits_zero(capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["--help"])
-    assert info.value.code == 0
+def _no_model_loading(monkeypatch) -> None:
+    """Make any model load fail loudly: a check that must come first did not."""
+    import jetgraph
+
+    def refuse(*_, **__):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(jetgraph, "load_model", refuse)
+
+
+def _one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("Loading weights")]  # transformers' progress bar
+    assert len(lines) == 1 and lines[0].startswith("jetgraph "), err
+    err = lines[0]
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_help_exits_zero_and_shows_defaults(capsys) -> None:
+    assert main(["--help"]) == 0
     assert "capture" in capsys.readouterr().out
+    assert main(["ngrams", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 100)" in text and "(default: prob)" in text and "(default: 3600.0)" in text
+    assert main(["emit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: sublayer)" in text and "(default: unit)" in text
+
+
+def test_version(capsys) -> None:
+    from jetgraph._version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"jetgraph {__version__}"
 
 
 def test_no_command_prints_help_and_returns_2(capsys) -> None:
@@ -20,9 +55,118 @@ def test_no_command_prints_help_and_returns_2(capsys) -> None:
     assert "usage" in capsys.readouterr().out
 
 
+def test_one_default_granularity() -> None:
+    from jetgraph.cli import _parser
+
+    parser = _parser()
+    commands = (("capture", []), ("lens", ["t"]), ("paths", []), ("emit", ["-o", "x.py"]))
+    defaults = {name: parser.parse_args([name, "m", *extra]).granularity for name, extra in commands}
+    assert set(defaults.values()) == {"sublayer"}, defaults
+
+
+def test_parse_errors_exit_2(capsys, monkeypatch) -> None:
+    _no_model_loading(monkeypatch)
+    assert main(["lens", "m", "text", "--order", "x"]) == 2
+    assert "expected an integer, got 'x'" in capsys.readouterr().err
+    assert main(["lens", "m", "text", "--order", "20"]) == 2
+    assert "above the highest supported order 18" in capsys.readouterr().err
+    assert main(["lens", "m", "text", "--order", "-1"]) == 2
+    assert "non-negative" in capsys.readouterr().err
+    assert main(["ngrams", "m", "--top", "0"]) == 2
+    assert "positive integer" in capsys.readouterr().err
+    assert main(["paths", "m", "--granularity", "layer"]) == 2
+    assert "invalid choice: 'layer'" in capsys.readouterr().err
+    assert main(["ngrams", "m", "--first", "3", "--contexts", "c.txt"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_unknown_model_returns_1(capsys) -> None:
+    start = time.perf_counter()
     assert main(["capture", "no-such-model"]) == 1
-    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    _one_line_error(capsys, "unknown model 'no-such-model'")
+    assert time.perf_counter() - start < 10  # no retrying on a hub that cannot be reached
+
+
+def test_empty_text_is_refused_before_loading(capsys, monkeypatch) -> None:
+    _no_model_loading(monkeypatch)
+    assert main(["capture", "m", "--text", ""]) == 2
+    _one_line_error(capsys, "--text is empty")
+    assert main(["lens", "m", "  "]) == 2
+    _one_line_error(capsys, "the text is empty")
+
+
+def test_path_specs_are_checked_before_loading(tmp_path, capsys, monkeypatch) -> None:
+    path = require_tinystories()  # its config says 2 layers
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "t.csv"
+    cases = {
+        "E→mlp9→U": "has 2 layers (mlp0..mlp1)",
+        "E→mlp0^-1→U": "takes the order as ^j",
+        "E→mlp0^x→U": "takes the order as ^j",
+        "E→mlp0^30→U": "above the highest supported order 18",
+        "E→→U": "has an empty step",
+        "E→mlp0": "must end at U",
+        "E→conv0→U": "unknown unit 'conv0'",
+    }
+    for spec, message in cases.items():
+        assert main(["ngrams", str(path), "--paths", "E→U", spec, "--out", str(out)]) == 1, spec
+        _one_line_error(capsys, message)
+    assert main(["ngrams", str(path), "--keywords", str(tmp_path / "missing.txt"), "--out", str(out)]) == 1
+    _one_line_error(capsys, "no keyword list")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_checked_before_loading(tmp_path, capsys, monkeypatch) -> None:
+    _no_model_loading(monkeypatch)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["ngrams", "m", "--out", str(blocker / "t.csv")]) == 1
+    _one_line_error(capsys, "is not a folder")
+    assert main(["ngrams", "m", "--out", str(tmp_path / "t.txt")]) == 2
+    _one_line_error(capsys, "--out must end in .csv or .json")
+    assert main(["lens", "m", "text", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--out must end in .png")
+    assert main(["lens", "m", "text", "--out", str(tmp_path / "lens.png"), "--csv", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--csv must end in .csv")
+    assert main(["paths", "m", "--render", str(tmp_path / "p.gif")]) == 2
+    _one_line_error(capsys, "--render must end in .svg or .png or .dot")
+    folder = tmp_path / "out.py"
+    folder.mkdir()
+    assert main(["emit", "m", "-o", str(folder)]) == 1
+    _one_line_error(capsys, "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "out.py"]
+
+
+def test_disk_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import jetgraph.files
+
+    path = require_tinystories()
+
+    def full_disk(target, data):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(jetgraph.files, "atomic_write", full_disk)
+    out = tmp_path / "summary.txt"
+    assert main(["capture", str(path), "--text", "Once upon a time", "--out", str(out)]) == 1
+    _one_line_error(capsys, "No space left on device")
+    assert not out.exists()
+
+
+def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -> None:
+    import jetgraph.applications
+
+    path = require_tinystories()
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jetgraph.applications, "ngram_table", interrupted)
+    resume = tmp_path / "ckpt"
+    assert main(["ngrams", str(path), "--resume", str(resume), "--out", str(tmp_path / "t.csv")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert main(["ngrams", str(path), "--out", str(tmp_path / "t.csv")]) == 130
+    assert "add --resume DIR" in capsys.readouterr().err
+    assert not (tmp_path / "t.csv").exists()
 
 
 def test_capture_tinystories_writes_summary(tmp_path, capsys) -> None:
@@ -30,9 +174,11 @@ def test_capture_tinystories_writes_summary(tmp_path, capsys) -> None:
     out = tmp_path / "summary.txt"
     assert main(["capture", str(path), "--text", "Once upon a time", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "LlamaForCausalLM" in text and "block1" in text
-    assert "eager attention)| = 0" in text or "eager attention)| = " in text
+    assert "LlamaForCausalLM" in text and "attn1" in text and "mlp1" in text
+    error = float(text.split("eager attention)| = ")[1].split()[0])
+    assert error <= 1e-5
     assert text.strip() in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 def test_emit_writes_an_importable_module(tmp_path, capsys) -> None:
@@ -43,15 +189,25 @@ def test_emit_writes_an_importable_module(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "expanded_tiny.py"
     assert main(["emit", str(path), "-o", str(out), "--text", "Once upon a time", "--order", "1",
-                 "--exclude", "attn", "--granularity", "sublayer"]) == 0
-    assert "wrote" in capsys.readouterr().out
+                 "--exclude", "attn"]) == 0
+    assert "(unit weights)" in capsys.readouterr().out
     spec = importlib.util.spec_from_file_location("expanded_tiny", out)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert "Term weights: unit" in module.__doc__
     ids = torch.zeros(module.INPUT_SHAPE, dtype=torch.long)
     result = module.load()(ids)
     assert set(module.TERMS) | {"target", "remainder"} == set(result)
     assert all("attn" not in name for name in module.TERMS)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert out.with_suffix(".safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_emit_include_by_sublayer_name(tmp_path) -> None:
+    path = require_tinystories()
+    out = tmp_path / "mlp0.py"
+    assert main(["emit", str(path), "-o", str(out), "--include", "mlp0", "--no-remainder"]) == 0
+    assert "'embed.token→mlp0→unembed'," in out.read_text()
 
 
 def test_emit_lens(tmp_path) -> None:
@@ -61,25 +217,40 @@ def test_emit_lens(tmp_path) -> None:
     assert "'h0→unembed^1'," in out.read_text()
 
 
-def test_emit_usage_errors(tmp_path, capsys) -> None:
+def test_emit_errors(tmp_path, capsys) -> None:
     path = require_tinystories()
     assert main(["emit", str(path), "-o", str(tmp_path / "x.txt")]) == 2
-    assert "--out must name a .py file" in capsys.readouterr().err
-    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-length", "2", "--limit", "3"]) == 2
-    assert "more than --limit 3" in capsys.readouterr().err
+    _one_line_error(capsys, "--out must end in .py")
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-length", "2", "--limit", "3"]) == 1
+    _one_line_error(capsys, "more than --limit 3")
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--exclude", "nonsense"]) == 1
-    assert "unknown units or kinds" in capsys.readouterr().err
+    _one_line_error(capsys, "unknown units or kinds")
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--include", "mlp0",
+                 "--granularity", "block"]) == 1
+    _one_line_error(capsys, "at --granularity block")
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--dry-run"]) == 0
+    assert "terms" in capsys.readouterr().out
+    assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-time", "1e-9"]) == 1
+    _one_line_error(capsys, "refusing emitting", "--max-time")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lens_command(tmp_path, capsys) -> None:
+def test_lens_command_writes_every_order_and_the_joint_lens(tmp_path, capsys) -> None:
+    import csv
+
     path = require_tinystories()
     png, table = tmp_path / "lens.png", tmp_path / "lens.csv"
-    assert main(["lens", str(path), "Once upon a time", "--order", "2", "--out", str(png),
+    assert main(["lens", str(path), "Once upon a time", "--order", "2", "--joint", "--out", str(png),
                  "--csv", str(table)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
-    assert "cos@i2" in capsys.readouterr().out
-    assert table.read_text().startswith("centre,cosine")
+    printed = capsys.readouterr().out
+    assert "cos@2" in printed and "joint lens, order 2: cosine" in printed
+    rows = list(csv.DictReader(table.open()))
+    states = 2 * 2 + 1  # sublayer view of 2 blocks: h0..h4
+    assert [(r["lens"], r["order"]) for r in rows] == (
+        [("iterative", str(k)) for k in range(3) for _ in range(states)] + [("joint", "2")])
+    assert rows[-1]["centre"] == "Σ weighted centres"
+    assert float(rows[states - 1]["cosine"]) == pytest.approx(1.0, abs=1e-5)  # order 0 at h_L
 
 
 def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
@@ -93,8 +264,42 @@ def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
     assert (tmp_path / "bigrams-1.csv").is_file()
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
+    capsys.readouterr()
     assert main(["ngrams", str(path), "--keywords", str(empty), "--out", str(out)]) == 1
-    assert "is empty" in capsys.readouterr().err
+    _one_line_error(capsys, "is empty")
+
+
+def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
+    import csv
+
+    path = require_tinystories()
+    out = tmp_path / "first.csv"
+    assert main(["ngrams", str(path), "--paths", "E→U", "--first", "10", "--top", "30",
+                 "--out", str(out)]) == 0
+    assert "of 10 contexts" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 30 and all(int(r["context_ids"]) < 10 for r in rows)
+    contexts = tmp_path / "contexts.txt"
+    contexts.write_text("5\n17\n# a comment\n99\n")
+    assert main(["ngrams", str(path), "--contexts", str(contexts), "--top", "5", "--out", str(out)]) == 0
+    assert {int(r["context_ids"]) for r in csv.DictReader(out.open())} <= {5, 17, 99}
+    contexts.write_text("5 x\n")
+    capsys.readouterr()
+    assert main(["ngrams", str(path), "--contexts", str(contexts), "--out", str(out)]) == 2
+    _one_line_error(capsys, "line 1: expected token ids")
+
+
+def test_ngrams_plan_and_refusal(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    out = tmp_path / "pairs.csv"
+    assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4,194,304 contexts" in printed and "FLOP" in printed and "estimated" in printed
+    start = time.perf_counter()
+    assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--max-time", "1", "--out", str(out)]) == 1
+    _one_line_error(capsys, "refusing n-gram table embed.token→attn0→unembed", "--max-time")
+    assert time.perf_counter() - start < 30  # load + capture + plan; no table work
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_paths_command(tmp_path, capsys) -> None:
@@ -103,6 +308,13 @@ def test_paths_command(tmp_path, capsys) -> None:
     assert main(["paths", str(path), "--render", str(out)]) == 0
     assert "paths at sublayer granularity" in capsys.readouterr().out
     assert out.read_text().startswith("digraph")
+    assert main(["paths", str(path), "--exclude", "", "--max-length", "3", "--limit", "4",
+                 "--render", str(tmp_path / "all.svg")]) == 1
+    _one_line_error(capsys, "15 paths pass the filters, more than --limit 4")
+    assert main(["paths", str(path), "--exclude", "", "--dry-run",
+                 "--render", str(tmp_path / "all.svg")]) == 0
+    assert "drawing 11 paths" in capsys.readouterr().out
+    assert not (tmp_path / "all.svg").exists()
 
 
 def test_mismatched_tokenizer_and_long_text(capsys) -> None:
@@ -113,17 +325,18 @@ def test_mismatched_tokenizer_and_long_text(capsys) -> None:
     if not gpt2_tokenizer.is_file():
         pytest.skip("shared/models/gpt2-tokenizer is absent")
     assert main(["lens", str(path), "Hello there", "--tokenizer", str(gpt2_tokenizer)]) == 1
-    assert "do not belong together" in capsys.readouterr().err
+    _one_line_error(capsys, "do not belong together")
     assert main(["lens", str(path), "once upon a time " * 400]) == 1
-    assert "the model's context holds" in capsys.readouterr().err
+    _one_line_error(capsys, "the model's context holds")
 
 
 def test_demo_writes_every_output(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(path), "--text", "Once upon a time", "--out", str(out)]) == 0
-    expected = {"program.txt", "program.svg", "lens.png", "lens_order1.csv", "bigrams_0.csv", "bigrams_1.csv",
+    expected = {"program.txt", "program.svg", "lens.png", "lens.csv", "bigrams_0.csv", "bigrams_1.csv",
                 "bigrams_2.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt"}
-    assert expected <= {p.name for p in out.iterdir()}
+    assert expected == {p.name for p in out.iterdir()}  # nothing else (no temporary files)
     printed = capsys.readouterr().out
     assert "toxic-word mass" in printed and "logits reproduced to" in printed
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())

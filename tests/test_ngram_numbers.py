@@ -156,3 +156,24 @@ def test_infeasible_tables_are_refused_before_work(monkeypatch) -> None:
     assert time.perf_counter() - start < 1.0
     with pytest.raises(CostError, match="needs more memory"):
         ngram_plan(prog, "E→U").check(None, "max_seconds", max_bytes=10)
+
+
+@pytest.mark.parametrize("model", ["llama", "tinystories"])
+def test_emitted_bigram_paths_equal_the_table_rows(model: str) -> None:
+    """The same path name gives the same logits everywhere: emitted code (default unit weights)
+    and the n-gram table."""
+    from tests.conftest import captured, random_ids, require_tinystories
+
+    if model == "tinystories":
+        loaded, _ = jetgraph.load_model(str(require_tinystories()))
+        ids = random_ids(1, 7, seed=3, vocab=2048)
+        prog = jetgraph.capture(loaded, ids)
+    else:
+        prog = captured(model)[1]
+        ids = random_ids(1, 7, seed=3)
+    expansion = jetgraph.expand_paths(prog.at("sublayer"), include={"mlp0"}, max_length=1).expansion()
+    outputs = jetgraph.emit(expansion, ids, remainder=False)(ids)
+    for spec, name in (("E→U", "embed.token→unembed"), ("E→mlp0→U", "embed.token→mlp0→unembed")):
+        rows = full_table(prog, spec)[ids[0]]  # the table's row of each input token
+        scale = rows.abs().max()
+        torch.testing.assert_close(outputs[name][0], rows, rtol=0, atol=2e-6 * scale)  # float32

@@ -20,8 +20,8 @@ def test_enumeration_equals_closed_form_and_unit_graph(family: str, granularity:
     view = prog.at(granularity)
     paths = expand_paths(prog, granularity=granularity)
     sources = len(prog.encoder.addend_names)
-    enumerated = paths.count()
-    assert enumerated == count_paths(prog, granularity)
+    enumerated = sum(1 for _ in paths)
+    assert paths.count() == enumerated == count_paths(prog, granularity)
     graph_paths = sum(1 for _ in nx.all_simple_paths(view.to_networkx(), "embed", "unembed"))
     assert enumerated == sources * graph_paths
     if family != "residual_mlp":

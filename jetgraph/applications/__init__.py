@@ -1,6 +1,6 @@
 """Applications of jet expansions: lenses, n-gram tables, keyword masses, model diffs."""
 
-from jetgraph.applications.lens import LensResult, iterative_lens, joint_lens, lens_metrics
+from jetgraph.applications.lens import LensResult, iterative_lens, joint_lens, lens_metrics, write_lens_csv
 from jetgraph.applications.ngrams import (
     NgramTable,
     bootstrap_mean,
@@ -27,4 +27,5 @@ __all__ = [
     "load_keywords",
     "ngram_table",
     "path_term",
+    "write_lens_csv",
 ]

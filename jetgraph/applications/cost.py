@@ -128,3 +128,21 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.3g} h"
     return f"{seconds / 86400:.3g} days"
+
+
+def expansion_plan(prog, terms: int, input_ids, order: int, what: str) -> Plan:
+    """The cost of evaluating ``terms`` logit-space terms of ``prog`` on ``input_ids``.
+
+    Each term applies its units and the decoder to [batch, seq] tokens: about
+    2·(V·d + mean unit parameters) multiply-adds per token and Taylor order, and holds its
+    [batch, seq, V] logits (4 bytes each) until the terms are summed. An estimate: shared
+    prefixes make it an upper bound at order 0.
+    """
+    tokens = int(input_ids.numel())
+    unembedding = prog.decoder.unembedding
+    vocab, width = (unembedding.shape if unembedding is not None else (1, 1))
+    unit_params = sum(u.num_parameters for u in prog.units) / max(len(prog.units), 1)
+    flops = terms * tokens * 2.0 * (vocab * width + unit_params) * (order + 1)
+    peak = terms * tokens * vocab * 4.0 * 2
+    seconds = estimate_seconds(flops, terms * tokens * vocab * 3.0, overhead=terms * 1e-3)
+    return Plan(what, terms, "terms", flops, peak, seconds, gemm_rate())

@@ -28,6 +28,7 @@ from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.expand import Expansion, Term, source_terms
+from jetgraph.taylor import MAX_ORDER, check_order
 
 ALIASES = {"e": "embed.token", "embed": "embed.token", "u": "unembed", "unembed": "unembed"}
 
@@ -45,14 +46,8 @@ def path_term(prog: ResidualProgram, spec: str | Term, order: int | None = None)
         if spec.space != "logits":
             raise ValueError(f"an n-gram path must end in the decoder (logit space), got {spec!r}")
         return spec
-    steps = [s.strip() for s in spec.replace("->", "→").split("→") if s.strip()]
-    if len(steps) < 2:
-        raise ValueError(f"path {spec!r} needs at least a source and the decoder, e.g. 'E→U'")
-    parsed = []
-    for step in steps:
-        name, _, power = step.partition("^")
-        parsed.append((name, int(power) if power else 0))
-    depth = order if order is not None else max(j for _, j in parsed)
+    parsed = parse_path(spec)
+    depth = check_order(order if order is not None else max(j for _, j in parsed), "the path's order")
     units = {u.name: u for u in view.units}
     mlps = [u.name for u in view.units if u.kind == "mlp"]
     attns = [u.name for u in view.units if u.kind == "attn"]
@@ -76,6 +71,56 @@ def path_term(prog: ResidualProgram, spec: str | Term, order: int | None = None)
         previous = units[unit].index
         term = term.then(unit, j, depth)
     return term.then("unembed", parsed[-1][1], depth, space="logits")
+
+
+def parse_path(spec: str) -> list[tuple[str, int]]:
+    """The steps of a path spec as (name, Taylor order), checked for syntax only (no model needed):
+    ``"E→mlp3^1→U"`` → ``[("E", 0), ("mlp3", 1), ("U", 0)]``."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a path is text such as 'E→mlp0→U', got {type(spec).__name__}")
+    raw = spec.replace("->", "→").split("→")
+    steps = [s.strip() for s in raw]
+    if any(not s for s in steps) and len(steps) > 1:
+        raise ValueError(f"path {spec!r} has an empty step: write steps joined by → or ->, e.g. 'E→mlp0→U'")
+    if len(steps) < 2:
+        raise ValueError(f"path {spec!r} needs at least a source and the decoder, e.g. 'E→U'")
+    parsed = []
+    for step in steps:
+        name, caret, power = step.partition("^")
+        name = name.strip()
+        if not name or not all(c.isalnum() or c in "_." for c in name):
+            raise ValueError(f"path {spec!r}: step {step!r} is not a unit name (letters, digits, '_', '.')")
+        if caret and not power.strip().isdigit():
+            raise ValueError(f"path {spec!r}: step {step!r} takes the order as ^j with j an integer 0.."
+                             f"{MAX_ORDER}, got ^{power.strip() or ''}")
+        order = int(power) if caret else 0
+        if order > MAX_ORDER:
+            raise ValueError(f"path {spec!r}: order {order} at {name!r} is above the highest supported "
+                             f"order {MAX_ORDER}")
+        parsed.append((name, order))
+    if ALIASES.get(parsed[0][0].lower()) == "unembed":
+        raise ValueError(f"path {spec!r} starts at the decoder; it must start at a source such as E")
+    if ALIASES.get(parsed[-1][0].lower()) != "unembed":
+        raise ValueError(f"path {spec!r} must end at U (the decoder)")
+    return parsed
+
+
+def check_path_units(spec: str, layers: int) -> None:
+    """Check the unit names of a path spec against a model with ``layers`` blocks (from its
+    config, before loading it): ``attnI`` / ``mlpI`` (``mlpI_2`` for a block's second) need
+    I < layers. The capture checks the names again against the units it finds."""
+    for name, _ in parse_path(spec)[1:-1]:
+        lowered = name.lower()
+        if lowered in ("mlp_last", "attn_last"):
+            continue
+        kind = next((k for k in ("attn", "mlp") if lowered.startswith(k)), None)
+        index = lowered[len(kind):].split("_")[0] if kind else ""  # mlp3_2: a block's second MLP
+        if kind is None or not index.isdigit():
+            raise ValueError(f"path {spec!r} names unknown unit {name!r}: units are attn0..attn{layers - 1}, "
+                             f"mlp0..mlp{layers - 1}, MLP_last and ATTN_last")
+        if int(index) >= layers:
+            raise ValueError(f"path {spec!r} names {name!r}, but the model has {layers} layers "
+                             f"({kind}0..{kind}{layers - 1})")
 
 
 def context_length(term: Term) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,8 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 from jetgraph.applications.lens import LensResult
+from jetgraph.files import atomic_write
 
 
 def _token_text(tokenizer, index: int, width: int = 7) -> str:
@@ -21,50 +26,91 @@ def _token_text(tokenizer, index: int, width: int = 7) -> str:
 
 def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
               input_ids=None, batch_index: int = 0) -> Path:
-    """One grid per order (centres × positions: top-1 token, coloured by its probability) and the
-    cosine to the true logits by layer, one curve per order."""
+    """Draw lens results, iterative and joint in any mix.
+
+    Every iterative result gets a grid (centres × positions: top-1 token, coloured by its
+    probability) and a cosine-by-layer curve (mean over positions). A joint result is drawn as a
+    horizontal line "joint lens, order k" at its mean cosine in the cosine panel, and as an extra
+    grid row under the iterative grid of the same order (its own grid when no iterative result
+    was given). Diverged cells (non-finite lens logits, see :attr:`LensResult.diverged`) are
+    gray and marked "∞"; NaN cosines leave gaps in the curves (a diverged joint lens is named in
+    the legend, without a line).
+    """
     path = Path(path)
     if not results:
         raise ValueError("plot_lens needs at least one LensResult")
-    count = len(results)
-    rows, positions = len(results[0].labels), results[0].logits.shape[2]
-    fig, axes = plt.subplots(1, count + 1, figsize=(4 + 0.75 * positions * count + 5, 1.5 + 0.28 * rows),
+    iterative = [r for r in results if r.kind != "joint"]
+    joint = [r for r in results if r.kind == "joint"]
+    grids: list[tuple[LensResult | None, list[LensResult]]] = [
+        (r, [j for j in joint if j.order == r.order]) for r in iterative]
+    if not grids:
+        grids = [(None, [j]) for j in joint]
+    count = len(grids)
+    positions = results[0].logits.shape[2]
+    rows = max((len(r.labels) if r is not None else 0) + len(extra) for r, extra in grids)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.8")
+    fig, axes = plt.subplots(1, count + 1, figsize=(4 + 0.75 * positions * count + 5, 1.8 + 0.28 * rows),
                              gridspec_kw={"width_ratios": [positions] * count + [max(4, positions // 2)]})
-    for ax, result in zip(axes[:-1], results, strict=True):
-        index, prob = result.top1()
-        index, prob = index[:, batch_index], prob[:, batch_index]
-        image = ax.imshow(prob.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        for r in range(rows):
+    image = None
+    for ax, (result, extra) in zip(axes[:-1], grids, strict=True):
+        shown = ([result] if result is not None else []) + extra
+        index = torch.cat([r.top1()[0][:, batch_index] for r in shown])
+        prob = torch.cat([r.top1()[1][:, batch_index] for r in shown]).float()
+        diverged = torch.cat([~torch.isfinite(r.logits[:, batch_index]).all(-1) for r in shown])
+        prob = prob.masked_fill(diverged, float("nan"))
+        labels = [label for r in shown for label in (r.labels if r.kind != "joint" else
+                                                      ["joint lens"])]
+        image = ax.imshow(prob.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for r in range(len(labels)):
             for c in range(positions):
-                ax.text(c, r, _token_text(tokenizer, index[r, c]), ha="center", va="center", fontsize=6,
-                        color="white" if prob[r, c] < 0.6 else "black")
-        ax.set_yticks(range(rows), result.labels if ax is axes[0] else [""] * rows, fontsize=6)
+                text = "∞" if diverged[r, c] else _token_text(tokenizer, index[r, c])
+                ax.text(c, r, text, ha="center", va="center", fontsize=6,
+                        color="black" if diverged[r, c] or prob[r, c] >= 0.6 else "white")
+        if result is not None and extra:
+            ax.axhline(len(result.labels) - 0.5, color="white", linewidth=2)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
         if input_ids is not None:
             ax.set_xticks(range(positions), [_token_text(tokenizer, t, 9) for t in input_ids[batch_index]],
                           rotation=60, fontsize=6)
         else:
             ax.set_xticks(range(positions))
-        ax.set_title(f"{result.kind} lens, order {result.order}: top-1 token (colour: probability)",
-                     fontsize=8)
+        head = shown[0]
+        title = f"{head.kind} lens, order {head.order}: top-1 token (colour: probability)"
+        states = sum(int(r.diverged.any(-1).sum()) for r in shown)
+        if states:
+            title += f"\n{states} of {len(labels)} states diverge (gray, ∞: non-finite logits)"
+        ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=axes[:-1], fraction=0.02, pad=0.01)
     curve = axes[-1]
-    lowest = 0.0
-    for result in results:
+    finite: list[float] = [1.0]
+    for result in iterative:
         cosine = result.metrics["cosine"].mean(-1).numpy()
-        lowest = min(lowest, float(cosine.min()))
-        curve.plot(range(len(cosine)), cosine, marker="o", markersize=3, label=f"order {result.order}")
+        finite += [float(x) for x in cosine if math.isfinite(x)]
+        label = f"order {result.order}"
+        if not math.isfinite(float(cosine.sum())):
+            label += f" ({int(result.diverged.any(-1).sum())} diverged)"
+        curve.plot(range(len(cosine)), cosine, marker="o", markersize=3, label=label)
+    styles = iter(["--", ":", "-."] * len(joint))
+    for result in joint:
+        cosine = result.metrics["cosine"].mean().item()
+        label = f"joint lens, order {result.order}"
+        if math.isfinite(cosine):
+            finite.append(cosine)
+            curve.axhline(cosine, color="black", linestyle=next(styles), linewidth=1,
+                          label=f"{label}: {cosine:.3f}")
+        else:
+            curve.plot([], [], " ", label=f"{label}: diverged (NaN)")
     curve.set_xlabel("stream state h_ℓ")
     curve.yaxis.tick_right()
     curve.yaxis.set_label_position("right")
     curve.set_ylabel("cosine to the model's logits")
-    curve.set_ylim(lowest - 0.05, 1.02)
+    curve.set_ylim(min(0.0, min(finite)) - 0.05, 1.02)
+    curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve.grid(alpha=0.3)
-    curve.legend(fontsize=7)
+    below = curve.transAxes + ScaledTranslation(0, -0.42, fig.dpi_scale_trans)  # under the x label
+    curve.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below)
     curve.set_title("lens faithfulness by layer", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], path: str | Path,
@@ -79,7 +125,13 @@ def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], path: s
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Save ``fig`` whole or not at all (the format from the suffix), and close it."""
+    try:
+        return atomic_write(path, lambda name: fig.savefig(name, format=path.suffix.lstrip(".") or "png",
+                                                          dpi=130, bbox_inches="tight"))
+    finally:
+        plt.close(fig)

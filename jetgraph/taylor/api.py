@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from jetgraph.ir import StreamFunction
-from jetgraph.taylor.basis import Basis
+from jetgraph.taylor.basis import Basis, check_order
 from jetgraph.taylor.interpreter import run_series
 from jetgraph.taylor.series import Series
 
@@ -74,8 +74,7 @@ def jet(
     direction itself. ``directions`` (a list of increments) gives a multivariate jet with one
     coefficient per monomial of total degree ≤ ``order``.
     """
-    if not isinstance(order, int) or order < 0:
-        raise ValueError(f"order must be a non-negative int, got {order!r}")
+    check_order(order)
     if not isinstance(center, torch.Tensor) or not center.is_floating_point():
         raise TypeError(f"center must be a floating-point tensor, got {type(center).__name__}")
     if directions is None:
