@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from jetgraph.capture.export import export_model
-from jetgraph.ir import Granularity, ResidualProgram
+from jetgraph.ir import Granularity, ResidualProgram, check_granularity
 from jetgraph.passes.lift import lift
 
 
@@ -19,5 +19,6 @@ def capture(
     the model allows), decomposed to the core op set, and split into encoder, residual units
     and decoder. The result reproduces the model's logits; it is checked on the example.
     """
+    check_granularity(granularity)  # before the export, which takes seconds to minutes
     captured = export_model(model, example_input_ids)
     return lift(captured, granularity=granularity)

@@ -18,6 +18,7 @@ from pathlib import Path
 DEFAULT_TEXT = "The capital of France is"
 DEFAULT_GRANULARITY = "sublayer"  # the unit names of the path language (attn0, mlp0, …)
 DEFAULT_MAX_TIME = 3600.0
+SHRINK_SELECTION = "select fewer paths (--include, --exclude, --max-length) or a shorter --text"
 
 
 class UsageError(Exception):
@@ -266,11 +267,11 @@ def _check_lens(args: argparse.Namespace) -> None:
 def _check_ngrams(args: argparse.Namespace) -> None:
     from jetgraph.applications.ngrams import check_path_units, load_keywords, parse_path
 
-    layers = _config_layers(args.model)
+    dims = _config_dims(args.model)
     for spec in args.paths:
         parse_path(spec)
-        if layers is not None:
-            check_path_units(spec, layers)
+        if "layers" in dims:
+            check_path_units(spec, dims["layers"])
     args.keyword_words = load_keywords(args.keywords) if args.keywords else None
     if args.contexts is not None:
         args.context_rows = _read_contexts(args.contexts)
@@ -280,6 +281,7 @@ def _check_ngrams(args: argparse.Namespace) -> None:
         from jetgraph.files import check_writable
 
         check_writable(args.resume / "ngrams-0.pt", "--resume folder")
+    _refuse_hopeless_tables(args, dims)
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -302,21 +304,59 @@ def _check_demo(args: argparse.Namespace) -> None:
     check_writable(args.out / "summary.txt", "--out folder")
 
 
-def _config_layers(model: str) -> int | None:
-    """The number of layers in the model's config.json, read without loading the model (None when
-    there is no local config: the capture checks unit names then)."""
+_CONFIG_KEYS = {"layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+                "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd", "d_model")}
+
+
+def _config_dims(model: str) -> dict[str, int]:
+    """Layers, vocabulary and width from the model's config.json, read without loading the model
+    (what is missing is left out: the capture checks everything again)."""
     from jetgraph.capture.loading import SMOLLM2_NAMES, cache_dir
 
-    folder = cache_dir() / "smollm2-135m-instruct-f32" if model.lower() in SMOLLM2_NAMES else Path(model)
+    smollm2 = model.lower() in SMOLLM2_NAMES
+    folder = cache_dir() / "smollm2-135m-instruct-f32" if smollm2 else Path(model)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return 30 if model.lower() in SMOLLM2_NAMES else None
-    for section in (config, config.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-            if isinstance(section.get(key), int):
-                return section[key]
-    return None
+        return {}  # not converted yet (smollm2's first load), or a hub id
+    dims: dict[str, int] = {}
+    for section in (config.get("text_config") or {}, config):
+        for name, keys in _CONFIG_KEYS.items():
+            for key in keys:
+                if isinstance(section.get(key), int) and not isinstance(section.get(key), bool):
+                    dims[name] = section[key]
+    return dims
+
+
+def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> None:
+    """Before loading: a lower bound on each table's time (its decoder matmul alone,
+    rows · 2·V·d FLOPs at the GEMM rate measured here) past --max-time is refused at once."""
+    from jetgraph.cost import format_count, format_duration, format_flops, gemm_rate
+    from jetgraph.errors import CostError
+
+    if args.max_time is None or args.dry_run or "vocab" not in dims or "hidden" not in dims:
+        return
+    vocab, hidden = dims["vocab"], dims["hidden"]
+    for spec in args.paths:
+        pairs = any(name.lower().startswith("attn") for name, _ in _parse(spec)[1:-1])
+        if args.contexts is not None:
+            rows = len(args.context_rows)
+        else:
+            rows = (min(args.first, vocab) if args.first else vocab) * (vocab if pairs else 1)
+        flops = rows * 2.0 * vocab * hidden
+        seconds = flops / gemm_rate()
+        if seconds > args.max_time:
+            raise CostError(f"refusing the n-gram table {spec} before loading the model: "
+                            f"{format_count(rows)} contexts need {format_flops(flops)} for the decoder "
+                            f"matmul alone, at least {format_duration(seconds)} at {gemm_rate() / 1e9:.0f} "
+                            f"GFLOP/s measured here, more than --max-time {args.max_time:g} s; restrict the "
+                            "contexts (--first N, --contexts FILE) or raise --max-time (none: no limit)")
+
+
+def _parse(spec: str):
+    from jetgraph.applications.ngrams import parse_path
+
+    return parse_path(spec)
 
 
 def _read_contexts(path: Path) -> list[list[int]]:
@@ -427,7 +467,7 @@ def _selected_paths(args: argparse.Namespace, prog):
 
 def _run_emit(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.applications.cost import expansion_plan
+    from jetgraph.cost import expansion_plan
 
     start = time.perf_counter()
     model, _, ids = _load(args)
@@ -438,14 +478,15 @@ def _run_emit(args: argparse.Namespace) -> int:
     else:
         view, paths, count = _selected_paths(args, prog)
     plan = expansion_plan(view, count, ids, args.order, f"emitting {count:,} terms")
-    if _stop_at_plan(args, [plan]):
+    if _stop_at_plan(args, [plan], SHRINK_SELECTION):
         return 0
     if args.expansion == "lens":
         states = [jetgraph.stream_term(view, i) for i in range(len(view.units) + 1)]
         expansion = jetgraph.expand(view, "decoder", states, order=args.order, weights="unit")
     else:
         expansion = paths.expansion(max_terms=None)
-    path = jetgraph.emit_source(expansion, args.out, ids, remainder=not args.no_remainder)
+    path = jetgraph.emit_source(expansion, args.out, ids, remainder=not args.no_remainder,
+                                max_seconds=None)  # planned and checked above
     weights = path.with_suffix(".safetensors")
     print(f"{expansion!r} of {prog.model_class}: {len(expansion)} terms ({args.weights} weights) for "
           f"input_ids of shape {tuple(ids.shape)}")
@@ -454,7 +495,7 @@ def _run_emit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_at_plan(args: argparse.Namespace, plans) -> bool:
+def _stop_at_plan(args: argparse.Namespace, plans, memory_option: str) -> bool:
     """Print the plans for --dry-run (True: stop), else refuse those past --max-time."""
     from jetgraph.errors import CostError
 
@@ -466,7 +507,7 @@ def _stop_at_plan(args: argparse.Namespace, plans) -> bool:
         return True
     for plan in plans:
         plan.check(args.max_time, "--max-time SECONDS (or --max-time none)",
-                   memory_option="lower --chunk or shrink the selection")
+                   memory_option=memory_option)
     total = sum(p.seconds for p in plans)
     if args.max_time is not None and total > args.max_time:
         raise CostError(f"refusing {len(plans)} jobs estimated at {total:.3g} s together, more than "
@@ -528,7 +569,7 @@ def _run_ngrams(args: argparse.Namespace) -> int:
     options = dict(contexts=contexts, first=first, top=args.top, keywords=keywords, normalise=True,
                    rank=args.rank, chunk=args.chunk)
     plans = [ngram_plan(prog, spec, **options) for spec in args.paths]
-    if _stop_at_plan(args, plans):
+    if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
         return 0
     outputs = _ngram_outputs(args)
     for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
@@ -549,14 +590,14 @@ def _run_ngrams(args: argparse.Namespace) -> int:
 
 def _run_paths(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.applications.cost import expansion_plan
+    from jetgraph.cost import expansion_plan
     from jetgraph.viz import expansion_graph, render
 
     model, _, ids = _load(args)
     prog = jetgraph.capture(model, ids)
     view, paths, count = _selected_paths(args, prog)
     plan = expansion_plan(view, count, ids, args.order, f"drawing {count:,} paths")
-    if _stop_at_plan(args, [plan]):
+    if _stop_at_plan(args, [plan], SHRINK_SELECTION):
         return 0
     expansion = paths.expansion(max_terms=None)
     out = render(expansion_graph(expansion, ids, max_nodes=args.max_nodes), args.render)

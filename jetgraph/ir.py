@@ -23,6 +23,15 @@ import torch
 from torch import fx
 
 Granularity = Literal["block", "sublayer"]
+GRANULARITIES = ("block", "sublayer")
+
+
+def check_granularity(granularity: object) -> Granularity:
+    """``granularity`` if it is one jetgraph knows, else a ValueError naming the supported ones."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be 'block' (whole residual blocks) or 'sublayer' (attention "
+                         f"and MLP units), got {granularity!r}")
+    return granularity  # type: ignore[return-value]
 GRANULARITIES: tuple[str, ...] = ("block", "sublayer")
 
 
@@ -221,6 +230,7 @@ class ResidualProgram:
 
     def at(self, granularity: Granularity) -> ResidualProgram:
         """The same program (shared graphs and weights) viewed at another granularity."""
+        check_granularity(granularity)
         if granularity == self.granularity:
             return self
         view = ResidualProgram(

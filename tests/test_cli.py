@@ -289,16 +289,19 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     _one_line_error(capsys, "line 1: expected token ids")
 
 
-def test_ngrams_plan_and_refusal(tmp_path, capsys) -> None:
+def test_ngrams_plan_and_refusal(tmp_path, capsys, monkeypatch) -> None:
     path = require_tinystories()
     out = tmp_path / "pairs.csv"
     assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--dry-run", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4,194,304 contexts" in printed and "FLOP" in printed and "estimated" in printed
+    _no_model_loading(monkeypatch)  # 4.2e6 pairs · 2·V·d > 1 s here: refused from the config alone
     start = time.perf_counter()
-    assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--max-time", "1", "--out", str(out)]) == 1
-    _one_line_error(capsys, "refusing n-gram table embed.token→attn0→unembed", "--max-time")
-    assert time.perf_counter() - start < 30  # load + capture + plan; no table work
+    assert main(["ngrams", str(path), "--paths", "E→U", "E→attn0→U", "--max-time", "1",
+                 "--out", str(out)]) == 1
+    _one_line_error(capsys, "refusing the n-gram table E→attn0→U before loading the model",
+                    "4,194,304 contexts", "--max-time")
+    assert time.perf_counter() - start < 1.0
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,9 +8,9 @@ import torch
 
 import jetgraph
 from jetgraph.applications import full_table, ngram_table
-from jetgraph.applications.cost import Plan
 from jetgraph.applications.ngrams import Contexts, ngram_plan
 from jetgraph.capture.zoo import VOCAB, tiny_model
+from jetgraph.cost import Plan
 from jetgraph.errors import CostError
 
 _SHARP: list = []

@@ -176,3 +176,67 @@ def test_real_model_results_writes_only_under_out(tmp_path, monkeypatch, capsys,
     assert written == sorted([*expected, Path("tinystories/config.json")])
     assert json.loads((tmp_path / expected[0]).read_text()) == {"TinyStories-656K": {"source": str(models)}}
     assert re.search(r"\[\s*\d+\.\d s\] wrote ", capsys.readouterr().err)
+
+
+# ------------------------------------------------------- bounds checked before any work
+def test_granularity_is_checked_before_the_export(monkeypatch) -> None:
+    import jetgraph.api
+    from jetgraph.capture.zoo import tiny_model
+
+    def no_export(*_):
+        raise AssertionError("exported before checking the granularity")
+
+    monkeypatch.setattr(jetgraph.api, "export_model", no_export)
+    with pytest.raises(ValueError, match=r"granularity must be 'block' .* or 'sublayer' .*got 'layer'"):
+        jetgraph.capture(tiny_model("llama"), torch.zeros(1, 4, dtype=torch.long), granularity="layer")
+
+
+def test_orders_are_bounded_with_a_reason() -> None:
+    from jetgraph.taylor import MAX_ORDER
+    from tests.conftest import captured, random_ids
+
+    _, prog = captured("llama")
+    states = prog.stream(random_ids(1, 4))
+    with pytest.raises(ValueError, match=f"above the highest supported order {MAX_ORDER}: .*overflow int64"):
+        jetgraph.jet(prog.decoder, states[0], states[-1], order=MAX_ORDER + 2)
+    with pytest.raises(ValueError, match="above the highest supported order"):
+        jetgraph.expand_paths(prog, order=MAX_ORDER + 1)
+    with pytest.raises(ValueError, match="non-negative int"):
+        jetgraph.count_paths(prog, order=-1)
+    with pytest.raises(ValueError, match="non-negative int"):
+        jetgraph.count_paths(prog, order=True)
+    assert jetgraph.jet(prog.decoder, states[0], states[-1], order=MAX_ORDER).coefficients.isfinite().all()
+
+
+def test_exhaustive_expansions_are_refused_before_building() -> None:
+    from jetgraph.errors import CostError
+    from tests.conftest import captured
+
+    _, prog = captured("llama")
+    sub = prog.at("sublayer")  # 4 units: 1·2^4 = 16 terms at order 0
+    assert len(jetgraph.expand_stream(sub, max_terms=16)) == 16
+    with pytest.raises(CostError, match=r"gives 16 terms, more than max_terms=15"):
+        jetgraph.expand_stream(sub, max_terms=15)
+    paths = jetgraph.expand_paths(sub)
+    assert paths.count() == 16 == sum(1 for _ in paths)
+    with pytest.raises(CostError, match="16 paths pass the filters, more than max_terms=10"):
+        paths.expansion(max_terms=10)
+    assert len(paths.expansion(limit=3, max_terms=10)) == 3
+
+
+def test_emit_plans_its_cost_first() -> None:
+    from jetgraph.cost import expansion_plan
+    from jetgraph.errors import CostError
+    from tests.conftest import captured, random_ids
+
+    _, prog = captured("gpt2")
+    ids = random_ids(1, 5)
+    expansion = jetgraph.expand_paths(prog, max_length=1).expansion()
+    with pytest.raises(CostError, match=r"refusing emitting \d+ terms: .*raise max_seconds"):
+        jetgraph.emit(expansion, ids, max_seconds=1e-9)
+    logits = expansion_plan(prog, len(expansion), ids, 0, "x")
+    vocab, hidden = prog.decoder.unembedding.shape
+    assert logits.peak_bytes == len(expansion) * 5 * vocab * 4 * 2
+    stream = expansion_plan(prog, len(expansion), ids, 0, "x", space="stream")
+    assert stream.peak_bytes == len(expansion) * 5 * hidden * 4 * 2 and stream.flops < logits.flops
+    assert jetgraph.emit(expansion, ids).term_names  # within the default limit it runs

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from jetgraph.applications.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.codegen import BatchedRun, Schedule, plan
+from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.expand import Expansion, Term, source_terms

@@ -21,6 +21,7 @@ from jetgraph.capture.export import strip_wrapper
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
 from jetgraph.codegen.schedule import Step, plan
+from jetgraph.cost import DEFAULT_MAX_SECONDS, expansion_plan
 from jetgraph.ir import ResidualProgram, as_input_ids
 from jetgraph.passes.expand import Expansion
 from jetgraph.taylor.basis import clear_tensor_caches
@@ -38,7 +39,8 @@ def check_input(input_ids: torch.Tensor, shape: tuple[int, int]) -> None:
 
 
 def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
-         fuse_ops: bool = True, remainder: bool = True) -> fx.GraphModule:
+         fuse_ops: bool = True, remainder: bool = True,
+         max_seconds: float | None = DEFAULT_MAX_SECONDS) -> fx.GraphModule:
     """Lower ``expansion`` to one FX GraphModule ``forward(input_ids) -> dict``.
 
     The dict maps every term's path name to its tensor, plus ``"target"`` (the model's stream
@@ -48,12 +50,20 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     forward (:mod:`jetgraph.codegen.fuse`); ``gm.fused`` counts them. ``remainder=False`` drops
     ``"target"`` and ``"remainder"`` and, where no jet needs it, the model's own forward (and its
     weights): order-0 paths then carry only the weights on the paths.
+
+    Tracing runs the expansion once, so its cost is planned first (:func:`jetgraph.cost.
+    expansion_plan`): past ``max_seconds`` (None: no limit) or the memory available it is refused
+    with the estimate before anything runs.
     """
     if not isinstance(expansion, Expansion):
         raise TypeError(f"emit takes an Expansion (jetgraph.expand or expand_paths(...).expansion()), "
                         f"got {type(expansion).__name__}")
     prog = expansion.prog
     ids = _example_ids(prog, input_ids)
+    cost = expansion_plan(prog, len(expansion), ids, expansion.order, f"emitting {len(expansion):,} terms",
+                          expansion.space)
+    cost.check(max_seconds, "max_seconds (None: no limit)",
+               memory_option="emit fewer terms or a shorter input")
     schedule = plan(expansion)
     names = [term.name for term in schedule.outputs]
     clash = set(names) & set(RESERVED)

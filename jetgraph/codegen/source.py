@@ -17,6 +17,7 @@ from torch import fx
 
 from jetgraph._version import __version__
 from jetgraph.codegen.emit import STEP_META, check_input, emit
+from jetgraph.cost import DEFAULT_MAX_SECONDS
 from jetgraph.errors import JetgraphError
 from jetgraph.files import atomic_write
 from jetgraph.passes.expand import Expansion
@@ -27,20 +28,21 @@ class CodegenError(JetgraphError):
 
 
 def emit_source(expansion: Expansion, path: str | Path, input_ids: torch.Tensor | None = None, *,
-                fuse_ops: bool = True, remainder: bool = True) -> Path:
+                fuse_ops: bool = True, remainder: bool = True,
+                max_seconds: float | None = DEFAULT_MAX_SECONDS) -> Path:
     """Write ``expansion`` as ``path`` (a .py module) and its weights as ``path`` with the
     suffix ``.safetensors``; returns the module's path.
 
     ``import`` the module and call ``load(device)``; the model maps ``input_ids`` of the shape it
     was emitted for to a dict of term tensors plus ``"target"`` and ``"remainder"`` (unless
-    ``remainder=False``, see :func:`jetgraph.emit`).
+    ``remainder=False``, see :func:`jetgraph.emit`, which also plans the cost first).
     """
     path = Path(path)
     if path.suffix != ".py":
         raise ValueError(f"emit_source writes a .py module, got {path.name!r}")
     if not path.stem.isidentifier():
         raise ValueError(f"{path.name!r} cannot be imported: the file name must be a Python identifier")
-    module = emit(expansion, input_ids, fuse_ops=fuse_ops, remainder=remainder)
+    module = emit(expansion, input_ids, fuse_ops=fuse_ops, remainder=remainder, max_seconds=max_seconds)
     weights = _weights(module)
     source = render(module, expansion, weights_file=path.with_suffix(".safetensors").name)
     payload = _serialise(weights)  # everything is built before anything is written

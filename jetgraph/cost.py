@@ -39,8 +39,8 @@ class Plan:
     gemm_rate: float
 
     def describe(self) -> str:
-        return (f"{self.what}: {_count(self.items)} {self.item_name}, {_flops(self.flops)}, "
-                f"peak memory ≈ {_bytes(self.peak_bytes)}, estimated {_duration(self.seconds)} "
+        return (f"{self.what}: {format_count(self.items)} {self.item_name}, {format_flops(self.flops)}, "
+                f"peak memory ≈ {format_bytes(self.peak_bytes)}, estimated {format_duration(self.seconds)} "
                 f"(at {self.gemm_rate / 1e9:.0f} GFLOP/s measured here)")
 
     def check(self, max_seconds: float | None, option: str, max_bytes: float | None = None,
@@ -49,11 +49,11 @@ class Plan:
         than ``max_bytes`` (default: the memory available now); ``None`` lifts a limit."""
         if max_seconds is not None and self.seconds > max_seconds:
             raise CostError(f"refusing {self.describe()}: more than the limit of "
-                            f"{_duration(max_seconds)}; shrink the job or raise {option}")
+                            f"{format_duration(max_seconds)}; shrink the job or raise {option}")
         limit = available_memory() if max_bytes is None else max_bytes
         if limit is not None and self.peak_bytes > limit:
             raise CostError(f"refusing {self.describe()}: needs more memory than the "
-                            f"{_bytes(limit)} available; {memory_option or 'shrink the job'}")
+                            f"{format_bytes(limit)} available; {memory_option or 'shrink the job'}")
         return self
 
 
@@ -102,25 +102,25 @@ def estimate_seconds(flops: float, elements: float = 0.0, overhead: float = 0.0)
     return flops / gemm_rate() + elements / elementwise_rate() + overhead
 
 
-def _count(value: float) -> str:
+def format_count(value: float) -> str:
     return f"{value:,.0f}" if value < 1e9 else f"{value:.2e}"
 
 
-def _flops(value: float) -> str:
+def format_flops(value: float) -> str:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.3g} FLOP"
 
 
-def _bytes(value: float) -> str:
+def format_bytes(value: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.0f} B"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.3g} s"
     if seconds < 7200:
@@ -130,19 +130,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.3g} days"
 
 
-def expansion_plan(prog, terms: int, input_ids, order: int, what: str) -> Plan:
-    """The cost of evaluating ``terms`` logit-space terms of ``prog`` on ``input_ids``.
+def expansion_plan(prog, terms: int, input_ids, order: int, what: str, space: str = "logits") -> Plan:
+    """The cost of evaluating ``terms`` terms of ``prog`` on ``input_ids`` (``space``: "logits"
+    for terms that end in the decoder, "stream" for stream-space terms).
 
-    Each term applies its units and the decoder to [batch, seq] tokens: about
-    2·(V·d + mean unit parameters) multiply-adds per token and Taylor order, and holds its
-    [batch, seq, V] logits (4 bytes each) until the terms are summed. An estimate: shared
-    prefixes make it an upper bound at order 0.
+    Each term applies a unit (and, in logit space, the decoder) to [batch, seq] tokens: about
+    2·(mean unit parameters [+ V·d]) multiply-adds per token and Taylor order, and holds its
+    [batch, seq, width] value (4 bytes per entry) until the terms are summed. An estimate:
+    shared prefixes make it an upper bound at order 0.
     """
     tokens = int(input_ids.numel())
     unembedding = prog.decoder.unembedding
-    vocab, width = (unembedding.shape if unembedding is not None else (1, 1))
+    vocab, hidden = (unembedding.shape if unembedding is not None else (1, 1))
     unit_params = sum(u.num_parameters for u in prog.units) / max(len(prog.units), 1)
-    flops = terms * tokens * 2.0 * (vocab * width + unit_params) * (order + 1)
-    peak = terms * tokens * vocab * 4.0 * 2
-    seconds = estimate_seconds(flops, terms * tokens * vocab * 3.0, overhead=terms * 1e-3)
+    logits = space == "logits"
+    width = vocab if logits else hidden
+    flops = terms * tokens * 2.0 * (unit_params + (vocab * hidden if logits else 0)) * (order + 1)
+    peak = terms * tokens * width * 4.0 * 2
+    seconds = estimate_seconds(flops, terms * tokens * width * 3.0, overhead=terms * 1e-3)
     return Plan(what, terms, "terms", flops, peak, seconds, gemm_rate())
