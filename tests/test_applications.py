@@ -64,7 +64,10 @@ def test_joint_lens_fits_convex_weights() -> None:
     assert result.weights.shape[0] == len(prog.units) + 1
     torch.testing.assert_close(result.weights.sum(0), torch.ones_like(result.weights[0]))
     assert result.fit_losses[-1] < result.fit_losses[0]
-    torch.testing.assert_close(result.centre_logits.sum(0), result.logits[0])
+    h_last = prog.stream(ids)[-1]
+    for i, centre in enumerate(values.terms.values()):  # each centre: w_i · J^1 Dec(c_i)(h_L), directly
+        direct = jetgraph.jet(prog.decoder, centre.expand_as(h_last), h_last, order=1).value
+        torch.testing.assert_close(result.centre_logits[i], result.weights[i] * direct, rtol=1e-4, atol=1e-5)
 
 
 def test_lens_plot_and_csv(tmp_path) -> None:
@@ -199,7 +202,8 @@ def test_bad_paths_and_contexts_are_refused() -> None:
 
 def test_model_diff_ranks_changes() -> None:
     _, prog = captured("llama")
-    assert all(p[2] == p[3] for p in diff_tables(prog, prog, "E→U", top=3, progress=False)["increase"])
+    same = diff_tables(prog, prog, "E→U", top=3, progress=False)
+    assert len(same["increase"]) == 3 and all(p[2] == p[3] for p in same["increase"])  # no change
     other = tiny_model("llama", seed=1)
     prog_b = jetgraph.capture(other, random_ids(1, 8))
     changes = diff_tables(prog, prog_b, "E→U", top=5, chunk=50, progress=False)
@@ -224,7 +228,7 @@ def test_compare_to_reference_on_itself() -> None:
     reference = table.softmax(-1) * 1000
     report = compare_to_reference(table, reference, k=50)
     assert report["top1_hit_ratio"] == 1.0 and report["mean_kl"] < 1e-9
-    assert report["top50_hit_ratio"] > 0.5
+    assert report["top50_hit_ratio"] == 1.0  # the same joint ranking (uniform row counts)
 
 
 def test_keyword_lists() -> None:

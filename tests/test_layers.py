@@ -1,4 +1,23 @@
-"""Imports go one way: capture → IR → taylor → passes → codegen → applications → faces."""
+"""Imports go one way: capture → IR → taylor → passes → codegen → applications → faces.
+
+What counts as importing what (static, from the source):
+
+- ``import jetgraph.x.y`` and ``from jetgraph.x.y import z`` depend on layer ``x``.
+- ``import jetgraph`` and ``from jetgraph import NAME`` depend on the package namespace, which
+  jetgraph/__init__.py fills from every layer up to the faces (``jetgraph.capture`` is
+  ``jetgraph.api.capture``): they count as the top layer, so only a face may use them. The one
+  exception is ``from jetgraph import MODULE`` where MODULE is itself a submodule or subpackage
+  of jetgraph (``from jetgraph import errors``): that names the submodule, and counts as its
+  layer, unless jetgraph/__init__.py rebinds the name (``from jetgraph import capture`` gives the
+  function jetgraph.api.capture, a face, not the subpackage). ``from jetgraph import
+  __version__`` therefore counts as the top layer: a lower layer imports it from
+  ``jetgraph._version`` (layer 0).
+- Relative imports (``from . import x``, ``from ..passes import y``) are resolved first.
+
+(At run time importing any jetgraph submodule first runs jetgraph/__init__.py; the rule is about
+which names a module depends on, so that each layer can be read, tested and replaced without the
+ones above it.)
+"""
 
 from __future__ import annotations
 
@@ -9,35 +28,120 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jetgraph"
 LAYERS = {
-    "errors": 0, "capture": 1, "ir": 2, "taylor": 3, "passes": 4, "codegen": 5, "applications": 6,
+    # leaves, importing at most each other: errors, file writing, version, cost estimates, data
+    "errors": 0, "files": 0, "_version": 0, "cost": 0, "data": 0,
+    "capture": 1, "ir": 2, "taylor": 3, "passes": 4, "codegen": 5, "applications": 6,
     "api": 7, "viz": 7, "cli": 7, "demo": 7,
 }
+TOP = max(LAYERS.values())  # the package namespace (jetgraph/__init__.py) re-exports the faces
 
 
 def layer_of(module: str) -> int | None:
+    """The layer of a module named ``jetgraph.<x>…``: TOP for the package itself, None outside
+    jetgraph (and for a jetgraph module missing from LAYERS, which test_every_module_has_a_layer
+    reports)."""
     parts = module.split(".")
-    if parts[0] != "jetgraph" or len(parts) < 2:
+    if parts[0] != "jetgraph":
         return None
+    if len(parts) == 1:
+        return TOP
     return LAYERS.get(parts[1])
+
+
+def _bound_in_package() -> set[str]:
+    """Names jetgraph/__init__.py binds itself (``capture`` there is jetgraph.api.capture, not
+    the jetgraph.capture subpackage)."""
+    names = set()
+    for node in ast.parse((PACKAGE / "__init__.py").read_text()).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+    return names
+
+
+BOUND = _bound_in_package()
+
+
+def is_submodule(name: str) -> bool:
+    """Whether ``from jetgraph import <name>`` gives the submodule or subpackage jetgraph.<name>
+    (one that exists, and that jetgraph/__init__.py does not rebind)."""
+    exists = (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name / "__init__.py").is_file()
+    return exists and name not in BOUND
+
+
+def imported_modules(module: str, source: str, is_package: bool = False) -> list[str]:
+    """Every jetgraph module (or the package) that ``source``, the text of ``module``, depends on,
+    by the rules in this file's docstring."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base == "jetgraph":
+                for alias in node.names:
+                    found.append(f"jetgraph.{alias.name}" if is_submodule(alias.name) else "jetgraph")
+            else:
+                found.append(base)
+    return found
+
+
+def violations(module: str, source: str, is_package: bool = False) -> list[str]:
+    own = layer_of(module)
+    assert own is not None, f"{module} has no layer"
+    return [f"{module} (layer {own}) imports {target} (layer {layer_of(target)})"
+            for target in imported_modules(module, source, is_package)
+            if layer_of(target) is not None and layer_of(target) > own]
 
 
 def modules() -> list[Path]:
     return [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE]
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("jetgraph", *parts))
+
+
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_imports_a_higher_layer(path: Path) -> None:
-    name = "jetgraph." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-    own = layer_of(name)
-    if own is None:
-        return
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        targets = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            targets = [node.module]
-        elif isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        for target in targets:
-            other = layer_of(target)
-            assert other is None or other <= own, f"{name} (layer {own}) imports {target} (layer {other})"
+    found = violations(module_name(path), path.read_text(), is_package=path.name == "__init__.py")
+    assert not found, "\n".join(found)
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new top-level module must be placed in LAYERS, or it would escape the check."""
+    unplaced = sorted({module_name(p) for p in modules() if layer_of(module_name(p)) is None})
+    assert not unplaced, f"add these to LAYERS in tests/test_layers.py: {unplaced}"
+
+
+@pytest.mark.parametrize(("module", "source", "is_package", "expected", "violates"), [
+    ("jetgraph.codegen.source", "from jetgraph import __version__", False, ["jetgraph"], True),
+    ("jetgraph.passes.expand", "import jetgraph", False, ["jetgraph"], True),
+    ("jetgraph.taylor.api", "def f():\n    from jetgraph import api\n", False, ["jetgraph.api"], True),
+    ("jetgraph.ir", "from . import viz", False, ["jetgraph.viz"], True),
+    ("jetgraph.passes.paths", "from ..codegen.emit import emit", False, ["jetgraph.codegen.emit"], True),
+    ("jetgraph.capture", "from .lower import lower", True, ["jetgraph.capture.lower"], False),
+    ("jetgraph.codegen.source", "from jetgraph import errors\nfrom jetgraph._version import __version__\n"
+     "import jetgraph.passes.expand", False,
+     ["jetgraph.errors", "jetgraph._version", "jetgraph.passes.expand"], False),
+    ("jetgraph.passes.paths", "from jetgraph import capture", False, ["jetgraph"], True),  # the function
+    ("jetgraph.cli", "import jetgraph\nfrom jetgraph import capture", False, ["jetgraph", "jetgraph"], False),
+])
+def test_the_check_itself(module: str, source: str, is_package: bool, expected: list[str],
+                          violates: bool) -> None:
+    """Bare package imports, imports inside functions and relative imports of a higher layer
+    are reported; submodules of lower layers, and the package from a face, are not."""
+    assert imported_modules(module, source, is_package) == expected
+    assert bool(violations(module, source, is_package)) == violates

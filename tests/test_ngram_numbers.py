@@ -95,7 +95,7 @@ def test_ties_are_broken_by_ids() -> None:
     for row_a, row_b in ((3, 5),):
         a = [f % VOCAB for f, r in zip(flat, rows, strict=True) if r == row_a]
         b = [f % VOCAB for f, r in zip(flat, rows, strict=True) if r == row_b]
-        assert a == b  # the same entries, and context 3's come first wherever they tie
+        assert a == b  # the same entries (the loop below checks context 3's come first in ties)
     for i in range(len(flat) - 1):
         va, vb = table.top_values[i].item(), table.top_values[i + 1].item()
         fa, fb = flat[i], flat[i + 1]

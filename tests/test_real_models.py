@@ -58,7 +58,20 @@ def test_tinystories_656k() -> None:
     path = require_tinystories()
     prog = _check_real_model(str(path), "Once upon a time there was a little", layers=2)
     assert prog.model_class == "LlamaForCausalLM"
-    assert set(prog.side.names) >= {n for n in prog.side.names if n.startswith("rope_cos")}
+    # a Llama: its RoPE tables are side inputs, read by every attention sublayer and no MLP
+    cos = [n for n in prog.side.names if n.startswith("rope_cos")]
+    sin = [n for n in prog.side.names if n.startswith("rope_sin")]
+    assert len(cos) == 1 and len(sin) == 1, prog.side.names
+    assert prog.side.positions_only
+    for unit in prog.sublayers:
+        assert (set(unit.side_inputs) >= {*cos, *sin}) == (unit.kind == "attn"), (unit.name, unit.side_inputs)
+    side = prog.side_inputs(torch.zeros(1, 6, dtype=torch.long))
+    c, s = side[cos[0]], side[sin[0]]
+    assert c.shape[-2] == 6 and c.shape == s.shape  # [.., positions, head_dim]
+    torch.testing.assert_close(c[..., 0, :], torch.ones_like(c[..., 0, :]))  # rotation by 0
+    torch.testing.assert_close(s[..., 0, :], torch.zeros_like(s[..., 0, :]))
+    torch.testing.assert_close(c**2 + s**2, torch.ones_like(c))  # default RoPE: attention_scaling 1
+    assert s[..., 1:, :].abs().max() > 0.1  # later positions rotate
 
 
 def test_smollm2_135m() -> None:

@@ -240,3 +240,26 @@ def test_emit_plans_its_cost_first() -> None:
     stream = expansion_plan(prog, len(expansion), ids, 0, "x", space="stream")
     assert stream.peak_bytes == len(expansion) * 5 * hidden * 4 * 2 and stream.flops < logits.flops
     assert jetgraph.emit(expansion, ids).term_names  # within the default limit it runs
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path) -> None:
+    from jetgraph.files import atomic_write, check_writable
+
+    target = tmp_path / "out" / "table.csv"
+    atomic_write(target, "old\n")
+
+    def crash(name: str) -> None:
+        with open(name, "w") as handle:
+            handle.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, crash)
+    assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]
+    assert target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        check_writable(tmp_path / "out")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        check_writable(target / "x.csv")
+    assert check_writable(tmp_path / "new" / "deeper" / "x.csv") == tmp_path / "new" / "deeper" / "x.csv"
+    assert not (tmp_path / "new").exists()  # checking creates nothing

@@ -70,11 +70,9 @@ def test_multivariate_matches_nested_jvp_on_tensors() -> None:
     result = jetgraph.jet(f, c, order=3, directions=[v1, v2])
     d1 = lambda x: torch.func.jvp(f, (x,), (v1,))[1]  # noqa: E731
     d12 = lambda x: torch.func.jvp(d1, (x,), (v2,))[1]  # noqa: E731
-    d112 = torch.func.jvp(lambda x: torch.func.jvp(d12, (x,), (v1,))[1], (c,), (v1,))[1]
     torch.testing.assert_close(result.coefficient((1, 1)), d12(c))
     torch.testing.assert_close(result.coefficient((2, 1)), torch.func.jvp(d12, (c,), (v1,))[1] / 2)
     assert result.basis.size == 10  # monomials of degree <= 3 in 2 variables
-    del d112
     # the sum over monomials is the jet at c + v1 + v2, which also equals the univariate jet
     univariate = jetgraph.jet(f, c, v1 + v2, order=3, increment=True)
     torch.testing.assert_close(result.value, univariate.value)
