@@ -32,8 +32,11 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[str], None]) ->
     """Write ``data`` (bytes, text, or a function that writes a given file name) to ``path``
     through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write {str(path)!r}: {exc.strerror}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             if isinstance(data, str):
@@ -52,8 +55,9 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[str], None]) ->
 
 
 def check_writable(path: str | Path, what: str = "output") -> Path:
-    """Raise ``OSError`` with a one-line reason unless ``path`` can be created or replaced: its
-    folder exists or can be made and is writable, and the path is not a folder."""
+    """Raise ``OSError`` with a one-line reason unless ``path`` can be created or replaced: it is
+    not a folder, and a file can be made in its nearest existing folder (probed by creating and
+    deleting one there; nothing else is created)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"the {what} {str(path)!r} is a folder; give a file name")
@@ -64,8 +68,13 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot write the {what} {str(path)!r}: {str(folder)!r} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the {what} {str(path)!r}: {str(folder)!r} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
         raise PermissionError(f"cannot write the {what} {str(path)!r}: the file is read-only")
+    try:  # a real probe: permissions alone say nothing for root, read-only mounts or /proc
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".jetgraph-probe-", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write the {what} {str(path)!r}: {str(folder)!r} is not "
+                              f"writable ({exc.strerror})") from None
     return path

@@ -344,3 +344,24 @@ def test_demo_writes_every_output(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "toxic-word mass" in printed and "logits reproduced to" in printed
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
+
+
+def test_read_only_outputs_are_refused_before_loading(tmp_path, capsys, monkeypatch) -> None:
+    """A read-only file system (a real one: root ignores permission bits, so a chmod proves
+    nothing here) is detected by probing, before the model is loaded."""
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)],
+                             capture_output=True, check=False).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root and mount rights)")
+    try:
+        _no_model_loading(monkeypatch)
+        assert main(["ngrams", "m", "--out", str(folder / "t.csv")]) == 1
+        _one_line_error(capsys, "is not writable (Read-only file system)")
+        assert main(["demo", "--model", "m", "--out", str(folder / "demo")]) == 1
+        _one_line_error(capsys, "is not writable (Read-only file system)")
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
