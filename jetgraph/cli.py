@@ -26,7 +26,13 @@ class UsageError(Exception):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help that shows every option's default and keeps the descriptions' line breaks."""
+    """Help that shows every option's default and keeps the descriptions' line breaks; an option
+    without a default (None) says in its own help what happens when it is left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
+    written = getattr(args, "written", [])
+    verb = "is" if len(written) == 1 else "are"
+    done = f"{', '.join(map(str, written))} {verb} complete; " if written else ""
     if getattr(args, "resume", None):
-        return f"rerun the same command to resume from the checkpoints in {args.resume}"
+        return f"{done}rerun the same command to resume from the checkpoints in {args.resume}"
     if args.command == "ngrams":
-        return "no output was written; add --resume DIR to make long tables resumable"
+        return (f"{done}no other output was written; add --resume DIR to make long tables resumable"
+                if written else "no output was written; add --resume DIR to make long tables resumable")
     return "no output was half-written"
 
 
@@ -103,9 +113,9 @@ def _seconds(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds or 'none', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds or 'none', got {text}")
+    return None if value == float("inf") else value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -476,7 +486,7 @@ def _run_emit(args: argparse.Namespace) -> int:
         count = (len(view.units) + 1) * (args.order + 1)
     else:
         view, paths, count = _selected_paths(args, prog)
-    plan = expansion_plan(view, count, ids, args.order, f"emitting {count:,} terms")
+    plan = expansion_plan(view, count, ids, args.order, f"emitted code for {count:,} terms")
     if _stop_at_plan(args, [plan], SHRINK_SELECTION):
         return 0
     if args.expansion == "lens":
@@ -575,6 +585,7 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
         table = ngram_table(prog, spec, resume=resume, max_seconds=None, **options)
         table.export(out, tokenizer)
+        args.written = [*getattr(args, "written", []), out]
         print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
               f"(by {args.rank}) -> {out}")
         for entry in table.entries(tokenizer)[:10]:
@@ -595,7 +606,7 @@ def _run_paths(args: argparse.Namespace) -> int:
     model, _, ids = _load(args)
     prog = jetgraph.capture(model, ids)
     view, paths, count = _selected_paths(args, prog)
-    plan = expansion_plan(view, count, ids, args.order, f"drawing {count:,} paths")
+    plan = expansion_plan(view, count, ids, args.order, f"a path picture of {count:,} paths")
     if _stop_at_plan(args, [plan], SHRINK_SELECTION):
         return 0
     expansion = paths.expansion(max_terms=None)

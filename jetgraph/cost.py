@@ -47,6 +47,9 @@ class Plan:
               memory_option: str | None = None) -> Plan:
         """Raise :class:`CostError` if the plan takes longer than ``max_seconds`` or more memory
         than ``max_bytes`` (default: the memory available now); ``None`` lifts a limit."""
+        if max_seconds is not None and not max_seconds > 0:  # refuses nan, 0 and negatives
+            raise ValueError(f"{option.split()[0]} must be a positive number of seconds or None, "
+                             f"got {max_seconds!r}")
         if max_seconds is not None and self.seconds > max_seconds:
             raise CostError(f"refusing {self.describe()}: more than the limit of "
                             f"{format_duration(max_seconds)}; shrink the job or raise {option}")
@@ -61,8 +64,9 @@ class Plan:
 def gemm_rate() -> float:
     """float32 matmul FLOP/s on this machine (best of three 1024³ products)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)  # warm the thread pool and the allocator
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)

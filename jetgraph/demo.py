@@ -73,7 +73,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     render(expansion_graph(selected.expansion(limit=60), ids, max_nodes=40), out / "paths.svg")
     total = jetgraph.count_paths(prog, "sublayer")
     log.step(f"{_count(total)} paths at sublayer granularity; {selected.count()} attention-free paths of "
-             "length <= 2 -> paths.svg (the 60 first)")
+             f"length <= 2 -> paths.svg (the first {min(60, selected.count())})")
 
     mlps = [u.name for u in view.units if u.kind == "mlp"]
     chosen = {mlps[0], mlps[-1]}

@@ -70,6 +70,8 @@ def test_parse_errors_exit_2(capsys, monkeypatch) -> None:
     assert "expected an integer, got 'x'" in capsys.readouterr().err
     assert main(["lens", "m", "text", "--order", "20"]) == 2
     assert "above the highest supported order 18" in capsys.readouterr().err
+    assert main(["ngrams", "m", "--max-time", "nan"]) == 2
+    assert "positive number of seconds" in capsys.readouterr().err
     assert main(["lens", "m", "text", "--order", "-1"]) == 2
     assert "non-negative" in capsys.readouterr().err
     assert main(["ngrams", "m", "--top", "0"]) == 2
@@ -107,6 +109,7 @@ def test_path_specs_are_checked_before_loading(tmp_path, capsys, monkeypatch) ->
         "E→→U": "has an empty step",
         "E→mlp0": "must end at U",
         "E→conv0→U": "unknown unit 'conv0'",
+        "E^1→U": "takes no Taylor order",
     }
     for spec, message in cases.items():
         assert main(["ngrams", str(path), "--paths", "E→U", spec, "--out", str(out)]) == 1, spec
@@ -156,6 +159,7 @@ def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -
     import jetgraph.applications
 
     path = require_tinystories()
+    real = jetgraph.applications.ngram_table
 
     def interrupted(*_, **__):
         raise KeyboardInterrupt
@@ -165,8 +169,22 @@ def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -
     assert main(["ngrams", str(path), "--resume", str(resume), "--out", str(tmp_path / "t.csv")]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert main(["ngrams", str(path), "--out", str(tmp_path / "t.csv")]) == 130
-    assert "add --resume DIR" in capsys.readouterr().err
+    assert "no output was written; add --resume DIR" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
+    calls = []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jetgraph.applications, "ngram_table", second_interrupted)
+    out = tmp_path / "two.csv"
+    assert main(["ngrams", str(path), "--paths", "E→U", "E→mlp0→U", "--top", "3",
+                 "--out", str(out)]) == 130
+    assert f"{tmp_path / 'two-0.csv'} is complete; no other output was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".csv") == ["two-0.csv"]
 
 
 def test_capture_tinystories_writes_summary(tmp_path, capsys) -> None:
@@ -231,7 +249,7 @@ def test_emit_errors(tmp_path, capsys) -> None:
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--dry-run"]) == 0
     assert "terms" in capsys.readouterr().out
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-time", "1e-9"]) == 1
-    _one_line_error(capsys, "refusing emitting", "--max-time")
+    _one_line_error(capsys, "refusing emitted code for", "--max-time")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,7 +335,7 @@ def test_paths_command(tmp_path, capsys) -> None:
     _one_line_error(capsys, "15 paths pass the filters, more than --limit 4")
     assert main(["paths", str(path), "--exclude", "", "--dry-run",
                  "--render", str(tmp_path / "all.svg")]) == 0
-    assert "drawing 11 paths" in capsys.readouterr().out
+    assert "a path picture of 11 paths" in capsys.readouterr().out
     assert not (tmp_path / "all.svg").exists()
 
 
@@ -330,6 +348,10 @@ def test_mismatched_tokenizer_and_long_text(capsys) -> None:
         pytest.skip("shared/models/gpt2-tokenizer is absent")
     assert main(["lens", str(path), "Hello there", "--tokenizer", str(gpt2_tokenizer)]) == 1
     _one_line_error(capsys, "do not belong together")
+    assert main(["lens", str(path), "Hello there", "--tokenizer", str(path / "config.json")]) == 1
+    _one_line_error(capsys, "cannot load a tokenizer from")
+    assert main(["lens", str(path), "Hello there", "--tokenizer", "/no/such/tokenizer.json"]) == 1
+    _one_line_error(capsys, "no tokenizer at '/no/such/tokenizer.json'")
     assert main(["lens", str(path), "once upon a time " * 400]) == 1
     _one_line_error(capsys, "the model's context holds")
 

@@ -232,7 +232,7 @@ def test_emit_plans_its_cost_first() -> None:
     _, prog = captured("gpt2")
     ids = random_ids(1, 5)
     expansion = jetgraph.expand_paths(prog, max_length=1).expansion()
-    with pytest.raises(CostError, match=r"refusing emitting \d+ terms: .*raise max_seconds"):
+    with pytest.raises(CostError, match=r"refusing emitted code for \d+ terms: .*raise max_seconds"):
         jetgraph.emit(expansion, ids, max_seconds=1e-9)
     logits = expansion_plan(prog, len(expansion), ids, 0, "x")
     vocab, hidden = prog.decoder.unembedding.shape
@@ -263,3 +263,38 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path) -> None:
         check_writable(target / "x.csv")
     assert check_writable(tmp_path / "new" / "deeper" / "x.csv") == tmp_path / "new" / "deeper" / "x.csv"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_keyword_ids_skip_the_bare_word_start_token() -> None:
+    """SentencePiece encodes " dog" as ["▁", "dog"] on TinyStories: the keyword is "dog", not the
+    word-start piece every word begins with."""
+    from jetgraph.applications import keyword_ids
+    from tests.conftest import require_tinystories
+
+    _, tokenizer = jetgraph.load_model(str(require_tinystories()))
+    ids = keyword_ids(tokenizer, ["dog", "cat", "happy"])
+    assert len(ids) >= 3 and all(tokenizer.decode([i]).strip() for i in ids)  # no bare "▁"
+
+    class Pieces:  # a SentencePiece-like tokenizer: id 0 is the bare word start
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [0, len(text.strip())]})()
+
+        def decode(self, ids):
+            return "" if ids == [0] else f"w{ids[0]}"
+
+    assert keyword_ids(Pieces(), ["ab", "abc"]) == [2, 3]
+
+
+def test_emitted_docstring_names_non_unit_weights() -> None:
+    from jetgraph.codegen.source import term_weights
+    from tests.conftest import captured
+
+    _, prog = captured("llama")
+    sub = prog.at("sublayer")
+    unit = jetgraph.expand_paths(sub, include={"mlp0"}, max_length=1).expansion()
+    assert term_weights(unit).startswith("unit (each output is the path's own value")
+    uniform = jetgraph.expand_paths(sub, include={"mlp0"}, max_length=1, weights="uniform").expansion()
+    described = term_weights(uniform)
+    assert described.startswith("not unit: the last step's weight is 0.0625")  # 1/16: 4 units, 1 source
+    assert "earlier steps carry 0.5" in described  # mlp0 reads h1, where the stream has 2 terms
+    assert jetgraph.expand_paths(sub, include="mlp0").count() == 2  # a name, not its letters

@@ -9,6 +9,7 @@ from jetgraph.applications.ngrams import (
     full_table,
     keyword_ids,
     load_keywords,
+    ngram_plan,
     ngram_table,
     path_term,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "keyword_ids",
     "lens_metrics",
     "load_keywords",
+    "ngram_plan",
     "ngram_table",
     "path_term",
     "write_lens_csv",

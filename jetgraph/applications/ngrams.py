@@ -98,6 +98,9 @@ def parse_path(spec: str) -> list[tuple[str, int]]:
             raise ValueError(f"path {spec!r}: order {order} at {name!r} is above the highest supported "
                              f"order {MAX_ORDER}")
         parsed.append((name, order))
+    if parsed[0][1]:
+        raise ValueError(f"path {spec!r}: the source {parsed[0][0]!r} takes no Taylor order (^j goes on "
+                         "the units and U)")
     if ALIASES.get(parsed[0][0].lower()) == "unembed":
         raise ValueError(f"path {spec!r} starts at the decoder; it must start at a source such as E")
     if ALIASES.get(parsed[-1][0].lower()) != "unembed":
@@ -646,16 +649,22 @@ def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor |
 
 # ----------------------------------------------------------------- analyses
 def keyword_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """Token ids of a keyword list: every word's first token, with and without a leading space."""
+    """Token ids of a keyword list: every word's first token, with and without a leading space.
+
+    A first token that decodes to nothing but white space (SentencePiece's bare word-start "▁",
+    which begins every word) is skipped for the token after it: it says nothing about the word.
+    """
     words = [w.strip() for w in words if w.strip()]
     if not words:
         raise ValueError("the keyword list is empty")
+    decode = getattr(tokenizer, "decode", None)
     ids: set[int] = set()
     for word in words:
         for variant in (word, " " + word):
-            encoded = tokenizer(variant, add_special_tokens=False).input_ids
-            if encoded:
-                ids.add(int(encoded[0]))
+            encoded = [int(i) for i in tokenizer(variant, add_special_tokens=False).input_ids]
+            meaningful = [i for i in encoded if decode is None or decode([i]).strip()]
+            if meaningful:
+                ids.add(meaningful[0])
     return sorted(ids)
 
 

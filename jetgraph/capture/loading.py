@@ -174,14 +174,17 @@ def load_tokenizer(name_or_path: str) -> object:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(name_or_path)
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or path.suffix == ".json"):
+        raise ModelLoadError(f"no tokenizer at {name_or_path!r}: no such file or folder")
     try:
         if path.is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         options = {} if path.exists() else _hub_options(name_or_path, ("tokenizer.json",
                                                                         "tokenizer_config.json"))
         return AutoTokenizer.from_pretrained(name_or_path, **options)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
+    except Exception as exc:  # the tokenizers library raises plain Exception on a malformed file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {first}") from exc
 
 
 def model_vocab_size(model: nn.Module) -> int | None:

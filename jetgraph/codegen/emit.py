@@ -60,8 +60,8 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
                         f"got {type(expansion).__name__}")
     prog = expansion.prog
     ids = _example_ids(prog, input_ids)
-    cost = expansion_plan(prog, len(expansion), ids, expansion.order, f"emitting {len(expansion):,} terms",
-                          expansion.space)
+    what = f"emitted code for {len(expansion):,} terms"
+    cost = expansion_plan(prog, len(expansion), ids, expansion.order, what, expansion.space)
     cost.check(max_seconds, "max_seconds (None: no limit)",
                memory_option="emit fewer terms or a shorter input")
     schedule = plan(expansion)

@@ -152,6 +152,8 @@ def _docstring(module: fx.GraphModule, expansion: Expansion, weights_file: str,
         "Usage:",
         "    model = load('cpu')  # or 'cuda'",
         "    out = model(input_ids)  # {term name: tensor, 'target': ..., 'remainder': ...}",
+        "'remainder' is target - sum of the outputs: the exact Taylor remainder when the terms",
+        "expand the model (e.g. a full expansion), a plain difference for a selection of paths.",
         "",
         f"Units of the {prog.granularity} view (name, kind, module):",
         *unit_lines,
@@ -238,17 +240,27 @@ def _serialise(weights: dict[str, torch.Tensor]) -> bytes:
 
 
 def term_weights(expansion: Expansion) -> str:
-    """What the outputs' scale means: the product of the weights along each term's chain."""
-    products = []
+    """What the outputs' scale means: unit weights (each output is the path's own value) or the
+    weights each term was built with (its last step's, and those inside it)."""
+    last, inner = set(), set()
     for term in expansion.terms:
-        product, node = 1.0, term
+        node, steps = term, []
         while node is not None:
             if isinstance(node.weight, torch.Tensor):
-                return "tensor weights (each output is its term times the given weights)"
-            product *= float(node.weight)
+                return "tensor weights (each output is its term computed with the given weights)"
+            steps.append(float(node.weight))
             node = node.center
-        products.append(product)
-    if all(p == 1.0 for p in products):
+        last.add(steps[0])
+        inner.update(steps[1:])
+    if last == {1.0} and inner <= {1.0}:
         return "unit (each output is the path's own value: a bigram path's logits as ngram_table reads them)"
-    return (f"as built ({min(products):.3g}..{max(products):.3g} along the terms' chains, e.g. uniform "
-            "weights 1/N per unit): each output is its path's own value times that product")
+    described = f"the last step's weight is {_span(last)}"
+    if inner - {1.0}:
+        described += (f", and earlier steps carry {_span(inner)} inside the later units (a norm "
+                      "undoes such a scale, so outputs are not simply their product)")
+    return f"not unit: {described}; e.g. uniform weights 1/N per unit"
+
+
+def _span(values: set[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.4g}" if low == high else f"{low:.4g}..{high:.4g}"

@@ -145,6 +145,8 @@ def expand_paths(
     if max_length is not None and max_length < 0:
         raise ValueError(f"max_length must be >= 0, got {max_length}")
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
+    include = {include} if isinstance(include, str) else include  # one name, not its letters
+    exclude = {exclude} if isinstance(exclude, str) else exclude
     names = {u.name for u in view.units} | {u.kind for u in view.units}
     for label, chosen in (("include", include), ("exclude", exclude)):
         unknown = set(chosen or ()) - names
