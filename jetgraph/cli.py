@@ -290,6 +290,8 @@ def _check_ngrams(args: argparse.Namespace) -> None:
         from jetgraph.files import check_writable
 
         check_writable(args.resume / "ngrams-0.pt", "--resume folder")
+    if args.contexts is not None:
+        _check_context_rows(args, dims.get("vocab"))
     _refuse_hopeless_tables(args, dims)
 
 
@@ -301,6 +303,9 @@ def _check_paths(args: argparse.Namespace) -> None:
 def _check_emit(args: argparse.Namespace) -> None:
     _check_text(args.text, "--text")
     _check_output(args.out, (".py",), "--out")
+    if not args.out.stem.isidentifier():
+        raise UsageError(f"--out {args.out.name!r} cannot be imported: the file name must be a Python "
+                         "identifier (letters, digits, '_')")
     from jetgraph.files import check_writable
 
     check_writable(args.out.with_suffix(".safetensors"), "weights file")
@@ -360,6 +365,21 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
                             f"matmul alone, at least {format_duration(seconds)} at {gemm_rate() / 1e9:.0f} "
                             f"GFLOP/s measured here, more than --max-time {args.max_time:g} s; restrict the "
                             "contexts (--first N, --contexts FILE) or raise --max-time (none: no limit)")
+
+
+def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
+    """--contexts rows against every path (one id without attention, two through it) and the
+    vocabulary of the model's config."""
+    width = len(args.context_rows[0])
+    for spec in args.paths:
+        needed = 2 if any(name.lower().startswith("attn") for name, _ in _parse(spec)[1:-1]) else 1
+        if width != needed:
+            raise UsageError(f"--contexts {str(args.contexts)!r} has {width} id(s) per line, but {spec} "
+                             f"reads {needed} token(s) of context")
+    largest = max(max(row) for row in args.context_rows)
+    if vocab is not None and largest >= vocab:
+        raise UsageError(f"--contexts {str(args.contexts)!r} holds token id {largest}, outside the "
+                         f"model's vocabulary of {vocab}")
 
 
 def _parse(spec: str):

@@ -239,6 +239,8 @@ def test_emit_errors(tmp_path, capsys) -> None:
     path = require_tinystories()
     assert main(["emit", str(path), "-o", str(tmp_path / "x.txt")]) == 2
     _one_line_error(capsys, "--out must end in .py")
+    assert main(["emit", str(path), "-o", str(tmp_path / "my-module.py")]) == 2
+    _one_line_error(capsys, "cannot be imported: the file name must be a Python identifier")
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--max-length", "2", "--limit", "3"]) == 1
     _one_line_error(capsys, "more than --limit 3")
     assert main(["emit", str(path), "-o", str(tmp_path / "x.py"), "--exclude", "nonsense"]) == 1
@@ -306,6 +308,13 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["ngrams", str(path), "--contexts", str(contexts), "--out", str(out)]) == 2
     _one_line_error(capsys, "line 1: expected token ids")
+    contexts.write_text("5\n7\n")
+    assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--contexts", str(contexts),
+                 "--out", str(out)]) == 2
+    _one_line_error(capsys, "has 1 id(s) per line, but E→attn0→U reads 2 token(s)")
+    contexts.write_text("5\n99999\n")
+    assert main(["ngrams", str(path), "--contexts", str(contexts), "--out", str(out)]) == 2
+    _one_line_error(capsys, "holds token id 99999, outside the model's vocabulary of 2048")
 
 
 def test_ngrams_plan_and_refusal(tmp_path, capsys, monkeypatch) -> None:
