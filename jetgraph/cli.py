@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from jetgraph.files import check_writable
+
 DEFAULT_TEXT = "The capital of France is"
 DEFAULT_GRANULARITY = "sublayer"  # the unit names of the path language (attn0, mlp0, …)
 DEFAULT_MAX_TIME = 3600.0
@@ -251,8 +253,6 @@ def _check_text(text: str, option: str) -> None:
 
 
 def _check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
-    from jetgraph.files import check_writable
-
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
     check_writable(path, option)
@@ -261,8 +261,6 @@ def _check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
 def _check_capture(args: argparse.Namespace) -> None:
     _check_text(args.text, "--text")
     if args.out is not None:
-        from jetgraph.files import check_writable
-
         check_writable(args.out, "--out")
 
 
@@ -287,8 +285,6 @@ def _check_ngrams(args: argparse.Namespace) -> None:
     for out in _ngram_outputs(args):
         _check_output(out, (".csv", ".json"), "--out")
     if args.resume is not None:
-        from jetgraph.files import check_writable
-
         check_writable(args.resume / "ngrams-0.pt", "--resume folder")
     if args.contexts is not None:
         _check_context_rows(args, dims.get("vocab"))
@@ -306,14 +302,10 @@ def _check_emit(args: argparse.Namespace) -> None:
     if not args.out.stem.isidentifier():
         raise UsageError(f"--out {args.out.name!r} cannot be imported: the file name must be a Python "
                          "identifier (letters, digits, '_')")
-    from jetgraph.files import check_writable
-
     check_writable(args.out.with_suffix(".safetensors"), "weights file")
 
 
 def _check_demo(args: argparse.Namespace) -> None:
-    from jetgraph.files import check_writable
-
     _check_text(args.text, "--text")
     check_writable(args.out / "summary.txt", "--out folder")
 
@@ -345,6 +337,7 @@ def _config_dims(model: str) -> dict[str, int]:
 def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> None:
     """Before loading: a lower bound on each table's time (its decoder matmul alone,
     rows · 2·V·d FLOPs at the GEMM rate measured here) past --max-time is refused at once."""
+    from jetgraph.applications.ngrams import spec_context_length
     from jetgraph.cost import format_count, format_duration, format_flops, gemm_rate
     from jetgraph.errors import CostError
 
@@ -352,7 +345,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         return
     vocab, hidden = dims["vocab"], dims["hidden"]
     for spec in args.paths:
-        pairs = any(name.lower().startswith("attn") for name, _ in _parse(spec)[1:-1])
+        pairs = spec_context_length(spec) == 2
         if args.contexts is not None:
             rows = len(args.context_rows)
         else:
@@ -370,9 +363,11 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
 def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
     """--contexts rows against every path (one id without attention, two through it) and the
     vocabulary of the model's config."""
+    from jetgraph.applications.ngrams import spec_context_length
+
     width = len(args.context_rows[0])
     for spec in args.paths:
-        needed = 2 if any(name.lower().startswith("attn") for name, _ in _parse(spec)[1:-1]) else 1
+        needed = spec_context_length(spec)
         if width != needed:
             raise UsageError(f"--contexts {str(args.contexts)!r} has {width} id(s) per line, but {spec} "
                              f"reads {needed} token(s) of context")
@@ -380,12 +375,6 @@ def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
     if vocab is not None and largest >= vocab:
         raise UsageError(f"--contexts {str(args.contexts)!r} holds token id {largest}, outside the "
                          f"model's vocabulary of {vocab}")
-
-
-def _parse(spec: str):
-    from jetgraph.applications.ngrams import parse_path
-
-    return parse_path(spec)
 
 
 def _read_contexts(path: Path) -> list[list[int]]:

@@ -40,7 +40,8 @@ class Plan:
 
     def describe(self) -> str:
         return (f"{self.what}: {format_count(self.items)} {self.item_name}, {format_flops(self.flops)}, "
-                f"peak memory ≈ {format_bytes(self.peak_bytes)}, estimated {format_duration(self.seconds)} "
+                f"peak memory ≈ {format_bytes(self.peak_bytes)} above the model, "
+                f"estimated {format_duration(self.seconds)} "
                 f"(at {self.gemm_rate / 1e9:.0f} GFLOP/s measured here)")
 
     def check(self, max_seconds: float | None, option: str, max_bytes: float | None = None,
@@ -62,7 +63,7 @@ class Plan:
 
 @functools.lru_cache(maxsize=1)
 def gemm_rate() -> float:
-    """float32 matmul FLOP/s on this machine (best of three 1024³ products)."""
+    """float32 matmul FLOP/s on this machine (best of five 1024³ products after a warm-up)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     torch.mm(a, b)  # warm the thread pool and the allocator
     best = float("inf")

@@ -126,6 +126,12 @@ def check_path_units(spec: str, layers: int) -> None:
                              f"({kind}0..{kind}{layers - 1})")
 
 
+def spec_context_length(spec: str) -> int:
+    """Tokens of context a path spec reads, from its text alone (the rule of
+    :func:`context_length`: 2 through an attention unit, else 1)."""
+    return 2 if any(name.lower().startswith("attn") for name, _ in parse_path(spec)[1:-1]) else 1
+
+
 def context_length(term: Term) -> int:
     """Tokens of context a path sees: 1 without attention, 2 through attention units."""
     units = []

@@ -174,7 +174,7 @@ def load_tokenizer(name_or_path: str) -> object:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(name_or_path)
-    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or path.suffix == ".json"):
+    if not path.exists() and (_looks_like_path(name_or_path) or path.suffix == ".json"):
         raise ModelLoadError(f"no tokenizer at {name_or_path!r}: no such file or folder")
     try:
         if path.is_file():
