@@ -34,8 +34,8 @@ def measure(name: str, repeats: int) -> dict[str, object]:
 
     import jetgraph
     from jetgraph.capture.export import export_model
+    from jetgraph.capture.lift import lift
     from jetgraph.capture.zoo import gpt2_small_config
-    from jetgraph.passes import lift
 
     start = time.perf_counter()
     if name == "smollm2":

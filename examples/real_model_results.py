@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import jetgraph
-from jetgraph.applications import iterative_lens, keyword_ids, load_keywords, ngram_table
+from jetgraph.applications import iterative_lenses, keyword_ids, load_keywords, ngram_table
 from jetgraph.capture.loading import encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,15 +52,14 @@ def model_section(name: str, source: str) -> tuple[list[str], dict]:
     prog = jetgraph.capture(model, ids)
     lines = [f"## {name}", "",
              f"Input: {TEXTS[name]!r} ({ids.shape[1]} tokens), {len(prog.blocks)} blocks.", ""]
-    lenses = []
-    for k in range(3):
-        step(f"{name}: iterative lens, order {k}")
-        lenses.append(iterative_lens(prog, ids, order=k))
+    step(f"{name}: iterative lens, orders 0-2 (one Taylor pass)")
+    lenses = list(iterative_lenses(prog, ids, orders=(0, 1, 2)).values())
     lines += ["### Iterative lens: cosine to the model's logits (mean over positions)", "",
               "| state | order 0 (logit lens) | order 1 | order 2 | top-1 agreement, order 0 / 1 / 2 |",
               "|---|---|---|---|---|"]
     record: dict = {"lens": [], "bigrams": {}, "keyword_mass": {}}
-    for i, label in enumerate(lenses[0].labels):
+    for i, state in enumerate(lenses[0].labels):
+        label = f"{state} ({lenses[0].written_by[i]})"
         cos = [lens.metrics["cosine"][i].mean().item() for lens in lenses]
         top1 = [lens.metrics["top1"][i].mean().item() for lens in lenses]
         lines.append(f"| {label} | {cos[0]:.3f} | {cos[1]:.3f} | {cos[2]:.3f} | "

@@ -1,21 +1,42 @@
 """jetgraph: a compiler for jet expansions of residual networks.
 
-``prog = jetgraph.capture(model, input_ids)`` turns a causal LM into a residual program
-(encoder, residual units, decoder) that later passes expand into paths.
+One obvious name per job::
+
+    prog = jetgraph.capture(model)                  # model -> residual program (IR)
+    lens = jetgraph.lens(model, ids, orders=(0, 1, 2))  # the iterative jet lens, all orders
+    table = jetgraph.ngrams(prog, "E→MLP_last→U")   # an n-gram table read from a path
+    paths = jetgraph.expand_paths(prog, exclude={"attn"}, max_length=1)
+    jetgraph.emit_source(paths.expansion(), "bigrams.py")  # expanded model as code
+
+The pipeline, layer by layer: :mod:`jetgraph.capture` (the frontend) builds the
+:mod:`jetgraph.ir`; :mod:`jetgraph.taylor` computes jets; :mod:`jetgraph.passes` rewrites units
+into expansions and enumerates paths; :mod:`jetgraph.codegen` turns expansions into batched
+torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 """
 
 from jetgraph._version import __version__ as __version__
-from jetgraph.api import capture
-from jetgraph.capture.loading import load_model
+from jetgraph.applications.entry_points import lens, ngrams
+from jetgraph.capture import load_model
 from jetgraph.codegen import emit, emit_source
-from jetgraph.errors import CaptureError, JetgraphError, JetRuleError, ModelLoadError
-from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs
-from jetgraph.passes.expand import Expansion, Term, expand, expand_stream, source_terms, stream_term
-from jetgraph.passes.paths import count_paths, expand_paths
+from jetgraph.errors import CaptureError, CostError, JetgraphError, JetRuleError, ModelLoadError
+from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit
+from jetgraph.passes import (
+    Expansion,
+    Term,
+    count_paths,
+    expand,
+    expand_paths,
+    expand_stream,
+    parse_path,
+    path_term,
+    source_terms,
+    stream_term,
+)
 from jetgraph.taylor import Jet, jet
 
 __all__ = [
     "CaptureError",
+    "CostError",
     "Decoder",
     "Encoder",
     "Expansion",
@@ -25,7 +46,6 @@ __all__ = [
     "ModelLoadError",
     "ResidualProgram",
     "ResidualUnit",
-    "SideInputs",
     "Term",
     "capture",
     "count_paths",
@@ -35,7 +55,11 @@ __all__ = [
     "expand_paths",
     "expand_stream",
     "jet",
+    "lens",
     "load_model",
+    "ngrams",
+    "parse_path",
+    "path_term",
     "source_terms",
     "stream_term",
 ]

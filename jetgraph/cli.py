@@ -230,6 +230,9 @@ def _granularity(parser: argparse.ArgumentParser) -> None:
 
 def _path_filters(parser: argparse.ArgumentParser, exclude: str | None, max_length: int) -> None:
     parser.add_argument("--order", type=_order, default=0, help="Taylor order of every unit's jet")
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help='explicit paths in the path language, e.g. "E→U" "E→mlp0^1→U" (then '
+                             "--include, --exclude and --max-length are not used)")
     parser.add_argument("--include", default=None, help="comma list of unit kinds or names to keep")
     parser.add_argument("--exclude", default=exclude,
                         help='comma list of unit kinds or names to drop ("attn": the attention-free paths)')
@@ -272,13 +275,10 @@ def _check_lens(args: argparse.Namespace) -> None:
 
 
 def _check_ngrams(args: argparse.Namespace) -> None:
-    from jetgraph.applications.ngrams import check_path_units, load_keywords, parse_path
+    from jetgraph.applications.ngrams import load_keywords
 
     dims = _config_dims(args.model)
-    for spec in args.paths:
-        parse_path(spec)
-        if "layers" in dims:
-            check_path_units(spec, dims["layers"])
+    _check_path_specs(args.paths, dims)
     args.keyword_words = load_keywords(args.keywords) if args.keywords else None
     if args.contexts is not None:
         args.context_rows = _read_contexts(args.contexts)
@@ -291,12 +291,32 @@ def _check_ngrams(args: argparse.Namespace) -> None:
     _refuse_hopeless_tables(args, dims)
 
 
+def _check_path_specs(specs: list[str] | None, dims: dict[str, int]) -> None:
+    """Path specs parsed, and their unit names checked against the config's layer count."""
+    from jetgraph.passes.pathspec import check_unit_names, parse_path
+
+    for spec in specs or ():
+        parse_path(spec)
+        if "layers" in dims:
+            check_unit_names(spec, dims["layers"])
+
+
+def _context_tokens(spec: str) -> int:
+    from jetgraph.passes.pathspec import reads_context
+
+    return 2 if reads_context(spec) else 1
+
+
 def _check_paths(args: argparse.Namespace) -> None:
+    _check_path_specs(args.paths, _config_dims(args.model))
     _check_text(args.text, "--text")
     _check_output(args.render, (".svg", ".png", ".dot"), "--render")
 
 
 def _check_emit(args: argparse.Namespace) -> None:
+    if args.paths and args.expansion == "lens":
+        raise UsageError("--paths selects paths of --expansion paths; the lens expansion takes none")
+    _check_path_specs(args.paths, _config_dims(args.model))
     _check_text(args.text, "--text")
     _check_output(args.out, (".py",), "--out")
     if not args.out.stem.isidentifier():
@@ -337,7 +357,6 @@ def _config_dims(model: str) -> dict[str, int]:
 def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> None:
     """Before loading: a lower bound on each table's time (its decoder matmul alone,
     rows · 2·V·d FLOPs at the GEMM rate measured here) past --max-time is refused at once."""
-    from jetgraph.applications.ngrams import spec_context_length
     from jetgraph.cost import format_count, format_duration, format_flops, gemm_rate
     from jetgraph.errors import CostError
 
@@ -345,7 +364,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         return
     vocab, hidden = dims["vocab"], dims["hidden"]
     for spec in args.paths:
-        pairs = spec_context_length(spec) == 2
+        pairs = _context_tokens(spec) == 2
         if args.contexts is not None:
             rows = len(args.context_rows)
         else:
@@ -363,11 +382,9 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
 def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
     """--contexts rows against every path (one id without attention, two through it) and the
     vocabulary of the model's config."""
-    from jetgraph.applications.ngrams import spec_context_length
-
     width = len(args.context_rows[0])
     for spec in args.paths:
-        needed = spec_context_length(spec)
+        needed = _context_tokens(spec)
         if width != needed:
             raise UsageError(f"--contexts {str(args.contexts)!r} has {width} id(s) per line, but {spec} "
                              f"reads {needed} token(s) of context")
@@ -469,9 +486,12 @@ def _selected_paths(args: argparse.Namespace, prog):
 
     view = prog.at(args.granularity)
     try:
-        paths = jetgraph.expand_paths(view, order=args.order, include=_names(args.include),
-                                      exclude=_names(args.exclude), max_length=args.max_length,
-                                      weights=args.weights)
+        if args.paths:
+            paths = jetgraph.expand_paths(view, order=args.order, paths=args.paths, weights=args.weights)
+        else:
+            paths = jetgraph.expand_paths(view, order=args.order, include=_names(args.include),
+                                          exclude=_names(args.exclude), max_length=args.max_length,
+                                          weights=args.weights)
     except ValueError as exc:
         other = "block" if args.granularity == "sublayer" else "sublayer"
         raise ValueError(f"{exc} (at --granularity {args.granularity}; {other} names units differently)"
@@ -539,12 +559,12 @@ def _names(text: str | None) -> set[str] | None:
 
 def _run_lens(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.applications import iterative_lens, joint_lens, write_lens_csv
+    from jetgraph.applications import iterative_lenses, joint_lens, write_lens_csv
     from jetgraph.applications.plots import plot_lens
 
     model, tokenizer, ids = _load(args)
     prog = jetgraph.capture(model, ids, granularity=args.granularity)
-    results = [iterative_lens(prog, ids, order=k) for k in range(args.order + 1)]
+    results = list(iterative_lenses(prog, ids, range(args.order + 1)).values())  # one Taylor pass
     if args.joint:
         results.append(joint_lens(prog, ids, order=args.order))
     plot_lens(results, args.out, tokenizer, ids)
@@ -558,10 +578,10 @@ def _run_lens(args: argparse.Namespace) -> int:
 def _lens_table(results) -> str:
     """Cosine to the logits by centre, one column per iterative order; the joint lens after."""
     iterative = [r for r in results if r.kind == "iterative"]
-    lines = [f"{'centre':<16}" + "".join(f"  {'cos@' + str(r.order):>7}" for r in iterative)]
-    for i, label in enumerate(iterative[0].labels):
+    lines = [f"{'state':<6}{'after':<10}" + "".join(f"  {'cos@' + str(r.order):>7}" for r in iterative)]
+    for i, (label, after) in enumerate(zip(iterative[0].labels, iterative[0].written_by, strict=True)):
         cells = "".join(f"  {r.metrics['cosine'][i].mean().item():7.3f}" for r in iterative)
-        lines.append(f"{label:<16}{cells}")
+        lines.append(f"{label:<6}{after:<10}{cells}")
     for result in results:
         if result.kind == "joint":
             lines.append(f"joint lens, order {result.order}: cosine "
@@ -621,9 +641,10 @@ def _run_paths(args: argparse.Namespace) -> int:
     expansion = paths.expansion(max_terms=None)
     out = render(expansion_graph(expansion, ids, max_nodes=args.max_nodes), args.render)
     total = jetgraph.count_paths(prog, args.granularity, args.order)
+    how = ("given as --paths" if args.paths else
+           f"exclude {args.exclude or 'nothing'}, max length {args.max_length}")
     print(f"{prog.model_class}: {total:,} paths at {args.granularity} granularity (order {args.order}); "
-          f"{len(expansion)} selected (exclude {args.exclude or 'nothing'}, max length {args.max_length}, "
-          f"{args.weights} weights)")
+          f"{len(expansion)} selected ({how}, {args.weights} weights)")
     print(f"wrote {out}")
     return 0
 

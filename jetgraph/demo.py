@@ -29,7 +29,13 @@ class _Log:
 @torch.no_grad()
 def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     import jetgraph
-    from jetgraph.applications import iterative_lens, keyword_ids, load_keywords, ngram_table, write_lens_csv
+    from jetgraph.applications import (
+        iterative_lenses,
+        keyword_ids,
+        load_keywords,
+        ngram_table,
+        write_lens_csv,
+    )
     from jetgraph.applications.plots import plot_lens
     from jetgraph.capture.loading import encode
     from jetgraph.files import atomic_write
@@ -48,7 +54,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     log.step(f"captured {len(prog.blocks)} blocks / {len(prog.sublayers)} sublayer units; "
              f"max |logit error| vs the model {error:.2e} -> program.txt, program.svg")
 
-    results = [iterative_lens(prog, ids, order=k) for k in range(3)]
+    results = list(iterative_lenses(prog, ids, orders=(0, 1, 2)).values())  # one Taylor pass
     plot_lens(results, out / "lens.png", tokenizer, ids)
     write_lens_csv(results, out / "lens.csv")
     middle = len(results[0].labels) // 2
@@ -69,7 +75,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         log.step(f"bigram table {table.path} over {len(table.contexts):,} tokens -> {path.name}")
 
     view = prog.at("sublayer")
-    selected = jetgraph.expand_paths(view, exclude={"attn"}, max_length=2)
+    selected = jetgraph.expand_paths(view, exclude={"attn"}, max_length=2)  # kinds, not names
     render(expansion_graph(selected.expansion(limit=60), ids, max_nodes=40), out / "paths.svg")
     total = jetgraph.count_paths(prog, "sublayer")
     log.step(f"{_count(total)} paths at sublayer granularity; {selected.count()} attention-free paths of "

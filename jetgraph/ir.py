@@ -23,7 +23,48 @@ import torch
 from torch import fx
 
 Granularity = Literal["block", "sublayer"]
-GRANULARITIES = ("block", "sublayer")
+UnitKind = Literal["attn", "mlp"]
+"""A unit's kind: ``"attn"`` if its update mixes positions (found by perturbing one), else ``"mlp"``."""
+
+MODULE_SCOPE = "jetgraph_module_scope"
+"""``node.meta`` key: the model's module path a node was traced in (``model.layers.3.mlp``),
+recorded once by capture so that error messages in later layers can name it."""
+
+PARAMETER_NAME = "jetgraph_parameter_names"
+"""``GraphModule.meta`` key: the model's own name of each parameter or buffer target
+(``m.model.embed_tokens.weight`` -> ``model.embed_tokens.weight``), recorded by capture."""
+
+
+ENCODER_NAME = "embed"
+DECODER_NAME = "unembed"
+"""The names of the encoder and the decoder in unit graphs, paths and pictures."""
+
+
+def unit_name(kind: str, layer: int, branch: int | None = None) -> str:
+    """The name capture gives a unit: ``block3``, ``attn3``, ``mlp3`` (``mlp3_2``: the second
+    MLP branch of block 3). :func:`parse_unit_name` reads it back."""
+    return f"{kind}{layer}" + (f"_{branch}" if branch is not None else "")
+
+
+def parse_unit_name(name: str) -> tuple[str, int] | None:
+    """(kind, layer) of a name made by :func:`unit_name` (kind ``"block"``, ``"attn"`` or
+    ``"mlp"``), or None: what path specs are checked against before a model is loaded."""
+    for kind in ("block", "attn", "mlp"):
+        if name.startswith(kind):
+            layer, _, branch = name[len(kind):].partition("_")
+            if layer.isdigit() and (not branch or branch.isdigit()):
+                return kind, int(layer)
+    return None
+
+
+def module_scope(node: fx.Node) -> str:
+    """The module path recorded for ``node`` at capture ("" when unknown)."""
+    return node.meta.get(MODULE_SCOPE, "")
+
+
+def parameter_name(graph_module: fx.GraphModule, target: str) -> str:
+    """The model's own name for the parameter or buffer ``target`` of ``graph_module``."""
+    return getattr(graph_module, "meta", {}).get(PARAMETER_NAME, {}).get(target, target)
 
 
 def check_granularity(granularity: object) -> Granularity:
@@ -32,6 +73,8 @@ def check_granularity(granularity: object) -> Granularity:
         raise ValueError(f"granularity must be 'block' (whole residual blocks) or 'sublayer' (attention "
                          f"and MLP units), got {granularity!r}")
     return granularity  # type: ignore[return-value]
+
+
 GRANULARITIES: tuple[str, ...] = ("block", "sublayer")
 
 
@@ -68,9 +111,6 @@ class SideInputs:
     names: tuple[str, ...]
     modules: tuple[str, ...]
     positions_only: bool
-    _cache: dict[tuple[int, int, str], dict[str, torch.Tensor]] = field(
-        default_factory=dict, repr=False
-    )
 
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.names:
@@ -78,12 +118,8 @@ class SideInputs:
         values = self.graph_module(input_ids)
         return dict(zip(self.names, values, strict=True))
 
-    def for_shape(self, batch: int, seq: int, device: torch.device,
-                  cache: bool = True) -> dict[str, torch.Tensor]:
-        """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids.
-
-        ``cache=False`` for code being traced: a cached tensor would leak out of the trace.
-        """
+    def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids."""
         if not self.names:
             return {}
         if not self.positions_only:
@@ -91,14 +127,7 @@ class SideInputs:
                 "this model's side inputs depend on token ids, not only on positions: "
                 "pass side=prog.side_inputs(input_ids) explicitly"
             )
-        key = (batch, seq, str(device))
-        if key not in self._cache:
-            values = self(torch.zeros(batch, seq, dtype=torch.long, device=device))
-            if not cache:
-                return values
-            self._cache.clear()
-            self._cache[key] = values
-        return self._cache[key]
+        return self(torch.zeros(batch, seq, dtype=torch.long, device=device))
 
 
 @dataclass(eq=False)
@@ -135,7 +164,7 @@ class ResidualUnit(StreamFunction):
     """
 
     name: str = ""
-    kind: str = "mlp"
+    kind: UnitKind = "mlp"
     layer: int = 0
     module_path: str = ""
     index: int = 0
@@ -185,6 +214,8 @@ class Decoder(StreamFunction):
     unembedding: torch.Tensor | None = None
     unembedding_bias: torch.Tensor | None = None
     module_path: str = ""
+    name: str = DECODER_NAME
+    kind: Literal["decoder"] = "decoder"
 
 
 class ResidualProgram:
@@ -307,30 +338,32 @@ class ResidualProgram:
             states = [h]
         return states, side
 
-    def to(self, *args: object, **kwargs: object) -> ResidualProgram:
-        """Move every graph's parameters and buffers (shared between views) in place."""
-        modules = [self.encoder.graph_module, self.encoder.addends_module, self.side.graph_module]
-        modules += [self.decoder.graph_module]
+    def graph_modules(self) -> list[fx.GraphModule]:
+        """Every graph of the program (encoder, side inputs, decoder and its norm, all units of
+        both views); they share parameters and buffers."""
+        modules = [self.encoder.graph_module, self.encoder.addends_module, self.side.graph_module,
+                   self.decoder.graph_module]
         if self.decoder.norm is not None:
             modules.append(self.decoder.norm.graph_module)
-        for unit in self.blocks + self.sublayers:
-            modules.append(unit.graph_module)
-        for module in modules:
+        return modules + [unit.graph_module for unit in self.blocks + self.sublayers]
+
+    def to(self, *args: object, **kwargs: object) -> ResidualProgram:
+        """Move every graph's parameters and buffers (shared between views) in place."""
+        for module in self.graph_modules():
             module.to(*args, **kwargs)
-        self.side._cache.clear()
         return self
 
     # ------------------------------------------------------------ inspection
     def summary_table(self) -> str:
         """A plain-text table: index, name, kind, module path, op count, parameters."""
         rows = [("idx", "unit", "kind", "reads", "module", "ops", "params")]
-        rows.append(("-", "embed", "enc", "-", self.encoder.module_path,
+        rows.append(("-", ENCODER_NAME, "encoder", "-", self.encoder.module_path,
                      str(_op_count(self.encoder.graph_module)),
                      f"{_parameter_count(self.encoder.graph_module):,}"))
         for unit in self.units:
             rows.append((str(unit.index), unit.name, unit.kind, str(unit.reads), unit.module_path,
                          str(unit.op_count), f"{unit.num_parameters:,}"))
-        rows.append(("-", "unembed", "dec", "-", self.decoder.module_path,
+        rows.append(("-", DECODER_NAME, "decoder", "-", self.decoder.module_path,
                      str(self.decoder.op_count), f"{self.decoder.num_parameters:,}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [
@@ -352,23 +385,24 @@ class ResidualProgram:
     def to_networkx(self) -> nx.DiGraph:
         """The unrolled unit graph: an edge from every producer to every unit that reads it.
 
-        Nodes are ``"embed"``, the unit names and ``"unembed"``. A unit reads the stream state
+        Nodes are ``"embed"``, the unit names and ``"unembed"`` (kinds ``"encoder"``, the units'
+        and ``"decoder"``). A unit reads the stream state
         ``reads``, which is the sum of the encoder and every unit before that state, so the
         number of embed→unembed paths is 2^N for N sequential units (3 per parallel block).
         """
         graph = nx.DiGraph(model_class=self.model_class, granularity=self.granularity)
-        graph.add_node("embed", kind="enc", module_path=self.encoder.module_path, index=-1)
-        producers = ["embed"]
+        graph.add_node(ENCODER_NAME, kind="encoder", module_path=self.encoder.module_path, index=-1)
+        producers = [ENCODER_NAME]
         for unit in self.units:
             graph.add_node(unit.name, kind=unit.kind, layer=unit.layer,
                            module_path=unit.module_path, index=unit.index)
             for producer in producers[: unit.reads + 1]:
                 graph.add_edge(producer, unit.name)
             producers.append(unit.name)
-        graph.add_node("unembed", kind="dec", module_path=self.decoder.module_path,
+        graph.add_node(DECODER_NAME, kind="decoder", module_path=self.decoder.module_path,
                        index=len(self.units))
         for producer in producers:
-            graph.add_edge(producer, "unembed")
+            graph.add_edge(producer, DECODER_NAME)
         return graph
 
     def __repr__(self) -> str:
@@ -396,6 +430,8 @@ def as_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "DECODER_NAME",
+    "ENCODER_NAME",
     "GRANULARITIES",
     "Decoder",
     "Encoder",
@@ -404,4 +440,9 @@ __all__ = [
     "SideInputs",
     "StreamFunction",
     "as_input_ids",
+    "check_granularity",
+    "module_scope",
+    "parameter_name",
+    "parse_unit_name",
+    "unit_name",
 ]

@@ -19,10 +19,10 @@ import torch
 
 from jetgraph.errors import JetgraphError
 from jetgraph.files import atomic_write
-from jetgraph.ir import ResidualProgram
-from jetgraph.passes.expand import Expansion
+from jetgraph.ir import DECODER_NAME, ENCODER_NAME, ResidualProgram
+from jetgraph.passes.expansion import Expansion
 
-COLOURS = {"attn": "#f4a261", "mlp": "#8ab17d", "enc": "#b8c0ff", "dec": "#b8c0ff",
+COLOURS = {"attn": "#f4a261", "mlp": "#8ab17d", "encoder": "#b8c0ff", "decoder": "#b8c0ff",
            "source": "#b8c0ff", "stream": "#e9ecef", "identity": "#e9ecef", "logits": "#ffd6a5"}
 FORMATS = ("svg", "png", "dot")
 
@@ -35,11 +35,11 @@ def program_graph(prog: ResidualProgram, max_nodes: int = 40) -> graphviz.Digrap
     """The residual IR as a graphviz graph (runs of blocks collapsed beyond ``max_nodes``)."""
     dot = graphviz.Digraph(name=prog.model_class, graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
                            node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica"})
-    dot.node("embed", f"embed\n{prog.encoder.module_path}", fillcolor=COLOURS["enc"])
+    dot.node(ENCODER_NAME, f"{ENCODER_NAME}\n{prog.encoder.module_path}", fillcolor=COLOURS["encoder"])
     units = list(prog.units)
     half = max(1, max_nodes // 2)
     shown = units if len(units) <= max_nodes else [*units[:half], None, *units[len(units) - half:]]
-    previous = "embed"
+    previous = ENCODER_NAME
     for unit in shown:
         if unit is None:
             hidden = len(units) - 2 * half
@@ -52,8 +52,8 @@ def program_graph(prog: ResidualProgram, max_nodes: int = 40) -> graphviz.Digrap
         dot.node(unit.name, label, fillcolor=COLOURS.get(unit.kind, "#ffffff"))
         dot.edge(previous, unit.name, label="h" if unit.reads == unit.index else "h (parallel)")
         previous = unit.name
-    dot.node("unembed", f"unembed\n{prog.decoder.module_path}", fillcolor=COLOURS["dec"])
-    dot.edge(previous, "unembed")
+    dot.node(DECODER_NAME, f"{DECODER_NAME}\n{prog.decoder.module_path}", fillcolor=COLOURS["decoder"])
+    dot.edge(previous, DECODER_NAME)
     return dot
 
 
@@ -78,12 +78,13 @@ def expansion_graph(expansion: Expansion, input_ids: torch.Tensor | None = None,
             keep |= needed
     dot = graphviz.Digraph(name="expansion", graph_attr={"rankdir": "LR", "fontname": "Helvetica"},
                            node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica"})
-    for uid in keep:
-        data = graph.nodes[uid]
-        term = data["term"]
-        label = term.path[-1] if term.kind != "identity" else f"{term.path[-1]} (id)"
-        if term.kind == "jet" and term.depth:
-            label += f"\norder {term.order}"
+    for term in expansion.nodes:  # the expansion's own walk: inputs first, a stable order
+        uid = term.uid
+        if uid not in keep:
+            continue
+        label = term.steps[-1] if term.kind != "identity" else f"{term.steps[-1]} (id)"
+        if term.kind == "jet" and term.order:
+            label += f"\norder {term.degree} of {term.order}"
         if uid in norms:
             label += f"\n‖·‖ = {norms[uid]:.3g}"
         colour = COLOURS["logits"] if term.space == "logits" else COLOURS.get(term.kind, "#ffffff")

@@ -82,7 +82,8 @@ class TermOracle:
         return self.logits if unit is None else self.states[unit + 1]
 
     def variate(self, term) -> torch.Tensor:
-        return self.states[-1] if term.unit == "unembed" else self.states[self.reads[term.unit]]
+        name = term.unit.name  # by name: the oracle's program may be another (float64) capture
+        return self.states[-1] if name == "unembed" else self.states[self.reads[name]]
 
     def value(self, term) -> torch.Tensor:
         if term.uid not in self._values:
@@ -100,15 +101,15 @@ class TermOracle:
             return weighted(c if term.order == 0 else h, term.weight)
         if term.kind != "jet":
             raise ValueError(f"unknown term kind {term.kind!r}")
-        f = self.functions[term.unit]
+        f = self.functions[term.unit.name]
         if term.monomial:
             directions = [self.value(d).expand(h.shape).clone() for d in term.directions]
             repeated = [d for d, a in zip(directions, term.monomial, strict=True) for _ in range(a)]
             scale = math.prod(math.factorial(a) for a in term.monomial)
             return weighted(nested_jvp_derivative(f, c, repeated) / scale, term.weight)
-        key = (term.unit, term.center.uid)
+        key = (term.unit.name, term.center.uid)
         known = self._coefficients.get(key, [])
-        if len(known) <= term.order:
-            known = nested_jvp_coefficients(f, c, h - c, term.order)
+        if len(known) <= term.degree:
+            known = nested_jvp_coefficients(f, c, h - c, term.degree)
             self._coefficients[key] = known
-        return weighted(known[term.order], term.weight)
+        return weighted(known[term.degree], term.weight)

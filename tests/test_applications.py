@@ -16,11 +16,11 @@ from jetgraph.applications import (
     keyword_ids,
     load_keywords,
     ngram_table,
-    path_term,
 )
-from jetgraph.applications.lens import contribution_centres
+from jetgraph.applications.lens import contribution_centers
 from jetgraph.applications.plots import plot_lens
 from jetgraph.capture.zoo import VOCAB, tiny_model
+from jetgraph.passes import path_term
 from tests.conftest import captured, random_ids
 
 
@@ -57,7 +57,7 @@ def test_higher_order_lens_is_the_decoder_jet(order: int) -> None:
 def test_joint_lens_fits_convex_weights() -> None:
     _, prog = captured("gpt2")
     ids = random_ids(1, 6, seed=3)
-    centres = contribution_centres(prog)
+    centres = contribution_centers(prog)
     values = centres.evaluate(ids)
     torch.testing.assert_close(values.total(), values.target, rtol=1e-5, atol=1e-5)  # they sum to h_L
     result = joint_lens(prog, ids, order=1, steps=30)
@@ -67,7 +67,7 @@ def test_joint_lens_fits_convex_weights() -> None:
     h_last = prog.stream(ids)[-1]
     for i, centre in enumerate(values.terms.values()):  # each centre: w_i · J^1 Dec(c_i)(h_L), directly
         direct = jetgraph.jet(prog.decoder, centre.expand_as(h_last), h_last, order=1).value
-        torch.testing.assert_close(result.centre_logits[i], result.weights[i] * direct, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.center_logits[i], result.weights[i] * direct, rtol=1e-4, atol=1e-5)
 
 
 def test_lens_plot_and_csv(tmp_path) -> None:
@@ -77,7 +77,7 @@ def test_lens_plot_and_csv(tmp_path) -> None:
     png = plot_lens(results, tmp_path / "lens.png", input_ids=ids)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = results[1].to_csv(tmp_path / "lens.csv").read_text().splitlines()
-    assert rows[0] == "centre,cosine,kl,top1,topk,remainder" and len(rows) == len(prog.units) + 2
+    assert rows[0] == "center,cosine,kl,top1,topk,remainder" and len(rows) == len(prog.units) + 2
     with pytest.raises(ValueError, match="at least one"):
         plot_lens([], tmp_path / "none.png")
 
@@ -142,13 +142,13 @@ def test_keyword_mass_and_bootstrap() -> None:
 
 
 def test_resume_continues_an_interrupted_table(tmp_path, monkeypatch) -> None:
-    import jetgraph.applications.ngrams as ngrams
+    import jetgraph.applications.ngrams.sweep as ngrams
 
     _, prog = captured("llama")
     checkpoint = tmp_path / "table.pt"
     complete = ngram_table(prog, "E→U", top=10, chunk=16, progress=False)
     calls = {"n": 0}
-    original = ngrams._evaluate
+    original = ngrams.evaluate_path
 
     def failing(schedule, ids):
         calls["n"] += 1
@@ -156,10 +156,10 @@ def test_resume_continues_an_interrupted_table(tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
         return original(schedule, ids)
 
-    monkeypatch.setattr(ngrams, "_evaluate", failing)
+    monkeypatch.setattr(ngrams, "evaluate_path", failing)
     with pytest.raises(KeyboardInterrupt):
         ngram_table(prog, "E→U", top=10, chunk=16, resume=checkpoint, progress=False)
-    monkeypatch.setattr(ngrams, "_evaluate", original)
+    monkeypatch.setattr(ngrams, "evaluate_path", original)
     assert torch.load(checkpoint, weights_only=False)["done"] == 32
     resumed = ngram_table(prog, "E→U", top=10, chunk=16, resume=checkpoint, progress=False)
     assert resumed.top_index.tolist() == complete.top_index.tolist()
@@ -248,7 +248,7 @@ def test_keyword_lists() -> None:
 
 
 def test_fast_log_normaliser_matches_float64_on_wide_rows() -> None:
-    from jetgraph.applications.ngrams import _log_sum
+    from jetgraph.applications.ngrams.sweep import _log_sum
 
     logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * 40  # spreads of hundreds
     exact = torch.logsumexp(logits.double(), -1)

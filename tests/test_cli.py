@@ -269,7 +269,7 @@ def test_lens_command_writes_every_order_and_the_joint_lens(tmp_path, capsys) ->
     states = 2 * 2 + 1  # sublayer view of 2 blocks: h0..h4
     assert [(r["lens"], r["order"]) for r in rows] == (
         [("iterative", str(k)) for k in range(3) for _ in range(states)] + [("joint", "2")])
-    assert rows[-1]["centre"] == "Σ weighted centres"
+    assert rows[-1]["center"] == "Σ weighted centres"
     assert float(rows[states - 1]["cosine"]) == pytest.approx(1.0, abs=1e-5)  # order 0 at h_L
 
 

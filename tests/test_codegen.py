@@ -82,7 +82,7 @@ def test_same_unit_expanded_twice_in_a_chain() -> None:
     inner = jetgraph.expand(prog, 1, jetgraph.source_terms(prog), order=1)
     twice = jetgraph.expand(prog, 1, inner, order=1, identity="jet")
     schedule = plan(twice)
-    assert sum(1 for s in schedule.steps if s.kind == "jet" and s.unit == prog.units[1].name) == 2
+    assert sum(1 for s in schedule.steps if s.kind == "jet" and s.unit is prog.units[1]) == 2
     assert_matches_interpreter(twice, ids)
 
 
@@ -93,8 +93,8 @@ def test_one_batched_call_per_unit() -> None:
     expansion = jetgraph.expand_stream(prog, centers=[jetgraph.stream_term(prog, 0)], weights="unit")
     schedule = plan(expansion)
     jets = [s for s in schedule.steps if s.kind == "jet"]
-    assert [s.unit for s in jets] == [u.name for u in prog.units]
-    assert [len(s.centres) for s in jets] == [2**i for i in range(len(prog.units))]
+    assert [s.unit.name for s in jets] == [u.name for u in prog.units]
+    assert [len(s.centers) for s in jets] == [2**i for i in range(len(prog.units))]
     module = emit(expansion, ids)
     matmuls = sum(1 for n in module.graph.nodes if n.target in (aten.addmm.default, aten.mm.default))
     per_forward = 4 * len(prog.units)  # c_attn, c_proj, c_fc, mlp c_proj per GPT-2 block

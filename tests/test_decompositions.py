@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jetgraph.capture import decompositions as d
+from jetgraph.taylor import decompositions as d
 
 torch.manual_seed(0)
 

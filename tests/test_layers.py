@@ -1,17 +1,20 @@
-"""Imports go one way: capture → IR → taylor → passes → codegen → applications → faces.
+"""Imports go one way: IR → taylor → capture → passes → codegen → applications → faces.
+
+The data flows model → capture → IR → passes → codegen; the imports follow what each layer
+needs: the frontend (capture) builds the IR and lowers graphs to the op set the Taylor rules
+cover, so it sits above both, and the Taylor layer knows nothing of capture.
 
 What counts as importing what (static, from the source):
 
 - ``import jetgraph.x.y`` and ``from jetgraph.x.y import z`` depend on layer ``x``.
 - ``import jetgraph`` and ``from jetgraph import NAME`` depend on the package namespace, which
-  jetgraph/__init__.py fills from every layer up to the faces (``jetgraph.capture`` is
-  ``jetgraph.api.capture``): they count as the top layer, so only a face may use them. The one
-  exception is ``from jetgraph import MODULE`` where MODULE is itself a submodule or subpackage
-  of jetgraph (``from jetgraph import errors``): that names the submodule, and counts as its
-  layer, unless jetgraph/__init__.py rebinds the name (``from jetgraph import capture`` gives the
-  function jetgraph.api.capture, a face, not the subpackage). ``from jetgraph import
-  __version__`` therefore counts as the top layer: a lower layer imports it from
-  ``jetgraph._version`` (layer 0).
+  jetgraph/__init__.py fills from every layer up to the faces: they count as the top layer, so
+  only a face may use them. The one exception is ``from jetgraph import MODULE`` where MODULE is
+  itself a submodule or subpackage of jetgraph (``from jetgraph import errors``, ``from jetgraph
+  import capture``: the callable capture package): that names the submodule, and counts as its
+  layer, unless jetgraph/__init__.py rebinds the name (``from jetgraph import lens`` gives the
+  entry point, not a module). ``from jetgraph import __version__`` therefore counts as the top
+  layer: a lower layer imports it from ``jetgraph._version`` (layer 0).
 - Relative imports (``from . import x``, ``from ..passes import y``) are resolved first.
 
 (At run time importing any jetgraph submodule first runs jetgraph/__init__.py; the rule is about
@@ -30,8 +33,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jetgraph"
 LAYERS = {
     # leaves, importing at most each other: errors, file writing, version, cost estimates, data
     "errors": 0, "files": 0, "_version": 0, "cost": 0, "data": 0,
-    "capture": 1, "ir": 2, "taylor": 3, "passes": 4, "codegen": 5, "applications": 6,
-    "api": 7, "viz": 7, "cli": 7, "demo": 7,
+    "ir": 1, "taylor": 2, "capture": 3, "passes": 4, "codegen": 5, "applications": 6,
+    "viz": 7, "cli": 7, "demo": 7,
 }
 TOP = max(LAYERS.values())  # the package namespace (jetgraph/__init__.py) re-exports the faces
 
@@ -49,8 +52,7 @@ def layer_of(module: str) -> int | None:
 
 
 def _bound_in_package() -> set[str]:
-    """Names jetgraph/__init__.py binds itself (``capture`` there is jetgraph.api.capture, not
-    the jetgraph.capture subpackage)."""
+    """Names jetgraph/__init__.py binds itself (``lens`` there is the entry point)."""
     names = set()
     for node in ast.parse((PACKAGE / "__init__.py").read_text()).body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -128,16 +130,18 @@ def test_every_module_has_a_layer() -> None:
 
 @pytest.mark.parametrize(("module", "source", "is_package", "expected", "violates"), [
     ("jetgraph.codegen.source", "from jetgraph import __version__", False, ["jetgraph"], True),
-    ("jetgraph.passes.expand", "import jetgraph", False, ["jetgraph"], True),
-    ("jetgraph.taylor.api", "def f():\n    from jetgraph import api\n", False, ["jetgraph.api"], True),
+    ("jetgraph.passes.rewrite", "import jetgraph", False, ["jetgraph"], True),
+    ("jetgraph.taylor.api", "def f():\n    from jetgraph import capture\n", False,
+     ["jetgraph.capture"], True),
     ("jetgraph.ir", "from . import viz", False, ["jetgraph.viz"], True),
     ("jetgraph.passes.paths", "from ..codegen.emit import emit", False, ["jetgraph.codegen.emit"], True),
     ("jetgraph.capture", "from .lower import lower", True, ["jetgraph.capture.lower"], False),
     ("jetgraph.codegen.source", "from jetgraph import errors\nfrom jetgraph._version import __version__\n"
-     "import jetgraph.passes.expand", False,
-     ["jetgraph.errors", "jetgraph._version", "jetgraph.passes.expand"], False),
-    ("jetgraph.passes.paths", "from jetgraph import capture", False, ["jetgraph"], True),  # the function
-    ("jetgraph.cli", "import jetgraph\nfrom jetgraph import capture", False, ["jetgraph", "jetgraph"], False),
+     "import jetgraph.passes.rewrite", False,
+     ["jetgraph.errors", "jetgraph._version", "jetgraph.passes.rewrite"], False),
+    ("jetgraph.passes.paths", "from jetgraph import capture", False, ["jetgraph.capture"], False),
+    ("jetgraph.passes.paths", "from jetgraph import lens", False, ["jetgraph"], True),  # the entry point
+    ("jetgraph.cli", "import jetgraph\nfrom jetgraph import lens", False, ["jetgraph", "jetgraph"], False),
 ])
 def test_the_check_itself(module: str, source: str, is_package: bool, expected: list[str],
                           violates: bool) -> None:
@@ -145,3 +149,27 @@ def test_the_check_itself(module: str, source: str, is_package: bool, expected: 
     are reported; submodules of lower layers, and the package from a face, are not."""
     assert imported_modules(module, source, is_package) == expected
     assert bool(violations(module, source, is_package)) == violates
+
+
+def test_every_module_is_importable_by_its_path() -> None:
+    """No package attribute hides a submodule: ``jetgraph.capture.loading`` is the module, the
+    callable package ``jetgraph.capture`` still captures, and each ``import a.b.c`` reaches c."""
+    import importlib
+    import sys
+
+    for path in modules():
+        name = module_name(path)
+        module = importlib.import_module(name)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            assert getattr(sys.modules[parent], child) is module, f"{parent}.{child} is not the module {name}"
+    import jetgraph
+
+    assert callable(jetgraph.capture) and jetgraph.capture.loading.load_model is jetgraph.load_model
+
+
+def test_the_taylor_layer_knows_nothing_of_capture() -> None:
+    found = [f"{module_name(p)} imports {target}" for p in (PACKAGE / "taylor").rglob("*.py")
+             for target in imported_modules(module_name(p), p.read_text(), p.name == "__init__.py")
+             if target.startswith("jetgraph.capture")]
+    assert not found, "\n".join(found)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import jetgraph
-from jetgraph.applications import iterative_lens, joint_lens, lens_metrics, plots, write_lens_csv
+from jetgraph.applications import iterative_lens, joint_lens, plots, write_lens_csv
 from jetgraph.applications.lens import CSV_COLUMNS, METRICS, LensDivergenceWarning, LensResult
 from jetgraph.capture.zoo import ResidualMLP
+from jetgraph.passes.metrics import per_centre_agreement
 from tests.conftest import require_tinystories
 
 DIVERGES = 10  # first order at which h_0's jet overflows float32 in the model below
@@ -81,7 +82,7 @@ def test_nan_only_at_the_diverged_positions() -> None:
     generator = torch.Generator().manual_seed(0)
     true = torch.randn(2, 4, 11, generator=generator)
     logits = torch.randn(3, 2, 4, 11, generator=generator)
-    clean = lens_metrics(logits, true, k=3)
+    clean = per_centre_agreement(logits, true, k=3)
     logits[1, 1, 2, 5] = float("inf")  # centre 1, batch element 1, position 2
     logits[2, 0, 0, 0] = float("nan")  # centre 2, batch element 0, position 0
     expected = r"order 3 iterative lens: the jet diverges at 2 of 3 states \(2 of 12 state-positions"
@@ -131,14 +132,14 @@ def test_write_lens_csv_has_every_order_and_the_joint_row(steep, tmp_path) -> No
     assert len(rows) == 4 * 3 + 1
     expected = [(r, line, d) for r in results for line, d in zip(r.table(), r.divergence(), strict=True)]
     for row, (result, line, diverged) in zip(rows, expected, strict=True):
-        assert (row["lens"], int(row["order"]), row["centre"]) == (result.kind, result.order, line["centre"])
+        assert (row["lens"], int(row["order"]), row["center"]) == (result.kind, result.order, line["center"])
         assert all(_same(row[m], line[m]) for m in METRICS), row
         assert (int(row["positions"]), int(row["diverged"])) == (ids.shape[1], diverged)
     joint = rows[-1]
-    assert (joint["lens"], joint["order"], joint["centre"]) == ("joint", "1", "Σ weighted centres")
+    assert (joint["lens"], joint["order"], joint["center"]) == ("joint", "1", "Σ weighted centres")
     assert [r["lens"] for r in rows].count("joint") == 1
     assert float(joint["cosine"]) == pytest.approx(results[-1].metrics["cosine"].mean().item(), abs=1e-5)
-    assert rows[0]["centre"] == "h0 (embed)" and rows[0]["lens"] == "iterative"
+    assert rows[0]["center"] == "h0" and rows[0]["written_by"] == "embed" and rows[0]["lens"] == "iterative"
     diverged = rows[9]  # order DIVERGES, h_0
     assert diverged["order"] == str(DIVERGES) and diverged["cosine"] == "nan" and diverged["diverged"] == "6"
 
@@ -148,8 +149,8 @@ def test_to_csv_is_one_result_of_write_lens_csv(steep, tmp_path) -> None:
     result = _lens(prog, ids, 1)[0]
     single = _read(result.to_csv(tmp_path / "one.csv"))
     full = _read(write_lens_csv(result, tmp_path / "full.csv"))
-    assert list(single[0]) == ["centre", *METRICS]
-    assert single == [{k: row[k] for k in ("centre", *METRICS)} for row in full]
+    assert list(single[0]) == ["center", *METRICS]
+    assert single == [{k: row[k] for k in ("center", *METRICS)} for row in full]
     with pytest.raises(ValueError, match="at least one"):
         write_lens_csv([], tmp_path / "none.csv")
 

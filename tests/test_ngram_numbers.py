@@ -142,14 +142,14 @@ def test_plan_counts_contexts_and_flops() -> None:
 def test_infeasible_tables_are_refused_before_work(monkeypatch) -> None:
     import time
 
-    import jetgraph.applications.ngrams as ngrams
+    import jetgraph.applications.ngrams.sweep as ngrams
 
     prog = sharp_program()
 
     def no_work(*_):
         raise AssertionError("the table was evaluated although it was refused")
 
-    monkeypatch.setattr(ngrams, "_evaluate", no_work)
+    monkeypatch.setattr(ngrams, "evaluate_path", no_work)
     start = time.perf_counter()
     with pytest.raises(CostError, match=r"refusing n-gram table .*estimated .*raise max_seconds"):
         ngram_table(prog, "E→attn0→U", max_seconds=1e-6, progress=False)

@@ -107,7 +107,7 @@ def test_smollm2_bigram_paths_without_materialising_two_to_the_sixty() -> None:
 
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_split_counts_are_super_exponential_and_match_enumeration(order: int) -> None:
-    from jetgraph.passes.expand import expand, source_terms
+    from jetgraph.passes import expand, source_terms
     from jetgraph.passes.paths import split_term_counts
 
     _, prog = captured("residual_mlp")

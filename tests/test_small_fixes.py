@@ -180,13 +180,13 @@ def test_real_model_results_writes_only_under_out(tmp_path, monkeypatch, capsys,
 
 # ------------------------------------------------------- bounds checked before any work
 def test_granularity_is_checked_before_the_export(monkeypatch) -> None:
-    import jetgraph.api
+    import jetgraph.capture
     from jetgraph.capture.zoo import tiny_model
 
     def no_export(*_):
         raise AssertionError("exported before checking the granularity")
 
-    monkeypatch.setattr(jetgraph.api, "export_model", no_export)
+    monkeypatch.setattr(jetgraph.capture, "export_model", no_export)
     with pytest.raises(ValueError, match=r"granularity must be 'block' .* or 'sublayer' .*got 'layer'"):
         jetgraph.capture(tiny_model("llama"), torch.zeros(1, 4, dtype=torch.long), granularity="layer")
 

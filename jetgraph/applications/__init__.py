@@ -1,9 +1,23 @@
-"""Applications of jet expansions: lenses, n-gram tables, keyword masses, model diffs."""
+"""Applications of jet expansions: lenses, n-gram tables, keyword masses, model diffs.
 
-from jetgraph.applications.lens import LensResult, iterative_lens, joint_lens, lens_metrics, write_lens_csv
+- :mod:`.lens`: the iterative and joint jet lenses;
+- :mod:`.ngrams`: n-gram tables read from paths (a package: contexts, sweep, table, keywords,
+  comparisons);
+- :mod:`.statistics`: bootstrap confidence intervals;
+- :mod:`.plots`: lens pictures and curves;
+- :mod:`.entry_points`: ``jetgraph.lens`` and ``jetgraph.ngrams``, one call from a model.
+"""
+
+from jetgraph.applications.lens import (
+    LensResult,
+    iterative_lens,
+    iterative_lenses,
+    joint_lens,
+    write_lens_csv,
+)
 from jetgraph.applications.ngrams import (
+    Contexts,
     NgramTable,
-    bootstrap_mean,
     compare_to_reference,
     diff_tables,
     full_table,
@@ -11,10 +25,11 @@ from jetgraph.applications.ngrams import (
     load_keywords,
     ngram_plan,
     ngram_table,
-    path_term,
 )
+from jetgraph.applications.statistics import bootstrap_mean
 
 __all__ = [
+    "Contexts",
     "LensResult",
     "NgramTable",
     "bootstrap_mean",
@@ -22,12 +37,11 @@ __all__ = [
     "diff_tables",
     "full_table",
     "iterative_lens",
+    "iterative_lenses",
     "joint_lens",
     "keyword_ids",
-    "lens_metrics",
     "load_keywords",
     "ngram_plan",
     "ngram_table",
-    "path_term",
     "write_lens_csv",
 ]

@@ -18,6 +18,14 @@ from jetgraph.applications.lens import LensResult
 from jetgraph.files import atomic_write
 
 
+def _state_label(result: LensResult, index: int) -> str:
+    """A lens row's tick: the state's name and the unit that wrote it (``h3 · block2``)."""
+    if result.kind == "joint":
+        return "joint lens"
+    after = result.written_by[index] if result.written_by else ""
+    return f"{result.labels[index]} · {after}" if after else result.labels[index]
+
+
 def _token_text(tokenizer, index: int, width: int = 7) -> str:
     text = tokenizer.decode([int(index)]) if tokenizer is not None else str(int(index))
     text = text.replace("\n", "\\n").strip() or repr(text)[1:-1] or "␣"
@@ -58,8 +66,7 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
         prob = torch.cat([r.top1()[1][:, batch_index] for r in shown]).float()
         diverged = torch.cat([~torch.isfinite(r.logits[:, batch_index]).all(-1) for r in shown])
         prob = prob.masked_fill(diverged, float("nan"))
-        labels = [label for r in shown for label in (r.labels if r.kind != "joint" else
-                                                      ["joint lens"])]
+        labels = [_state_label(r, i) for r in shown for i in range(len(r.labels))]
         image = ax.imshow(prob.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for r in range(len(labels)):
             for c in range(positions):

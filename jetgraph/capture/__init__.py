@@ -1,6 +1,51 @@
-"""Capture layer: models in, decomposed FX graphs out (plus model loading helpers)."""
+"""The frontend: a model in, a :class:`~jetgraph.ir.ResidualProgram` out.
 
-from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model
+``jetgraph.capture(model)`` exports the model once with ``torch.export`` (:mod:`.export`),
+lowers it to the core op set the Taylor rules cover, and lifts the graph into encoder, residual
+units and decoder (:mod:`.lift`, cutting regions with :mod:`.subgraph`). :mod:`.loading` finds
+and loads models and tokenizers; :mod:`.zoo` builds small random models of every family.
+
+The package itself is callable — ``jetgraph.capture(model)`` is :func:`capture` — so its
+submodules stay importable by their paths (``import jetgraph.capture.loading``).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+from torch import nn
+
+from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model, synthetic_input_ids
+from jetgraph.capture.lift import lift as _lift
 from jetgraph.capture.loading import load_model
+from jetgraph.ir import Granularity, ResidualProgram, check_granularity
 
-__all__ = ["CapturedGraph", "LogitsWrapper", "export_model", "load_model"]
+
+def capture(model: nn.Module, example_input_ids: torch.Tensor | None = None,
+            granularity: Granularity = "block") -> ResidualProgram:
+    """Capture ``model`` (``input_ids -> logits``) and lift it into a residual program.
+
+    The graph is exported once with ``torch.export`` (dynamic batch and sequence length where the
+    model allows), lowered to the core op set, and split into encoder, residual units and
+    decoder; the result is checked to reproduce the model's logits on the example. Without
+    ``example_input_ids`` a short synthetic input is used (:func:`synthetic_input_ids`); the
+    dynamic shapes cover every other input.
+    """
+    check_granularity(granularity)  # before the export, which takes seconds to minutes
+    ids = synthetic_input_ids(model) if example_input_ids is None else example_input_ids
+    return _lift(export_model(model, ids), granularity=granularity)
+
+
+class _CallablePackage(types.ModuleType):
+    """``jetgraph.capture(model)`` calls :func:`capture`; attributes are the package's."""
+
+    def __call__(self, *args: object, **kwargs: object) -> ResidualProgram:
+        return capture(*args, **kwargs)  # type: ignore[arg-type]
+
+
+sys.modules[__name__].__class__ = _CallablePackage
+
+__all__ = ["CapturedGraph", "LogitsWrapper", "capture", "export_model", "load_model",
+           "synthetic_input_ids"]

@@ -16,8 +16,9 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from jetgraph.capture.lower import lower_to_core
 from jetgraph.errors import CaptureError
+from jetgraph.ir import MODULE_SCOPE
+from jetgraph.taylor.lowering import lower_to_core
 
 SUPPORTED = (
     "jetgraph captures pre-LN residual causal LMs whose forward maps input_ids to logits "
@@ -107,9 +108,37 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor) -> CapturedG
             lower_to_core(graph_module)
         except Exception as exc:
             raise _capture_error(exc, model, "lowering to the core op set failed") from exc
+        record_module_scopes(graph_module)
         if dynamic and not _accepts(graph_module, ids):
             dynamic = False
     return CapturedGraph(graph_module, model_class, dynamic, ids, reference)
+
+
+SYNTHETIC_LENGTH = 8
+
+
+def synthetic_input_ids(model: nn.Module, length: int = SYNTHETIC_LENGTH) -> torch.Tensor:
+    """A short example input for capture when none is given: ``length`` token ids spread over
+    the vocabulary (seeded, so a capture is reproducible). The vocabulary size is read from the
+    model's config or its input embedding; a model with neither needs explicit ids."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is None:
+            embeddings = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise CaptureError("cannot choose an example input: the model has no config.vocab_size and no "
+                           "nn.Embedding; pass example_input_ids (a LongTensor [batch, seq])",
+                           model_class=type(model).__name__)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and limit > 0:
+        length = min(length, limit)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (1, length), generator=generator)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return ids.to(device)
 
 
 def _check_input_ids(ids: torch.Tensor, model_class: str) -> torch.Tensor:
@@ -157,8 +186,15 @@ def _strip_asserts(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
-def module_scope(node: fx.Node) -> str:
-    """The innermost module path recorded for ``node``, without the capture wrapper's prefix."""
+def record_module_scopes(graph_module: fx.GraphModule) -> None:
+    """Write each node's module path into ``node.meta`` (:data:`jetgraph.ir.MODULE_SCOPE`) once,
+    so later layers read it without knowing about export's ``nn_module_stack`` or the wrapper."""
+    for node in graph_module.graph.nodes:
+        node.meta[MODULE_SCOPE] = traced_scope(node)
+
+
+def traced_scope(node: fx.Node) -> str:
+    """The innermost module path export recorded for ``node``, without the capture wrapper's prefix."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""

@@ -16,11 +16,11 @@ import torch
 from torch import fx
 
 from jetgraph._version import __version__
-from jetgraph.codegen.emit import STEP_META, check_input, emit
+from jetgraph.codegen.trace import STEP_META, check_input, emit
 from jetgraph.cost import DEFAULT_MAX_SECONDS
 from jetgraph.errors import JetgraphError
 from jetgraph.files import atomic_write
-from jetgraph.passes.expand import Expansion
+from jetgraph.passes.expansion import Expansion
 
 
 class CodegenError(JetgraphError):

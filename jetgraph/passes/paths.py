@@ -13,56 +13,46 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
 
 from jetgraph.errors import CostError
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.expand import Expansion, Term, source_terms
+from jetgraph.passes.expansion import Expansion
+from jetgraph.passes.pathspec import LAST_OF_KIND, PathSpec, parse_path
+from jetgraph.passes.terms import Term, source_terms, stream_term
 from jetgraph.taylor import check_order
 
 
-@dataclass(frozen=True)
-class PathSpec:
-    """One path: a source addend, the units it passes through, and the order of the Taylor
-    coefficient taken at each unit and at the decoder (all 0 at order 0)."""
-
-    source: str
-    units: tuple[str, ...]
-    orders: tuple[int, ...] = ()
-
-    @property
-    def name(self) -> str:
-        steps = [*self.units, "unembed"]
-        orders = self.orders or (0,) * len(steps)
-        return "→".join((f"embed.{self.source}",
-                         *(f"{s}^{j}" if j else s for s, j in zip(steps, orders, strict=True))))
-
-
 class PathExpansion:
-    """The paths of ``prog`` that pass the filters, as a lazy sequence of terms."""
+    """The paths of ``prog`` that pass the filters (or the paths given), as a lazy sequence."""
 
     def __init__(self, prog: ResidualProgram, weights: str, include: Callable[[ResidualUnit], bool],
-                 max_length: int | None, order: int = 0) -> None:
+                 max_length: int | None, order: int = 0, paths: Sequence[PathSpec] | None = None) -> None:
         self.prog = prog
         self.weights = weights
         self.include = include
         self.max_length = max_length
         self.order = order
+        self.paths = tuple(paths) if paths is not None else None
         self._counts = _centre_counts(prog, order)
 
     def __iter__(self) -> Iterator[PathSpec]:
-        units = self.prog.units
-        allowed = [u for u in units if self.include(u)]
-        for source in self.prog.encoder.addend_names:
+        if self.paths is not None:
+            yield from self.paths
+            return
+        allowed = [u for u in self.prog.units if self.include(u)]
+        sources = [t.label for t in source_terms(self.prog)]
+        for source in sources:
             for chosen in _increasing(allowed, self.max_length):
                 names = tuple(u.name for u in chosen)
-                for orders in itertools.product(range(self.order + 1), repeat=len(chosen) + 1):
-                    yield PathSpec(source, names, orders)
+                for degrees in itertools.product(range(self.order + 1), repeat=len(chosen) + 1):
+                    yield PathSpec(source, names, degrees)
 
     def count(self) -> int:
         """The number of paths, without enumerating them: a dynamic programme over the units
         counts the increasing unit chains of each length (a chain may extend one whose last unit
         wrote the stream state it reads), and each chain of length l is (k+1)^(l+1) paths."""
+        if self.paths is not None:
+            return len(self.paths)
         units = [u for u in self.prog.units if self.include(u)]
         limit = len(units) if self.max_length is None else min(self.max_length, len(units))
         chains: list[list[int]] = []  # chains[i][l]: chains of length l ending at units[i]
@@ -81,18 +71,20 @@ class PathExpansion:
         return per_source * len(self.prog.encoder.addend_names)
 
     def terms(self) -> Iterator[Term]:
-        """Logit-space terms, one per path (built lazily)."""
+        """Logit-space terms, one per path (built lazily; shared prefixes are one term)."""
         by_name = {u.name: u for u in self.prog.units}
-        built: dict[tuple, Term] = {t.path: t for t in source_terms(self.prog)}
+        built: dict[tuple, Term] = {(t.label,): t for t in source_terms(self.prog)}
+        decoder_weight = self._weight(len(self.prog.units))
         for spec in self:
-            key: tuple = (f"embed.{spec.source}",)
-            for name, order in zip(spec.units, spec.orders, strict=False):
-                # shared prefixes are the same Term: evaluated once
-                center, key = built[key], (*key, (name, order))
+            key: tuple = (spec.source,)
+            if key not in built:
+                built[key] = _source(self.prog, spec.source)
+            for name, degree in zip(spec.units, spec.degrees, strict=False):
+                center, key = built[key], (*key, (name, degree))
                 if key not in built:
-                    built[key] = center.then(name, order, self.order, self._weight(by_name[name].reads))
-            yield built[key].then("unembed", spec.orders[-1], self.order,
-                                  self._weight(len(self.prog.units)), space="logits")
+                    unit = by_name[name]
+                    built[key] = center.then(unit, degree, self.order, self._weight(unit.reads))
+            yield built[key].then(self.prog.decoder, spec.degrees[-1], self.order, decoder_weight)
 
     def expansion(self, limit: int | None = None, max_terms: int | None = 100_000) -> Expansion:
         """The first ``limit`` paths (all if None) as an :class:`Expansion` with a remainder.
@@ -113,7 +105,7 @@ class PathExpansion:
         if not terms:
             raise ValueError("the filters select no path: every unit was excluded and there is "
                              "no source, or max_length < 0")
-        return Expansion(self.prog, len(self.prog.units), terms, "logits", self.order)
+        return Expansion(self.prog, len(self.prog.units), terms, self.order)
 
     def _weight(self, state: int) -> float:
         return 1.0 if self.weights == "unit" else 1.0 / self._counts[state]
@@ -127,17 +119,20 @@ def expand_paths(
     exclude: Collection[str] | None = None,
     max_length: int | None = None,
     weights: str = "unit",
+    paths: Sequence[str | PathSpec] | None = None,
 ) -> PathExpansion:
     """Algorithm 2: all paths of ``prog`` (at ``granularity``), lazily; at order k each unit on a
     path (and the decoder) contributes one of its Taylor coefficients 0..k along the stream.
 
     ``include`` / ``exclude`` filter units by kind (``"attn"``, ``"mlp"``) or name
     (``"mlp3"``); ``exclude={"attn"}`` keeps the attention-free paths, whose terms see one token
-    only (the bigram paths). ``max_length`` caps the number of units on a path. ``weights``:
-    ``"unit"`` (default: each path term is the path's own value, e.g. a bigram path's logits as
-    ``ngram_table`` reads them; for linear networks the paths sum to the model) or ``"uniform"``
-    (each unit's term divided by the number of stream terms it was expanded at, Algorithm 2's
-    choice in the paper: 2^-60 on a 30-block model, so the terms are tiny).
+    only (the bigram paths). ``max_length`` caps the number of units on a path. ``paths`` takes
+    explicit paths in the path language instead (``["E→mlp0→U", "E→attn0^1→U"]``, see
+    :mod:`jetgraph.passes.pathspec`), without filters. ``weights``: ``"unit"`` (default: each path
+    term is the path's own value, e.g. a bigram path's logits as ``ngram_table`` reads them; for
+    linear networks the paths sum to the model) or ``"uniform"`` (each unit's term divided by the
+    number of stream terms it was expanded at, Algorithm 2's choice in the paper: 2^-60 on a
+    30-block model, so the terms are tiny).
     """
     check_order(order)
     if weights not in ("uniform", "unit"):
@@ -145,6 +140,17 @@ def expand_paths(
     if max_length is not None and max_length < 0:
         raise ValueError(f"max_length must be >= 0, got {max_length}")
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
+    if paths is not None:
+        if include is not None or exclude is not None or max_length is not None:
+            raise ValueError("give explicit paths or filters (include, exclude, max_length), not both")
+        specs = [bind_path(view, p) for p in paths]
+        if not specs:
+            raise ValueError("paths is empty: give at least one path such as 'E→U'")
+        deepest = max(s.order for s in specs)
+        if deepest > order:
+            raise ValueError(f"path {max(specs, key=lambda s: s.order).name!r} takes a degree-{deepest} "
+                             f"coefficient; give order >= {deepest}")
+        return PathExpansion(view, weights, lambda unit: True, None, order, specs)
     include = {include} if isinstance(include, str) else include  # one name, not its letters
     exclude = {exclude} if isinstance(exclude, str) else exclude
     names = {u.name for u in view.units} | {u.kind for u in view.units}
@@ -164,6 +170,94 @@ def expand_paths(
         raise ValueError(f"the filters select no unit (include={sorted(include or [])}, "
                          f"exclude={sorted(exclude or [])}); only the embed→unembed path would remain")
     return PathExpansion(view, weights, keep, max_length, order)
+
+
+# ------------------------------------------------------------------- binding paths to a model
+def path_view(prog: ResidualProgram, spec: str | PathSpec) -> ResidualProgram:
+    """The view of ``prog`` whose units the path names: the sublayer view (``attn0``, ``mlp3``)
+    unless every name is a block's (``block2``); a path with no unit reads the sublayer view."""
+    spec = parse_path(spec) if isinstance(spec, str) else spec
+    blocks = {u.name for u in prog.at("block").units}
+    if spec.units and all(name in blocks for name in spec.units):
+        return prog.at("block")
+    return prog.at("sublayer")
+
+
+def bind_path(prog: ResidualProgram, spec: str | PathSpec) -> PathSpec:
+    """``spec`` with its aliases resolved against ``prog``'s units (``MLP_last`` → ``mlp29``) and
+    every name checked: the units must exist in ``prog``'s view and appear in model order."""
+    text = spec if isinstance(spec, str) else spec.name
+    parsed = parse_path(spec) if isinstance(spec, str) else spec
+    units = {u.name: u for u in prog.units}
+    last = {kind: [u.name for u in prog.units if u.kind == kind] for kind in LAST_OF_KIND.values()}
+    sources = {t.label for t in source_terms(prog)}
+    if parsed.source not in sources and not _is_valid_state(prog, parsed.source):
+        raise ValueError(f"path {text!r} starts at {parsed.source!r}; sources are E (= embed.token), "
+                         f"{sorted(sources)} and h0..h{len(prog.units)}")
+    names: list[str] = []
+    previous = _start_state(prog, parsed.source) - 1
+    for name in parsed.units:
+        kind = LAST_OF_KIND.get(name.lower())
+        resolved = (last[kind][-1] if last[kind] else None) if kind else name
+        if resolved not in units:
+            raise ValueError(f"path {text!r} names unknown unit {name!r}; units of the {prog.granularity} "
+                             f"view: {list(units)} (or MLP_last, ATTN_last)")
+        unit = units[resolved]
+        if unit.reads <= previous:
+            raise ValueError(f"path {text!r}: units must appear in model order, each reading the stream "
+                             f"after the one before ({unit.name} reads h{unit.reads})")
+        previous = unit.index
+        names.append(resolved)
+    return PathSpec(parsed.source, tuple(names), parsed.degrees)
+
+
+def path_term(prog: ResidualProgram, spec: str | PathSpec | Term, order: int | None = None) -> Term:
+    """A logit-space path term (unit weights: the path's own value) from the path language:
+    ``"E→U"``, ``"E→mlp3→U"``, ``"E→MLP_last^1→U"``, ``"E→block2→U"``; names are resolved in
+    the view that holds them (:func:`path_view`). ``order`` is the jets' truncation order
+    (default: the largest degree on the path). A logit-space :class:`Term` is returned as is."""
+    if isinstance(spec, Term):
+        if spec.space != "logits":
+            raise ValueError(f"a path must end in the decoder (logit space), got {spec!r}")
+        return spec
+    view = path_view(prog, spec)
+    bound = bind_path(view, spec)
+    depth = check_order(order if order is not None else bound.order, "the path's order")
+    units = {u.name: u for u in view.units}
+    term = _source(view, bound.source)
+    for name, degree in zip(bound.units, bound.degrees, strict=False):
+        term = term.then(units[name], degree, depth)
+    return term.then(view.decoder, bound.degrees[-1], depth)
+
+
+def view_of_term(prog: ResidualProgram, term: Term) -> ResidualProgram:
+    """The view of ``prog`` (sublayer, else block) whose units a term's path passes through."""
+    for granularity in ("sublayer", "block"):
+        view = prog.at(granularity)  # type: ignore[arg-type]
+        known = {id(u) for u in view.units} | {id(view.decoder)}
+        if all(id(unit) in known for unit in term.units()):
+            return view
+    raise ValueError(f"term {term.name!r} passes units that are not this program's")
+
+
+def context_length(term: Term) -> int:
+    """Tokens of context a path term reads: 2 if it passes a unit of kind ``attn`` (which mixes
+    positions), else 1."""
+    return 2 if any(unit.kind == "attn" for unit in term.units()) else 1
+
+
+def _source(prog: ResidualProgram, label: str) -> Term:
+    sources = {t.label: t for t in source_terms(prog)}
+    return sources[label] if label in sources else stream_term(prog, int(label[1:]))
+
+
+def _is_valid_state(prog: ResidualProgram, label: str) -> bool:
+    return label.startswith("h") and label[1:].isdigit() and int(label[1:]) <= len(prog.units)
+
+
+def _start_state(prog: ResidualProgram, label: str) -> int:
+    """The stream state a path's source stands at (0 for encoder addends)."""
+    return int(label[1:]) if _is_valid_state(prog, label) else 0
 
 
 def _increasing(units: list[ResidualUnit], max_length: int | None) -> Iterator[tuple[ResidualUnit, ...]]:

@@ -130,7 +130,7 @@ def trace_callable(f: Callable[[torch.Tensor], torch.Tensor], example: torch.Ten
     cached = _traced.get(key)
     if cached is not None and cached[0] is f:
         return cached[1]
-    from jetgraph.capture.lower import lower_to_core
+    from jetgraph.taylor.lowering import lower_to_core
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import fx
 
-from jetgraph.capture.export import module_scope
 from jetgraph.errors import JetRuleError
+from jetgraph.ir import module_scope
 from jetgraph.taylor.rules import RULES
 from jetgraph.taylor.series import Series, is_series
 

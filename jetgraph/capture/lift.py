@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from jetgraph.capture.export import SUPPORTED, CapturedGraph, module_scope, strip_wrapper
-from jetgraph.errors import CaptureError
-from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit, SideInputs, StreamFunction
-from jetgraph.passes.subgraph import (
+from jetgraph.capture.export import SUPPORTED, CapturedGraph, strip_wrapper
+from jetgraph.capture.subgraph import (
     GraphIndex,
     SideRegistry,
     combine_sum,
@@ -28,6 +26,17 @@ from jetgraph.passes.subgraph import (
     descendants,
     extract,
     is_add,
+)
+from jetgraph.errors import CaptureError
+from jetgraph.ir import (
+    Decoder,
+    Encoder,
+    ResidualProgram,
+    ResidualUnit,
+    SideInputs,
+    StreamFunction,
+    module_scope,
+    unit_name,
 )
 
 aten = torch.ops.aten
@@ -47,7 +56,7 @@ _READOUTS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matm
 
 
 @dataclass
-class Step:
+class ResidualAdd:
     """One residual addition of the stream: ``out = inp + Σ updates``."""
 
     out: fx.Node
@@ -84,9 +93,10 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
             children.append(ResidualUnit(leaf.fn, leaf.side_inputs, side, layer=layer,
                                          module_path=leaf.module_path, index=leaf_index, reads=reads))
             leaf_index += 1
-        blocks.append(ResidualUnit(cut.region.fn, cut.region.side_inputs, side, name=f"block{layer}",
-                                   layer=layer, module_path=cut.region.module_path, index=layer,
-                                   reads=layer, children=tuple(children), parallel=cut.parallel))
+        blocks.append(ResidualUnit(cut.region.fn, cut.region.side_inputs, side,
+                                   name=unit_name("block", layer), layer=layer,
+                                   module_path=cut.region.module_path, index=layer, reads=layer,
+                                   children=tuple(children), parallel=cut.parallel))
     decoder = Decoder(
         decoder_region.fn, decoder_region.side_inputs, side,
         norm=StreamFunction(norm_region.fn, norm_region.side_inputs, side) if norm_region else None,
@@ -145,7 +155,7 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
 
 
-def _split(index: GraphIndex, node: fx.Node) -> Step | None:
+def _split(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
     """``node = p + Σ updates`` with every update depending on p, or None."""
     if not is_add(node) or node not in index.on_ids:
         return None
@@ -163,11 +173,11 @@ def _split(index: GraphIndex, node: fx.Node) -> Step | None:
                          key=index.order.__getitem__)
         if updates:
             constants = [a for a in others if a not in updates]
-            return Step(node, _peel(candidate), updates, constants)
+            return ResidualAdd(node, _peel(candidate), updates, constants)
     return None
 
 
-def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[list[Step], fx.Node]:
+def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[list[ResidualAdd], fx.Node]:
     """Walk the residual chain back from the logits; return its steps and h_0."""
     feeding = index.ancestors([logits])
     last = None
@@ -181,7 +191,7 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
             "expand. " + SUPPORTED,
             model_class=model_class,
         )
-    steps: list[Step] = []
+    steps: list[ResidualAdd] = []
     node = last
     while (step := _split(index, node)) is not None:
         steps.append(step)
@@ -204,9 +214,9 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
     return steps, h0
 
 
-def _group_blocks(steps: Sequence[Step]) -> list[list[Step]]:
+def _group_blocks(steps: Sequence[ResidualAdd]) -> list[list[ResidualAdd]]:
     """Consecutive steps whose adds share a (non-root) module scope form one block."""
-    blocks: list[list[Step]] = []
+    blocks: list[list[ResidualAdd]] = []
     for step in steps:
         if blocks and step.scope and blocks[-1][-1].scope == step.scope:
             blocks[-1].append(step)
@@ -255,7 +265,7 @@ class _Cutter:
                                module=exc.module, node=exc.node) from None
         return Region(fn, side_names, _unit_module_path(fn, scope))
 
-    def block(self, layer: int, block_steps: list[Step]) -> CutBlock:
+    def block(self, layer: int, block_steps: list[ResidualAdd]) -> CutBlock:
         """One block and its leaf units (one per update branch of each step)."""
         if len(block_steps) > 1 and any(len(step.updates) > 1 for step in block_steps):
             raise CaptureError(
@@ -423,8 +433,7 @@ def _assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
         key = (leaf.layer, leaf.kind)
         seen[key] = seen.get(key, 0) + 1
         if not leaf.name:
-            suffix = "" if counts[key] == 1 else f"_{seen[key]}"
-            leaf.name = f"{leaf.kind}{leaf.layer}{suffix}"
+            leaf.name = unit_name(leaf.kind, leaf.layer, None if counts[key] == 1 else seen[key])
     for block in program.blocks:
         if block.children:
             block.kind = "attn" if any(c.kind == "attn" for c in block.children) else "mlp"

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from jetgraph.capture.decompositions import DECOMPOSITIONS
+from jetgraph.taylor.decompositions import DECOMPOSITIONS
 
 aten = torch.ops.aten
 

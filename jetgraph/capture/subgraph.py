@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from jetgraph.capture.export import module_scope
+from jetgraph.capture.export import strip_wrapper
 from jetgraph.errors import CaptureError
+from jetgraph.ir import PARAMETER_NAME, module_scope
 
 aten = torch.ops.aten
 
@@ -185,6 +186,8 @@ def extract(
     new_graph.output(result)
     new_graph.eliminate_dead_code()
     module = fx.GraphModule(index.graph_module, new_graph, class_name="JetgraphModule")
+    module.meta[PARAMETER_NAME] = {node.target: strip_wrapper(node.target) or node.target
+                                   for node in new_graph.nodes if node.op == "get_attr"}
     return module, side_names
 
 

@@ -1,4 +1,4 @@
-"""``jetgraph.emit``: one batched, straight-line FX GraphModule per expansion.
+"""``jetgraph.emit``: an expansion traced into one batched, straight-line FX GraphModule.
 
 The batched evaluator (:mod:`jetgraph.codegen.execute`) is traced by ``make_fx`` on an example
 input: the Taylor interpreter, the schedule and all Python control flow disappear, leaving aten
@@ -17,14 +17,12 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
-from jetgraph.capture.export import strip_wrapper
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
 from jetgraph.codegen.schedule import Step, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, expansion_plan
-from jetgraph.ir import ResidualProgram, as_input_ids
-from jetgraph.passes.expand import Expansion
-from jetgraph.taylor.basis import clear_tensor_caches
+from jetgraph.ir import ResidualProgram, as_input_ids, parameter_name
+from jetgraph.passes.expansion import Expansion
 
 RESERVED = ("target", "remainder")
 STEP_META = "jetgraph_step"
@@ -83,12 +81,8 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
             result["remainder"] = rest
         return result
 
-    clear_tensor_caches()  # index tables are then created inside the trace, every time
-    try:
-        with torch.no_grad():
-            traced = make_fx(forward, tracing_mode="real")(ids)
-    finally:
-        clear_tensor_caches()
+    with torch.no_grad():  # index tables are made inside the trace (none is cached under it)
+        traced = make_fx(forward, tracing_mode="real")(ids)
     _label_steps(traced.graph, marks)
     module = _with_named_buffers(traced, prog)
     module.fused = fuse(module.graph) if fuse_ops else {}
@@ -124,19 +118,16 @@ def _label_steps(graph: fx.Graph, marks: list[tuple[fx.Node | None, Step]]) -> N
 
 
 def _parameter_names(prog: ResidualProgram) -> dict[int, str]:
-    """id(tensor) -> readable name, from every graph of the program (first name wins)."""
-    modules = [prog.encoder.graph_module, prog.encoder.addends_module, prog.side.graph_module,
-               prog.decoder.graph_module]
-    modules += [u.graph_module for u in prog.blocks + prog.sublayers]
+    """id(tensor) -> the model's own name for it, from every graph of the program (first wins)."""
     names: dict[int, str] = {}
-    for module in modules:
+    for module in prog.graph_modules():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            names.setdefault(id(tensor), strip_wrapper(name) or name)
+            names.setdefault(id(tensor), parameter_name(module, name))
         for node in module.graph.nodes:
             if node.op == "get_attr":
                 value = functools.reduce(getattr, node.target.split("."), module)
                 if isinstance(value, torch.Tensor):
-                    names.setdefault(id(value), strip_wrapper(node.target) or node.target)
+                    names.setdefault(id(value), parameter_name(module, node.target))
     return names
 
 

@@ -1,0 +1,89 @@
+"""One-call entry points from a Hugging Face model (or a captured program): ``jetgraph.lens``
+and ``jetgraph.ngrams``. A model is captured first (``jetgraph.capture``); to run several
+read-outs on one model, capture it once and pass the program."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from jetgraph.applications.lens import LensResult, iterative_lenses
+from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_table
+from jetgraph.capture import capture
+from jetgraph.ir import ResidualProgram, as_input_ids
+from jetgraph.passes.pathspec import PathSpec
+from jetgraph.passes.terms import Term
+
+
+def lens(model_or_program: nn.Module | ResidualProgram, input_ids_or_text: torch.Tensor | str,
+         orders: Sequence[int] = (0, 1, 2), layers: Sequence[int] | None = None, tokenizer: object = None,
+         *, granularity: str | None = None, k: int = 5) -> dict[int, LensResult]:
+    """The iterative jet lens of a model at every order in ``orders``, from one Taylor pass.
+
+    ``model_or_program``: a causal LM (captured here) or a :class:`~jetgraph.ir.ResidualProgram`.
+    ``input_ids_or_text``: token ids [batch, seq] (or [seq]), or a text with its ``tokenizer``.
+    ``layers``: the stream states to decode (0 = the embedding .. N; default all). Returns one
+    :class:`~jetgraph.applications.lens.LensResult` per order: ``result[1].metrics["cosine"]``.
+    """
+    prog = _program(model_or_program, granularity)
+    ids = _input_ids(prog, input_ids_or_text, tokenizer)
+    return iterative_lenses(prog, ids, orders, k=k, granularity=granularity, layers=layers)
+
+
+def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = "E→U", *,
+           tokenizer: object = None, keywords: str | Sequence[str] | Sequence[int] | None = None,
+           top: int = 100, rank: str = "prob", **options: object) -> NgramTable:
+    """The n-gram table of one path (``"E→U"``, ``"E→MLP_last→U"``, ``"E→attn0→U"``; see
+    :mod:`jetgraph.passes.pathspec`) of a model or program, streamed over every context.
+
+    ``keywords``: token ids, a list of words, or a shipped list name (``"toxic"``, ``"refusal"``)
+    or file; words need the ``tokenizer``. Every other option is
+    :func:`~jetgraph.applications.ngrams.ngram_table`'s (``first``, ``contexts``, ``row_top``,
+    ``chunk``, ``resume``, ``max_seconds``, …); the cost is planned before any work.
+    """
+    prog = _program(model_or_program, None)
+    ids = None
+    if keywords is not None:
+        ids = _keyword_ids(keywords, tokenizer)
+    spec = path.name if isinstance(path, PathSpec) else path
+    return ngram_table(prog, spec, top=top, rank=rank, keywords=ids, **options)  # type: ignore[arg-type]
+
+
+def _program(model_or_program: nn.Module | ResidualProgram, granularity: str | None) -> ResidualProgram:
+    if isinstance(model_or_program, ResidualProgram):
+        return model_or_program
+    if isinstance(model_or_program, nn.Module):
+        return capture(model_or_program, granularity=granularity or "block")
+    raise TypeError(f"expected a model (torch.nn.Module) or a ResidualProgram, got "
+                    f"{type(model_or_program).__name__}")
+
+
+def _input_ids(prog: ResidualProgram, value: torch.Tensor | str, tokenizer: object) -> torch.Tensor:
+    if isinstance(value, str):
+        if tokenizer is None:
+            raise ValueError("a text input needs its tokenizer: pass tokenizer= (or give input ids)")
+        if not value.strip():
+            raise ValueError("the text is empty: give at least one token of input")
+        value = tokenizer(value, return_tensors="pt", add_special_tokens=False).input_ids
+    elif isinstance(value, (list, tuple)):
+        raise TypeError("give one text or a tensor of input ids [batch, seq]; a list of texts needs "
+                        "padding, which jetgraph does not yet support")
+    ids = as_input_ids(value)
+    vocab = prog.decoder.unembedding.shape[0] if prog.decoder.unembedding is not None else None
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}: "
+                         "is the tokenizer the model's own?")
+    return ids.to(prog.decoder.unembedding.device if vocab is not None else ids.device)
+
+
+def _keyword_ids(keywords: str | Sequence[str] | Sequence[int], tokenizer: object) -> list[int]:
+    if isinstance(keywords, str):
+        keywords = load_keywords(keywords)
+    keywords = list(keywords)
+    if all(isinstance(k, int) for k in keywords):
+        return keywords  # type: ignore[return-value]
+    if tokenizer is None:
+        raise ValueError("keyword words need the tokenizer to find their token ids: pass tokenizer=")
+    return keyword_ids(tokenizer, [str(k) for k in keywords])

@@ -1,0 +1,22 @@
+"""Jet n-grams: n-gram tables read from the weights (paper §4).
+
+A path that skips every attention unit sees one token only, so evaluated on every vocabulary
+token it is a bigram table: ``E→U`` (the embedding decoded directly), ``E→mlp3→U``, MLP
+compositions. A path through one attention unit, evaluated on token pairs, is a skip-bigram /
+trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pathspec`).
+
+- :mod:`.contexts`: the rows of a table (every token, every pair, or given), made lazily;
+- :mod:`.sweep`: the streamed sweep (chunks through the batched evaluator, global top-k, resume);
+- :mod:`.table`: the result and its export;
+- :mod:`.keywords`: keyword lists and their token ids;
+- :mod:`.compare`: model diffs and comparison with a reference table.
+"""
+
+from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tables
+from jetgraph.applications.ngrams.contexts import Contexts, all_contexts
+from jetgraph.applications.ngrams.keywords import keyword_ids, load_keywords
+from jetgraph.applications.ngrams.sweep import full_table, ngram_plan, ngram_table
+from jetgraph.applications.ngrams.table import NgramTable
+
+__all__ = ["Contexts", "NgramTable", "all_contexts", "compare_to_reference", "diff_tables",
+           "full_table", "keyword_ids", "load_keywords", "ngram_plan", "ngram_table"]

@@ -1,0 +1,121 @@
+"""An n-gram table's result: the global and per-row top entries, normalisers, keyword logits, and
+its export as CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jetgraph.applications.ngrams.contexts import Contexts
+from jetgraph.applications.statistics import bootstrap_mean
+from jetgraph.files import atomic_write
+
+
+@dataclass
+class NgramTable:
+    """The streamed result of one path over a set of contexts.
+
+    The path carries unit weights: its logits are the path's own, as a bigram table reads them.
+    ``top_values`` holds the global top-k by the ranking key (logits, or log-probabilities with
+    ``rank="prob"``), ``top_logits`` their logits and ``top_index`` the flat position
+    ``row · vocab + next token``; ties are ordered by probability (or logit), then logit, then ids,
+    so a smaller ``top`` is always a prefix of a larger one. ``row_values``/``row_index`` hold
+    each context's top tokens. With normalisers kept, ``row_max`` and ``log_sum`` give each row's
+    log-probabilities as ``(logit − row_max) − log_sum`` without the cancellation of
+    ``logit − logsumexp`` when the logits are large; ``keyword_logits`` each row's logits at the
+    keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
+    """
+
+    path: str
+    contexts: Contexts
+    top_values: torch.Tensor
+    top_index: torch.Tensor  # flat row * vocab + next token
+    vocab: int
+    top_logits: torch.Tensor | None = None
+    row_values: torch.Tensor | None = None
+    row_index: torch.Tensor | None = None
+    row_max: torch.Tensor | None = None
+    log_sum: torch.Tensor | None = None  # log Σ exp(logit − row_max), ≥ 0
+    keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
+    keywords: list[int] = field(default_factory=list)
+    rank: str = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
+
+    @property
+    def log_normaliser(self) -> torch.Tensor | None:
+        """Each row's logsumexp in float64 (``row_max + log_sum``)."""
+        if self.row_max is None or self.log_sum is None:
+            return None
+        return self.row_max.double() + self.log_sum.double()
+
+    def log_prob(self, row: int, logit: float) -> float:
+        """log p(next | context row) of a next token with this ``logit``, in float64."""
+        if self.row_max is None or self.log_sum is None:
+            raise ValueError("this table was built without row normalisers (normalise=False)")
+        return (float(logit) - float(self.row_max[row])) - float(self.log_sum[row])
+
+    def keyword_mass(self, subset: Sequence[int] | None = None) -> torch.Tensor:
+        """Each row's probability on the keywords (or on ``subset``, token ids among them)."""
+        if self.keyword_logits is None or self.row_max is None or self.log_sum is None:
+            raise ValueError("this table was built without keywords")
+        columns = slice(None)
+        if subset is not None:
+            position = {k: i for i, k in enumerate(self.keywords)}
+            missing = sorted(set(subset) - set(position))
+            if missing or not subset:
+                raise ValueError("subset must be a non-empty list of the table's keywords; "
+                                 f"not in it: {missing}")
+            columns = [position[k] for k in subset]
+        shifted = self.keyword_logits[:, columns].double() - self.row_max.double()[:, None]
+        return torch.exp(torch.logsumexp(shifted, -1) - self.log_sum.double())
+
+    def entries(self, tokenizer=None) -> list[dict]:
+        """The global top-k as rows: rank, context, next token, logit and, when the row
+        normalisers were kept, the log-probability and probability of the next token."""
+        rows = []
+        logits = self.top_logits if self.top_logits is not None else self.top_values
+        for rank, (logit, flat) in enumerate(zip(logits.tolist(), self.top_index.tolist(), strict=True),
+                                             start=1):
+            row, token = divmod(int(flat), self.vocab)
+            context = self.contexts[row].tolist()
+            entry = {"rank": rank, "context_ids": " ".join(map(str, context)), "next_id": token,
+                     "logit": float(f"{logit:.7g}")}
+            if self.row_max is not None:
+                log_p = self.log_prob(row, logit)
+                entry["log_prob"] = float(f"{log_p:.9g}")
+                entry["prob"] = float(f"{math.exp(log_p):.9g}")
+            if tokenizer is not None:
+                entry["context"] = tokenizer.decode(context)
+                entry["next"] = tokenizer.decode([token])
+            rows.append(entry)
+        return rows
+
+    def export(self, path: str | Path, tokenizer=None) -> Path:
+        """The global top-k as CSV or JSON (by suffix), decoded with ``tokenizer`` if given;
+        written whole or not at all."""
+        path = Path(path)
+        if path.suffix not in (".csv", ".json"):
+            raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
+        rows = self.entries(tokenizer)
+        if path.suffix == ".json":
+            text = json.dumps({"path": self.path, "weights": "unit", "rank": self.rank, "top": rows},
+                              indent=1, ensure_ascii=False) + "\n"
+        else:
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["rank"])
+            writer.writeheader()
+            writer.writerows(rows)
+            text = buffer.getvalue()
+        return atomic_write(path, text)
+
+    def mass(self, subset: Sequence[int] | None = None, samples: int = 1000, confidence: float = 0.95,
+             seed: int = 0) -> dict[str, float]:
+        """Mean probability mass on the keyword set (or a subset) over contexts, with a bootstrap
+        confidence interval."""
+        return bootstrap_mean(self.keyword_mass(subset), samples, confidence, seed)
