@@ -57,16 +57,16 @@ def test_higher_order_lens_is_the_decoder_jet(order: int) -> None:
 def test_joint_lens_fits_convex_weights() -> None:
     _, prog = captured("gpt2")
     ids = random_ids(1, 6, seed=3)
-    centres = contribution_centers(prog)
-    values = centres.evaluate(ids)
+    centers = contribution_centers(prog)
+    values = centers.evaluate(ids)
     torch.testing.assert_close(values.total(), values.target, rtol=1e-5, atol=1e-5)  # they sum to h_L
     result = joint_lens(prog, ids, order=1, steps=30)
     assert result.weights.shape[0] == len(prog.units) + 1
     torch.testing.assert_close(result.weights.sum(0), torch.ones_like(result.weights[0]))
     assert result.fit_losses[-1] < result.fit_losses[0]
     h_last = prog.stream(ids)[-1]
-    for i, centre in enumerate(values.terms.values()):  # each centre: w_i · J^1 Dec(c_i)(h_L), directly
-        direct = jetgraph.jet(prog.decoder, centre.expand_as(h_last), h_last, order=1).value
+    for i, center in enumerate(values.terms.values()):  # each centre: w_i · J^1 Dec(c_i)(h_L), directly
+        direct = jetgraph.jet(prog.decoder, center.expand_as(h_last), h_last, order=1).value
         torch.testing.assert_close(result.center_logits[i], result.weights[i] * direct, rtol=1e-4, atol=1e-5)
 
 

@@ -111,18 +111,18 @@ def test_every_term_equals_its_oracle(family: str, order: int, granularity: str)
         assert len(first) == len(sources) * (order + 2)
         assert len(second) == len(first) * (order + 2) and len(decoded) == len(second) * (order + 1)
         assert list(second.terms[:len(first)]) == list(first.terms)
-        for expansion, centres, unit, skip in ((first, sources, view.units[0].name, True),
+        for expansion, centers, unit, skip in ((first, sources, view.units[0].name, True),
                                                (second, first.terms, view.units[1].name, False),
                                                (decoded, second.terms, "unembed", False)):
-            passed = {c.uid for c in centres}
+            passed = {c.uid for c in centers}
             built = [t for t in expansion.terms if t.uid not in passed]
-            for centre in centres:  # orders 0..k (and one skip branch) at each centre, weight 1/N
-                own = [t for t in built if t.center is centre]
+            for center in centers:  # orders 0..k (and one skip branch) at each centre, weight 1/N
+                own = [t for t in built if t.center is center]
                 assert sorted((t.kind, t.degree if t.kind == "jet" else t.order) for t in own) == (
                     [("identity", order)] * skip + [("jet", j) for j in range(order + 1)])
-                assert all(t.unit.name == unit and t.order == order and t.weight == 1 / len(centres)
+                assert all(t.unit.name == unit and t.order == order and t.weight == 1 / len(centers)
                            for t in own)
-            assert len(built) == len(centres) * (order + 1 + skip)
+            assert len(built) == len(centers) * (order + 1 + skip)
             _assert_matches_oracle(expansion, oracle, ids, tolerance, f"{family} {dtype} {unit}")
         if order == 0:
             stream, logits = _composed_by_hand(prog64.at(granularity), ids)
@@ -130,7 +130,7 @@ def test_every_term_equals_its_oracle(family: str, order: int, granularity: str)
             _assert_terms_match(decoded.evaluate(ids).terms, logits, tolerance, f"{dtype} by hand")
 
 
-def test_single_centre_expansions_are_exact_at_the_true_stream() -> None:
+def test_single_center_expansions_are_exact_at_the_true_stream() -> None:
     """Centred at the stream state it reads, a unit's order-0 jet is the unit's own update."""
     _, prog = captured("llama")
     ids = random_ids(1, 5)
@@ -217,9 +217,9 @@ def test_two_block_example_four_paths() -> None:
 def test_identity_jet_weights_the_skip_branch() -> None:
     _, prog = captured("llama")
     ids = random_ids(1, 5)
-    centres = [stream_term(prog, 0)]
-    passed = expand(prog, 0, centres, order=1, weights=0.5, identity="pass").evaluate(ids)
-    jetted = expand(prog, 0, centres, order=1, weights=0.5, identity="jet").evaluate(ids)
+    centers = [stream_term(prog, 0)]
+    passed = expand(prog, 0, centers, order=1, weights=0.5, identity="pass").evaluate(ids)
+    jetted = expand(prog, 0, centers, order=1, weights=0.5, identity="jet").evaluate(ids)
     h0 = prog.stream(ids)[0]
     torch.testing.assert_close(next(iter(passed.terms.values())), h0)
     torch.testing.assert_close(next(iter(jetted.terms.values())), 0.5 * h0)
@@ -228,13 +228,13 @@ def test_identity_jet_weights_the_skip_branch() -> None:
 def test_tensor_weights_per_position_and_coordinate() -> None:
     _, prog = captured("gpt2")
     ids = random_ids(1, 5)
-    centres = source_terms(prog)  # token and position embeddings: they sum to h_0
-    assert len(centres) == 2
+    centers = source_terms(prog)  # token and position embeddings: they sum to h_0
+    assert len(centers) == 2
     per_position = torch.rand(2, 5, 1)
     per_coordinate = torch.rand(2, prog.d_model)
     oracle = TermOracle(_float64_program("gpt2"), ids)
     for weights in (per_position, per_coordinate, torch.tensor([0.3, 0.7])):
-        expansion = expand(prog, 0, centres, order=1, weights=weights)
+        expansion = expand(prog, 0, centers, order=1, weights=weights)
         _assert_matches_oracle(expansion, oracle, ids, FLOAT32_TOLERANCE, str(tuple(weights.shape)))
 
 
@@ -249,22 +249,22 @@ def test_faithfulness_report() -> None:
 
 def test_bad_input_errors() -> None:
     _, prog = captured("llama")
-    centre = [stream_term(prog, 0)]
+    center = [stream_term(prog, 0)]
     with pytest.raises(IndexError, match="out of range"):
-        expand(prog, 7, centre)
+        expand(prog, 7, center)
     with pytest.raises(IndexError, match="out of range"):
         stream_term(prog, 9)
     with pytest.raises(ValueError, match="one leading entry per centre"):
-        expand(prog, 0, centre, weights=torch.ones(3))
+        expand(prog, 0, center, weights=torch.ones(3))
     with pytest.raises(ValueError, match="weights must be"):
-        expand(prog, 0, centre, weights="fancy")
+        expand(prog, 0, center, weights="fancy")
     with pytest.raises(ValueError, match="at least one centre"):
         expand(prog, 0, [])
-    decoded = expand(prog, "decoder", centre)
+    decoded = expand(prog, "decoder", center)
     with pytest.raises(TypeError, match="stream-space Terms"):
         expand(prog, 0, decoded)
     with pytest.raises(ValueError, match="identity"):
-        expand(prog, 0, centre, identity="skip")  # type: ignore[arg-type]
+        expand(prog, 0, center, identity="skip")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
@@ -294,9 +294,9 @@ def test_fitted_weights_lower_the_logit_space_remainder() -> None:
     _, prog = captured("gpt2")
     view = prog.at("sublayer")
     ids = random_ids(1, 6)
-    centres = source_terms(view)  # token and position embeddings
-    uniform = expand(view, 0, centres, order=1, weights="uniform", identity="jet")
-    fitted = expand(view, 0, centres, order=1, weights="fit", identity="jet", fit_on=ids, fit_steps=60)
+    centers = source_terms(view)  # token and position embeddings
+    uniform = expand(view, 0, centers, order=1, weights="uniform", identity="jet")
+    fitted = expand(view, 0, centers, order=1, weights="fit", identity="jet", fit_on=ids, fit_steps=60)
     assert len(fitted.fit_losses) == 60 and fitted.fit_losses[-1] < fitted.fit_losses[0]
     u = view.decoder.unembedding
 
@@ -311,7 +311,7 @@ def test_fitted_weights_lower_the_logit_space_remainder() -> None:
     _assert_matches_oracle(fitted, TermOracle(_float64_program("gpt2").at("sublayer"), ids), ids,
                            FLOAT32_TOLERANCE)
     with pytest.raises(ValueError, match="fit_on"):
-        expand(view, 0, centres, weights="fit")
+        expand(view, 0, centers, weights="fit")
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -323,10 +323,10 @@ def test_split_jets_sum_to_the_univariate_jets(order: int) -> None:
     _, prog = captured("gpt2")
     view = prog.at("sublayer")
     ids = random_ids(1, 5)
-    centres = source_terms(view)  # token + position = h_0, the stream attn0 reads
-    whole = expand(view, 0, centres, order=order, weights="unit").evaluate(ids)
-    split = expand(view, 0, centres, order=order, weights="unit", split=True)
-    n = len(centres)
+    centers = source_terms(view)  # token + position = h_0, the stream attn0 reads
+    whole = expand(view, 0, centers, order=order, weights="unit").evaluate(ids)
+    split = expand(view, 0, centers, order=order, weights="unit", split=True)
+    n = len(centers)
     assert sum(t.kind == "jet" for t in split.terms) == n * math.comb(n - 1 + order, order)
     values = split.evaluate(ids)
     torch.testing.assert_close(values.remainder, whole.remainder, rtol=1e-4, atol=1e-5)
@@ -378,17 +378,17 @@ def test_relu_network_first_order_expansion_is_exact_with_lemma_2_weights() -> N
     model = ReluResidual().double()
     ids = random_ids(2, 6, vocab=13)
     prog = jetgraph.capture(model, ids)
-    centres = source_terms(prog)  # token and position embeddings: they sum to h_0
-    assert len(centres) == 2
+    centers = source_terms(prog)  # token and position embeddings: they sum to h_0
+    assert len(centers) == 2
     addends = list(prog.encoder.addends(ids).values())
     w = model.units[0].weight
     z = [a @ w.T for a in addends]
     positive = (z[0] + z[1]) > 0
     first = torch.where(positive, z[0] > 0, z[0] <= 0).double()  # pick centre 0 where it agrees
     weights = torch.stack([first, 1 - first])
-    values = expand(prog, 0, centres, order=1, weights=weights, identity="pass").evaluate(ids)
+    values = expand(prog, 0, centers, order=1, weights=weights, identity="pass").evaluate(ids)
     assert values.remainder.abs().max().item() <= 1e-12
-    uniform = expand(prog, 0, centres, order=1, weights="uniform").evaluate(ids)
+    uniform = expand(prog, 0, centers, order=1, weights="uniform").evaluate(ids)
     assert uniform.remainder.abs().max().item() > 1e-3  # the weights matter
 
 

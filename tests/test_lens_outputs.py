@@ -15,7 +15,7 @@ import jetgraph
 from jetgraph.applications import iterative_lens, joint_lens, plots, write_lens_csv
 from jetgraph.applications.lens import CSV_COLUMNS, METRICS, LensDivergenceWarning, LensResult
 from jetgraph.capture.zoo import ResidualMLP
-from jetgraph.passes.metrics import per_centre_agreement
+from jetgraph.passes.metrics import per_center_agreement
 from tests.conftest import require_tinystories
 
 DIVERGES = 10  # first order at which h_0's jet overflows float32 in the model below
@@ -82,7 +82,7 @@ def test_nan_only_at_the_diverged_positions() -> None:
     generator = torch.Generator().manual_seed(0)
     true = torch.randn(2, 4, 11, generator=generator)
     logits = torch.randn(3, 2, 4, 11, generator=generator)
-    clean = per_centre_agreement(logits, true, k=3)
+    clean = per_center_agreement(logits, true, k=3)
     logits[1, 1, 2, 5] = float("inf")  # centre 1, batch element 1, position 2
     logits[2, 0, 0, 0] = float("nan")  # centre 2, batch element 0, position 0
     expected = r"order 3 iterative lens: the jet diverges at 2 of 3 states \(2 of 12 state-positions"

@@ -140,17 +140,17 @@ def test_masked_softmax_keeps_masked_entries_zero() -> None:
         assert relative_error(ours.coefficients[j], expected) < 1e-12
 
 
-def test_batch_of_centres_in_one_pass_matches_one_by_one() -> None:
+def test_batch_of_centers_in_one_pass_matches_one_by_one() -> None:
     w = torch.randn(6, 6, dtype=F64)
     f = lambda x: torch.nn.functional.gelu(x @ w)  # noqa: E731
-    centres, increments = torch.randn(4, 3, 6, dtype=F64), torch.randn(4, 3, 6, dtype=F64)
-    batched = jetgraph.jet(f, centres, increments, order=3, increment=True)
+    centers, increments = torch.randn(4, 3, 6, dtype=F64), torch.randn(4, 3, 6, dtype=F64)
+    batched = jetgraph.jet(f, centers, increments, order=3, increment=True)
     for i in range(4):
-        single = jetgraph.jet(f, centres[i], increments[i], order=3, increment=True)
+        single = jetgraph.jet(f, centers[i], increments[i], order=3, increment=True)
         torch.testing.assert_close(batched.coefficients[:, i], single.coefficients)
 
 
-def test_order_zero_is_the_value_at_the_centre() -> None:
+def test_order_zero_is_the_value_at_the_center() -> None:
     c, y = torch.randn(5, dtype=F64), torch.randn(5, dtype=F64)
     result = jetgraph.jet(torch.tanh, c, y, order=0)
     torch.testing.assert_close(result.value, torch.tanh(c))

@@ -32,7 +32,7 @@ from jetgraph.codegen import BatchedRun, plan
 from jetgraph.files import atomic_write
 from jetgraph.ir import ENCODER_NAME, ResidualProgram, as_input_ids
 from jetgraph.passes.expansion import Expansion
-from jetgraph.passes.metrics import METRICS, per_centre_agreement
+from jetgraph.passes.metrics import METRICS, per_center_agreement
 from jetgraph.passes.rewrite import expand
 from jetgraph.passes.terms import stream_term
 from jetgraph.taylor import check_order
@@ -91,7 +91,7 @@ class LensResult:
     def metrics(self) -> dict[str, torch.Tensor]:
         """Each of :data:`METRICS` per centre and position (computed on first use; NaN where
         :attr:`diverged`)."""
-        return per_centre_agreement(self.logits, self.true_logits, self.k)
+        return per_center_agreement(self.logits, self.true_logits, self.k)
 
     def top1(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, probabilities) of each centre's top-1 prediction, [centres, batch, seq]."""

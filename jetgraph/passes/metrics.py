@@ -38,15 +38,15 @@ def logit_agreement(approx: torch.Tensor, true: torch.Tensor, k: int = 5) -> dic
     return {name: value.masked_fill(~finite, math.nan) for name, value in values.items()}
 
 
-def per_centre_agreement(logits: torch.Tensor, true_logits: torch.Tensor, k: int = 5
+def per_center_agreement(logits: torch.Tensor, true_logits: torch.Tensor, k: int = 5
                          ) -> dict[str, torch.Tensor]:
     """:func:`logit_agreement` of each centre's logits ([centres, batch, seq, vocab]) against
     ``true_logits`` [batch, seq, vocab], averaged over the batch: float32 [centres, seq] tensors
     (NaN where any batch element of a position is not finite). One centre at a time, so the
     float64 copies stay one centre large."""
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
-    for centre in logits:
-        for name, value in logit_agreement(centre, true_logits, k).items():
+    for center in logits:
+        for name, value in logit_agreement(center, true_logits, k).items():
             rows[name].append(value.mean(0).float())
     return {name: torch.stack(value) for name, value in rows.items()}
 

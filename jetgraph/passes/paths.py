@@ -33,7 +33,7 @@ class PathExpansion:
         self.max_length = max_length
         self.order = order
         self.paths = tuple(paths) if paths is not None else None
-        self._counts = _centre_counts(prog, order)
+        self._counts = _center_counts(prog, order)
 
     def __iter__(self) -> Iterator[PathSpec]:
         if self.paths is not None:
@@ -280,7 +280,7 @@ def _increasing(units: list[ResidualUnit], max_length: int | None) -> Iterator[t
         yield from extend((), 0, length)
 
 
-def _centre_counts(prog: ResidualProgram, order: int = 0) -> list[int]:
+def _center_counts(prog: ResidualProgram, order: int = 0) -> list[int]:
     """Number of terms in the fully expanded stream at each state (the uniform weights' N):
     each unit adds k+1 terms (one per order) for every term of the state it reads."""
     counts = [len(prog.encoder.addend_names)]
@@ -298,7 +298,7 @@ def count_paths(prog: ResidualProgram, granularity: str | None = None, order: in
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise ValueError(f"order must be a non-negative int, got {order!r}")
     view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
-    return (order + 1) * _centre_counts(view, order)[-1]
+    return (order + 1) * _center_counts(view, order)[-1]
 
 
 def closed_form(granularity: str = "block", parallel: bool = False, order: int = 0):
