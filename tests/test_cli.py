@@ -228,6 +228,25 @@ def test_emit_include_by_sublayer_name(tmp_path) -> None:
     assert "'embed.token→mlp0→unembed'," in out.read_text()
 
 
+def test_emit_and_paths_take_explicit_paths(tmp_path, capsys, monkeypatch) -> None:
+    """``--paths`` in the path language: the emitted module's terms are exactly those paths."""
+    path = require_tinystories()
+    out = tmp_path / "chosen.py"
+    assert main(["emit", str(path), "-o", str(out), "--order", "1", "--paths", "E→U", "E→MLP_last^1→U",
+                 "--no-remainder"]) == 0
+    text = out.read_text()
+    assert "'embed.token→unembed'," in text and "'embed.token→mlp1^1→unembed'," in text
+    assert "'embed.token→mlp0→unembed'," not in text
+    picture = tmp_path / "chosen.dot"
+    assert main(["paths", str(path), "--paths", "E→attn0→U", "--render", str(picture)]) == 0
+    assert "1 selected (given as --paths" in capsys.readouterr().out
+    _no_model_loading(monkeypatch)
+    assert main(["paths", str(path), "--paths", "E→mlp5→U", "--render", str(picture)]) == 1
+    _one_line_error(capsys, "has 2 layers (mlp0..mlp1)")
+    assert main(["emit", str(path), "-o", str(out), "--expansion", "lens", "--paths", "E→U"]) == 2
+    _one_line_error(capsys, "--paths selects paths of --expansion paths")
+
+
 def test_emit_lens(tmp_path) -> None:
     path = require_tinystories()
     out = tmp_path / "lens.py"
