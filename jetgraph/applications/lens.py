@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,6 +38,7 @@ from jetgraph.passes.rewrite import expand
 from jetgraph.passes.terms import stream_term
 from jetgraph.taylor import check_order
 
+LensKind = Literal["iterative", "joint"]
 CSV_COLUMNS = ("lens", "order", "center", "written_by", *METRICS, "positions", "diverged")
 JOINT_LABEL = "Σ weighted centres"
 
@@ -61,7 +63,7 @@ class LensResult:
     and how many states diverged).
     """
 
-    kind: str
+    kind: LensKind
     order: int
     labels: list[str]
     logits: torch.Tensor

@@ -75,4 +75,4 @@ class BatchedRun:
         if step.directions:
             directions = [self.gather([d[j] for d in step.directions])
                           for j in range(len(step.directions[0]))]
-        return evaluate_terms(step.terms, self.inputs, centers, step.applications, directions)
+        return evaluate_terms(step.terms, self.inputs, centers, step.center_of, directions)

@@ -30,7 +30,7 @@ class Step:
     ``kind`` is the kind of every term it computes (:data:`~jetgraph.passes.terms.TermKind`):
     ``"source"`` and ``"stream"`` rows are encoder addends and stream states; a ``"jet"`` step is
     the order-``order`` jet of ``unit`` at every centre in ``centers`` (one call); an
-    ``"identity"`` step holds skip branches (w·c at order 0, w·h above). ``applications[r]`` is
+    ``"identity"`` step holds skip branches (w·c at order 0, w·h above). ``center_of[r]`` is
     the centre row r's term uses; ``directions`` the other centres of each split-jet call.
     """
 
@@ -41,7 +41,7 @@ class Step:
     centers: list[Term] = field(default_factory=list)
     directions: list[tuple[Term, ...]] = field(default_factory=list)
     terms: list[Term] = field(default_factory=list)
-    applications: list[int] = field(default_factory=list)
+    center_of: list[int] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -116,7 +116,7 @@ def plan(expansion: Expansion) -> Schedule:
         step.terms.append(term)
         step.unit, step.order = term.unit, term.order
         if term.kind in ("source", "stream"):
-            step.applications.append(0)
+            step.center_of.append(0)
             continue
         call = application_key(term) if term.kind == "jet" else ("identity", term.uid)
         if call not in calls:
@@ -124,16 +124,16 @@ def plan(expansion: Expansion) -> Schedule:
             step.centers.append(term.center)
             if term.directions:
                 step.directions.append(term.directions)
-        step.applications.append(calls[call])
+        step.center_of.append(calls[call])
     ordered_steps = [steps[key] for key in ordered if steps[key].terms]
     location: dict[int, tuple[int, int]] = {}
     for i, step in enumerate(ordered_steps):
         if step.kind == "jet":  # rows in coefficient-major order: a full jet is one view
             width = len(step.centers)
             rows = sorted(range(len(step.terms)),
-                          key=lambda r: coefficient_index(step.terms[r]) * width + step.applications[r])
+                          key=lambda r: coefficient_index(step.terms[r]) * width + step.center_of[r])
             step.terms = [step.terms[r] for r in rows]
-            step.applications = [step.applications[r] for r in rows]
+            step.center_of = [step.center_of[r] for r in rows]
         for row, term in enumerate(step.terms):
             location[term.uid] = (i, row)
     return Schedule(prog, ordered_steps, location, list(expansion.terms), expansion.space,

@@ -88,12 +88,12 @@ def coefficient_index(term: Term) -> int:
 
 
 def evaluate_terms(terms: Sequence[Term], inputs: RunInputs, centers: torch.Tensor | None = None,
-                   applications: Sequence[int] | None = None,
+                   center_of: Sequence[int] | None = None,
                    directions: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The values of ``terms`` (one kind, unit and order), stacked [rows, batch, seq, width].
 
     ``centers`` [n, batch, seq, d]: the distinct centres of jet (and order-0 identity) terms; term i uses
-    centre ``applications[i]``. ``directions``: for split jets, one [n, batch, seq, d] tensor per
+    centre ``center_of[i]``. ``directions``: for split jets, one [n, batch, seq, d] tensor per
     direction (the other centres of each application).
     """
     kind = terms[0].kind
@@ -105,14 +105,14 @@ def evaluate_terms(terms: Sequence[Term], inputs: RunInputs, centers: torch.Tens
     unit = terms[0].unit
     if kind == "identity" and terms[0].order >= 1:  # J^k id(c)(h) = h for k ≥ 1: no centre needed
         return weighted(torch.stack([inputs.variate(unit)] * len(terms)), [t.weight for t in terms])
-    if centers is None or applications is None:
-        raise ValueError(f"{kind} terms are computed from their centres: give centers and applications")
+    if centers is None or center_of is None:
+        raise ValueError(f"{kind} terms are computed from their centres: give centers and center_of")
     centers = centers.expand(centers.shape[0], *full, centers.shape[-1])  # an addend may have batch 1
     if kind == "identity":  # J^0 id(c)(h) = c
-        return weighted(centers[list(applications)], [t.weight for t in terms])
+        return weighted(centers[list(center_of)], [t.weight for t in terms])
     coefficients = unit_jet(unit, terms[0].order, centers, inputs, directions)
     count = centers.shape[0]
-    flat_rows = [coefficient_index(t) * count + a for t, a in zip(terms, applications, strict=True)]
+    flat_rows = [coefficient_index(t) * count + a for t, a in zip(terms, center_of, strict=True)]
     if flat_rows == list(range(flat_rows[0], flat_rows[0] + len(flat_rows))):
         rows = coefficients[flat_rows[0]:flat_rows[-1] + 1]  # a contiguous slice: no copy
     else:

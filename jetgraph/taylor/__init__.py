@@ -1,4 +1,8 @@
-"""Taylor-mode arithmetic: truncated series, op rules, an FX interpreter and ``jet``."""
+"""Taylor-mode arithmetic: truncated series, op rules, an FX interpreter and ``jet``.
+
+The layer also owns the op set its rules cover: :mod:`.lowering` (with :mod:`.decompositions`)
+rewrites exported graphs into it, for model capture and for ``jet`` on any traceable function.
+"""
 
 from jetgraph.taylor.api import Jet, jet, trace_callable
 from jetgraph.taylor.basis import MAX_ORDER, Basis, check_order

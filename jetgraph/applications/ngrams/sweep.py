@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.contexts import Contexts
-from jetgraph.applications.ngrams.table import NgramTable
+from jetgraph.applications.ngrams.table import NgramTable, Rank
 from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.files import atomic_write
@@ -37,12 +37,12 @@ class _Job:
     normalise: bool
     top: int
     row_top: int
-    rank: str
+    rank: Rank
     chunk: int
 
 
 def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, first, top: int,
-         row_top: int, keywords, normalise: bool, rank: str, chunk: int) -> _Job:
+         row_top: int, keywords, normalise: bool, rank: Rank, chunk: int) -> _Job:
     """Validate every argument before any work (cheap: no tensors of table size)."""
     if not isinstance(top, int) or not isinstance(chunk, int) or top < 1 or chunk < 1:
         raise ValueError(f"top and chunk must be ints >= 1, got top={top!r}, chunk={chunk!r}")
@@ -73,7 +73,7 @@ def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, f
 def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = None,
                contexts: torch.Tensor | Contexts | None = None, first: Sequence[int] | None = None,
                top: int = 100, row_top: int = 0, keywords: Sequence[int] | None = None,
-               normalise: bool = False, rank: str = "logit", chunk: int = 1024) -> Plan:
+               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024) -> Plan:
     """What :func:`ngram_table` with these arguments will cost (contexts, FLOPs, peak memory above
     the model, time here), from one evaluated context: nothing of table size is allocated."""
     return _plan(_job(prog, path, order, contexts, first, top, row_top, keywords, normalise, rank, chunk))
@@ -111,7 +111,7 @@ def ngram_table(
     row_top: int = 0,
     keywords: Sequence[int] | None = None,
     normalise: bool = False,
-    rank: str = "logit",
+    rank: Rank = "logit",
     chunk: int = 1024,
     resume: str | Path | None = None,
     progress: bool = True,
@@ -175,7 +175,7 @@ class _State:
     row_top: int
     normalise: bool
     resume: Path | None
-    rank: str = "logit"
+    rank: Rank = "logit"
     done: int = 0
     values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))

@@ -10,12 +10,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from jetgraph.applications.ngrams.contexts import Contexts
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.files import atomic_write
+
+Rank = Literal["logit", "prob"]
+"""What a table's top entries are ordered by: raw logits, or conditional probabilities."""
 
 
 @dataclass
@@ -45,7 +49,7 @@ class NgramTable:
     log_sum: torch.Tensor | None = None  # log Σ exp(logit − row_max), ≥ 0
     keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
     keywords: list[int] = field(default_factory=list)
-    rank: str = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
+    rank: Rank = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
 
     @property
     def log_normaliser(self) -> torch.Tensor | None:
