@@ -1,11 +1,12 @@
 """Pictures of residual programs and expansions with graphviz (SVG, PNG or DOT).
 
-``render_program`` draws the residual IR: encoder, units (attention and MLP coloured apart) and
+``program_graph`` draws the residual IR: encoder, units (attention and MLP coloured apart) and
 decoder on the stream, with runs of identical blocks collapsed past ``max_nodes``.
-``render_expansion`` draws an expansion's term DAG — an edge from each centre to the terms built
-on it — labelled with units, orders and, given an input, each term's norm; past ``max_nodes`` the
-largest terms are kept and the rest summarised in one node. Without the ``dot`` program the DOT
-text is still written, and the error says how to install graphviz.
+``expansion_graph`` draws an expansion's term DAG (its nodes, in the expansion's own order) — an
+edge from each centre to the terms built on it — labelled with units, orders and, given an input,
+each term's norm; past ``max_nodes`` the largest terms are kept and the rest summarised in one
+node. ``render`` writes either; without the ``dot`` program the DOT text is still written, and
+the error says how to install graphviz.
 """
 
 from __future__ import annotations

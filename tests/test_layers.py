@@ -134,8 +134,8 @@ def test_every_module_has_a_layer() -> None:
     ("jetgraph.taylor.api", "def f():\n    from jetgraph import capture\n", False,
      ["jetgraph.capture"], True),
     ("jetgraph.ir", "from . import viz", False, ["jetgraph.viz"], True),
-    ("jetgraph.passes.paths", "from ..codegen.emit import emit", False, ["jetgraph.codegen.emit"], True),
-    ("jetgraph.capture", "from .lower import lower", True, ["jetgraph.capture.lower"], False),
+    ("jetgraph.passes.paths", "from ..codegen.trace import emit", False, ["jetgraph.codegen.trace"], True),
+    ("jetgraph.capture", "from .lift import lift", True, ["jetgraph.capture.lift"], False),
     ("jetgraph.codegen.source", "from jetgraph import errors\nfrom jetgraph._version import __version__\n"
      "import jetgraph.passes.rewrite", False,
      ["jetgraph.errors", "jetgraph._version", "jetgraph.passes.rewrite"], False),

@@ -108,8 +108,10 @@ def test_checks_before_loading_read_names_only() -> None:
         check_unit_names("E→mlp4→U", layers=4)
     with pytest.raises(ValueError, match="unknown unit 'mixer'"):
         check_unit_names("E→mixer→U", layers=4)
-    assert reads_context("E→attn0→U") and reads_context("E→ATTN_last→U") and reads_context("E→block0→U")
-    assert not reads_context("E→mlp0→MLP_last→U")
+    assert reads_context("E→attn0→U") is True and reads_context("E→ATTN_last→U") is True
+    assert reads_context("E→mlp0→MLP_last→U") is False
+    assert reads_context("E→block0→U") is None  # a block's kind is known only after capture
+    assert parse_path("E→mlp_LAST→U").name == "embed.token→MLP_last→unembed"
 
 
 def test_expand_paths_takes_explicit_paths() -> None:
@@ -123,5 +125,10 @@ def test_expand_paths_takes_explicit_paths() -> None:
     assert paths.count() == 3
     with pytest.raises(ValueError, match="not both"):
         jetgraph.expand_paths(view, paths=specs, exclude={"attn"})
+    blocks = prog.at("block")  # names bind in the view that holds them, as for path_term
+    assert jetgraph.expand_paths(blocks, paths=["E→mlp1→U", "E→U"]).prog.granularity == "sublayer"
+    assert jetgraph.expand_paths(view, paths=["E→block1→U"]).prog.granularity == "block"
+    with pytest.raises(ValueError, match="both views"):
+        jetgraph.expand_paths(view, paths=["E→block1→U", "E→mlp0→U"])
     with pytest.raises(ValueError, match="give order >= 1"):
         jetgraph.expand_paths(view, paths=["E→mlp0^1→U"])

@@ -1,7 +1,8 @@
 """Model in, FX graph out: ``torch.export`` of an ``input_ids -> logits`` wrapper.
 
 The graph is exported with a dynamic batch and sequence length where the model allows it,
-decomposed to jetgraph's core op set, and checked against the eager model before it is handed
+lowered to the core op set the Taylor rules cover (:mod:`jetgraph.taylor.lowering`), each node's
+module scope recorded in ``node.meta``, and checked against the eager model before it is handed
 to the lift pass. Failures become :class:`jetgraph.CaptureError` naming the module that failed.
 """
 

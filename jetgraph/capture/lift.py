@@ -4,7 +4,8 @@ Residual units are found from graph structure alone. Walking back from the logit
 node* is an ``add`` whose addends (looking through single-use adds) contain one node ``p`` that
 every other stream-dependent addend depends on: ``s = p + γ(p)``. The walk repeats from ``p``
 until it reaches a node that is not such an add: that is h_0, the encoder's output. Steps whose
-adds sit in the same module scope (``nn_module_stack``) form one block; steps with several
+adds sit in the same module scope (recorded at export, :data:`jetgraph.ir.MODULE_SCOPE`) form one
+block; steps with several
 addends that depend on ``p`` are parallel residual branches. No per-architecture code.
 """
 

@@ -92,10 +92,10 @@ def _fuse_layer_norm(graph: fx.Graph, root: fx.Node) -> bool:
     pair = _operands(root, lambda n: _call(n, aten.rsqrt.default))
     if pair is None:
         return False
-    rsqrt, centerd = pair
-    if not (_call(centerd, aten.sub.Tensor) and _call(centerd.args[1], aten.mean.dim)):
+    rsqrt, centered = pair
+    if not (_call(centered, aten.sub.Tensor) and _call(centered.args[1], aten.mean.dim)):
         return False
-    x, mean = centerd.args
+    x, mean = centered.args
     if not (mean.args[0] is x and _last_dim(mean)):
         return False
     shifted = rsqrt.args[0]
@@ -105,7 +105,7 @@ def _fuse_layer_norm(graph: fx.Graph, root: fx.Node) -> bool:
     if not (_call(variance, aten.mean.dim) and _last_dim(variance)):
         return False
     square = variance.args[0]
-    if not (_call(square, aten.mul.Tensor) and square.args[0] is centerd and square.args[1] is centerd):
+    if not (_call(square, aten.mul.Tensor) and square.args[0] is centered and square.args[1] is centered):
         return False
     width = _width(x)
     if width is None:

@@ -143,9 +143,16 @@ def expand_paths(
     if paths is not None:
         if include is not None or exclude is not None or max_length is not None:
             raise ValueError("give explicit paths or filters (include, exclude, max_length), not both")
-        specs = [bind_path(view, p) for p in paths]
-        if not specs:
+        if not paths:
             raise ValueError("paths is empty: give at least one path such as 'E→U'")
+        if granularity is None:  # the view whose units the paths name, as for path_term
+            parsed = [parse_path(p) if isinstance(p, str) else p for p in paths]
+            views = {path_view(prog, p).granularity for p in parsed if p.units}
+            if len(views) > 1:
+                raise ValueError("the paths name units of both views (blocks and sublayers): give "
+                                 "paths of one view, or granularity=")
+            view = prog.at(views.pop()) if views else prog  # type: ignore[arg-type]
+        specs = [bind_path(view, p) for p in paths]
         deepest = max(s.order for s in specs)
         if deepest > order:
             raise ValueError(f"path {max(specs, key=lambda s: s.order).name!r} takes a degree-{deepest} "

@@ -116,7 +116,13 @@ def parse_path(text: str) -> PathSpec:
     for name, _ in middle:
         if name.lower() in DECODER_ALIASES or name.lower() in SOURCE_ALIASES:
             raise ValueError(f"path {text!r}: {name!r} can only be the first (E) or last (U) step")
-    return PathSpec(source, tuple(n for n, _ in middle), tuple(j for _, j in (*middle, (end, end_degree))))
+    units = tuple(_canonical_alias(n) for n, _ in middle)
+    return PathSpec(source, units, tuple(j for _, j in (*middle, (end, end_degree))))
+
+
+def _canonical_alias(name: str) -> str:
+    """``mlp_LAST`` → ``MLP_last``: aliases in one spelling, so equal paths print equal."""
+    return {"mlp_last": "MLP_last", "attn_last": "ATTN_last"}.get(name.lower(), name)
 
 
 def _parse_step(text: str, step: str) -> tuple[str, int]:
@@ -157,14 +163,16 @@ def check_unit_names(text: str, layers: int) -> None:
                              f"({kind}0..{kind}{layers - 1})")
 
 
-def reads_context(text: str) -> bool:
-    """Whether a path mixes positions, from its text alone (before a model is loaded): it passes
-    a unit of kind ``attn`` (by capture's naming, :func:`jetgraph.ir.parse_unit_name`) or a whole
-    block (a transformer block holds attention). With a model, the units' own kinds decide
-    (:func:`jetgraph.passes.paths.context_length`)."""
+def reads_context(text: str) -> bool | None:
+    """Whether a path mixes positions, from its text alone (before a model is loaded): True if
+    it passes a unit named as attention (``attnI``, ``ATTN_last``, by capture's naming,
+    :func:`jetgraph.ir.parse_unit_name`), False if every unit is named as an MLP, None if it
+    passes a whole block (a block's kind is known only once the model is captured). With a
+    model, the units' own kinds decide (:func:`jetgraph.passes.paths.context_length`)."""
+    unknown = False
     for name in parse_path(text).units:
-        lowered = name.lower()
-        kind = LAST_OF_KIND.get(lowered) or (parse_unit_name(name) or ("", 0))[0]
-        if kind in ("attn", "block"):
+        kind = LAST_OF_KIND.get(name.lower()) or (parse_unit_name(name) or ("", 0))[0]
+        if kind == "attn":
             return True
-    return False
+        unknown = unknown or kind != "mlp"
+    return None if unknown else False

@@ -29,9 +29,9 @@ def layer_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int]
                cudnn_enable: bool = False) -> Any:
     """LayerNorm as mean, centring, mean of squares and rsqrt."""
     dims = list(range(-len(normalized_shape), 0))
-    centerd = emit(aten.sub.Tensor, x, emit(aten.mean.dim, x, dims, True))
-    variance = emit(aten.mean.dim, emit(aten.mul.Tensor, centerd, centerd), dims, True)
-    y = emit(aten.mul.Tensor, centerd, emit(aten.rsqrt.default, emit(aten.add.Tensor, variance, eps)))
+    centered = emit(aten.sub.Tensor, x, emit(aten.mean.dim, x, dims, True))
+    variance = emit(aten.mean.dim, emit(aten.mul.Tensor, centered, centered), dims, True)
+    y = emit(aten.mul.Tensor, centered, emit(aten.rsqrt.default, emit(aten.add.Tensor, variance, eps)))
     if weight is not None:
         y = emit(aten.mul.Tensor, y, weight)
     if bias is not None:
