@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import PeakRSS
 
 import jetgraph
-from jetgraph.applications import ngram_table, path_term
+from jetgraph.applications import ngram_table
+from jetgraph.passes import path_term
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ngrams.json"
 
