@@ -58,8 +58,9 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     plot_lens(results, out / "lens.png", tokenizer, ids)
     write_lens_csv(results, out / "lens.csv")
     middle = len(results[0].labels) // 2
+    state = f"{results[0].labels[middle]} (after {results[0].written_by[middle]})"
     cos = {k: results[k].metrics["cosine"][middle].mean().item() for k in range(3)}
-    log.step(f"jet lens, orders 0-2: cosine at {results[0].labels[middle]} = "
+    log.step(f"jet lens, orders 0-2 (one Taylor pass): cosine at {state} = "
              + ", ".join(f"{cos[k]:.3f} (order {k})" for k in range(3)) + " -> lens.png, lens.csv")
 
     keywords = keyword_ids(tokenizer, load_keywords("toxic"))
@@ -93,7 +94,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     summary = [
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",
         f"- capture: {len(prog.sublayers)} residual units, logits reproduced to {error:.1e}",
-        f"- lens: cosine to the logits at {results[0].labels[middle]}: "
+        f"- lens: cosine to the logits at {state}: "
         + ", ".join(f"order {k} {cos[k]:.3f}" for k in range(3)),
         *(f"- {line}" for line in found),
         f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
