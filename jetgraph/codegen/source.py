@@ -244,14 +244,11 @@ def term_weights(expansion: Expansion) -> str:
     weights each term was built with (its last step's, and those inside it)."""
     last, inner = set(), set()
     for term in expansion.terms:
-        node, steps = term, []
-        while node is not None:
-            if isinstance(node.weight, torch.Tensor):
-                return "tensor weights (each output is its term computed with the given weights)"
-            steps.append(float(node.weight))
-            node = node.center
-        last.add(steps[0])
-        inner.update(steps[1:])
+        chain = term.chain()  # the path's terms, source first
+        if any(isinstance(node.weight, torch.Tensor) for node in chain):
+            return "tensor weights (each output is its term computed with the given weights)"
+        last.add(float(chain[-1].weight))
+        inner.update(float(node.weight) for node in chain[:-1])
     if last == {1.0} and inner <= {1.0}:
         return "unit (each output is the path's own value: a bigram path's logits as ngram_table reads them)"
     described = f"the last step's weight is {_span(last)}"
