@@ -217,8 +217,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _model_argument(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     parser.add_argument("model", help='"smollm2", a local Hugging Face folder, or a cached hub id')
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="load the weights in this dtype (kept in it: capture, jets and tables run "
+                             "in it; see docs/precision.md)")
     if tokenizer:
         parser.add_argument("--tokenizer", help="a tokenizer folder or tokenizer.json (default: the model's)")
 
@@ -360,6 +366,8 @@ def _config_dims(model: str) -> dict[str, int]:
 def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> None:
     """Before loading: a lower bound on each table's time (its decoder matmul alone,
     rows · 2·V·d FLOPs at the GEMM rate measured here) past --max-time is refused at once."""
+    import torch
+
     from jetgraph.cost import format_count, format_duration, format_flops, gemm_rate
     from jetgraph.errors import CostError
 
@@ -373,13 +381,15 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         else:
             rows = (min(args.first, vocab) if args.first else vocab) * (vocab if pairs else 1)
         flops = rows * 2.0 * vocab * hidden
-        seconds = flops / gemm_rate()
+        rate = gemm_rate(getattr(torch, args.dtype))
+        seconds = flops / rate
         if seconds > args.max_time:
             raise CostError(f"refusing the n-gram table {spec} before loading the model: "
                             f"{format_count(rows)} contexts need {format_flops(flops)} for the decoder "
-                            f"matmul alone, at least {format_duration(seconds)} at {gemm_rate() / 1e9:.0f} "
-                            f"GFLOP/s measured here, more than --max-time {args.max_time:g} s; restrict the "
-                            "contexts (--first N, --contexts FILE) or raise --max-time (none: no limit)")
+                            f"matmul alone, at least {format_duration(seconds)} at {rate / 1e9:.3g} "
+                            f"GFLOP/s ({args.dtype}) measured here, more than --max-time "
+                            f"{args.max_time:g} s; restrict the contexts (--first N, --contexts FILE) "
+                            "or raise --max-time (none: no limit)")
 
 
 def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
@@ -427,10 +437,12 @@ def _ngram_outputs(args: argparse.Namespace) -> list[Path]:
 # ------------------------------------------------------------------------------ commands
 def _load(args: argparse.Namespace, text: str | None = None):
     """(model, tokenizer, input ids) with the tokenizer and text checked against the model."""
+    import torch
+
     import jetgraph
     from jetgraph.capture.loading import encode, load_tokenizer
 
-    model, tokenizer = jetgraph.load_model(args.model)
+    model, tokenizer = jetgraph.load_model(args.model, dtype=getattr(torch, args.dtype))
     if getattr(args, "tokenizer", None):
         tokenizer = load_tokenizer(args.tokenizer)
     ids = encode(model, tokenizer, text if text is not None else args.text)

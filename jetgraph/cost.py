@@ -42,7 +42,7 @@ class Plan:
         return (f"{self.what}: {format_count(self.items)} {self.item_name}, {format_flops(self.flops)}, "
                 f"peak memory ≈ {format_bytes(self.peak_bytes)} above the model, "
                 f"estimated {format_duration(self.seconds)} "
-                f"(at {self.gemm_rate / 1e9:.0f} GFLOP/s measured here)")
+                f"(at {self.gemm_rate / 1e9:.3g} GFLOP/s measured here)")
 
     def check(self, max_seconds: float | None, option: str, max_bytes: float | None = None,
               memory_option: str | None = None) -> Plan:
@@ -61,17 +61,35 @@ class Plan:
         return self
 
 
-@functools.lru_cache(maxsize=1)
-def gemm_rate() -> float:
-    """float32 matmul FLOP/s on this machine (best of five 1024³ products after a warm-up)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    torch.mm(a, b)  # warm the thread pool and the allocator
+def gemm_rate(dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s on this machine in ``dtype`` (best of five 1024³ products after a warm-up, in
+    ``nn.Linear``'s layout: activations times a transposed [out, in] weight), measured once per
+    dtype and process.
+
+    16-bit GEMMs run from 2.5× faster than float32 (bfloat16 with AMX or AVX-512 BF16) to several
+    times slower (float16 on CPUs without native support; in other layouts up to 40× slower
+    still): a 256³ probe first measures a slow dtype in milliseconds, and only a fast one is
+    timed at 1024³."""
+    return _gemm_rate(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _gemm_rate(dtype: torch.dtype) -> float:
+    probe = _best_mm(256, dtype, repeats=2)
+    if probe < 1e10:  # under 10 GFLOP/s: a 1024³ product would take seconds
+        return probe
+    return _best_mm(1024, dtype, repeats=5)
+
+
+def _best_mm(size: int, dtype: torch.dtype, repeats: int) -> float:
+    a, weight = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, weight.t())  # warm the thread pool and the allocator
     best = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, weight.t())
         best = min(best, time.perf_counter() - start)
-    return 2 * 1024**3 / best
+    return 2 * size**3 / best
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,10 +119,11 @@ def available_memory() -> float | None:
         return None
 
 
-def estimate_seconds(flops: float, elements: float = 0.0, overhead: float = 0.0) -> float:
-    """Wall time of ``flops`` matmul FLOPs plus ``elements`` elementwise operations at the rates
-    measured here, plus a fixed ``overhead`` (Python dispatch, in seconds)."""
-    return flops / gemm_rate() + elements / elementwise_rate() + overhead
+def estimate_seconds(flops: float, elements: float = 0.0, overhead: float = 0.0,
+                     dtype: torch.dtype = torch.float32) -> float:
+    """Wall time of ``flops`` matmul FLOPs in ``dtype`` plus ``elements`` elementwise operations
+    at the rates measured here, plus a fixed ``overhead`` (Python dispatch, in seconds)."""
+    return flops / gemm_rate(dtype) + elements / elementwise_rate() + overhead
 
 
 def format_count(value: float) -> str:
@@ -151,6 +170,7 @@ def expansion_plan(prog, terms: int, input_ids, order: int, what: str, space: st
     logits = space == "logits"
     width = vocab if logits else hidden
     flops = terms * tokens * 2.0 * (unit_params + (vocab * hidden if logits else 0)) * (order + 1)
+    dtype = unembedding.dtype if unembedding is not None else torch.float32
     peak = terms * tokens * width * 4.0 * 2
-    seconds = estimate_seconds(flops, terms * tokens * width * 3.0, overhead=terms * 1e-3)
-    return Plan(what, terms, "terms", flops, peak, seconds, gemm_rate())
+    seconds = estimate_seconds(flops, terms * tokens * width * 3.0, overhead=terms * 1e-3, dtype=dtype)
+    return Plan(what, terms, "terms", flops, peak, seconds, gemm_rate(dtype))

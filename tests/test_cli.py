@@ -247,6 +247,16 @@ def test_emit_and_paths_take_explicit_paths(tmp_path, capsys, monkeypatch) -> No
     _one_line_error(capsys, "--paths selects paths of --expansion paths")
 
 
+def test_dtype_loads_half_precision(tmp_path, capsys) -> None:
+    path = require_tinystories()
+    out = tmp_path / "lens.png"
+    assert main(["lens", str(path), "Once upon a time", "--dtype", "bfloat16", "--order", "1",
+                 "--out", str(out), "--csv", str(tmp_path / "lens.csv")]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "cos@1" in capsys.readouterr().out
+    assert main(["ngrams", str(path), "--dtype", "float64", "--out", str(tmp_path / "t.csv")]) == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
 def test_emit_lens(tmp_path) -> None:
     path = require_tinystories()
     out = tmp_path / "lens.py"

@@ -39,6 +39,7 @@ from jetgraph.ir import (
     module_scope,
     unit_name,
 )
+from jetgraph.precision import HALF_ULPS, capture_tolerance, dtype_name, is_half
 
 aten = torch.ops.aten
 
@@ -445,12 +446,17 @@ def _verify(program: ResidualProgram, captured: CapturedGraph) -> None:
     with torch.no_grad():
         logits = program(captured.example_input_ids)
     reference = captured.reference_logits
-    error = (logits - reference).abs().max().item() if logits.shape == reference.shape else float("inf")
-    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
+    same_shape = logits.shape == reference.shape
+    error = (logits.float() - reference.float()).abs().max().item() if same_shape else float("inf")
+    relative = capture_tolerance(reference.dtype)
+    tolerance = relative * max(1.0, reference.float().abs().max().item())
     if not error <= tolerance:
+        precision = (f"the tolerance for {dtype_name(reference.dtype)} logits is {relative:.3g} of their "
+                     f"largest magnitude ({HALF_ULPS} machine epsilons); an error this far above it is not "
+                     "rounding: " if is_half(reference.dtype) else "")
         raise CaptureError(
-            f"the lifted residual program does not reproduce the model's logits (max abs error "
-            f"{error:.3g} > {tolerance:.3g}); the graph has structure jetgraph does not model. "
-            + SUPPORTED,
+            f"the lifted residual program does not reproduce the model's {dtype_name(reference.dtype)} "
+            f"logits (max abs error {error:.3g} > {tolerance:.3g}); {precision}the graph has structure "
+            "jetgraph does not model. " + SUPPORTED,
             model_class=captured.model_class,
         )

@@ -24,10 +24,28 @@ Emit = Callable[..., Any]
 Shape = Callable[[Any], Sequence[int]]
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _upcast(emit: Emit, x: Any) -> tuple[Any, torch.dtype | None]:
+    """``x`` in float32 if it is a 16-bit float, and the dtype to cast the result back to:
+    norms' statistics and softmax are computed in float32 for half inputs, as torch's own
+    kernels do (their reductions accumulate in float32)."""
+    dtype = _dtype(x)
+    if dtype in HALF:
+        return emit(aten._to_copy.default, x, dtype=torch.float32), dtype
+    return x, None
+
+
+def _downcast(emit: Emit, y: Any, dtype: torch.dtype | None) -> Any:
+    return y if dtype is None else emit(aten._to_copy.default, y, dtype=dtype)
+
+
 def layer_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int],
                weight: Any = None, bias: Any = None, eps: float = 1e-5,
                cudnn_enable: bool = False) -> Any:
-    """LayerNorm as mean, centring, mean of squares and rsqrt."""
+    """LayerNorm as mean, centring, mean of squares and rsqrt (in float32 for half inputs)."""
+    x, half = _upcast(emit, x)
     dims = list(range(-len(normalized_shape), 0))
     centered = emit(aten.sub.Tensor, x, emit(aten.mean.dim, x, dims, True))
     variance = emit(aten.mean.dim, emit(aten.mul.Tensor, centered, centered), dims, True)
@@ -36,26 +54,29 @@ def layer_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int]
         y = emit(aten.mul.Tensor, y, weight)
     if bias is not None:
         y = emit(aten.add.Tensor, y, bias)
-    return y
+    return _downcast(emit, y, half)
 
 
 def rms_norm(emit: Emit, shape: Shape, x: Any, normalized_shape: Sequence[int],
              weight: Any = None, eps: float | None = None) -> Any:
-    """RMSNorm as mean of squares and rsqrt (eps defaults to float32's epsilon, as in torch)."""
+    """RMSNorm as mean of squares and rsqrt (eps defaults to float32's epsilon, as in torch; in
+    float32 for half inputs)."""
+    x, half = _upcast(emit, x)
     dims = list(range(-len(normalized_shape), 0))
     eps = torch.finfo(torch.float32).eps if eps is None else eps
     mean_square = emit(aten.mean.dim, emit(aten.mul.Tensor, x, x), dims, True)
     y = emit(aten.mul.Tensor, x, emit(aten.rsqrt.default, emit(aten.add.Tensor, mean_square, eps)))
     if weight is not None:
         y = emit(aten.mul.Tensor, y, weight)
-    return y
+    return _downcast(emit, y, half)
 
 
 def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any, value: Any,
                                  attn_mask: Any = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Any:
-    """Attention as matmul, mask, softmax, matmul (the math backend's definition)."""
+    """Attention as matmul, mask, softmax, matmul (the math backend's definition; the softmax in
+    float32 for half inputs)."""
     if dropout_p != 0.0:
         raise NotImplementedError("jetgraph captures inference graphs: dropout_p must be 0")
     q_shape, k_shape = shape(query), shape(key)
@@ -79,7 +100,8 @@ def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any,
                           emit(aten.logical_not.default, attn_mask), float("-inf"))
         else:
             scores = emit(aten.add.Tensor, scores, attn_mask)
-    weights = emit(aten._softmax.default, scores, -1, False)
+    scores, half = _upcast(emit, scores)
+    weights = _downcast(emit, emit(aten._softmax.default, scores, -1, False), half)
     return emit(aten.matmul.default, weights, value)
 
 

@@ -93,10 +93,11 @@ def _plan(job: _Job) -> Plan:
     per_row = (8 if job.normalise else 0) + 4 * len(job.keywords or ()) + 12 * job.row_top
     peak = width * vocab * 4 * chunk_tensors + rows * per_row + 16 * job.top * 3
     elements = rows * vocab * (4 if job.normalise else 2)
+    dtype = job.view.decoder.unembedding.dtype  # a 16-bit GEMM may be far faster or slower
     seconds = estimate_seconds(counter.get_total_flops() * rows, elements,
-                               overhead=2e-3 * math.ceil(rows / job.chunk))
+                               overhead=2e-3 * math.ceil(rows / job.chunk), dtype=dtype)
     return Plan(f"n-gram table {job.term.name}", rows, "contexts", counter.get_total_flops() * rows,
-                peak, seconds, gemm_rate())
+                peak, seconds, gemm_rate(dtype))
 
 
 @torch.no_grad()
