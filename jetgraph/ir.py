@@ -238,8 +238,7 @@ class ResidualProgram:
         dynamic: bool = True,
         example_input_ids: torch.Tensor | None = None,
     ) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        check_granularity(granularity)
         self.encoder = encoder
         self.blocks: tuple[ResidualUnit, ...] = tuple(blocks)
         self.decoder = decoder

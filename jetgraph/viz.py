@@ -85,7 +85,7 @@ def expansion_graph(expansion: Expansion, input_ids: torch.Tensor | None = None,
             continue
         label = term.steps[-1] if term.kind != "identity" else f"{term.steps[-1]} (id)"
         if term.kind == "jet" and term.order:
-            label += f"\norder {term.degree} of {term.order}"
+            label += f"\ncoefficient {term.degree} of an order-{term.order} jet"
         if uid in norms:
             label += f"\n‖·‖ = {norms[uid]:.3g}"
         colour = COLOURS["logits"] if term.space == "logits" else COLOURS.get(term.kind, "#ffffff")

@@ -63,10 +63,6 @@ class BatchedRun:
             pieces.append(buffer if (start, end) == (0, buffer.shape[0]) else buffer[start:end])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def value(self, term: Term) -> torch.Tensor:
-        step, row = self.schedule.location[term.uid]
-        return self.buffers[step][row]
-
     def _compute(self, step: Step) -> torch.Tensor:
         if step.kind in ("source", "stream") or (step.kind == "identity" and step.order >= 1):
             return evaluate_terms(step.terms, self.inputs)  # no centre is read

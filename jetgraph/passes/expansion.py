@@ -154,8 +154,8 @@ class Expansion:
             graph.add_node(term.uid, term=term, label=term.name, kind=term.kind,
                            unit=term.unit.name if term.unit is not None else None, degree=term.degree,
                            order=term.order, space=term.space, output=term.uid in outputs)
-            for role, inputs in (("center", term.inputs[:1] if term.center is not None else ()),
-                                 ("direction", term.directions)):
+            center = (term.center,) if term.center is not None else ()
+            for role, inputs in (("center", center), ("direction", term.directions)):
                 for source in inputs:
                     graph.add_edge(source.uid, term.uid, unit=graph.nodes[term.uid]["unit"], role=role)
         return graph

@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
+from jetgraph.precision import is_half
+
 aten = torch.ops.aten
 
 Emit = Callable[..., Any]
 Shape = Callable[[Any], Sequence[int]]
-
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 def _upcast(emit: Emit, x: Any) -> tuple[Any, torch.dtype | None]:
@@ -32,7 +31,7 @@ def _upcast(emit: Emit, x: Any) -> tuple[Any, torch.dtype | None]:
     norms' statistics and softmax are computed in float32 for half inputs, as torch's own
     kernels do (their reductions accumulate in float32)."""
     dtype = _dtype(x)
-    if dtype in HALF:
+    if dtype is not None and is_half(dtype):
         return emit(aten._to_copy.default, x, dtype=torch.float32), dtype
     return x, None
 
