@@ -144,7 +144,11 @@ def _parser() -> argparse.ArgumentParser:
                    "Decode every stream state h_l with the order-k jet of the decoder centred there "
                    "(order 0 = logit lens) and compare with the model's logits.")
     _model_argument(lens)
-    lens.add_argument("text", help="input text")
+    lens.add_argument("text", nargs="?", help="input text (or --prompts FILE)")
+    lens.add_argument("--prompts", type=Path, metavar="FILE",
+                      help="one prompt per line: the lens over all of them in padded batches, metrics "
+                           "averaged over the prompts (the PNG shows mean cosine and its 95%% interval)")
+    lens.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch with --prompts")
     lens.add_argument("--order", type=_order, default=1, help="highest Taylor order; orders 0..K are drawn")
     _granularity(lens)
     lens.add_argument("--joint", action="store_true",
@@ -195,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
                    "standalone module that imports only torch and safetensors.")
     _model_argument(emit)
     emit.add_argument("-o", "--out", type=Path, required=True, help="the .py file to write (+ .safetensors)")
-    emit.add_argument("--text", default=DEFAULT_TEXT, help="example input: fixes the emitted shape")
+    emit.add_argument("--text", default=DEFAULT_TEXT,
+                      help="example input the code is traced on (the code runs on any batch and length)")
     emit.add_argument("--expansion", choices=("paths", "lens"), default="paths",
                       help="paths: Algorithm 2 with filters; lens: the decoder's jet at every h_l")
     _granularity(emit)
@@ -275,7 +280,14 @@ def _check_capture(args: argparse.Namespace) -> None:
 
 
 def _check_lens(args: argparse.Namespace) -> None:
-    _check_text(args.text, "the text")
+    if (args.text is None) == (args.prompts is None):
+        raise UsageError("give either a text or --prompts FILE (one prompt per line), not both or neither")
+    if args.prompts is not None:
+        if args.joint:
+            raise UsageError("--joint fits weights on one input; it does not combine with --prompts")
+        args.prompt_texts = _read_prompts(args.prompts)
+    else:
+        _check_text(args.text, "the text")
     _check_output(args.out, (".png",), "--out")
     if args.csv is not None:
         _check_output(args.csv, (".csv",), "--csv")
@@ -406,6 +418,20 @@ def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
     if vocab is not None and largest >= vocab:
         raise UsageError(f"--contexts {str(args.contexts)!r} holds token id {largest}, outside the "
                          f"model's vocabulary of {vocab}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts {str(path)!r} does not exist") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise UsageError(f"--prompts {str(path)!r} is not a text file with one prompt per line") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {str(path)!r} holds no prompts")
+    return prompts
 
 
 def _read_contexts(path: Path) -> list[list[int]]:
@@ -542,8 +568,10 @@ def _run_emit(args: argparse.Namespace) -> int:
     path = jetgraph.emit_source(expansion, args.out, ids, remainder=not args.no_remainder,
                                 max_seconds=None)  # planned and checked above
     weights = path.with_suffix(".safetensors")
+    shapes = ("any [batch, seq]" + (f" up to {prog.max_positions} positions" if prog.max_positions else "")
+              if prog.dynamic else f"input_ids of shape {tuple(ids.shape)} (the export fixed it)")
     print(f"{expansion!r} of {prog.model_class}: {len(expansion)} terms ({args.weights} weights) for "
-          f"input_ids of shape {tuple(ids.shape)}")
+          f"{shapes}, with an optional attention mask")
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB) and {weights} "
           f"({weights.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return 0
@@ -578,6 +606,8 @@ def _run_lens(args: argparse.Namespace) -> int:
     from jetgraph.applications import iterative_lenses, joint_lens, write_lens_csv
     from jetgraph.applications.plots import plot_lens
 
+    if args.prompts is not None:
+        return _run_lens_over_prompts(args)
     model, tokenizer, ids = _load(args)
     prog = jetgraph.capture(model, ids, granularity=args.granularity)
     results = list(iterative_lenses(prog, ids, range(args.order + 1)).values())  # one Taylor pass
@@ -591,12 +621,30 @@ def _run_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_lens_over_prompts(args: argparse.Namespace) -> int:
+    import jetgraph
+    from jetgraph.applications import write_lens_csv
+    from jetgraph.applications.plots import plot_lens_average
+
+    model, tokenizer, ids = _load(args, text=args.prompt_texts[0])
+    prog = jetgraph.capture(model, ids, granularity=args.granularity)
+    averages = list(jetgraph.lens(prog, args.prompt_texts, range(args.order + 1), tokenizer=tokenizer,
+                                  batch_size=args.batch_size).values())
+    plot_lens_average(averages, args.out)
+    print(f"means over {averages[0].prompts} prompts ({averages[0].positions:,} tokens):")
+    print(_lens_table(averages))
+    if args.csv is not None:
+        write_lens_csv(averages, args.csv)
+    print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
+    return 0
+
+
 def _lens_table(results) -> str:
     """Cosine to the logits by centre, one column per iterative order; the joint lens after."""
     iterative = [r for r in results if r.kind == "iterative"]
     lines = [f"{'state':<6}{'after':<10}" + "".join(f"  {'cos@' + str(r.order):>7}" for r in iterative)]
     for i, (label, after) in enumerate(zip(iterative[0].labels, iterative[0].written_by, strict=True)):
-        cells = "".join(f"  {r.metrics['cosine'][i].mean().item():7.3f}" for r in iterative)
+        cells = "".join(f"  {r.table()[i]['cosine']:7.3f}" for r in iterative)
         lines.append(f"{label:<6}{after:<10}{cells}")
     for result in results:
         if result.kind == "joint":

@@ -6,8 +6,10 @@ Units nest: a transformer block is a unit whose ``children`` are its attention a
 and the program can be viewed at ``"block"`` or ``"sublayer"`` granularity. Parallel residual
 blocks (GPT-NeoX, GPT-J, Phi) have ``parallel=True``: their children read the same stream.
 
-Side inputs (causal masks, RoPE tables) are functions of positions only. They are computed once
-per input by :class:`SideInputs` and passed to the units that need them; they are never expanded.
+Side inputs (causal and padding masks, RoPE tables) are functions of the positions and the
+attention mask only. They are computed once per input by :class:`SideInputs` and passed to the
+units that need them; they are never expanded. Every entry point that reads token ids also takes
+an ``attention_mask`` (:mod:`jetgraph.padding`): a padded batch gives each prompt's own results.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Literal
 import networkx as nx
 import torch
 from torch import fx
+
+from jetgraph.padding import as_attention_mask, full_mask
 
 Granularity = Literal["block", "sublayer"]
 UnitKind = Literal["attn", "mlp"]
@@ -100,11 +104,13 @@ def _op_count(graph_module: fx.GraphModule) -> int:
 
 @dataclass(eq=False)
 class SideInputs:
-    """Tensors that depend on positions only (masks, RoPE tables), computed from ``input_ids``.
+    """Tensors that depend on positions and padding (masks, RoPE tables), computed from
+    ``input_ids`` and ``attention_mask``.
 
-    ``graph_module(input_ids)`` returns one tensor per name. ``positions_only`` records whether
-    capture verified that the values do not depend on token identity; only then can a unit be
-    called on a stream tensor alone (the side inputs are then rebuilt from its shape).
+    ``graph_module(input_ids, attention_mask)`` returns one tensor per name. ``positions_only``
+    records whether capture verified that the values do not depend on token identity; only then
+    can a unit be called on a stream tensor alone (the side inputs are then rebuilt from its
+    shape, for an unpadded batch).
     """
 
     graph_module: fx.GraphModule
@@ -112,10 +118,12 @@ class SideInputs:
     modules: tuple[str, ...]
     positions_only: bool
 
-    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
         if not self.names:
             return {}
-        values = self.graph_module(input_ids)
+        mask = full_mask(input_ids) if attention_mask is None else attention_mask
+        values = self.graph_module(input_ids, mask)
         return dict(zip(self.names, values, strict=True))
 
     def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,19 +194,23 @@ class ResidualUnit(StreamFunction):
 
 @dataclass(eq=False)
 class Encoder:
-    """``input_ids -> h_0``; ``addends`` keeps token and positional embeddings separate."""
+    """``(input_ids, attention_mask) -> h_0``; ``addends`` keeps token and positional embeddings
+    separate (positions count real tokens only, so they follow the mask)."""
 
     graph_module: fx.GraphModule
     addends_module: fx.GraphModule
     addend_names: tuple[str, ...]
     module_path: str
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.graph_module(input_ids)
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = full_mask(input_ids) if attention_mask is None else attention_mask
+        return self.graph_module(input_ids, mask)
 
-    def addends(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def addends(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """The terms whose sum is h_0 (e.g. ``token`` and ``position`` for GPT-2)."""
-        values = self.addends_module(input_ids)
+        mask = full_mask(input_ids) if attention_mask is None else attention_mask
+        values = self.addends_module(input_ids, mask)
         return dict(zip(self.addend_names, values, strict=True))
 
 
@@ -223,7 +235,11 @@ class ResidualProgram:
 
     ``prog(input_ids)`` reproduces the model's logits; ``prog.stream(input_ids)`` returns the
     stream h_0..h_N around the units of this view; ``prog.at("sublayer")`` is the same program
-    seen at sub-block granularity (attention and MLP units).
+    seen at sub-block granularity (attention and MLP units). Every method that takes
+    ``input_ids`` takes an ``attention_mask`` too ([batch, seq], 1 = real token, 0 = padding on
+    either side; None: no padding). ``reads_mask`` is False for a model whose forward takes no
+    mask: only right padding is exact for it, and other masks are refused. ``max_positions`` is
+    the model's context length (None when its config names none).
     """
 
     def __init__(
@@ -237,6 +253,8 @@ class ResidualProgram:
         model_class: str = "",
         dynamic: bool = True,
         example_input_ids: torch.Tensor | None = None,
+        reads_mask: bool = True,
+        max_positions: int | None = None,
     ) -> None:
         check_granularity(granularity)
         self.encoder = encoder
@@ -247,6 +265,8 @@ class ResidualProgram:
         self.model_class = model_class
         self.dynamic = dynamic
         self.example_input_ids = example_input_ids
+        self.reads_mask = reads_mask
+        self.max_positions = max_positions  # the model's context length, when its config names one
 
     # ----------------------------------------------------------------- views
     @functools.cached_property
@@ -272,6 +292,8 @@ class ResidualProgram:
             model_class=self.model_class,
             dynamic=self.dynamic,
             example_input_ids=self.example_input_ids,
+            reads_mask=self.reads_mask,
+            max_positions=self.max_positions,
         )
         return view
 
@@ -290,30 +312,39 @@ class ResidualProgram:
         return int(self.decoder.unembedding.shape[1]) if self.decoder.unembedding is not None else -1
 
     # ------------------------------------------------------------- execution
-    def side_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.side(input_ids)
+    def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` checked for this program: int64 [batch, seq] each
+        (the mask all ones when None)."""
+        ids = as_input_ids(input_ids)
+        return ids, as_attention_mask(attention_mask, ids, reads_mask=self.reads_mask)
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        states, side = self._run(input_ids, keep="none")
+    def side_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+        return self.side(*self.inputs(input_ids, attention_mask))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        states, side = self._run(input_ids, attention_mask, keep="none")
         return self.decoder(states[-1], side)
 
-    def stream(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
         """h_0, h_1, …, h_N: the stream before the first and after each unit of this view."""
-        return self._run(input_ids, keep=self.granularity)[0]
+        return self._run(input_ids, attention_mask, keep=self.granularity)[0]
 
     def stream_with_side_inputs(
-        self, input_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """:meth:`stream` and the side inputs it used, computed once."""
-        return self._run(input_ids, keep=self.granularity)
+        return self._run(input_ids, attention_mask, keep=self.granularity)
 
     def _run(
-        self, input_ids: torch.Tensor, keep: str
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: str
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Execute leaf units in the model's own addition order, keeping states of one view."""
-        input_ids = as_input_ids(input_ids)
-        side = self.side(input_ids)
-        h = self.encoder(input_ids)
+        input_ids, mask = self.inputs(input_ids, attention_mask)
+        side = self.side(input_ids, mask)
+        h = self.encoder(input_ids, mask)
         states = [h]
         for block in self.blocks:
             leaves = block.children or (block,)

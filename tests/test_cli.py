@@ -213,7 +213,8 @@ def test_emit_writes_an_importable_module(tmp_path, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert "Term weights: unit" in module.__doc__
-    ids = torch.zeros(module.INPUT_SHAPE, dtype=torch.long)
+    assert module.INPUT_SHAPE[0] is None  # any batch, any length up to the context
+    ids = torch.zeros(3, 5, dtype=torch.long)
     result = module.load()(ids)
     assert set(module.TERMS) | {"target", "remainder"} == set(result)
     assert module.TERMS and all("attn" not in name for name in module.TERMS)

@@ -140,8 +140,10 @@ def test_lens_entry_point_from_a_model_or_a_program() -> None:
     assert text.logits.shape[2] == 5
     with pytest.raises(ValueError, match="needs its tokenizer"):
         jetgraph.lens(prog, "abc")
-    with pytest.raises(TypeError, match="a list of texts needs padding"):
-        jetgraph.lens(prog, ["a", "b"], tokenizer=_Tokenizer())
+    texts = jetgraph.lens(prog, ["abc d", "ab"], orders=(1,), tokenizer=_Tokenizer(), progress=False)[1]
+    assert texts.prompts == 2 and texts.positions == 7  # padded batches: tests/test_padding.py
+    torch.testing.assert_close(texts.prompt_metrics["cosine"][:, 0], text.prompt_metrics["cosine"][:, 0],
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match=r"a model .* or a ResidualProgram"):
         jetgraph.lens("gpt2", ids)
 

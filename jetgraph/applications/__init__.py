@@ -9,10 +9,13 @@
 """
 
 from jetgraph.applications.lens import (
+    LensAverage,
     LensResult,
     iterative_lens,
     iterative_lenses,
     joint_lens,
+    lens_over_prompts,
+    pad_batch,
     write_lens_csv,
 )
 from jetgraph.applications.ngrams import (
@@ -30,6 +33,7 @@ from jetgraph.applications.statistics import bootstrap_mean
 
 __all__ = [
     "Contexts",
+    "LensAverage",
     "LensResult",
     "NgramTable",
     "bootstrap_mean",
@@ -40,8 +44,10 @@ __all__ = [
     "iterative_lenses",
     "joint_lens",
     "keyword_ids",
+    "lens_over_prompts",
     "load_keywords",
     "ngram_plan",
     "ngram_table",
+    "pad_batch",
     "write_lens_csv",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from jetgraph.applications.lens import LensResult, iterative_lenses
+from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_table
 from jetgraph.capture import capture
 from jetgraph.ir import ResidualProgram, as_input_ids
@@ -17,19 +17,45 @@ from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
 
-def lens(model_or_program: nn.Module | ResidualProgram, input_ids_or_text: torch.Tensor | str,
+def lens(model_or_program: nn.Module | ResidualProgram,
+         input_ids_or_text: torch.Tensor | str | Sequence[str],
          orders: Sequence[int] = (0, 1, 2), layers: Sequence[int] | None = None, tokenizer: object = None,
-         *, granularity: str | None = None, k: int = 5) -> dict[int, LensResult]:
+         *, granularity: str | None = None, k: int = 5, attention_mask: torch.Tensor | None = None,
+         batch_size: int = 8, progress: bool = True) -> dict[int, LensResult] | dict[int, LensAverage]:
     """The iterative jet lens of a model at every order in ``orders``, from one Taylor pass.
 
     ``model_or_program``: a causal LM (captured here) or a :class:`~jetgraph.ir.ResidualProgram`.
-    ``input_ids_or_text``: token ids [batch, seq] (or [seq]), or a text with its ``tokenizer``.
-    ``layers``: the stream states to decode (0 = the embedding .. N; default all). Returns one
-    :class:`~jetgraph.applications.lens.LensResult` per order: ``result[1].metrics["cosine"]``.
+    ``input_ids_or_text``: token ids [batch, seq] (or [seq], padded as ``attention_mask`` says),
+    or a text with its ``tokenizer``: one :class:`~jetgraph.applications.lens.LensResult` per
+    order (``result[1].metrics["cosine"]``). A list of texts runs in padded batches of
+    ``batch_size`` with a progress bar and gives one
+    :class:`~jetgraph.applications.lens.LensAverage` per order: each centre's metrics per prompt,
+    averaged over the prompts by ``table()``. ``layers``: the stream states to decode (0 = the
+    embedding .. N; default all).
     """
+    if isinstance(input_ids_or_text, (list, tuple)):
+        texts = _texts(input_ids_or_text, tokenizer)
+        prog = _program(model_or_program, granularity)
+        prompts = [_input_ids(prog, text, tokenizer)[0] for text in texts]
+        side = getattr(tokenizer, "padding_side", "left")
+        return lens_over_prompts(prog, prompts, orders, k=k, batch_size=batch_size, granularity=granularity,
+                                 layers=layers, side=side if prog.reads_mask else "right", progress=progress)
     prog = _program(model_or_program, granularity)
     ids = _input_ids(prog, input_ids_or_text, tokenizer)
-    return iterative_lenses(prog, ids, orders, k=k, granularity=granularity, layers=layers)
+    return iterative_lenses(prog, ids, orders, k=k, granularity=granularity, layers=layers,
+                            attention_mask=attention_mask)
+
+
+def _texts(values: Sequence[object], tokenizer: object) -> list[str]:
+    if not values or not all(isinstance(v, str) for v in values):
+        raise TypeError("a list input must hold texts (str), at least one; for token ids give a tensor "
+                        "[batch, seq] and its attention_mask")
+    if tokenizer is None:
+        raise ValueError("texts need their tokenizer: pass tokenizer=")
+    empty = [i for i, v in enumerate(values) if not v.strip()]  # type: ignore[union-attr]
+    if empty:
+        raise ValueError(f"texts {empty[:5]} are empty: every prompt needs at least one token")
+    return list(values)  # type: ignore[arg-type]
 
 
 def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = "E→U", *,
@@ -67,9 +93,6 @@ def _input_ids(prog: ResidualProgram, value: torch.Tensor | str, tokenizer: obje
         if not value.strip():
             raise ValueError("the text is empty: give at least one token of input")
         value = tokenizer(value, return_tensors="pt").input_ids  # the tokenizer's own BOS rules
-    elif isinstance(value, (list, tuple)):
-        raise TypeError("give one text or a tensor of input ids [batch, seq]; a list of texts needs "
-                        "padding, which jetgraph does not yet support")
     ids = as_input_ids(value)
     vocab = prog.decoder.unembedding.shape[0] if prog.decoder.unembedding is not None else None
     if vocab is not None and int(ids.max()) >= vocab:

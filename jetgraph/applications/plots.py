@@ -14,7 +14,8 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from jetgraph.applications.lens import LensResult
+from jetgraph.applications.lens import LensAverage, LensResult
+from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.files import atomic_write
 
 
@@ -117,6 +118,34 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
     below = curve.transAxes + ScaledTranslation(0, -0.42, fig.dpi_scale_trans)  # under the x label
     curve.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below)
     curve.set_title("lens faithfulness by layer", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lens_average(averages: Sequence[LensAverage], path: str | Path) -> Path:
+    """Cosine to the logits by stream state, one curve per order: the mean over the prompts with
+    its 95% bootstrap interval (shaded; prompts resampled). A state where some prompt diverged
+    is a gap."""
+    path = Path(path)
+    if not averages:
+        raise ValueError("plot_lens_average needs at least one LensAverage")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for average in averages:
+        cosine = average.prompt_metrics["cosine"]  # [centres, prompts]
+        stats = [bootstrap_mean(row) if torch.isfinite(row).all() else None for row in cosine]
+        mean = [s["mean"] if s else math.nan for s in stats]
+        low = [s["low"] if s else math.nan for s in stats]
+        high = [s["high"] if s else math.nan for s in stats]
+        states = range(len(mean))
+        line, = ax.plot(states, mean, marker="o", markersize=3, label=f"order {average.order}")
+        ax.fill_between(states, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    head = averages[0]
+    ticks = [f"{label} · {by}" for label, by in zip(head.labels, head.written_by, strict=True)]
+    ax.set_xticks(range(len(ticks)), ticks, rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("cosine to the model's logits")
+    ax.set_title(f"iterative lens over {head.prompts} prompts ({head.positions:,} tokens): "
+                 "mean and 95% bootstrap interval", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -20,22 +20,34 @@ from torch import nn
 from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model, synthetic_input_ids
 from jetgraph.capture.lift import lift as _lift
 from jetgraph.capture.loading import load_model
+from jetgraph.capture.shared import capture_shared
 from jetgraph.ir import Granularity, ResidualProgram, check_granularity
 
 
 def capture(model: nn.Module, example_input_ids: torch.Tensor | None = None,
-            granularity: Granularity = "block") -> ResidualProgram:
+            granularity: Granularity = "block", *,
+            attention_mask: torch.Tensor | None = None, share_blocks: bool = True) -> ResidualProgram:
     """Capture ``model`` (``input_ids -> logits``) and lift it into a residual program.
 
     The graph is exported once with ``torch.export`` (dynamic batch and sequence length where the
     model allows), lowered to the core op set, and split into encoder, residual units and
     decoder; the result is checked to reproduce the model's logits on the example. Without
     ``example_input_ids`` a short synthetic input is used (:func:`synthetic_input_ids`); the
-    dynamic shapes cover every other input.
+    dynamic shapes cover every other input. ``attention_mask`` (1 = real token, 0 = padding)
+    goes with the example: the self-check then compares the padded example's logits. Every
+    program takes a mask at run time (``prog(ids, attention_mask=…)``) whatever the example.
+
+    ``share_blocks``: export one block per structure group and bind the others to copies of its
+    graph (:mod:`.shared`), so capture time does not grow with depth; the whole model is exported
+    when that does not reproduce the logits exactly, or with ``share_blocks=False``.
     """
     check_granularity(granularity)  # before the export, which takes seconds to minutes
     ids = synthetic_input_ids(model) if example_input_ids is None else example_input_ids
-    return _lift(export_model(model, ids), granularity=granularity)
+    if share_blocks:
+        program = capture_shared(model, ids, attention_mask, granularity)
+        if program is not None:
+            return program
+    return _lift(export_model(model, ids, attention_mask), granularity=granularity)
 
 
 class _CallablePackage(types.ModuleType):

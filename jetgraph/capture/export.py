@@ -1,6 +1,8 @@
-"""Model in, FX graph out: ``torch.export`` of an ``input_ids -> logits`` wrapper.
+"""Model in, FX graph out: ``torch.export`` of an ``(input_ids, attention_mask) -> logits`` wrapper.
 
-The graph is exported with a dynamic batch and sequence length where the model allows it,
+The wrapper hands a Hugging Face model the attention mask and the position ids it implies
+(:func:`jetgraph.padding.positions_from_mask`), so that a padded prompt sees the positions it has
+alone. The graph is exported with a dynamic batch and sequence length where the model allows it,
 lowered to the core op set the Taylor rules cover (:mod:`jetgraph.taylor.lowering`), each node's
 module scope recorded in ``node.meta``, and checked against the eager model before it is handed
 to the lift pass. Failures become :class:`jetgraph.CaptureError` naming the module that failed.
@@ -8,6 +10,7 @@ to the lift pass. Failures become :class:`jetgraph.CaptureError` naming the modu
 
 from __future__ import annotations
 
+import inspect
 import re
 import traceback
 import types
@@ -19,6 +22,7 @@ from torch.export import Dim
 
 from jetgraph.errors import CaptureError
 from jetgraph.ir import MODULE_SCOPE
+from jetgraph.padding import as_attention_mask, full_mask, positions_from_mask
 from jetgraph.taylor.lowering import lower_to_core
 
 SUPPORTED = (
@@ -36,18 +40,28 @@ _ASSERT_OPS = {
 
 
 class LogitsWrapper(nn.Module):
-    """``input_ids -> logits`` around a Hugging Face causal LM or a plain module."""
+    """``(input_ids, attention_mask) -> logits`` around a Hugging Face causal LM or a plain module.
+
+    The mask goes to every forward that has an ``attention_mask`` parameter, and position ids
+    counted over the real tokens to every forward that has ``position_ids``; a forward without
+    a mask parameter gets the ids alone (``reads_mask`` is then False).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.m = model
         self.is_hf = hasattr(model, "config") and hasattr(model, "generation_config")
+        parameters = _parameters(model)
+        self.reads_mask = "attention_mask" in parameters
+        self.takes_positions = "position_ids" in parameters
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.is_hf:
-            out = self.m(input_ids=input_ids, use_cache=False)
-        else:
-            out = self.m(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, object] = {"use_cache": False} if self.is_hf else {}
+        if self.reads_mask:
+            kwargs["attention_mask"] = attention_mask
+        if self.takes_positions:
+            kwargs["position_ids"] = positions_from_mask(attention_mask)
+        out = self.m(input_ids, **kwargs)
         if hasattr(out, "logits"):
             return out.logits
         if isinstance(out, (tuple, list)):
@@ -57,29 +71,39 @@ class LogitsWrapper(nn.Module):
 
 @dataclass
 class CapturedGraph:
-    """A decomposed FX graph of ``input_ids -> logits`` plus what lift needs to know."""
+    """A decomposed FX graph of ``(input_ids, attention_mask) -> logits`` plus what lift needs."""
 
     graph_module: fx.GraphModule
     model_class: str
     dynamic: bool
     example_input_ids: torch.Tensor
     reference_logits: torch.Tensor
+    reads_mask: bool = True
+    example_attention_mask: torch.Tensor | None = None
+    max_positions: int | None = None
 
     @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
 
 
-def export_model(model: nn.Module, example_input_ids: torch.Tensor) -> CapturedGraph:
-    """Export ``model`` on ``example_input_ids`` (shape [batch, seq]) and decompose it."""
+def export_model(model: nn.Module, example_input_ids: torch.Tensor,
+                 example_attention_mask: torch.Tensor | None = None) -> CapturedGraph:
+    """Export ``model`` on ``example_input_ids`` (shape [batch, seq]) and decompose it; the
+    example's logits (under ``example_attention_mask``, if given) are what lift must reproduce."""
     model_class = type(model).__name__
     ids = _check_input_ids(example_input_ids, model_class)
-    model.eval()
     wrapper = LogitsWrapper(model)
+    try:
+        mask = as_attention_mask(example_attention_mask, ids, reads_mask=wrapper.reads_mask)
+    except (TypeError, ValueError) as exc:
+        raise CaptureError(f"example attention mask: {exc}", model_class=model_class) from None
+    model.eval()
     export_ids = _export_example(ids)
+    export_inputs = (export_ids, full_mask(export_ids))
     with torch.no_grad():
         try:
-            reference = wrapper(ids)
+            reference = wrapper(ids, mask)
         except Exception as exc:  # the model itself cannot run on this input
             raise _capture_error(exc, model, "the model's forward failed on the example input") from exc
         if not isinstance(reference, torch.Tensor) or reference.dim() != 3:
@@ -93,14 +117,14 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor) -> CapturedG
         try:
             exported = torch.export.export(
                 wrapper,
-                (export_ids,),
-                dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},),
+                export_inputs,
+                dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}),
                 strict=False,
             )
         except Exception:
             dynamic = False
             try:
-                exported = torch.export.export(wrapper, (ids,), strict=False)
+                exported = torch.export.export(wrapper, (ids, full_mask(ids)), strict=False)
             except Exception as exc:
                 raise _capture_error(exc, model, "torch.export failed") from exc
         graph_module = exported.module(check_guards=False)
@@ -112,7 +136,8 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor) -> CapturedG
         record_module_scopes(graph_module)
         if dynamic and not _accepts(graph_module, ids):
             dynamic = False
-    return CapturedGraph(graph_module, model_class, dynamic, ids, reference)
+    return CapturedGraph(graph_module, model_class, dynamic, ids, reference, wrapper.reads_mask,
+                         None if example_attention_mask is None else mask, context_length(model))
 
 
 SYNTHETIC_LENGTH = 8
@@ -133,13 +158,24 @@ def synthetic_input_ids(model: nn.Module, length: int = SYNTHETIC_LENGTH) -> tor
         raise CaptureError("cannot choose an example input: the model has no config.vocab_size and no "
                            "nn.Embedding; pass example_input_ids (a LongTensor [batch, seq])",
                            model_class=type(model).__name__)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and limit > 0:
+    limit = context_length(model)
+    if limit is not None:
         length = min(length, limit)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (1, length), generator=generator)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return ids.to(device)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model's config allows (``max_position_embeddings``, ``n_positions``
+    or ``n_ctx``), or None when it names none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
 
 
 def _check_input_ids(ids: torch.Tensor, model_class: str) -> torch.Tensor:
@@ -168,9 +204,17 @@ def _export_example(ids: torch.Tensor) -> torch.Tensor:
     return ids.contiguous()
 
 
+def _parameters(model: nn.Module) -> set[str]:
+    """The names ``model.forward`` accepts (empty when its signature cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _accepts(graph_module: fx.GraphModule, ids: torch.Tensor) -> bool:
     try:
-        graph_module(ids)
+        graph_module(ids, full_mask(ids))
         return True
     except Exception:
         return False

@@ -39,6 +39,7 @@ from jetgraph.ir import (
     module_scope,
     unit_name,
 )
+from jetgraph.padding import full_mask
 from jetgraph.precision import HALF_ULPS, capture_tolerance, dtype_name, is_half
 
 aten = torch.ops.aten
@@ -108,9 +109,10 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
     )
     program = ResidualProgram(encoder, blocks, decoder, side, granularity="block",
                               model_class=captured.model_class, dynamic=captured.dynamic,
-                              example_input_ids=captured.example_input_ids)
-    _assign_kinds(program, captured.example_input_ids)
-    _verify(program, captured)
+                              example_input_ids=captured.example_input_ids,
+                              reads_mask=captured.reads_mask, max_positions=captured.max_positions)
+    assign_kinds(program, captured.example_input_ids)
+    verify(program, captured)
     return program.at(granularity)  # type: ignore[arg-type]
 
 
@@ -316,11 +318,11 @@ def _unit_module_path(fn: fx.GraphModule, scope: str) -> str:
 
 
 def _build_encoder(index: GraphIndex, h0: fx.Node, captured: CapturedGraph) -> Encoder:
-    embed, _ = extract(index, [(index.input_ids, "input_ids")], [h0], what="the encoder")
+    embed, _ = extract(index, index.model_inputs(), [h0], what="the encoder")
     parts = _addends(h0) if is_add(h0) else [h0]
     if any(not isinstance(p, fx.Node) for p in parts):
         parts = [h0]
-    addends_module, _ = extract(index, [(index.input_ids, "input_ids")], parts,
+    addends_module, _ = extract(index, index.model_inputs(), parts,
                                 combine=combine_tuple, what="the encoder addends")
     names = _addend_names(addends_module, captured.example_input_ids)
     scopes = sorted({module_scope(p) for p in parts})
@@ -329,9 +331,10 @@ def _build_encoder(index: GraphIndex, h0: fx.Node, captured: CapturedGraph) -> E
 
 def _addend_names(addends_module: fx.GraphModule, ids: torch.Tensor) -> tuple[str, ...]:
     """``token`` for addends that depend on token identity, ``position`` for the others."""
+    mask = full_mask(ids)
     with torch.no_grad():
-        first = addends_module(ids)
-        second = addends_module((ids + 1) % max(int(ids.max()) + 1, 2))
+        first = addends_module(ids, mask)
+        second = addends_module((ids + 1) % max(int(ids.max()) + 1, 2), mask)
     kinds = ["token" if not torch.equal(a, b) else "position" for a, b in zip(first, second, strict=True)]
     names = []
     for kind in kinds:
@@ -389,9 +392,9 @@ def _attr(module: torch.nn.Module, node: fx.Node) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- checks
 def _build_side_inputs(index: GraphIndex, registry: SideRegistry, captured: CapturedGraph) -> SideInputs:
-    """The side-input table: one graph ``input_ids -> (mask, cos, sin, …)`` for all units."""
+    """The side-input table: one graph ``(input_ids, attention_mask) -> (mask, cos, sin, …)``."""
     nodes = list(registry.nodes)
-    module, _ = extract(index, [(index.input_ids, "input_ids")], nodes, combine=combine_tuple,
+    module, _ = extract(index, index.model_inputs(), nodes, combine=combine_tuple,
                         what="the side inputs")
     return SideInputs(module, tuple(registry.nodes[n] for n in nodes),
                       tuple(module_scope(n) for n in nodes),
@@ -403,12 +406,12 @@ def _positions_only(side_module: fx.GraphModule, captured: CapturedGraph, any_si
         return True
     ids = captured.example_input_ids
     with torch.no_grad():
-        first = side_module(ids)
-        second = side_module(torch.zeros_like(ids))
+        first = side_module(ids, full_mask(ids))
+        second = side_module(torch.zeros_like(ids), full_mask(ids))
     return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def _assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
+def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
     """``attn`` if perturbing position 0 changes the update at later positions, else ``mlp``."""
     if ids.shape[1] < 2:
         ids = ids.repeat(1, 2)
@@ -441,10 +444,10 @@ def _assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
             block.kind = "attn" if any(c.kind == "attn" for c in block.children) else "mlp"
 
 
-def _verify(program: ResidualProgram, captured: CapturedGraph) -> None:
+def verify(program: ResidualProgram, captured: CapturedGraph) -> None:
     """The lifted program must reproduce the model's logits on the example input."""
     with torch.no_grad():
-        logits = program(captured.example_input_ids)
+        logits = program(captured.example_input_ids, captured.example_attention_mask)
     reference = captured.reference_logits
     same_shape = logits.shape == reference.shape
     error = (logits.float() - reference.float()).abs().max().item() if same_shape else float("inf")

@@ -2,8 +2,8 @@
 
 The region is every node that depends on the given inputs and feeds the given outputs. What the
 region reads from outside is classified: parameters stay ``get_attr`` (shared, not copied),
-constant and shape computations are copied in (shapes of ``input_ids`` are re-derived from the
-new first input, whose leading dims are the same batch and sequence), and any other tensor
+constant and shape computations are copied in (shapes of ``input_ids`` and ``attention_mask`` are
+re-derived from the new first input, whose leading dims are the same batch and sequence), and any other tensor
 becomes a named side input. Reading the residual stream from outside the region is an error:
 that is a unit that does not have the form h + γ(h).
 """
@@ -30,18 +30,30 @@ class GraphIndex:
     """Topological positions and dependence sets of a captured graph, computed once."""
 
     graph_module: fx.GraphModule
-    input_ids: fx.Node
+    inputs: tuple[fx.Node, ...]  # input_ids, attention_mask
     order: dict[fx.Node, int]
-    on_ids: set[fx.Node]
+    on_ids: set[fx.Node]  # every node that depends on an input
 
     @classmethod
     def build(cls, graph_module: fx.GraphModule) -> GraphIndex:
         nodes = list(graph_module.graph.nodes)
-        placeholders = [n for n in nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise CaptureError(f"expected one input (input_ids), found {len(placeholders)}")
-        ids = placeholders[0]
-        return cls(graph_module, ids, {n: i for i, n in enumerate(nodes)}, descendants(nodes, [ids]))
+        placeholders = tuple(n for n in nodes if n.op == "placeholder")
+        if len(placeholders) != 2:
+            raise CaptureError(f"expected two inputs (input_ids, attention_mask), found {len(placeholders)}")
+        return cls(graph_module, placeholders, {n: i for i, n in enumerate(nodes)},
+                   descendants(nodes, placeholders))
+
+    @property
+    def input_ids(self) -> fx.Node:
+        return self.inputs[0]
+
+    @property
+    def attention_mask(self) -> fx.Node:
+        return self.inputs[1]
+
+    def model_inputs(self) -> list[tuple[fx.Node, str]]:
+        """The graph's inputs with their names, for regions that read the ids (encoder, side inputs)."""
+        return [(self.input_ids, "input_ids"), (self.attention_mask, "attention_mask")]
 
     def is_ancestor(self, ancestor: fx.Node, node: fx.Node) -> bool:
         """Whether ``node`` depends on ``ancestor`` (walks back, pruned by topological order)."""
@@ -220,10 +232,11 @@ def _as_stream_shape(graph: fx.Graph, value: fx.Node, node: fx.Node, h: fx.Node,
 
 
 def _is_ids_size(index: GraphIndex, node: fx.Node) -> bool:
+    """A batch or sequence size read off ``input_ids`` or the mask (both [batch, seq])."""
     return (
         node.op == "call_function"
         and node.target is aten.sym_size.int
-        and node.args[0] is index.input_ids
+        and node.args[0] in index.inputs
     )
 
 
@@ -290,7 +303,7 @@ def _classify(
             copied.add(node)
             stack.extend(node.all_input_nodes)
             continue
-        if external_tensor or node is index.input_ids:
+        if external_tensor or node in index.inputs:
             if stream is not None and node in stream:
                 raise CaptureError(
                     f"{what} reads the residual stream at a second depth (through node "

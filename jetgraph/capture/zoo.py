@@ -15,40 +15,41 @@ from torch import nn
 VOCAB = 128
 
 
-def _configs() -> dict[str, Callable[[], object]]:
+def _configs(layers: int = 2) -> dict[str, Callable[[], object]]:
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    n = layers
     return {
-        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common),
+        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=n, n_head=4, n_positions=64, **common),
         "gpt_neo": lambda: tf.GPTNeoConfig(
-            hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+            hidden_size=32, num_layers=n, num_heads=4, attention_types=[[["global", "local"], n // 2]],
             window_size=4, max_position_embeddings=64, **common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             use_parallel_residual=True, max_position_embeddings=64, **common),
         "gpt_neox_sequential": lambda: tf.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             use_parallel_residual=False, max_position_embeddings=64, **common),
-        "gptj": lambda: tf.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+        "gptj": lambda: tf.GPTJConfig(n_embd=32, n_layer=n, n_head=4, rotary_dim=4, n_positions=64,
                                       **common),
         "llama": lambda: tf.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, **common),
         "mistral": lambda: tf.MistralConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, sliding_window=4, **common),
         "qwen2": lambda: tf.Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, **common),
         "gemma": lambda: tf.GemmaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **common),
         "opt": lambda: tf.OPTConfig(
-            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, ffn_dim=64, num_hidden_layers=n, num_attention_heads=4,
             word_embed_proj_dim=32, do_layer_norm_before=True, max_position_embeddings=64, **common),
         "phi": lambda: tf.PhiConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
             partial_rotary_factor=0.5, max_position_embeddings=64, **common),
     }
 
@@ -81,12 +82,16 @@ class ResidualMLP(nn.Module):
         return self.readout(self.norm(h))
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A random-init model of ``family`` (one of :data:`FAMILIES`), in eval mode."""
+def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Module:
+    """A random-init model of ``family`` (one of :data:`FAMILIES`), in eval mode, with 2 layers
+    (3 for the residual MLP) unless ``layers`` says otherwise (even for gpt_neo, whose layers
+    alternate global and local attention)."""
     torch.manual_seed(seed)
     if family == "residual_mlp":
-        return ResidualMLP().eval()
-    configs = _configs()
+        return ResidualMLP(layers=layers or 3).eval()
+    if layers is not None and (layers < 1 or (family == "gpt_neo" and layers % 2)):
+        raise ValueError(f"layers must be a positive integer (even for gpt_neo), got {layers}")
+    configs = _configs(layers or 2)
     if family not in configs:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     import transformers

@@ -22,10 +22,11 @@ from jetgraph.passes.terms import Term
 class BatchedRun:
     """Buffers of one evaluation: ``buffers[i]`` is step i's [rows, batch, seq, width] tensor."""
 
-    def __init__(self, schedule: Schedule, input_ids: torch.Tensor) -> None:
+    def __init__(self, schedule: Schedule, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> None:
         self.schedule = schedule
         self.prog = schedule.prog
-        self.inputs = RunInputs(self.prog, input_ids)
+        self.inputs = RunInputs(self.prog, input_ids, attention_mask)
         self.buffers: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- driver

@@ -8,6 +8,7 @@ early as in the GraphModule. The same expansion and input shape give the same by
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from pathlib import Path
@@ -29,20 +30,22 @@ class CodegenError(JetgraphError):
 
 def emit_source(expansion: Expansion, path: str | Path, input_ids: torch.Tensor | None = None, *,
                 fuse_ops: bool = True, remainder: bool = True,
-                max_seconds: float | None = DEFAULT_MAX_SECONDS) -> Path:
+                max_seconds: float | None = DEFAULT_MAX_SECONDS, dynamic: bool | None = None) -> Path:
     """Write ``expansion`` as ``path`` (a .py module) and its weights as ``path`` with the
     suffix ``.safetensors``; returns the module's path.
 
-    ``import`` the module and call ``load(device)``; the model maps ``input_ids`` of the shape it
-    was emitted for to a dict of term tensors plus ``"target"`` and ``"remainder"`` (unless
-    ``remainder=False``, see :func:`jetgraph.emit`, which also plans the cost first).
+    ``import`` the module and call ``load(device)``; the model maps ``input_ids`` [batch, seq]
+    (and an optional ``attention_mask``) to a dict of term tensors plus ``"target"`` and
+    ``"remainder"`` (unless ``remainder=False``, see :func:`jetgraph.emit`, which also plans the
+    cost first and says which shapes the code accepts).
     """
     path = Path(path)
     if path.suffix != ".py":
         raise ValueError(f"emit_source writes a .py module, got {path.name!r}")
     if not path.stem.isidentifier():
         raise ValueError(f"{path.name!r} cannot be imported: the file name must be a Python identifier")
-    module = emit(expansion, input_ids, fuse_ops=fuse_ops, remainder=remainder, max_seconds=max_seconds)
+    module = emit(expansion, input_ids, fuse_ops=fuse_ops, remainder=remainder, max_seconds=max_seconds,
+                  dynamic=dynamic)
     weights = _weights(module)
     source = render(module, expansion, weights_file=path.with_suffix(".safetensors").name)
     payload = _serialise(weights)  # everything is built before anything is written
@@ -70,7 +73,7 @@ def render(module: fx.GraphModule, expansion: Expansion, weights_file: str) -> s
             step = label
         lines.append(_statement(node))
         dead = [n.name for n in last_use.get(node, []) if n.op not in ("get_attr",)]
-        if not node.users and node.op == "call_function" and node.target is not check_input:
+        if not node.users and node.op == "call_function":
             dead.append(node.name)
         if dead:
             lines.append(f"del {', '.join(sorted(set(dead)))}")
@@ -89,7 +92,9 @@ def render(module: fx.GraphModule, expansion: Expansion, weights_file: str) -> s
         shape=tuple(module.input_shape),
         terms="\n".join(f"    {name!r}," for name in module.term_names),
         weights_file=weights_file,
-        input=next(n.name for n in graph.nodes if n.op == "placeholder"),
+        check=inspect.getsource(check_input).strip(),
+        inputs=", ".join(f"{n.name}: torch.Tensor" + (" | None = None" if n.args else "")
+                         for n in graph.nodes if n.op == "placeholder"),
         body=body,
     )
 
@@ -103,20 +108,18 @@ import os
 import torch
 from safetensors.torch import load_file
 
-INPUT_SHAPE = {shape}
+INPUT_SHAPE = {shape}  # (batch, seq) it was specialised to, or (None, the longest seq allowed)
 TERMS = (
 {terms}
 )
 
 
-def _check_input(input_ids: torch.Tensor, shape: tuple[int, int]) -> None:
-    if tuple(input_ids.shape) != tuple(shape):
-        raise ValueError(f"this expansion was emitted for input_ids of shape {{tuple(shape)}}, got "
-                         f"{{tuple(input_ids.shape)}}: emit it again for the new shape")
+{check}
 
 
 class ExpandedModel(torch.nn.Module):
-    """The expansion as one straight-line forward: input_ids -> {{term: tensor, "target", "remainder"}}."""
+    """The expansion as one straight-line forward:
+    (input_ids, attention_mask=None) -> {{term: tensor, "target", "remainder"}}."""
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__()
@@ -124,7 +127,7 @@ class ExpandedModel(torch.nn.Module):
         for name, tensor in load_file(path).items():
             self.register_buffer(name, tensor)
 
-    def forward(self, {input}: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, {inputs}) -> dict[str, torch.Tensor]:
 {body}
 
 
@@ -144,14 +147,14 @@ def _docstring(module: fx.GraphModule, expansion: Expansion, weights_file: str,
     return "\n".join([
         f"{expansion!r} of {prog.model_class}, emitted by jetgraph {__version__}. Do not edit.",
         "",
-        f"{len(module.term_names)} terms in {expansion.space} space; specialised to input_ids of shape "
-        f"{tuple(module.input_shape)}.",
+        f"{len(module.term_names)} terms in {expansion.space} space; " + _shapes(module) + ".",
         f"Term weights: {term_weights(expansion)}.",
         f"Weights: {weights_file} beside this file ({len(buffers)} tensors, {size / 1e6:.1f} MB).",
         "",
         "Usage:",
         "    model = load('cpu')  # or 'cuda'",
         "    out = model(input_ids)  # {term name: tensor, 'target': ..., 'remainder': ...}",
+        "    out = model(input_ids, attention_mask)  # a padded batch (1 = token, 0 = padding)",
         "'remainder' is target - sum of the outputs: the exact Taylor remainder when the terms",
         "expand the model (e.g. a full expansion), a plain difference for a selection of paths.",
         "",
@@ -165,6 +168,19 @@ def _docstring(module: fx.GraphModule, expansion: Expansion, weights_file: str,
     ])
 
 
+def _shapes(module: fx.GraphModule) -> str:
+    batch, seq = module.input_shape
+    if batch is not None:
+        return f"specialised to input_ids of shape {(batch, seq)} (the model's export fixed the shape)"
+    limit = f"up to the model's context of {seq}" if seq is not None else "of any length"
+    return f"runs on input_ids [batch, seq] of any batch and sequence length {limit}"
+
+
+# Python operators on sizes (the trace is symbolic in batch and sequence length).
+_OPERATORS = {operator.mul: "*", operator.add: "+", operator.sub: "-", operator.floordiv: "//",
+              operator.mod: "%", operator.truediv: "/"}
+
+
 def _statement(node: fx.Node) -> str:
     target = node.target
     args, kwargs = node.args, node.kwargs
@@ -172,13 +188,15 @@ def _statement(node: fx.Node) -> str:
         return f"{node.name} = {_expr(args[0])}[{_expr(args[1])}]"
     if target is getattr:
         return f"{node.name} = {_expr(args[0])}.{args[1]}"
+    if target in _OPERATORS:
+        return f"{node.name} = {_expr(args[0])} {_OPERATORS[target]} {_expr(args[1])}"
     if target is check_input:
-        return f"_check_input({_expr(args[0])}, {_expr(args[1])})"
+        return f"{node.name} = check_input({', '.join(_expr(a) for a in args)})"
     if isinstance(target, torch._ops.OpOverload):
         parts = [_expr(a) for a in args] + [f"{k}={_expr(v)}" for k, v in kwargs.items()]
         return f"{node.name} = torch.ops.{target}({', '.join(parts)})"
     raise CodegenError(f"cannot print node {node.name!r} calling {target!r}: the source printer "
-                       "handles aten ops, getitem, getattr and the input check")
+                       "handles aten ops, getitem, getattr, arithmetic on sizes and the input check")
 
 
 def _expr(value: object) -> str:

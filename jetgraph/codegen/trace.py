@@ -4,8 +4,13 @@ The batched evaluator (:mod:`jetgraph.codegen.execute`) is traced by ``make_fx``
 input: the Taylor interpreter, the schedule and all Python control flow disappear, leaving aten
 ops only. Each unit's jet appears once, on its centres stacked along the batch dimension, and
 Taylor-mode arithmetic is inlined as plain tensor code. Weights become buffers named after the
-model's parameters, factory ops follow the input's device, and a guard checks the input shape the
-code was specialised to.
+model's parameters and factory ops follow the input's device.
+
+The trace is symbolic in the batch and sequence length (the example is widened so that neither
+is 0, 1 or equal to the other, which would specialise them), so one emitted module runs on any
+``[batch, seq]`` up to the model's context, with an optional attention mask. A guard at the top
+checks the input. Programs whose export had to fix the shapes (``prog.dynamic`` False) are traced
+on the example as it is and refuse other shapes.
 """
 
 from __future__ import annotations
@@ -28,22 +33,45 @@ RESERVED = ("target", "remainder")
 STEP_META = "jetgraph_step"
 
 
-def check_input(input_ids: torch.Tensor, shape: tuple[int, int]) -> None:
-    """The emitted code's guard: it was specialised to one [batch, seq] shape."""
-    if tuple(input_ids.shape) != tuple(shape):
-        raise ValueError(f"this expansion was emitted for input_ids of shape {tuple(shape)}, got "
-                         f"{tuple(input_ids.shape)}: emit it again for the new shape")
+def check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                shape: tuple[int | None, int | None]) -> torch.Tensor:
+    """The emitted code's guard; returns the mask (all ones when None).
+
+    ``shape`` is (batch, seq) for code specialised to one shape, or (None, max_seq) for code
+    that runs on any batch and any sequence length up to ``max_seq`` (None: no limit).
+    """
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    batch, seq = shape
+    if batch is not None and tuple(input_ids.shape) != (batch, seq):
+        raise ValueError(f"this expansion was emitted for input_ids of shape {(batch, seq)} (the model's "
+                         f"export fixed the shape), got {tuple(input_ids.shape)}: emit it again for the "
+                         "new shape")
+    if batch is None and seq is not None and input_ids.shape[1] > seq:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions, more than the model's context "
+                         f"of {seq}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the input ids "
+                         f"{tuple(input_ids.shape)}: give one 0/1 entry per token")
+    return attention_mask.long()
 
 
 
 def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
          fuse_ops: bool = True, remainder: bool = True,
-         max_seconds: float | None = DEFAULT_MAX_SECONDS) -> fx.GraphModule:
-    """Lower ``expansion`` to one FX GraphModule ``forward(input_ids) -> dict``.
+         max_seconds: float | None = DEFAULT_MAX_SECONDS, dynamic: bool | None = None) -> fx.GraphModule:
+    """Lower ``expansion`` to one FX GraphModule ``forward(input_ids, attention_mask=None) -> dict``.
 
     The dict maps every term's path name to its tensor, plus ``"target"`` (the model's stream
-    state or logits) and ``"remainder"`` (target − Σ terms). The code is specialised to the shape
-    of ``input_ids`` (default: the program's capture example); ``gm.to(device)`` moves it.
+    state or logits) and ``"remainder"`` (target − Σ terms). The code runs on any [batch, seq] up
+    to the model's context (``gm.dynamic``; on the example's shape only when the program's export
+    fixed it), padded as the optional ``attention_mask`` says. ``dynamic=False`` traces the
+    example's shape only (about 2x faster to emit; the code then refuses other shapes).
+    ``input_ids`` is the example it is traced on (default: the program's capture example);
+    ``gm.to(device)`` moves it.
     ``fuse_ops`` puts fused kernels back where the code runs decomposed LayerNorm or tanh-GELU
     forward (:mod:`jetgraph.codegen.fuse`); ``gm.fused`` counts them. ``remainder=False`` drops
     ``"target"`` and ``"remainder"`` and, where no jet needs it, the model's own forward (and its
@@ -73,25 +101,33 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
         graph = get_proxy_mode().tracer.graph
         marks.append((next(iter(reversed(graph.nodes)), None), step))
 
-    def forward(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs, target, rest = BatchedRun(schedule, input_ids).run(on_step=mark, remainder=remainder)
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        run = BatchedRun(schedule, input_ids, attention_mask)
+        outputs, target, rest = run.run(on_step=mark, remainder=remainder)
         result = {name: outputs[i] for i, name in enumerate(names)}
         if remainder:
             result["target"] = target
             result["remainder"] = rest
         return result
 
-    with torch.no_grad():  # index tables are made inside the trace (none is cached under it)
-        traced = make_fx(forward, tracing_mode="real")(ids)
+    dynamic = prog.dynamic and (dynamic is None or dynamic)
+    example = _symbolic_example(ids, prog.max_positions) if dynamic else ids
+    # Index tables are made inside the trace (none is cached under it). The fake-tensor cache
+    # costs more than it saves here (most ops are traced once): without it tracing is 2x faster.
+    with torch.no_grad(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        traced = make_fx(forward, tracing_mode="symbolic" if dynamic else "real",
+                         _allow_non_fake_inputs=True)(example, torch.ones_like(example))
     _label_steps(traced.graph, marks)
     module = _with_named_buffers(traced, prog)
     module.fused = fuse(module.graph) if fuse_ops else {}
     module.graph.eliminate_dead_code()
     _follow_input_device(module.graph)
-    _guard_shape(module.graph, tuple(ids.shape))
+    guard = (None, prog.max_positions) if dynamic else tuple(ids.shape)
+    _guard_input(module.graph, guard)
     module.recompile()
     module.term_names = tuple(names)
-    module.input_shape = tuple(ids.shape)
+    module.dynamic = dynamic
+    module.input_shape = guard
     module.has_remainder = remainder
     module.schedule_summary = [step.label for step in schedule.steps]  # one line per batched step
     return module
@@ -178,9 +214,30 @@ def _follow_input_device(graph: fx.Graph) -> None:
         node.kwargs = {**node.kwargs, "device": device_node}
 
 
-def _guard_shape(graph: fx.Graph, shape: tuple[int, int]) -> None:
-    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
-    with graph.inserting_after(placeholder):
-        guard = graph.call_function(check_input, (placeholder, shape))
-    guard.meta[STEP_META] = "check the input shape"
+def _symbolic_example(ids: torch.Tensor, max_positions: int | None) -> torch.Tensor:
+    """``ids`` widened to a batch and a sequence length that are at least 2 and differ: make_fx
+    specialises sizes 0 and 1, and gives equal sizes one symbol."""
+    batch, seq = ids.shape
+    if seq < 2:
+        ids, seq = ids.repeat(1, 2), 2 * seq
+    if max_positions is not None and seq > max_positions:
+        ids, seq = ids[:, :max_positions], max_positions
+    target = max(batch, 2)
+    if target == seq:
+        target += 1
+    rows = ids.repeat((target + batch - 1) // batch, 1)[:target]
+    return rows.contiguous()
+
+
+def _guard_input(graph: fx.Graph, shape: tuple[int | None, int | None]) -> None:
+    """Check the input first; the mask becomes optional (all ones when not given)."""
+    ids, mask = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in ((ids, "input_ids"), (mask, "attention_mask")):
+        node.target = name
+        node._rename(name)
+    mask.args = (None,)  # the placeholder's default value
+    with graph.inserting_after(mask):
+        guard = graph.create_node("call_function", check_input, (ids, mask, shape), name="mask")
+    mask.replace_all_uses_with(guard, delete_user_cb=lambda user: user is not guard)
+    guard.meta[STEP_META] = "check the input"
 

@@ -26,13 +26,16 @@ from jetgraph.taylor import Basis, jet
 
 
 class RunInputs:
-    """What terms are computed from, on one input: the addends, the model's own stream, the side
-    inputs (each computed on first use: order-0 paths never run the model's forward)."""
+    """What terms are computed from, on one input (token ids and their attention mask): the
+    addends, the model's own stream, the side inputs (each computed on first use: order-0 paths
+    never run the model's forward)."""
 
-    def __init__(self, prog: ResidualProgram, input_ids: torch.Tensor) -> None:
+    def __init__(self, prog: ResidualProgram, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> None:
         self.prog = prog
-        self.input_ids = input_ids
-        self.batch, self.seq = input_ids.shape
+        self.padded = attention_mask is not None
+        self.input_ids, self.attention_mask = prog.inputs(input_ids, attention_mask)
+        self.batch, self.seq = self.input_ids.shape
         self._states: list[torch.Tensor] | None = None
         self._side: dict[str, torch.Tensor] | None = None
         self._addends: list[torch.Tensor] | None = None
@@ -42,19 +45,19 @@ class RunInputs:
     def states(self) -> list[torch.Tensor]:
         """h_0..h_N of the program's view."""
         if self._states is None:
-            self._states, self._side = self.prog.stream_with_side_inputs(self.input_ids)
+            self._states, self._side = self.prog.stream_with_side_inputs(self.input_ids, self.attention_mask)
         return self._states
 
     @property
     def side(self) -> dict[str, torch.Tensor]:
         if self._side is None:
-            self._side = self.prog.side_inputs(self.input_ids)
+            self._side = self.prog.side(self.input_ids, self.attention_mask)
         return self._side
 
     @property
     def addends(self) -> list[torch.Tensor]:
         if self._addends is None:
-            self._addends = list(self.prog.encoder.addends(self.input_ids).values())
+            self._addends = list(self.prog.encoder.addends(self.input_ids, self.attention_mask).values())
         return self._addends
 
     def variate(self, unit: Unit) -> torch.Tensor:
@@ -65,19 +68,17 @@ class RunInputs:
         return self.prog.decoder(self.states[-1], self.side)
 
     def side_for(self, count: int) -> dict[str, torch.Tensor]:
-        """Side inputs for ``count`` copies of the batch stacked along it (masks, RoPE tables)."""
+        """Side inputs for ``count`` copies of the batch stacked along it (masks, RoPE tables),
+        computed by the side-input graph from the stacked ids and mask: right by construction."""
         if count == 1 or not self.side:
             return self.side
         if count not in self._stacked_side:
-            if self.prog.side.positions_only:  # rebuilt from positions: right by construction
+            if self.prog.side.positions_only and not self.padded:
                 self._stacked_side[count] = self.prog.side.for_shape(count * self.batch, self.seq,
                                                                      self.input_ids.device)
             else:
-                self._stacked_side[count] = {
-                    name: value.repeat(count, *([1] * (value.dim() - 1)))
-                    if value.shape[0] == self.batch and self.batch > 1 else value
-                    for name, value in self.side.items()
-                }
+                self._stacked_side[count] = self.prog.side(self.input_ids.repeat(count, 1),
+                                                           self.attention_mask.repeat(count, 1))
         return self._stacked_side[count]
 
 

@@ -28,11 +28,13 @@ from jetgraph.passes.terms import Space, Term, topological
 
 @dataclass
 class ExpansionValues:
-    """Evaluated terms (by name, in order), the target and the exact remainder."""
+    """Evaluated terms (by name, in order), the target and the exact remainder, at every position
+    of the batch; ``real`` ([batch, seq] bool) marks the positions that hold tokens, not padding."""
 
     terms: dict[str, torch.Tensor]
     target: torch.Tensor
     remainder: torch.Tensor
+    real: torch.Tensor
 
     def total(self) -> torch.Tensor:
         return torch.stack(list(self.terms.values())).sum(0)
@@ -87,8 +89,10 @@ class Expansion:
 
     # ------------------------------------------------------------------ values
     @torch.no_grad()
-    def evaluate(self, input_ids: torch.Tensor, space: Space | None = None) -> ExpansionValues:
-        """Every term's tensor on ``input_ids``, the target and target − Σ terms.
+    def evaluate(self, input_ids: torch.Tensor, space: Space | None = None, *,
+                 attention_mask: torch.Tensor | None = None) -> ExpansionValues:
+        """Every term's tensor on ``input_ids`` (padded as ``attention_mask`` says), the target and
+        target − Σ terms.
 
         ``space="logits"`` on a stream-space expansion decodes each term (the decoder's order-0
         jet at every term, unit weights) and compares with the model's logits.
@@ -97,31 +101,35 @@ class Expansion:
             raise ValueError(f"space must be 'stream' or 'logits', got {space!r}")
         if space == "logits" and self.space == "stream":  # the decoder's order-0 jet at every term
             decoded = [term.then(self.prog.decoder) for term in self.terms]
-            return Expansion(self.prog, len(self.prog.units), decoded).evaluate(input_ids)
+            return Expansion(self.prog, len(self.prog.units), decoded).evaluate(
+                input_ids, attention_mask=attention_mask)
         if space == "stream" and self.space == "logits":
             raise ValueError("a logit-space expansion has no stream-space values")
-        inputs = RunInputs(self.prog, input_ids)
+        inputs = RunInputs(self.prog, input_ids, attention_mask)
         values = evaluate_nodes(self.nodes, inputs)
         target = inputs.logits() if self.space == "logits" else inputs.states[self.target_state]
         terms = {term.name: values[term.uid] for term in self.terms}
         total = torch.stack(list(terms.values())).sum(0)
-        return ExpansionValues(terms, target, target - total)
+        return ExpansionValues(terms, target, target - total, inputs.attention_mask.bool())
 
     @torch.no_grad()
-    def faithfulness(self, input_ids: torch.Tensor, k: int = 5) -> dict[str, float]:
+    def faithfulness(self, input_ids: torch.Tensor, k: int = 5, *,
+                     attention_mask: torch.Tensor | None = None) -> dict[str, float]:
         """How well Σ terms stands for the model, in logit space (stream sums are decoded):
         ``relative_remainder`` (‖remainder‖/‖target‖ in the expansion's own space) and the
-        position means of :func:`jetgraph.passes.metrics.logit_agreement`."""
-        result = self.evaluate(input_ids)
-        logits = RunInputs(self.prog, input_ids).logits()
-        approx = result.total() if self.space == "logits" else self.prog.decoder(result.total())
-        return {"relative_remainder": (result.remainder.norm() / result.target.norm()).item(),
-                **summary_agreement(approx, logits, k)}
+        means of :func:`jetgraph.passes.metrics.logit_agreement`, over real tokens only."""
+        result = self.evaluate(input_ids, attention_mask=attention_mask)
+        real = result.real
+        inputs = RunInputs(self.prog, input_ids, attention_mask)
+        approx = result.total() if self.space == "logits" else self.prog.decoder(result.total(), inputs.side)
+        return {"relative_remainder": (result.remainder[real].norm() / result.target[real].norm()).item(),
+                **summary_agreement(approx[real], inputs.logits()[real], k)}
 
-    def rank(self, input_ids: torch.Tensor, top: int | None = None) -> list[tuple[Term, float]]:
-        """Terms by decreasing norm on ``input_ids`` (the first ``top``)."""
-        values = self.evaluate(input_ids)
-        ranked = sorted(((t, values.terms[t.name].norm().item()) for t in self.terms),
+    def rank(self, input_ids: torch.Tensor, top: int | None = None, *,
+             attention_mask: torch.Tensor | None = None) -> list[tuple[Term, float]]:
+        """Terms by decreasing norm over the real tokens of ``input_ids`` (the first ``top``)."""
+        values = self.evaluate(input_ids, attention_mask=attention_mask)
+        ranked = sorted(((t, values.terms[t.name][values.real].norm().item()) for t in self.terms),
                         key=lambda pair: -pair[1])
         return ranked[:top] if top is not None else ranked
 

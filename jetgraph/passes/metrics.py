@@ -38,17 +38,35 @@ def logit_agreement(approx: torch.Tensor, true: torch.Tensor, k: int = 5) -> dic
     return {name: value.masked_fill(~finite, math.nan) for name, value in values.items()}
 
 
-def per_center_agreement(logits: torch.Tensor, true_logits: torch.Tensor, k: int = 5
-                         ) -> dict[str, torch.Tensor]:
+def per_token_agreement(logits: torch.Tensor, true_logits: torch.Tensor, k: int = 5
+                        ) -> dict[str, torch.Tensor]:
     """:func:`logit_agreement` of each centre's logits ([centres, batch, seq, vocab]) against
-    ``true_logits`` [batch, seq, vocab], averaged over the batch: float32 [centres, seq] tensors
-    (NaN where any batch element of a position is not finite). One centre at a time, so the
-    float64 copies stay one centre large."""
+    ``true_logits`` [batch, seq, vocab]: float32 [centres, batch, seq] tensors. One centre at a
+    time, so the float64 copies stay one centre large."""
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
     for center in logits:
         for name, value in logit_agreement(center, true_logits, k).items():
-            rows[name].append(value.mean(0).float())
+            rows[name].append(value.float())
     return {name: torch.stack(value) for name, value in rows.items()}
+
+
+def masked_mean(values: torch.Tensor, real: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The mean of ``values`` over ``dim`` counting only entries where ``real`` (broadcast from
+    the right) is True; NaN at a real entry stays NaN, NaN at an excluded one does not count."""
+    if real is None:
+        return values.mean(dim)
+    real = real.expand(values.shape)
+    total = values.masked_fill(~real, 0).sum(dim)
+    return total / real.sum(dim).clamp_min(1)
+
+
+def per_center_agreement(logits: torch.Tensor, true_logits: torch.Tensor, k: int = 5,
+                         real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`per_token_agreement` averaged over the batch: float32 [centres, seq] tensors (NaN
+    where a batch element of a position is not finite). ``real`` ([batch, seq] bool) excludes
+    padding: each position averages over the prompts that have a token there."""
+    return {name: masked_mean(value, real, 1)
+            for name, value in per_token_agreement(logits, true_logits, k).items()}
 
 
 def summary_agreement(approx: torch.Tensor, true: torch.Tensor, k: int = 5) -> dict[str, float]:

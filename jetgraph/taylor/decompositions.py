@@ -75,7 +75,9 @@ def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any,
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Any:
     """Attention as matmul, mask, softmax, matmul (the math backend's definition; the softmax in
-    float32 for half inputs)."""
+    float32 for half inputs). A query row whose mask hides every key (a left pad's row under a
+    padding mask) gets zero weights, as torch's safe softmax gives, not the NaN of a softmax over
+    -inf: that NaN would reach the real tokens through the next layer's values (0·NaN)."""
     if dropout_p != 0.0:
         raise NotImplementedError("jetgraph captures inference graphs: dropout_p must be 0")
     q_shape, k_shape = shape(query), shape(key)
@@ -93,15 +95,21 @@ def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any,
         keep = emit(aten.tril.default, ones)
         scores = emit(aten.masked_fill.Scalar, scores, emit(aten.logical_not.default, keep),
                       float("-inf"))
+    hidden_rows = None  # [..., q, 1] bool: rows whose mask hides every key
     if attn_mask is not None:
         if _dtype(attn_mask) == torch.bool:
             scores = emit(aten.masked_fill.Scalar, scores,
                           emit(aten.logical_not.default, attn_mask), float("-inf"))
+            hidden_rows = emit(aten.logical_not.default, emit(aten.any.dim, attn_mask, -1, True))
         else:
             scores = emit(aten.add.Tensor, scores, attn_mask)
+            hidden = emit(aten.eq.Scalar, attn_mask, float("-inf"))
+            hidden_rows = emit(aten.all.dim, hidden, -1, True)
     scores, half = _upcast(emit, scores)
-    weights = _downcast(emit, emit(aten._softmax.default, scores, -1, False), half)
-    return emit(aten.matmul.default, weights, value)
+    weights = emit(aten._softmax.default, scores, -1, False)
+    if hidden_rows is not None:
+        weights = emit(aten.masked_fill.Scalar, weights, hidden_rows, 0.0)
+    return emit(aten.matmul.default, _downcast(emit, weights, half), value)
 
 
 def _dtype(value: Any) -> torch.dtype | None:

@@ -1,0 +1,200 @@
+"""Capture in time independent of depth: blocks with the same code share one exported graph.
+
+``torch.export`` of a whole model costs time in proportion to its depth, yet a transformer's
+blocks are usually one class run with different weights. Here the model's stack of blocks (the
+``nn.ModuleList`` of one class holding most parameters, found from the module tree) is grouped
+by *structure*: class, every plain attribute of every submodule (a sliding window, an attention
+type), and parameter shapes and dtypes; an attribute that equals the block's own index in every
+block (its ``layer_idx``) is not structure. The model is exported with one representative block per group,
+lifted, and every block becomes a copy of its representative's graph bound to its own weights.
+
+The result must reproduce the full model's logits on the example, like any capture; when it
+does not (code that branches on the layer index, a forward that indexes per-layer config by
+position) or the model has no such stack, :func:`capture_shared` returns None and the caller
+exports the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Hashable
+
+import torch
+from torch import fx, nn
+
+from jetgraph.capture.export import LogitsWrapper, export_model
+from jetgraph.capture.lift import assign_kinds, lift, verify
+from jetgraph.errors import CaptureError
+from jetgraph.ir import MODULE_SCOPE, PARAMETER_NAME, ResidualProgram, ResidualUnit, unit_name
+
+WRAPPER_PREFIX = "m."  # what LogitsWrapper puts before the model's own parameter names
+
+
+@dataclasses.dataclass
+class BlockStack:
+    """The model's stack of blocks: where it is, and each block's representative."""
+
+    path: str  # "model.layers"
+    blocks: nn.ModuleList
+    representatives: list[int]  # block indices exported, one per structure group
+    group_of: list[int]  # block i -> position of its representative in ``representatives``
+
+
+def find_block_stack(model: nn.Module) -> BlockStack | None:
+    """The ``nn.ModuleList`` of one module class with the most parameters, grouped by structure;
+    None when there is none, or when every block differs (nothing to share)."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > 0 and (best is None or size > best[2]):
+                best = (name, module, size)
+    if best is None:
+        return None
+    path, blocks, _ = best
+    described = [_describe(block) for block in blocks]
+    counters = {key for key in described[0] if all(d.get(key) == i for i, d in enumerate(described))}
+    groups: dict[Hashable, int] = {}
+    representatives: list[int] = []
+    group_of: list[int] = []
+    for index, (block, attributes) in enumerate(zip(blocks, described, strict=True)):
+        tensors = tuple((name, tuple(t.shape), t.dtype)
+                        for name, t in [*block.named_parameters(), *block.named_buffers()])
+        key = (tuple(sorted((k, v) for k, v in attributes.items() if k not in counters)), tensors)
+        if key not in groups:
+            groups[key] = len(representatives)
+            representatives.append(index)
+        group_of.append(groups[key])
+    if len(representatives) == len(blocks):
+        return None
+    return BlockStack(path, blocks, representatives, group_of)
+
+
+def _describe(block: nn.Module) -> dict[tuple[str, str], Hashable]:
+    """(submodule, attribute) -> value for every submodule's class and plain attributes."""
+    attributes: dict[tuple[str, str], Hashable] = {}
+    for name, module in block.named_modules():
+        attributes[(name, "__class__")] = type(module).__qualname__
+        for key, value in vars(module).items():
+            if not key.startswith("_") and _plain(value):
+                attributes[(name, key)] = value  # type: ignore[assignment]
+    return attributes
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, tuple) and all(_plain(v) for v in value)
+
+
+def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   granularity: str) -> ResidualProgram | None:
+    """Capture ``model`` exporting one block per structure group (see the module docstring), or
+    None when the model has no stack of repeated blocks or the shared program is not exact."""
+    stack = find_block_stack(model)
+    if stack is None:
+        return None
+    wrapper = LogitsWrapper(model)
+    parent_path, _, attribute = stack.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    try:
+        truncated = nn.ModuleList([stack.blocks[i] for i in stack.representatives])
+        setattr(parent, attribute, truncated)
+        captured = export_model(model, ids, attention_mask)
+        program = lift(captured)
+    except CaptureError:
+        return None
+    finally:
+        setattr(parent, attribute, stack.blocks)
+    if len(program.blocks) != len(stack.representatives):
+        return None
+    mask = captured.example_attention_mask
+    with torch.no_grad():
+        reference = wrapper(captured.example_input_ids,
+                            mask if mask is not None else torch.ones_like(captured.example_input_ids))
+    full = _bind_blocks(program, stack, wrapper)
+    assign_kinds(full, captured.example_input_ids)
+    try:
+        verify(full, dataclasses.replace(captured, reference_logits=reference))
+    except CaptureError:
+        return None
+    return full.at(granularity)  # type: ignore[arg-type]
+
+
+def _bind_blocks(program: ResidualProgram, stack: BlockStack, wrapper: nn.Module) -> ResidualProgram:
+    """Every block of the stack as a copy of its representative's units, on its own weights."""
+    blocks: list[ResidualUnit] = []
+    leaf_index = 0
+    for layer, group in enumerate(stack.group_of):
+        source = program.blocks[group]
+        rename = _Renamer(stack.path, group, layer, wrapper)
+        children = []
+        first = leaf_index
+        for child in source.children:
+            children.append(ResidualUnit(rename.graph(child.graph_module), child.side_inputs, program.side,
+                                         layer=layer, module_path=rename.path(child.module_path),
+                                         index=leaf_index, reads=first if source.parallel else leaf_index))
+            leaf_index += 1
+        blocks.append(ResidualUnit(rename.graph(source.graph_module), source.side_inputs, program.side,
+                                   name=unit_name("block", layer), layer=layer,
+                                   module_path=rename.path(source.module_path), index=layer, reads=layer,
+                                   children=tuple(children), parallel=source.parallel))
+    return ResidualProgram(program.encoder, blocks, program.decoder, program.side, granularity="block",
+                           model_class=program.model_class, dynamic=program.dynamic,
+                           example_input_ids=program.example_input_ids, reads_mask=program.reads_mask,
+                           max_positions=program.max_positions)
+
+
+def _attribute(root: nn.Module, target: str) -> object:
+    """``root``'s attribute at the dotted ``target``, or None."""
+    try:
+        return functools.reduce(getattr, target.split("."), root)
+    except AttributeError:
+        return None
+
+
+@dataclasses.dataclass
+class _Renamer:
+    """Moves names of the exported representative (position ``group`` of the truncated stack)
+    to block ``layer`` of the model."""
+
+    stack_path: str
+    group: int
+    layer: int
+    wrapper: nn.Module
+
+    def path(self, path: str) -> str:
+        """A model module path: ``model.layers.<group>…`` -> ``model.layers.<layer>…``."""
+        old, new = f"{self.stack_path}.{self.group}", f"{self.stack_path}.{self.layer}"
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+        return path
+
+    def target(self, target: str) -> str:
+        if target.startswith(WRAPPER_PREFIX):
+            return WRAPPER_PREFIX + self.path(target[len(WRAPPER_PREFIX):])
+        return target
+
+    def graph(self, module: fx.GraphModule) -> fx.GraphModule:
+        """A copy of ``module``'s graph whose parameters are block ``layer``'s own tensors."""
+        graph = fx.Graph()
+        output = graph.graph_copy(module.graph, {})
+        graph.output(output)
+        attributes: dict[str, object] = {}
+        for node in graph.nodes:
+            if MODULE_SCOPE in node.meta:
+                node.meta[MODULE_SCOPE] = self.path(node.meta[MODULE_SCOPE])
+            if node.op != "get_attr":
+                continue
+            target = self.target(node.target)
+            own = _attribute(self.wrapper, target) if target != node.target else None
+            # Constants (of the lowering, or lifted by export from a block's forward) and tensors
+            # outside the stack: the representative's. The full-model check catches a constant
+            # that differs between blocks.
+            attributes[target] = own if own is not None else _attribute(module, node.target)
+            node.target = target
+        copy = fx.GraphModule(attributes, graph, class_name="JetgraphModule")
+        names = module.meta.get(PARAMETER_NAME, {})
+        copy.meta[PARAMETER_NAME] = {self.target(t): self.path(n) for t, n in names.items()}
+        return copy
