@@ -412,16 +412,15 @@ def _positions_only(side_module: fx.GraphModule, captured: CapturedGraph, any_si
 
 
 def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
-    """``attn`` if perturbing position 0 changes the update at later positions, else ``mlp``."""
+    """``attn`` if perturbing position 0 changes the update at later positions, else ``mlp``;
+    then name the units (:func:`name_units`)."""
     if ids.shape[1] < 2:
         ids = ids.repeat(1, 2)
-    leaves = program.sublayers
     with torch.no_grad():
         states = program.at("sublayer").stream(ids)
         side = program.side_inputs(ids)
         generator = torch.Generator().manual_seed(0)
-        counts: dict[tuple[int, str], int] = {}
-        for leaf in leaves:
+        for leaf in program.sublayers:
             h = states[leaf.reads]
             out = leaf(h, side)
             moved = h.clone()
@@ -431,10 +430,17 @@ def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
             scale = out[:, 1:].abs().max().clamp_min(1e-12)
             mixes = (out_moved[:, 1:] - out[:, 1:]).abs().max() > 1e-5 * scale
             leaf.kind = "attn" if mixes else "mlp"
-            key = (leaf.layer, leaf.kind)
-            counts[key] = counts.get(key, 0) + 1
+    name_units(program)
+
+
+def name_units(program: ResidualProgram) -> None:
+    """Name unnamed leaves by kind and layer (``attn3``; ``mlp3_2`` for a second MLP branch) and
+    give each block with children the kind ``attn`` if any child mixes positions."""
+    counts: dict[tuple[int, str], int] = {}
+    for leaf in program.sublayers:
+        counts[(leaf.layer, leaf.kind)] = counts.get((leaf.layer, leaf.kind), 0) + 1
     seen: dict[tuple[int, str], int] = {}
-    for leaf in leaves:
+    for leaf in program.sublayers:
         key = (leaf.layer, leaf.kind)
         seen[key] = seen.get(key, 0) + 1
         if not leaf.name:

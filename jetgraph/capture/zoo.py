@@ -100,7 +100,8 @@ def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Modu
 
 
 def gpt2_small_config(layers: int = 12, **overrides: object) -> object:
-    """A GPT-2-small-size config (d=768, 12 heads) for benchmarks."""
+    """A GPT-2-small-size config (d=768, 12 heads) for benchmarks; ``overrides`` replace any field
+    (``n_embd=1024, n_head=16``: GPT-2 medium's width)."""
     import transformers
 
-    return transformers.GPT2Config(n_embd=768, n_layer=layers, n_head=12, **overrides)
+    return transformers.GPT2Config(**{"n_embd": 768, "n_layer": layers, "n_head": 12, **overrides})
