@@ -23,6 +23,7 @@ from torch.export import Dim
 from jetgraph.errors import CaptureError
 from jetgraph.ir import MODULE_SCOPE
 from jetgraph.padding import as_attention_mask, full_mask, positions_from_mask
+from jetgraph.precision import capture_tolerance
 from jetgraph.taylor.lowering import lower_to_core
 
 SUPPORTED = (
@@ -43,8 +44,10 @@ class LogitsWrapper(nn.Module):
     """``(input_ids, attention_mask) -> logits`` around a Hugging Face causal LM or a plain module.
 
     The mask goes to every forward that has an ``attention_mask`` parameter, and position ids
-    counted over the real tokens to every forward that has ``position_ids``; a forward without
-    a mask parameter gets the ids alone (``reads_mask`` is then False).
+    counted over the real tokens to every forward that has ``position_ids`` and whose own
+    default positions are those (:meth:`check_positions`: RoBERTa-style models start counting
+    at ``padding_idx + 1``, and keep their own); a forward without a mask parameter gets the ids
+    alone (``reads_mask`` is then False).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -62,11 +65,31 @@ class LogitsWrapper(nn.Module):
         if self.takes_positions:
             kwargs["position_ids"] = positions_from_mask(attention_mask)
         out = self.m(input_ids, **kwargs)
-        if hasattr(out, "logits"):
-            return out.logits
-        if isinstance(out, (tuple, list)):
-            return out[0]
-        return out
+        return _logits(out)
+
+    def check_positions(self, input_ids: torch.Tensor) -> None:
+        """Pass position ids only if, unpadded, they give what the model's own defaults give."""
+        if not self.takes_positions:
+            return
+        mask = full_mask(input_ids)
+        with torch.no_grad():
+            ours = self(input_ids, mask)
+            self.takes_positions = False
+            default = self(input_ids, mask)
+        if not isinstance(ours, torch.Tensor) or not isinstance(default, torch.Tensor):
+            return
+        tolerance = capture_tolerance(default.dtype) * max(1.0, default.float().abs().max().item())
+        same = ours.shape == default.shape
+        self.takes_positions = same and (ours.float() - default.float()).abs().max().item() <= tolerance
+
+
+def _logits(out: object) -> object:
+    """The logits of a forward's output (``.logits``, the first of a tuple, or the tensor)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
 
 
 @dataclass
@@ -81,6 +104,7 @@ class CapturedGraph:
     reads_mask: bool = True
     example_attention_mask: torch.Tensor | None = None
     max_positions: int | None = None
+    passes_positions: bool = False  # the wrapper gave the model position ids (check_positions)
 
     @property
     def graph(self) -> fx.Graph:
@@ -99,6 +123,10 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor,
     except (TypeError, ValueError) as exc:
         raise CaptureError(f"example attention mask: {exc}", model_class=model_class) from None
     model.eval()
+    try:
+        wrapper.check_positions(ids)
+    except Exception as exc:  # the model itself cannot run on this input
+        raise _capture_error(exc, model, "the model's forward failed on the example input") from exc
     export_ids = _export_example(ids)
     export_inputs = (export_ids, full_mask(export_ids))
     with torch.no_grad():
@@ -137,7 +165,8 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor,
         if dynamic and not _accepts(graph_module, ids):
             dynamic = False
     return CapturedGraph(graph_module, model_class, dynamic, ids, reference, wrapper.reads_mask,
-                         None if example_attention_mask is None else mask, context_length(model))
+                         None if example_attention_mask is None else mask, context_length(model),
+                         wrapper.takes_positions)
 
 
 SYNTHETIC_LENGTH = 8

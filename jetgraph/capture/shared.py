@@ -112,6 +112,7 @@ def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Te
     if len(program.blocks) != len(stack.representatives):
         return None
     mask = captured.example_attention_mask
+    wrapper.takes_positions = captured.passes_positions  # as the export decided
     with torch.no_grad():
         reference = wrapper(captured.example_input_ids,
                             mask if mask is not None else torch.ones_like(captured.example_input_ids))

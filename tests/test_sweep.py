@@ -1,0 +1,37 @@
+"""A fast subset of the architecture sweep (benchmarks/sweep_architectures.py), in process: the
+generic tiny-config recipe builds each model, and each lands in the class it must."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_architectures.py"
+
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("sweep_architectures", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model_type,outcome", [("llama", "expanded"), ("gpt2", "expanded"),
+                                                ("roberta-prelayernorm", "expanded"), ("bert", "refused")])
+def test_subset_lands_where_it_must(model_type: str, outcome: str) -> None:
+    """Llama and GPT-2 capture exactly and their order-1 jets equal torch.func.jvp of the unit;
+    so does pre-LN RoBERTa, whose positions start at padding_idx + 1 (the wrapper once overrode
+    them: wrong logits); BERT (post-LN) is a clean CaptureError, never a crash."""
+    row = _sweep().run_one(model_type)
+    assert row["outcome"] == outcome, row
+    if outcome == "expanded":
+        assert row["jet_error"] <= 1e-4 and row["logit_error"] <= 1e-4
+        assert row["blocks"] == 2 or model_type == "roberta-prelayernorm"  # its sublayers are blocks
+
+
+def test_tiny_config_is_generic() -> None:
+    config = _sweep().tiny_config("qwen2")
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (2, 64, 256)
+    assert config.num_key_value_heads <= config.num_attention_heads == 4
