@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from jetgraph.padding import as_attention_mask, full_mask
+from jetgraph.padding import as_attention_mask, mask_or_full
 
 Granularity = Literal["block", "sublayer"]
 UnitKind = Literal["attn", "mlp"]
@@ -122,8 +122,7 @@ class SideInputs:
                  ) -> dict[str, torch.Tensor]:
         if not self.names:
             return {}
-        mask = full_mask(input_ids) if attention_mask is None else attention_mask
-        values = self.graph_module(input_ids, mask)
+        values = self.graph_module(input_ids, mask_or_full(attention_mask, input_ids))
         return dict(zip(self.names, values, strict=True))
 
     def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -203,14 +202,12 @@ class Encoder:
     module_path: str
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = full_mask(input_ids) if attention_mask is None else attention_mask
-        return self.graph_module(input_ids, mask)
+        return self.graph_module(input_ids, mask_or_full(attention_mask, input_ids))
 
     def addends(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:
         """The terms whose sum is h_0 (e.g. ``token`` and ``position`` for GPT-2)."""
-        mask = full_mask(input_ids) if attention_mask is None else attention_mask
-        values = self.addends_module(input_ids, mask)
+        values = self.addends_module(input_ids, mask_or_full(attention_mask, input_ids))
         return dict(zip(self.addend_names, values, strict=True))
 
 

@@ -14,7 +14,8 @@ from torch.utils import _python_dispatch
 
 def recording() -> bool:
     """Whether a dispatch mode (a tracer, fake tensors, a FLOP counter) sees the ops now. Checks
-    that read tensor values are skipped then: a trace would bake their outcome into the code."""
+    that read tensor values are skipped then (a trace would bake their outcome into the code),
+    and the Taylor engine makes its index tables afresh rather than caching one made under it."""
     return _python_dispatch._get_current_dispatch_mode() is not None
 
 
@@ -26,6 +27,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def full_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """The mask of an unpadded batch: every position real."""
     return torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+
+
+def mask_or_full(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """``attention_mask``, or :func:`full_mask` when it is None (no checks: see
+    :func:`as_attention_mask`)."""
+    return full_mask(input_ids) if attention_mask is None else attention_mask
 
 
 def as_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, *,

@@ -118,8 +118,7 @@ class LensResult:
     def metrics(self) -> dict[str, torch.Tensor]:
         """Each of :data:`METRICS` per centre and position, averaged over the prompts with a token
         there (computed on first use; NaN where :attr:`diverged`)."""
-        real = self.real if self.attention_mask is not None else None
-        return {name: masked_mean(value.cpu(), real, 1) for name, value in self.token_metrics.items()}
+        return {name: masked_mean(value.cpu(), self.real, 1) for name, value in self.token_metrics.items()}
 
     @functools.cached_property
     def prompt_metrics(self) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from jetgraph.capture.export import LogitsWrapper, export_model
 from jetgraph.capture.lift import lift, name_units, verify
 from jetgraph.errors import CaptureError
 from jetgraph.ir import PARAMETER_NAME, ResidualProgram, ResidualUnit, unit_name
+from jetgraph.padding import mask_or_full
 
 WRAPPER_PREFIX = "m."  # what LogitsWrapper puts before the model's own parameter names
 
@@ -114,8 +115,7 @@ def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Te
     mask = captured.example_attention_mask
     wrapper.takes_positions = captured.passes_positions  # as the export decided
     with torch.no_grad():
-        reference = wrapper(captured.example_input_ids,
-                            mask if mask is not None else torch.ones_like(captured.example_input_ids))
+        reference = wrapper(captured.example_input_ids, mask_or_full(mask, captured.example_input_ids))
     full = _bind_blocks(program, stack, wrapper)
     name_units(full)  # kinds are the representatives' (the same code)
     try:

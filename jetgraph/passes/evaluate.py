@@ -33,7 +33,6 @@ class RunInputs:
     def __init__(self, prog: ResidualProgram, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> None:
         self.prog = prog
-        self.padded = attention_mask is not None
         self.input_ids, self.attention_mask = prog.inputs(input_ids, attention_mask)
         self.batch, self.seq = self.input_ids.shape
         self._states: list[torch.Tensor] | None = None
@@ -69,16 +68,13 @@ class RunInputs:
 
     def side_for(self, count: int) -> dict[str, torch.Tensor]:
         """Side inputs for ``count`` copies of the batch stacked along it (masks, RoPE tables),
-        computed by the side-input graph from the stacked ids and mask: right by construction."""
+        computed by the side-input graph from the stacked ids and mask: right by construction,
+        whatever the padding and whether or not the side inputs depend on token ids."""
         if count == 1 or not self.side:
             return self.side
         if count not in self._stacked_side:
-            if self.prog.side.positions_only and not self.padded:
-                self._stacked_side[count] = self.prog.side.for_shape(count * self.batch, self.seq,
-                                                                     self.input_ids.device)
-            else:
-                self._stacked_side[count] = self.prog.side(self.input_ids.repeat(count, 1),
-                                                           self.attention_mask.repeat(count, 1))
+            self._stacked_side[count] = self.prog.side(self.input_ids.repeat(count, 1),
+                                                       self.attention_mask.repeat(count, 1))
         return self._stacked_side[count]
 
 

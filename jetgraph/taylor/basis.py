@@ -17,7 +17,8 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from torch.utils import _python_dispatch
+
+from jetgraph.padding import recording
 
 MAX_ORDER = 18
 """The highest Taylor order jetgraph computes: the symbolic derivatives of tanh, silu and gelu
@@ -103,22 +104,15 @@ class Basis:
 
     def products_by_left(self, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """For each left monomial β: (indices γ with |β|+|γ| ≤ k, indices of β+γ)."""
-        if _recording():
+        if recording():  # index tables made under a tracer are never cached
             return _products_by_left.__wrapped__(self, str(device))
         return _products_by_left(self, str(device))
 
     def pair_tensors(self, device: torch.device, out_degree: int | None = None,
                      skip_left_zero: bool = False, skip_right_zero: bool = False) -> Pairs:
-        if _recording():
+        if recording():  # index tables made under a tracer are never cached
             return _pair_tensors.__wrapped__(self, str(device), out_degree, skip_left_zero, skip_right_zero)
         return _pair_tensors(self, str(device), out_degree, skip_left_zero, skip_right_zero)
-
-
-def _recording() -> bool:
-    """Whether a dispatch mode (a tracer, fake tensors, a FLOP counter) sees the ops now: index
-    tensors are then made afresh, so that none made under the mode is cached and reused outside
-    it, and a trace records how each is made rather than capturing a cached constant."""
-    return _python_dispatch._get_current_dispatch_mode() is not None
 
 
 @functools.cache
