@@ -10,10 +10,11 @@ model runs in its own subprocess with a timeout and is classified:
 - ``refused``: a clean :class:`jetgraph.CaptureError` (the message is kept);
 - ``wrong logits``: captured, but the program disagrees with the model on a second input (a
   longer batch of two; the unpadded row is compared) by more than 1e-4 relative;
-- ``captured``: exact logits, but the order-1 expansion of the first unit failed or disagreed;
-- ``expanded``: exact logits, and the order-1 jet of the first unit at a centre near h_0
+- ``captured``: exact logits, but the order-1 expansion of some unit failed or disagreed;
+- ``expanded``: exact logits, and the order-1 jet of every sublayer unit at a centre near its input
   (coefficients 0 and 1) equals an independent oracle, ``torch.func.jvp`` of the unit's own
-  graph, within 1e-4 relative (float32: graphs cast to float32 inside, as Llama's RMSNorm does);
+  graph (a float64 central difference where it holds another library's op), within 1e-4
+  relative (float32: graphs cast to float32 inside, as Llama's RMSNorm does);
 - ``crash``: any other exception (the program failing on a second input shape included), a
   timeout or a dead process.
 
@@ -34,36 +35,106 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep.json"
 OUTCOMES = ("expanded", "captured", "refused", "wrong logits", "crash", "not testable")
-SIZES = {  # config attribute -> tiny value, applied where the config has the attribute
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
+MINIMAL = {  # issue 13's recipe: depth, width, heads and vocabulary; the config's defaults otherwise
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64,
-    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4,
-    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "vocab_size": 256, "head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "decoder_attention_heads": 4,
+    "vocab_size": 256,
 }
+SMALL = {  # the fallback where the minimal recipe leaves a model too big: inner sizes too
+    **MINIMAL,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128,
+    "decoder_ffn_dim": 128, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "num_experts": 8, "n_routed_experts": 8, "num_local_experts": 8,
+}
+SIZES = SMALL  # the most a recipe shrinks (kept for readers of older results)
+RECIPES = (("minimal", MINIMAL), ("small", SMALL))
+MAX_PARAMETERS = 40_000_000  # a recipe whose model is larger is skipped (2 workers, 8 GB here)
 TIMEOUT_S = 240
 
 
-def tiny_config(model_type: str):
-    """The config's defaults with the sizes of :data:`SIZES` where it has those attributes."""
+def tiny_config(model_type: str, sizes: dict[str, int] | None = None):
+    """The config's defaults with ``sizes`` (default :data:`MINIMAL`) where it has those integer
+    attributes, in nested sub-configs (a text config inside a multimodal one) too."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
-    for name, value in SIZES.items():
-        if isinstance(getattr(config, name, None), int) and not isinstance(getattr(config, name), bool):
+    _shrink(config, MINIMAL if sizes is None else sizes, set())
+    config._attn_implementation = "eager"
+    return config
+
+
+def _shrink(config, sizes: dict[str, int], seen: set[int]) -> None:
+    from transformers import PretrainedConfig
+
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    heads_before = _int(config, "num_attention_heads")
+    for name, value in sizes.items():
+        current = _int(config, name)
+        if current is not None and current > value:
             setattr(config, name, value)
-    for name in ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"):
-        current = getattr(config, name, None)
-        if isinstance(current, int) and not isinstance(current, bool):
-            setattr(config, name, min(current, 2))
+    heads = _int(config, "num_attention_heads")
+    for name in ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
+                 "decoder_kv_heads"):
+        current = _int(config, name)
+        if current is not None and heads and heads_before:  # keep the query/key-value group ratio
+            setattr(config, name, max(1, heads // max(1, heads_before // max(current, 1))))
+    for name in ("num_experts_per_tok", "top_k", "moe_topk"):
+        current = _int(config, name)
+        experts = next((_int(config, e) for e in ("num_experts", "n_routed_experts", "num_local_experts")
+                        if _int(config, e) is not None), None)
+        if isinstance(current, int) and experts is not None and current > experts:
+            setattr(config, name, experts)
     for name in ("layer_types", "block_types", "layers_block_type"):
-        value = getattr(config, name, None)
+        value = _attribute(config, name)
         if isinstance(value, (list, tuple)) and len(value) > 2:
             setattr(config, name, list(value[:2]))
     config._attn_implementation = "eager"
-    return config
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            _shrink(value, sizes, seen)
+
+
+def _attribute(config, name: str):
+    try:  # some configs raise on per-layer attributes read globally
+        return getattr(config, name, None)
+    except Exception:
+        return None
+
+
+def _int(config, name: str) -> int | None:
+    value = _attribute(config, name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def build_model(model_type: str):
+    """The first recipe of :data:`RECIPES` whose model has at most :data:`MAX_PARAMETERS` and
+    runs on input_ids alone: ``(recipe name, config, model, ids)``; raises the last failure."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    failures: list[str] = []
+    for name, sizes in RECIPES:
+        try:
+            config = tiny_config(model_type, sizes)
+            with torch.device("meta"):
+                size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+            if size > MAX_PARAMETERS:
+                raise MemoryError(f"{size / 1e6:.0f}M parameters with the {name} recipe")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+            vocab = int(getattr(config, "vocab_size", 256) or 256)
+            ids = torch.randint(0, min(vocab, 256), (1, 8), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+            return name, config, model, ids
+        except Exception as exc:  # try the next recipe
+            failures.append(f"{name}: {_first_line(exc)[:140]}")
+    raise RuntimeError("; ".join(failures))
 
 
 def run_one(model_type: str) -> dict[str, object]:
@@ -74,17 +145,11 @@ def run_one(model_type: str) -> dict[str, object]:
 
     row: dict[str, object] = {"model_type": model_type}
     try:
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        config = tiny_config(model_type)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-        vocab = int(getattr(config, "vocab_size", 256) or 256)
-        ids = torch.randint(0, min(vocab, 256), (1, 8), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+        recipe, config, model, ids = build_model(model_type)
     except Exception as exc:  # a model we cannot even run is not testable
         return {**row, "outcome": "not testable", "detail": _first_line(exc)}
+    row["recipe"] = recipe
+    vocab = int(getattr(config, "vocab_size", 256) or 256)
     start = time.perf_counter()
     try:
         prog = jetgraph.capture(model, ids)
@@ -94,9 +159,14 @@ def run_one(model_type: str) -> dict[str, object]:
         return {**row, "outcome": "crash", "detail": f"capture: {_first_line(exc)}"}
     row.update({"capture_s": round(time.perf_counter() - start, 2), "blocks": len(prog.blocks),
                 "sublayers": len(prog.sublayers)})
-    other = torch.randint(0, min(vocab, 256), (2, 11), generator=torch.Generator().manual_seed(2))
+    row["dynamic"] = prog.dynamic
+    # a second input of another batch and length, left-padded in its first row; a program whose
+    # export fixed the shape (prog.dynamic False) is checked on other tokens of the example's shape
+    shape = (2, 11) if prog.dynamic else tuple(ids.shape)
+    other = torch.randint(0, min(vocab, 256), shape, generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(other)
-    mask[0, :3] = 0  # left padding in the first row
+    if prog.dynamic:
+        mask[0, :3] = 0
     try:
         with torch.no_grad():
             kwargs = {"attention_mask": mask} if prog.reads_mask else {}
@@ -104,13 +174,15 @@ def run_one(model_type: str) -> dict[str, object]:
             logits = prog(other, attention_mask=mask if prog.reads_mask else None)
         real = mask.bool() if prog.reads_mask else torch.ones_like(mask, dtype=torch.bool)
         # the model uses positions 0..seq-1 whatever the padding; compare the unpadded row exactly
-        error = (logits[1] - reference[1]).abs().max().item()
-        scale = max(1.0, reference[1].abs().max().item())
+        row_index = other.shape[0] - 1
+        error = (logits[row_index] - reference[row_index]).abs().max().item()
+        scale = max(1.0, reference[row_index].abs().max().item())
         row["logit_error"] = error
         if not error <= 1e-4 * scale or not torch.isfinite(logits[real]).all():
             return {**row, "outcome": "wrong logits", "detail": f"max |Δlogit| {error:.3g} on a second input"}
     except Exception as exc:
-        return {**row, "outcome": "crash", "detail": f"second input [2, 11]: {_first_line(exc)}"}
+        return {**row, "outcome": "crash", "detail": f"second input {list(shape)}: {_first_line(exc)}"}
+    row["ops_without_rule"] = ops_without_rule(prog)
     try:
         row["jet_error"] = _order_one_error(prog, ids)
     except Exception as exc:
@@ -122,25 +194,64 @@ def run_one(model_type: str) -> dict[str, object]:
 
 
 def _order_one_error(prog, ids) -> float:
-    """Relative error of the order-1 jet of unit 0 at h_0 + δ along h_0 − centre (coefficients 0
-    and 1) against ``torch.func.jvp`` of the unit's own graph."""
+    """The largest relative error, over every sublayer unit, of its order-1 jet at a centre near
+    its input h (coefficients 0 and 1, along h − centre) against :func:`_oracle` on the unit's
+    own graph."""
     import torch
 
     import jetgraph
 
     view = prog.at("sublayer")
-    unit = view.units[0]
     states, side = view.stream_with_side_inputs(ids)
-    h = states[0]
-    center = h + 0.1 * h.std() * torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
-    jet = jetgraph.jet(unit, center, h, order=1, side=side)
-    args = [side[name] for name in unit.side_inputs]
+    generator = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for unit in view.units:
+        h = states[unit.reads]
+        center = h + 0.1 * h.std() * torch.randn(h.shape, generator=generator).to(h.dtype)
+        jet = jetgraph.jet(unit, center, h, order=1, side=side)
+        args = [side[name] for name in unit.side_inputs]
+        value, tangent = _oracle(unit.graph_module, center, h - center, args)
+        coefficients = jet.coefficients
+        scale = max(value.abs().max().item(), tangent.abs().max().item(), 1e-12)
+        error = max((coefficients[0] - value).abs().max().item(),
+                    (coefficients[1] - tangent).abs().max().item()) / scale
+        worst = max(worst, error)
+    return worst
+
+
+def _oracle(graph_module, center, direction, args):
+    """(f(c), Df(c)[v]) for a unit's graph: ``torch.func.jvp``, or, where the graph holds ops of
+    other libraries (their forward-mode AD can be silently zero: transformers' grouped matmul),
+    a central difference of the graph run in float64."""
+    import copy
+
+    import torch
+
+    foreign = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                  and n.target.namespace not in ("aten", "prims") for n in graph_module.graph.nodes)
     with torch.no_grad():
-        value, tangent = torch.func.jvp(lambda x: unit.graph_module(x, *args), (center,), (h - center,))
-    coefficients = jet.coefficients
-    scale = max(value.abs().max().item(), tangent.abs().max().item(), 1e-12)
-    return max((coefficients[0] - value).abs().max().item(),
-               (coefficients[1] - tangent).abs().max().item()) / scale
+        if not foreign:
+            return torch.func.jvp(lambda x: graph_module(x, *args), (center,), (direction,))
+        value = graph_module(center, *args)
+        wide = copy.deepcopy(graph_module).to(torch.float64)
+        wide_args = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        step = 1e-5
+        c, v = center.double(), direction.double()
+        tangent = (wide(c + step * v, *wide_args) - wide(c - step * v, *wide_args)) / (2 * step)
+        return value, tangent.to(value.dtype)
+
+
+def ops_without_rule(prog) -> list[str]:
+    """Ops in the program's units that have no Taylor rule. A diagnostic: an op that only ever
+    sees constants (mask arithmetic) needs none; one that sees the stream's series would raise."""
+    from jetgraph.taylor import has_rule
+
+    missing = set()
+    for unit in prog.at("sublayer").units:
+        for node in unit.graph_module.graph.nodes:
+            if node.op == "call_function" and not has_rule(node.target):
+                missing.add(str(node.target))
+    return sorted(missing)
 
 
 def markdown(results: dict) -> str:

@@ -314,6 +314,12 @@ class ResidualProgram:
         """``input_ids`` and ``attention_mask`` checked for this program: int64 [batch, seq] each
         (the mask all ones when None)."""
         ids = as_input_ids(input_ids)
+        example = self.example_input_ids
+        if not self.dynamic and example is not None and ids.shape != example.shape:
+            raise ValueError(
+                f"input_ids of shape {tuple(ids.shape)}: this program accepts only the shape it was "
+                f"captured at, {tuple(example.shape)} (torch.export fixed the sizes, e.g. by unrolling "
+                "a loop over the positions); capture it again with an example of the shape you need")
         return ids, as_attention_mask(attention_mask, ids, reads_mask=self.reads_mask)
 
     def side_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from jetgraph.errors import CaptureError
 from jetgraph.ir import MODULE_SCOPE
 from jetgraph.padding import as_attention_mask, full_mask, positions_from_mask
 from jetgraph.precision import capture_tolerance
-from jetgraph.taylor.lowering import lower_to_core
+from jetgraph.taylor.lowering import core_module
 
 SUPPORTED = (
     "jetgraph captures pre-LN residual causal LMs whose forward maps input_ids to logits "
@@ -141,29 +142,14 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor,
                 + SUPPORTED,
                 model_class=model_class,
             )
-        dynamic = True
+        exported, dynamic = _export(wrapper, model, export_inputs, ids)
         try:
-            exported = torch.export.export(
-                wrapper,
-                export_inputs,
-                dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}),
-                strict=False,
-            )
-        except Exception:
-            dynamic = False
-            try:
-                exported = torch.export.export(wrapper, (ids, full_mask(ids)), strict=False)
-            except Exception as exc:
-                raise _capture_error(exc, model, "torch.export failed") from exc
-        graph_module = exported.module(check_guards=False)
-        _strip_asserts(graph_module)
-        try:
-            lower_to_core(graph_module)
+            graph_module = core_module(exported)
         except Exception as exc:
             raise _capture_error(exc, model, "lowering to the core op set failed") from exc
+        _strip_asserts(graph_module)
         record_module_scopes(graph_module)
-        if dynamic and not _accepts(graph_module, ids):
-            dynamic = False
+        _check_graph(graph_module, model, ids, mask, reference)
     return CapturedGraph(graph_module, model_class, dynamic, ids, reference, wrapper.reads_mask,
                          None if example_attention_mask is None else mask, context_length(model),
                          wrapper.takes_positions)
@@ -233,20 +219,60 @@ def _export_example(ids: torch.Tensor) -> torch.Tensor:
     return ids.contiguous()
 
 
+def _export(wrapper: nn.Module, model: nn.Module, export_inputs: tuple[torch.Tensor, torch.Tensor],
+            ids: torch.Tensor) -> tuple[torch.export.ExportedProgram, bool]:
+    """Export with a dynamic batch and sequence length; ``dynamic`` is whether the graph really
+    kept both symbolic. Export may fix a size silently (a Python loop over the positions, as
+    state-space models run without their kernels, is unrolled): the program then accepts only
+    the example's shape, so it is exported on the example itself."""
+    try:
+        exported = torch.export.export(
+            wrapper, export_inputs,
+            dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}), strict=False)
+    except Exception:
+        exported = None
+    if exported is not None and _symbolic_sizes(exported):
+        return exported, True
+    try:
+        return torch.export.export(wrapper, (ids, full_mask(ids)), strict=False), False
+    except Exception as exc:
+        raise _capture_error(exc, model, "torch.export failed") from exc
+
+
+def _check_graph(graph_module: fx.GraphModule, model: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, reference: torch.Tensor) -> None:
+    """The functional, lowered graph must give the eager model's logits on the example (so a
+    later failure of the lifted program is the lift's, not the export's)."""
+    try:
+        logits = graph_module(ids, mask)
+    except Exception as exc:
+        raise _capture_error(exc, model, "the exported graph does not run on the example") from exc
+    relative = capture_tolerance(reference.dtype)
+    tolerance = relative * max(1.0, reference.float().abs().max().item())
+    same = isinstance(logits, torch.Tensor) and logits.shape == reference.shape
+    error = (logits.float() - reference.float()).abs().max().item() if same else float("inf")
+    if not error <= tolerance:
+        raise CaptureError(
+            f"the exported graph does not reproduce the model's logits (max abs error {error:.3g} > "
+            f"{tolerance:.3g}): torch.export or the functionalisation of in-place ops changed the "
+            "computation. " + SUPPORTED, model_class=type(model).__name__)
+
+
+def _symbolic_sizes(exported: torch.export.ExportedProgram) -> bool:
+    """Whether the first input's batch and sequence sizes stayed symbolic in the export."""
+    first = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name in
+                 {spec.arg.name for spec in exported.graph_signature.input_specs
+                  if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT})
+    shape = first.meta["val"].shape  # a size export specialised is a SymInt with a constant value
+    return all(isinstance(size, torch.SymInt) and not is_concrete_int(size) for size in shape)
+
+
 def _parameters(model: nn.Module) -> set[str]:
     """The names ``model.forward`` accepts (empty when its signature cannot be read)."""
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return set()
-
-
-def _accepts(graph_module: fx.GraphModule, ids: torch.Tensor) -> bool:
-    try:
-        graph_module(ids, full_mask(ids))
-        return True
-    except Exception:
-        return False
 
 
 def _strip_asserts(graph_module: fx.GraphModule) -> None:

@@ -23,6 +23,7 @@ from jetgraph.capture.subgraph import (
     GraphIndex,
     SideRegistry,
     combine_sum,
+    combine_sum_minus_input,
     combine_tuple,
     descendants,
     extract,
@@ -60,16 +61,27 @@ _READOUTS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matm
 
 @dataclass
 class ResidualAdd:
-    """One residual addition of the stream: ``out = inp + Σ updates``."""
+    """One step of the stream: ``out = inp + Σ updates`` or, for a scaled stream, ``out = a·inp
+    + Σ updates`` (``scaled`` is the node a·inp) or ``out = c·(inp + f(inp))`` (a rescaled
+    step: ``updates`` is [out]). A scaled step's first branch computes its part minus ``inp``,
+    so every unit stays a pure update γ(h) = out − h."""
 
     out: fx.Node
     inp: fx.Node
     updates: list[fx.Node]  # stream-dependent branches, in topological order
     constants: list[fx.Node]  # addends that do not read the stream (added to the first branch)
+    scaled: fx.Node | None = None  # a·inp, added to the first branch
+    minus_input: bool = False  # the first branch is Σ its outputs − inp
 
     @property
     def scope(self) -> str:
         return module_scope(self.out)
+
+    def branch_outputs(self, position: int) -> list[fx.Node]:
+        """The graph nodes branch ``position`` sums (before subtracting ``inp``)."""
+        if position:
+            return [self.updates[position]]
+        return [self.updates[0], *self.constants, *([self.scaled] if self.scaled is not None else [])]
 
 
 def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram:
@@ -141,14 +153,18 @@ def _peel(node: fx.Node) -> fx.Node:
     return node
 
 
-def _addends(node: fx.Node) -> list[fx.Node]:
-    """Operands of a tree of adds, descending into adds used only by the tree."""
+def _addends(node: fx.Node, scope: str | None = None) -> list[fx.Node]:
+    """Operands of a tree of adds, descending into adds used only by the tree and computed in
+    the same module as its root: a sum a submodule returns (an MoE's routed + shared experts)
+    is one addend, a sum the block itself forms (GPT-J's h + attn + mlp) is several."""
+    scope = module_scope(node) if scope is None else scope
     result: list[fx.Node] = []
     for operand in node.args[:2]:
         if not isinstance(operand, fx.Node):
             result.append(operand)
-        elif is_add(operand) and len(operand.users) == 1 and _same_shape(operand, node):
-            result.extend(_addends(operand))
+        elif (is_add(operand) and len(operand.users) == 1 and _same_shape(operand, node)
+              and module_scope(operand) == scope):
+            result.extend(_addends(operand, scope))
         else:
             result.append(operand)
     return result
@@ -160,12 +176,14 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 
 def _split(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
-    """``node = p + Σ updates`` with every update depending on p, or None."""
-    if not is_add(node) or node not in index.on_ids:
-        return None
+    """``node = p + Σ updates`` (or ``a·p + Σ updates``, or ``c·(p + f(p))``) with every update
+    depending on p's value, or None."""
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.dim() < 2:
+    if node not in index.on_ids or not isinstance(val, torch.Tensor) or not val.is_floating_point() \
+            or val.dim() < 2:
         return None
+    if not is_add(node):
+        return _rescaled(index, node)
     addends = _addends(node)
     if any(not isinstance(a, fx.Node) for a in addends):
         return None
@@ -173,12 +191,49 @@ def _split(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
         if candidate not in index.on_ids or not _same_shape(candidate, node):
             continue
         others = [a for a in addends if a is not candidate]
-        updates = sorted((a for a in others if index.is_ancestor(candidate, a)),
-                         key=index.order.__getitem__)
-        if updates:
-            constants = [a for a in others if a not in updates]
-            return ResidualAdd(node, _peel(candidate), updates, constants)
+        scaled = _scaled_input(index, candidate)
+        for stream, scale in ((candidate, None), (scaled, candidate)):
+            if stream is None:
+                continue
+            updates = sorted((a for a in others if index.depends_on_value(stream, a)),
+                             key=index.order.__getitem__)
+            if updates:
+                constants = [a for a in others if a not in updates]
+                return ResidualAdd(node, _peel(stream), updates, constants, scaled=scale,
+                                   minus_input=scale is not None)
     return None
+
+
+_SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+def _scaled_input(index: GraphIndex, node: fx.Node) -> fx.Node | None:
+    """p when ``node`` is ``p·c`` (or ``c·p``, ``p/c``) with c a constant of the model (a number,
+    or a parameter with at most one value per channel), else None."""
+    if node.op != "call_function" or node.target not in _SCALES:
+        return None
+    a, b = node.args[:2]
+    pairs = [(a, b), (b, a)] if node.target in (aten.mul.Tensor, aten.mul.Scalar) else [(a, b)]
+    for stream, scale in pairs:
+        if not isinstance(stream, fx.Node) or stream not in index.on_ids or not _same_shape(stream, node):
+            continue
+        if not isinstance(scale, fx.Node):
+            return stream
+        value = scale.meta.get("val")
+        if (scale not in index.on_ids and isinstance(value, torch.Tensor)
+                and value.numel() <= node.meta["val"].shape[-1]):
+            return stream
+    return None
+
+
+def _rescaled(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
+    """``node = c·s`` where s is itself a residual step ``p + f(p)``: one step p -> node (gemma4
+    scales each layer's output by a constant)."""
+    inner = _scaled_input(index, node)
+    step = _split(index, inner) if inner is not None and is_add(inner) else None
+    if step is None:
+        return None
+    return ResidualAdd(node, step.inp, [node], [], minus_input=True)
 
 
 def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[list[ResidualAdd], fx.Node]:
@@ -256,11 +311,13 @@ class _Cutter:
     model_class: str
 
     def region(self, inputs: list[tuple[fx.Node, str]], outputs: list[fx.Node], what: str,
-               stream_outputs: bool = False, scope: str = "") -> Region:
-        """Cut ``inputs -> outputs``; errors gain the model class and what is supported."""
+               stream_outputs: bool = False, scope: str = "", minus_input: bool = False) -> Region:
+        """Cut ``inputs -> outputs`` (their sum, minus the first input with ``minus_input``);
+        errors gain the model class and what is supported."""
         h0 = min(self.stream, key=self.index.order.__getitem__)
         try:
-            fn, side_names = extract(self.index, inputs, outputs, combine=combine_sum,
+            fn, side_names = extract(self.index, inputs, outputs,
+                                     combine=combine_sum_minus_input if minus_input else combine_sum,
                                      stream=self.stream, side=self.side_registry,
                                      stream_shape=h0.meta["val"].shape,
                                      stream_outputs=stream_outputs, what=what)
@@ -278,14 +335,17 @@ class _Cutter:
                 "stream", model_class=self.model_class, module=block_steps[0].scope)
         leaves = []
         for step in block_steps:
-            for position, update in enumerate(step.updates):
-                outputs = [update] + (step.constants if position == 0 else [])
-                leaves.append(self.region([(step.inp, "h")], outputs,
-                                          f"unit {len(leaves)} of block {layer}",
-                                          stream_outputs=True, scope=step.scope))
-        outputs = [n for step in block_steps for n in step.updates + step.constants]
-        region = self.region([(block_steps[0].inp, "h")], outputs, f"block {layer}",
-                             stream_outputs=True)
+            for position in range(len(step.updates)):
+                leaves.append(self.region([(step.inp, "h")], step.branch_outputs(position),
+                                          f"unit {len(leaves)} of block {layer}", stream_outputs=True,
+                                          scope=step.scope, minus_input=step.minus_input and not position))
+        if any(step.minus_input for step in block_steps):  # the block's update is its output − h
+            region = self.region([(block_steps[0].inp, "h")], [block_steps[-1].out], f"block {layer}",
+                                 stream_outputs=True, minus_input=True)
+        else:
+            outputs = [n for step in block_steps for n in step.updates + step.constants]
+            region = self.region([(block_steps[0].inp, "h")], outputs, f"block {layer}",
+                                 stream_outputs=True)
         region.module_path = block_steps[0].scope or (leaves[0].module_path if len(leaves) == 1 else "")
         parallel = len(block_steps) == 1 and len(block_steps[0].updates) > 1
         return CutBlock(region, leaves, parallel)

@@ -71,6 +71,24 @@ class GraphIndex:
                     stack.append(parent)
         return False
 
+    def depends_on_value(self, ancestor: fx.Node, node: fx.Node) -> bool:
+        """Whether ``node``'s *value* depends on ``ancestor``: like :meth:`is_ancestor`, but an
+        edge that reads only a shape (``sym_size``, ``new_zeros``, ``expand_as``'s sizes, the
+        buffer ``copy`` overwrites) does not count."""
+        if ancestor is node:
+            return True
+        stop = self.order[ancestor]
+        stack, seen = [node], {node}
+        while stack:
+            current = stack.pop()
+            for parent in value_inputs(current):
+                if parent is ancestor:
+                    return True
+                if parent not in seen and self.order[parent] > stop:
+                    seen.add(parent)
+                    stack.append(parent)
+        return False
+
     def ancestors(self, outputs: Iterable[fx.Node], stop: set[fx.Node] | None = None) -> set[fx.Node]:
         stop = stop or set()
         found: set[fx.Node] = set()
@@ -83,6 +101,25 @@ class GraphIndex:
             if node not in stop:
                 stack.extend(node.all_input_nodes)
         return found
+
+
+# Ops whose first argument gives only a shape, dtype or device, never values.
+_SHAPE_READS = {
+    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_empty.default,
+    aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.empty_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.copy.default,
+}
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node``'s value depends on (all, less a shape-only first one)."""
+    inputs = node.all_input_nodes
+    first = node.args[0] if node.args else None
+    if node.op == "call_function" and node.target in _SHAPE_READS and isinstance(first, fx.Node):
+        later: list[fx.Node] = []
+        fx.node.map_arg((node.args[1:], node.kwargs), later.append)
+        return [n for n in inputs if n is not first or n in later]
+    return inputs
 
 
 def descendants(nodes: Sequence[fx.Node], roots: Iterable[fx.Node]) -> set[fx.Node]:
@@ -133,6 +170,12 @@ def combine_sum(graph: fx.Graph, values: list[fx.Node]) -> fx.Node:
     return functools.reduce(
         lambda a, b: graph.call_function(aten.add.Tensor, (a, b)), values
     )
+
+
+def combine_sum_minus_input(graph: fx.Graph, values: list[fx.Node]) -> fx.Node:
+    """Σ values − h (h the region's first input): the pure update of a scaled step."""
+    h = next(node for node in graph.nodes if node.op == "placeholder")
+    return graph.call_function(aten.sub.Tensor, (combine_sum(graph, values), h))
 
 
 def combine_tuple(graph: fx.Graph, values: list[fx.Node]) -> tuple[fx.Node, ...]:
@@ -223,12 +266,23 @@ def _as_node_shape(graph: fx.Graph, h: fx.Node, node: fx.Node, stream_shape: tor
 
 def _as_stream_shape(graph: fx.Graph, value: fx.Node, node: fx.Node, h: fx.Node,
                      stream_shape: torch.Size) -> fx.Node:
-    """Reshape a flattened stream-sized output back to the stream's shape."""
+    """Reshape a flattened stream-sized output back to the stream's shape, or expand one that
+    broadcasts against it (a bias added to the stream)."""
     shape = _shape(node)
     if shape is None or shape == stream_shape:
         return value
     sizes = [graph.call_function(aten.sym_size.int, (h, dim)) for dim in range(len(stream_shape))]
+    if _broadcasts(shape, stream_shape):
+        return graph.call_function(aten.expand.default, (value, sizes))
     return graph.call_function(aten.reshape.default, (value, sizes))
+
+
+def _broadcasts(shape: Sequence[object], target: Sequence[object]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without being a flattening of it."""
+    if len(shape) > len(target):
+        return False
+    pairs = zip(reversed(list(shape)), reversed(list(target)), strict=False)
+    return all(s == 1 or s is t or s == t for s, t in pairs)
 
 
 def _is_ids_size(index: GraphIndex, node: fx.Node) -> bool:

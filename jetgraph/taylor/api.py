@@ -130,7 +130,7 @@ def trace_callable(f: Callable[[torch.Tensor], torch.Tensor], example: torch.Ten
     cached = _traced.get(key)
     if cached is not None and cached[0] is f:
         return cached[1]
-    from jetgraph.taylor.lowering import lower_to_core
+    from jetgraph.taylor.lowering import core_module
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:
@@ -141,7 +141,7 @@ def trace_callable(f: Callable[[torch.Tensor], torch.Tensor], example: torch.Ten
             return (self.f or f)(x)
 
     exported = torch.export.export(Wrapper(), (example,), strict=False)
-    module = lower_to_core(exported.module(check_guards=False))
+    module = core_module(exported)
     _traced[key] = (f, module)
     return module
 

@@ -112,6 +112,20 @@ def scaled_dot_product_attention(emit: Emit, shape: Shape, query: Any, key: Any,
     return emit(aten.matmul.default, _downcast(emit, weights, half), value)
 
 
+def copy(emit: Emit, shape: Shape, target: Any, source: Any, non_blocking: bool = False) -> Any:
+    """``copy(self, src)`` (what functionalising ``copy_`` gives): src cast to self's dtype and
+    broadcast to self's shape. As plain ops it has forward-mode AD, which ``aten.copy`` lacks."""
+    dtype = _dtype(target)
+    if dtype is not None and _dtype(source) != dtype:
+        source = emit(aten._to_copy.default, source, dtype=dtype)
+    target_shape = list(shape(target))
+    if list(shape(source)) == target_shape:
+        return source
+    sizes = [size if isinstance(size, int) else emit(aten.sym_size.int, target, dim)
+             for dim, size in enumerate(target_shape)]
+    return emit(aten.expand.default, source, sizes)
+
+
 def _dtype(value: Any) -> torch.dtype | None:
     if isinstance(value, torch.Tensor):
         return value.dtype
@@ -122,6 +136,7 @@ def _dtype(value: Any) -> torch.dtype | None:
 DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
     aten.layer_norm.default: layer_norm,
     aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
+    aten.copy.default: copy,
 }
 if hasattr(aten, "rms_norm"):
     DECOMPOSITIONS[aten.rms_norm.default] = rms_norm

@@ -13,7 +13,7 @@ from torch import fx
 
 from jetgraph.errors import JetRuleError
 from jetgraph.ir import module_scope
-from jetgraph.taylor.rules import RULES
+from jetgraph.taylor.rules import rule_for
 from jetgraph.taylor.series import Series, is_series
 
 
@@ -62,6 +62,8 @@ class JetInterpreter(fx.Interpreter):
                 live[key] = live.get(key, 0) + 1
         owned = []
         for series in candidates:
+            if series.coeffs.requires_grad and series.coeffs._is_view():
+                continue  # autograd forbids writing into some views (split pieces)
             if live.get(series.coeffs.untyped_storage()._cdata, 0) == 1:
                 series.owned = True
                 owned.append(series)
@@ -70,7 +72,7 @@ class JetInterpreter(fx.Interpreter):
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not _touches_series(args) and not _touches_series(kwargs):
             return target(*args, **kwargs)
-        rule = RULES.get(target)
+        rule = rule_for(target)
         if rule is None:
             raise self._missing(target)
         try:

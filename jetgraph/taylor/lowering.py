@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
 from jetgraph.taylor.decompositions import DECOMPOSITIONS
+from jetgraph.taylor.functional import Unsupported, fake_mode_of, functionalize, node_emitter
 
 aten = torch.ops.aten
 
@@ -27,11 +27,22 @@ _IDENTITIES = {
 }
 
 
+def core_module(exported: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The exported program as a functional core-op GraphModule: in-place ops rewritten by the
+    fast pass (:func:`jetgraph.taylor.functional.functionalize`), or, for a write it cannot
+    invert, by ``run_decompositions({})`` (a retrace: seconds); then :func:`lower_to_core`."""
+    module = exported.module(check_guards=False)
+    try:
+        functionalize(module)
+    except Unsupported:
+        module = exported.run_decompositions({}).module(check_guards=False)
+    return lower_to_core(module)
+
+
 def lower_to_core(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Rewrite composite ops in place; returns the same module, recompiled."""
     graph = graph_module.graph
-    vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    fake_mode = detect_fake_mode(vals)
+    fake_mode = fake_mode_of(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -41,7 +52,7 @@ def lower_to_core(graph_module: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
         elif node.target in DECOMPOSITIONS:
             with graph.inserting_before(node):
-                emit = _emitter(graph, node, fake_mode)
+                emit = node_emitter(graph, node, fake_mode)
                 result = DECOMPOSITIONS[node.target](emit, _node_shape, *node.args, **node.kwargs)
             node.replace_all_uses_with(result)
         else:
@@ -71,26 +82,3 @@ def _same_value_type(node: fx.Node, source: Any) -> bool:
 
 def _node_shape(node: fx.Node) -> torch.Size:
     return node.meta["val"].shape
-
-
-def _emitter(graph: fx.Graph, source: fx.Node, fake_mode: Any):
-    """``emit(op, *args)`` appends a node and computes its fake value."""
-    stack = source.meta.get("nn_module_stack")
-
-    def emit(op: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        if op is aten.ones.default:
-            kwargs.setdefault("device", source.meta["val"].device)
-        node = graph.call_function(op, tuple(args), kwargs)
-        if stack is not None:
-            node.meta["nn_module_stack"] = stack
-        if fake_mode is not None:
-            fake_args, fake_kwargs = torch.fx.node.map_aggregate(
-                (args, kwargs), lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a)
-            try:
-                with fake_mode:
-                    node.meta["val"] = op(*fake_args, **fake_kwargs)
-            except Exception:  # a value is only an aid for later passes, never required
-                pass
-        return node
-
-    return emit

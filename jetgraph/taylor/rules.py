@@ -122,6 +122,25 @@ deflinear(aten.to.device, lambda c, device, dtype, *args, **kwargs: c.to(device=
 deflinear(aten.type_as.default, lambda c, other: c.to(other.dtype))
 deflinear(aten.index.Tensor, lambda c, indices: aten.index.Tensor(c, [None, *indices]))
 deflinear(aten.roll.default, lambda c, shifts, dims=(): c.roll(shifts, [_shift(d) for d in dims]))
+deflinear(aten.flip.default, lambda c, dims: c.flip([_shift(d) for d in dims]))
+deflinear(aten.cumsum.default, lambda c, dim, dtype=None: c.cumsum(_shift(dim), dtype=dtype))
+deflinear(aten.tril.default, lambda c, diagonal=0: c.tril(diagonal))
+deflinear(aten.triu.default, lambda c, diagonal=0: c.triu(diagonal))
+deflinear(aten.narrow.default, lambda c, dim, start, length: c.narrow(_shift(dim), start, length))
+deflinear(aten.view_as.default, lambda c, other: c.reshape(c.shape[:1] + tuple(other.shape)))
+deflinear(aten.unflatten.int, lambda c, dim, sizes: c.unflatten(_shift(dim), sizes))
+deflinear(aten.view_as_complex.default, lambda c: torch.view_as_complex(c.contiguous()))
+deflinear(aten.view_as_real.default, torch.view_as_real)
+deflinear(aten.real.default, torch.real)
+deflinear(aten.imag.default, torch.imag)
+
+
+def _repeat(x: Series, repeats: Sequence[int]) -> Series:
+    """``repeat`` may prepend dims: pad the primal's dims first, never the monomial dim."""
+    return x.with_coeffs(S.padded(x, len(repeats)).repeat([1, *repeats]))
+
+
+RULES[aten.repeat.default] = _repeat
 
 
 def _split_rule(op: Callable[..., Any]) -> Rule:
@@ -155,6 +174,19 @@ def _pad_rule(x: Series, pad: Sequence[int], value: float = 0.0) -> Series:
 
 
 RULES[aten.constant_pad_nd.default] = _pad_rule
+
+
+def _pad(x: Series, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Series:
+    """``F.pad``: constant padding puts the value in the primal only; reflect, replicate and
+    circular padding are linear (the monomial dim folded into the batch dim, which they keep)."""
+    if mode == "constant":
+        return _pad_rule(x, pad, 0.0 if value is None else value)
+    coeffs = x.coeffs
+    out = F.pad(coeffs.reshape(-1, *coeffs.shape[2:]), list(pad), mode=mode)
+    return x.with_coeffs(out.reshape(coeffs.shape[0], coeffs.shape[1], *out.shape[1:]))
+
+
+RULES[aten.pad.default] = _pad
 
 
 # -------------------------------------------------------------------------------- zero rules
@@ -227,6 +259,33 @@ def _matmul(a: Any, b: Any) -> Series:
     return b.with_coeffs(torch.matmul(a, S.padded(b, ndim)))
 
 
+def _einsum(equation: str, operands: Sequence[Any], path: Any = None) -> Series:
+    """einsum with one or two series operands: a fresh label carries the monomial dim (in the
+    output, and in each series operand; two series operands form a Cauchy product)."""
+    series = [i for i, o in enumerate(operands) if is_series(o)]
+    if len(series) > 2:
+        raise NotImplementedError("einsum with more than two series operands has no Taylor rule")
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if not arrow:  # implicit output: labels used once, sorted
+        output = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    label = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in equation)
+    marked = ",".join(label + t if i in series else t for i, t in enumerate(terms)) + "->" + label + output
+    if len(series) == 1:
+        (i,) = series
+        args = [o.coeffs if j == i else o for j, o in enumerate(operands)]
+        return operands[i].with_coeffs(torch.einsum(marked, *args))
+    first, second = series
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        size = max(a.shape[0], b.shape[0])
+        args = list(operands)
+        args[first], args[second] = a.expand(size, *a.shape[1:]), b.expand(size, *b.shape[1:])
+        return torch.einsum(marked, *args)
+
+    return S.bilinear(product, operands[first], operands[second])
+
+
 def _linear(x: Any, weight: Any, bias: Any = None) -> Series:
     if is_series(x) and not is_series(weight):
         out = x.with_coeffs(F.linear(x.coeffs, weight))
@@ -243,10 +302,48 @@ def _addmm(bias: Any, a: Any, b: Any, beta: float = 1.0, alpha: float = 1.0) -> 
     return _add(product, bias, beta) if is_series(bias) else _add(product, bias * beta if beta != 1 else bias)
 
 
+def _baddbmm(bias: Any, a: Any, b: Any, beta: float = 1.0, alpha: float = 1.0) -> Any:
+    """beta·bias + alpha·(a @ b) (BLOOM's ALiBi scores)."""
+    product = _matmul(a, b) if is_series(a) or is_series(b) else torch.matmul(a, b)
+    if alpha != 1:
+        product = S.scale(product, alpha) if is_series(product) else product * alpha
+    if beta == 0:
+        return product
+    return _add(product, S.scale(bias, beta) if is_series(bias) else bias * beta)
+
+
+def _convolution(op: Callable[..., torch.Tensor]) -> Rule:
+    """A convolution, linear in its input: all coefficients run as one batch (the monomial dim
+    folded into the batch dim; an unbatched input uses it as the batch), the bias on the primal."""
+
+    def rule(x: Series, weight: Any, bias: Any = None, *rest: Any) -> Series:
+        if is_series(weight) or is_series(bias):
+            raise NotImplementedError("a convolution with a series weight or bias has no Taylor rule")
+        coeffs = x.coeffs
+        batched = x.dim() == weight.dim()
+        flat = coeffs.reshape(-1, *coeffs.shape[2:]) if batched else coeffs
+        out = op(flat, weight, None, *rest)
+        out = out.reshape(coeffs.shape[0], *x.shape[:1], *out.shape[1:]) if batched else out
+        result = x.with_coeffs(out)
+        if bias is None:
+            return result
+        view = [1] * (out.dim() - 1)
+        view[1 if batched else 0] = -1
+        return S.add_to_primal(result, bias.reshape(view))
+
+    return rule
+
+
 for _op in (aten.matmul.default, aten.mm.default, aten.bmm.default):
     RULES[_op] = _matmul
 RULES[aten.linear.default] = _linear
+RULES[aten.einsum.default] = _einsum
 RULES[aten.addmm.default] = _addmm
+RULES[aten.baddbmm.default] = _baddbmm
+RULES[aten.conv1d.default] = _convolution(aten.conv1d.default)
+RULES[aten.conv2d.default] = _convolution(aten.conv2d.default)
+RULES[aten.conv1d.padding] = _convolution(aten.conv1d.padding)
+RULES[aten.convolution.default] = _convolution(aten.convolution.default)
 RULES[operator.matmul] = _matmul
 
 
@@ -258,6 +355,7 @@ defunary(aten.rsqrt.default, lambda x: S.power(x, -0.5))
 defunary(aten.sqrt.default, lambda x: S.power(x, 0.5))
 RULES[aten.pow.Tensor_Scalar] = lambda x, exponent: S.power(x, float(exponent))
 RULES[aten.pow.Scalar] = lambda base, x: S.exp(S.scale(x, float(torch.log(torch.tensor(float(base))))))
+defunary(aten.square.default, lambda x: S.mul(x, x))
 
 
 # ------------------------------------------------------------------------------ sympy-derived
@@ -293,6 +391,35 @@ def _log_softmax(x: Series, dim: int, *rest: Any, **kwargs: Any) -> Series:
     return S.add(shifted, S.log(total), -1.0)
 
 
+def _logsumexp(x: Series, dims: Sequence[int] | int, keepdim: bool = False) -> Series:
+    """log Σ exp(x) = m + log Σ exp(x − m), m the primal's maximum (a constant of the jet)."""
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    peak = x.primal.amax(dims, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    e = S.exp(S.add_to_primal(x, -peak))
+    total = e.with_coeffs(e.coeffs.sum([_shift(d) for d in dims], keepdim=True))
+    out = S.add_to_primal(S.log(total), peak)
+    return out if keepdim else out.with_coeffs(out.coeffs.squeeze([_shift(d % x.dim()) for d in dims]))
+
+
+def _softplus(x: Series, beta: float = 1.0, threshold: float = 20.0) -> Series:
+    """softplus(βx)/β in the stable form relu(y) + log(1 + exp(−|y|)), y = βx (nothing
+    overflows); where βx > threshold torch returns x itself, and so does the rule."""
+    x = x.with_coeffs(x.coeffs)  # x is read again below: no op may update it in place
+    y = S.scale(x, beta) if beta != 1 else x
+    sign = torch.sign(y.primal)
+    decaying = S.exp(S.scale(y, -sign))  # exp(−|y|) ≤ 1
+    smooth = S.add(_relu(y), S.log(S.add_to_primal(decaying, 1.0)))
+    smooth = S.scale(smooth, 1.0 / beta) if beta != 1 else smooth
+    linear = (x.primal * beta > threshold).unsqueeze(0)
+    return x.with_coeffs(torch.where(linear, x.coeffs, S.padded(smooth, x.dim())))
+
+
+def _log_sigmoid(x: Series) -> Series:
+    """log σ(x) = −softplus(−x)."""
+    return S.scale(_softplus(S.scale(x, -1.0), threshold=float("inf")), -1.0)
+
+
 def _masked_fill(x: Any, mask: Any, value: Any) -> Series:
     if is_series(mask) or is_series(value):
         raise NotImplementedError("masked_fill with a series mask or value has no Taylor rule")
@@ -320,7 +447,42 @@ RULES[aten.log_softmax.int] = _log_softmax
 RULES[aten.masked_fill.Scalar] = _masked_fill
 RULES[aten.masked_fill.Tensor] = _masked_fill
 RULES[aten.where.self] = _where
+RULES[aten.where.ScalarOther] = _where
+RULES[aten.where.ScalarSelf] = _where
+RULES[aten.logsumexp.default] = _logsumexp
+RULES[aten.softplus.default] = _softplus
+defunary(aten.log_sigmoid.default, _log_sigmoid)
+RULES[aten.log_sigmoid_forward.default] = lambda x: (_log_sigmoid(x), torch.zeros_like(x.primal))
+
+
+# Rules for ops of other libraries, by qualified name: such an op exists only once its
+# library registered it (transformers' MoE kernels), after jetgraph may have been imported.
+LIBRARY_RULES: dict[str, Rule] = {}
+
+
+def _grouped_mm(x: Series, weight: Any, offsets: torch.Tensor) -> Series:
+    """transformers' grouped matmul (MoE experts): each row block times its expert's weight;
+    linear in the rows, so each coefficient is one call."""
+    if is_series(weight):
+        raise NotImplementedError("a grouped matmul with a series weight has no Taylor rule")
+    op = torch.ops.transformers.grouped_mm_fallback.default
+    return x.with_coeffs(torch.stack([op(c, weight, offsets) for c in x.coeffs]))
+
+
+LIBRARY_RULES["transformers::grouped_mm_fallback"] = _grouped_mm
+
+
+def rule_for(op: Any) -> Rule | None:
+    """The rule for ``op``: :data:`RULES`, else :data:`LIBRARY_RULES` by the op's name."""
+    rule = RULES.get(op)
+    if rule is None and isinstance(op, torch._ops.OpOverload):
+        rule = LIBRARY_RULES.get(op._schema.name)
+    return rule
 
 
 def has_rule(op: Any) -> bool:
-    return op in RULES
+    return rule_for(op) is not None
+
+
+# selections, routing and writes (topk, max, clamp, scatters …) register themselves
+from jetgraph.taylor import selection as _selection  # noqa: E402,F401
