@@ -40,3 +40,8 @@ class PeakRSS:
     @property
     def start_gb(self) -> float:
         return self.start / 1e9
+
+    @property
+    def peak_gb(self) -> float:
+        """The process's peak RSS over the block (not relative to the start)."""
+        return self.peak / 1e9

@@ -16,7 +16,7 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 
 from jetgraph._version import __version__ as __version__
 from jetgraph.applications.entry_points import lens, ngrams
-from jetgraph.capture import load_model
+from jetgraph.capture import load_lazy, load_model
 from jetgraph.codegen import emit, emit_source
 from jetgraph.errors import CaptureError, CostError, JetgraphError, JetRuleError, ModelLoadError
 from jetgraph.ir import Decoder, Encoder, ResidualProgram, ResidualUnit
@@ -56,6 +56,7 @@ __all__ = [
     "expand_stream",
     "jet",
     "lens",
+    "load_lazy",
     "load_model",
     "ngrams",
     "parse_path",

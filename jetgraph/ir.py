@@ -14,11 +14,13 @@ an ``attention_mask`` (:mod:`jetgraph.padding`): a padded batch gives each promp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import networkx as nx
 import torch
@@ -69,6 +71,20 @@ def module_scope(node: fx.Node) -> str:
 def parameter_name(graph_module: fx.GraphModule, target: str) -> str:
     """The model's own name for the parameter or buffer ``target`` of ``graph_module``."""
     return getattr(graph_module, "meta", {}).get(PARAMETER_NAME, {}).get(target, target)
+
+
+def parameter_names(graph_module: fx.GraphModule) -> list[str]:
+    """The model's names of every parameter and buffer ``graph_module`` reads."""
+    return [parameter_name(graph_module, node.target) for node in graph_module.graph.nodes
+            if node.op == "get_attr"]
+
+
+class WeightStore(Protocol):
+    """Where a program's weights live when they are not all in memory (a model read lazily
+    from safetensors): :meth:`resident` makes the named parameters real inside a ``with``
+    block and releases the ones it loaded afterwards."""
+
+    def resident(self, names: Iterable[str]) -> AbstractContextManager[None]: ...
 
 
 def check_granularity(granularity: object) -> Granularity:
@@ -252,6 +268,7 @@ class ResidualProgram:
         example_input_ids: torch.Tensor | None = None,
         reads_mask: bool = True,
         max_positions: int | None = None,
+        weights: WeightStore | None = None,
     ) -> None:
         check_granularity(granularity)
         self.encoder = encoder
@@ -264,6 +281,16 @@ class ResidualProgram:
         self.example_input_ids = example_input_ids
         self.reads_mask = reads_mask
         self.max_positions = max_positions  # the model's context length, when its config names one
+        self.weights = weights  # None: every weight is in memory
+
+    def resident(self, units: Iterable[ResidualUnit] = ()) -> AbstractContextManager[None]:
+        """A context in which ``units``' weights are in memory (for a program whose weights are
+        read lazily, :attr:`weights`; otherwise nothing to do). The encoder, side inputs and
+        decoder stay in memory for the program's life."""
+        if self.weights is None:
+            return contextlib.nullcontext()
+        names = [name for unit in units for name in parameter_names(unit.graph_module)]
+        return self.weights.resident(names)
 
     # ----------------------------------------------------------------- views
     @functools.cached_property
@@ -291,6 +318,7 @@ class ResidualProgram:
             example_input_ids=self.example_input_ids,
             reads_mask=self.reads_mask,
             max_positions=self.max_positions,
+            weights=self.weights,
         )
         return view
 
@@ -350,26 +378,33 @@ class ResidualProgram:
         h = self.encoder(input_ids, mask)
         states = [h]
         for block in self.blocks:
-            leaves = block.children or (block,)
-            if block.parallel:
-                outputs = [leaf(h, side) for leaf in leaves]
-                partial = []
-                for count in range(1, len(outputs) + 1):
-                    if keep == "sublayer" or count == len(outputs):
-                        partial.append(h + functools.reduce(operator.add, outputs[:count]))
-                h = partial[-1]
-                if keep == "sublayer":
-                    states.extend(partial)
-            else:
-                for leaf in leaves:
-                    h = h + leaf(h, side)
-                    if keep == "sublayer":
-                        states.append(h)
-            if keep == "block":
-                states.append(h)
+            with self.resident([block]):  # a lazily read model streams one block at a time
+                h = self._run_block(block, h, side, keep, states)
         if keep == "none":
             states = [h]
         return states, side
+
+    def _run_block(self, block: ResidualUnit, h: torch.Tensor, side: dict[str, torch.Tensor],
+                   keep: str, states: list[torch.Tensor]) -> torch.Tensor:
+        """Run one block's leaves on ``h``; append the states ``keep`` asks for."""
+        leaves = block.children or (block,)
+        if block.parallel:
+            outputs = [leaf(h, side) for leaf in leaves]
+            partial = []
+            for count in range(1, len(outputs) + 1):
+                if keep == "sublayer" or count == len(outputs):
+                    partial.append(h + functools.reduce(operator.add, outputs[:count]))
+            h = partial[-1]
+            if keep == "sublayer":
+                states.extend(partial)
+        else:
+            for leaf in leaves:
+                h = h + leaf(h, side)
+                if keep == "sublayer":
+                    states.append(h)
+        if keep == "block":
+            states.append(h)
+        return h
 
     def graph_modules(self) -> list[fx.GraphModule]:
         """Every graph of the program (encoder, side inputs, decoder and its norm, all units of

@@ -3,7 +3,9 @@
 ``jetgraph.capture(model)`` exports the model once with ``torch.export`` (:mod:`.export`),
 lowers it to the core op set the Taylor rules cover, and lifts the graph into encoder, residual
 units and decoder (:mod:`.lift`, cutting regions with :mod:`.subgraph`). :mod:`.loading` finds
-and loads models and tokenizers; :mod:`.zoo` builds small random models of every family.
+and loads models and tokenizers; :mod:`.lazy` builds a model larger than memory whose weights
+are read from safetensors only while needed; :mod:`.zoo` builds small random models of every
+family.
 
 The package itself is callable — ``jetgraph.capture(model)`` is :func:`capture` — so its
 submodules stay importable by their paths (``import jetgraph.capture.loading``).
@@ -18,9 +20,11 @@ import torch
 from torch import nn
 
 from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model, synthetic_input_ids
+from jetgraph.capture.lazy import LazyWeights, lazy_weights, load_lazy
 from jetgraph.capture.lift import lift as _lift
 from jetgraph.capture.loading import load_model
 from jetgraph.capture.shared import capture_shared
+from jetgraph.errors import CaptureError
 from jetgraph.ir import Granularity, ResidualProgram, check_granularity
 
 
@@ -43,10 +47,17 @@ def capture(model: nn.Module, example_input_ids: torch.Tensor | None = None,
     """
     check_granularity(granularity)  # before the export, which takes seconds to minutes
     ids = synthetic_input_ids(model) if example_input_ids is None else example_input_ids
-    if share_blocks:
+    lazy = lazy_weights(model) is not None
+    if share_blocks or lazy:
         program = capture_shared(model, ids, attention_mask, granularity)
         if program is not None:
             return program
+    if lazy:
+        raise CaptureError(
+            "a model read lazily (load_lazy) is captured with one block per structure group in "
+            "memory, and this model has no stack of repeated blocks jetgraph can share (or the "
+            "shared program is not exact); load it with load_model to capture it whole",
+            model_class=type(model).__name__)
     return _lift(export_model(model, ids, attention_mask), granularity=granularity)
 
 
@@ -59,5 +70,6 @@ class _CallablePackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallablePackage
 
-__all__ = ["CapturedGraph", "LogitsWrapper", "capture", "export_model", "load_model",
+__all__ = ["CapturedGraph", "LazyWeights", "LogitsWrapper", "capture", "export_model", "lazy_weights",
+           "load_lazy", "load_model",
            "synthetic_input_ids"]

@@ -11,6 +11,7 @@ addends that depend on ``p`` are parallel residual branches. No per-architecture
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,23 +205,35 @@ def _split(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
     return None
 
 
-_SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+_AFFINE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+           aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar}
 
 
 def _scaled_input(index: GraphIndex, node: fx.Node) -> fx.Node | None:
-    """p when ``node`` is ``p·c`` (or ``c·p``, ``p/c``) with c a constant of the model (a number,
-    or a parameter with at most one value per channel), else None."""
-    if node.op != "call_function" or node.target not in _SCALES:
+    """p when ``node`` is an affine map of p by constants of the model: ``p·c``, ``c·p``, ``p/c``,
+    ``(p + b)·c`` … (c, b numbers or parameters with at most one value per channel: Doge's and
+    MiniCPM's residual scales, Zaya's scaled and shifted residual), else None."""
+    stream, steps = node, 0
+    while True:
+        inner = _affine_operand(index, stream)
+        if inner is None:
+            return stream if steps else None
+        stream, steps = inner, steps + 1
+
+
+def _affine_operand(index: GraphIndex, node: fx.Node) -> fx.Node | None:
+    """x when ``node`` is ``x·c``, ``c·x``, ``x/c``, ``x ± b`` or ``b + x`` with c, b constants."""
+    if node.op != "call_function" or node.target not in _AFFINE:
         return None
     a, b = node.args[:2]
-    pairs = [(a, b), (b, a)] if node.target in (aten.mul.Tensor, aten.mul.Scalar) else [(a, b)]
-    for stream, scale in pairs:
+    commutes = node.target in (aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar)
+    for stream, constant in [(a, b), (b, a)] if commutes else [(a, b)]:
         if not isinstance(stream, fx.Node) or stream not in index.on_ids or not _same_shape(stream, node):
             continue
-        if not isinstance(scale, fx.Node):
+        if not isinstance(constant, fx.Node):
             return stream
-        value = scale.meta.get("val")
-        if (scale not in index.on_ids and isinstance(value, torch.Tensor)
+        value = constant.meta.get("val")
+        if (constant not in index.on_ids and isinstance(value, torch.Tensor)
                 and value.numel() <= node.meta["val"].shape[-1]):
             return stream
     return None
@@ -327,12 +340,11 @@ class _Cutter:
         return Region(fn, side_names, _unit_module_path(fn, scope))
 
     def block(self, layer: int, block_steps: list[ResidualAdd]) -> CutBlock:
-        """One block and its leaf units (one per update branch of each step)."""
-        if len(block_steps) > 1 and any(len(step.updates) > 1 for step in block_steps):
-            raise CaptureError(
-                f"block {layer} mixes sequential and parallel residual branches; jetgraph supports "
-                "blocks that are either a sequence of residual units or parallel branches of one "
-                "stream", model_class=self.model_class, module=block_steps[0].scope)
+        """One block and its leaf units (one per update branch of each step). A block that is a
+        sequence of steps keeps a step's parallel branches together as one unit (Falcon-H1:
+        mamba ‖ attention, then the MLP): the IR nests two levels, block and sublayer."""
+        if len(block_steps) > 1:
+            block_steps = [_one_branch(step) for step in block_steps]
         leaves = []
         for step in block_steps:
             for position in range(len(step.updates)):
@@ -349,6 +361,13 @@ class _Cutter:
         region.module_path = block_steps[0].scope or (leaves[0].module_path if len(leaves) == 1 else "")
         parallel = len(block_steps) == 1 and len(block_steps[0].updates) > 1
         return CutBlock(region, leaves, parallel)
+
+
+def _one_branch(step: ResidualAdd) -> ResidualAdd:
+    """``step`` with all its branches summed in one (the others join its constants)."""
+    if len(step.updates) <= 1:
+        return step
+    return dataclasses.replace(step, updates=step.updates[:1], constants=step.updates[1:] + step.constants)
 
 
 def _unit_module_path(fn: fx.GraphModule, scope: str) -> str:

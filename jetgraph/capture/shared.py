@@ -12,10 +12,16 @@ The result must reproduce the full model's logits on the example, like any captu
 does not (code that branches on the layer index, a forward that indexes per-layer config by
 position) or the model has no such stack, :func:`capture_shared` returns None and the caller
 exports the whole model.
+
+A model read lazily from safetensors (:mod:`.lazy`) is captured the same way with only the
+representatives and the parts outside the stack in memory; its full-model check would read
+every weight, so the check is the truncated model's (the binding is structural), and the
+encoder and decoder weights stay in memory while the blocks stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -26,9 +32,10 @@ import torch
 from torch import fx, nn
 
 from jetgraph.capture.export import LogitsWrapper, export_model
+from jetgraph.capture.lazy import lazy_weights
 from jetgraph.capture.lift import lift, name_units, verify
 from jetgraph.errors import CaptureError
-from jetgraph.ir import PARAMETER_NAME, ResidualProgram, ResidualUnit, unit_name
+from jetgraph.ir import PARAMETER_NAME, ResidualProgram, ResidualUnit, parameter_names, unit_name
 from jetgraph.padding import mask_or_full
 
 WRAPPER_PREFIX = "m."  # what LogitsWrapper puts before the model's own parameter names
@@ -101,28 +108,53 @@ def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Te
     wrapper = LogitsWrapper(model)
     parent_path, _, attribute = stack.path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    try:
-        truncated = nn.ModuleList([stack.blocks[i] for i in stack.representatives])
-        setattr(parent, attribute, truncated)
-        captured = export_model(model, ids, attention_mask)
-        program = lift(captured)
-    except CaptureError:
-        return None
-    finally:
-        setattr(parent, attribute, stack.blocks)
-    if len(program.blocks) != len(stack.representatives):
-        return None
-    mask = captured.example_attention_mask
-    wrapper.takes_positions = captured.passes_positions  # as the export decided
-    with torch.no_grad():
-        reference = wrapper(captured.example_input_ids, mask_or_full(mask, captured.example_input_ids))
-    full = _bind_blocks(program, stack, wrapper)
-    name_units(full)  # kinds are the representatives' (the same code)
-    try:
-        verify(full, dataclasses.replace(captured, reference_logits=reference))
-    except CaptureError:
-        return None
+    weights = lazy_weights(model)
+    needed = _representative_weights(model, stack) if weights is not None else []
+    with weights.resident(needed) if weights is not None else contextlib.nullcontext():
+        try:
+            truncated = nn.ModuleList([stack.blocks[i] for i in stack.representatives])
+            setattr(parent, attribute, truncated)
+            captured = export_model(model, ids, attention_mask)
+            program = lift(captured)
+        except CaptureError:
+            if weights is not None:
+                raise
+            return None
+        finally:
+            setattr(parent, attribute, stack.blocks)
+        if len(program.blocks) != len(stack.representatives):
+            return None
+        full = _bind_blocks(program, stack, wrapper)
+        name_units(full)  # kinds are the representatives' (the same code)
+        if weights is not None:  # the encoder, side inputs and decoder stay in memory
+            weights.pin(_names_outside_blocks(full))
+            full.weights = weights
+    if weights is None:
+        mask = captured.example_attention_mask
+        wrapper.takes_positions = captured.passes_positions  # as the export decided
+        with torch.no_grad():
+            reference = wrapper(captured.example_input_ids, mask_or_full(mask, captured.example_input_ids))
+        try:
+            verify(full, dataclasses.replace(captured, reference_logits=reference))
+        except CaptureError:
+            return None
     return full.at(granularity)  # type: ignore[arg-type]
+
+
+def _representative_weights(model: nn.Module, stack: BlockStack) -> list[str]:
+    """Names of the parameters outside the block stack and in its representative blocks."""
+    keep = tuple(f"{stack.path}.{i}." for i in stack.representatives)
+    inside = f"{stack.path}."
+    return [name for name, _ in model.named_parameters(remove_duplicate=False)
+            if not name.startswith(inside) or name.startswith(keep)]
+
+
+def _names_outside_blocks(program: ResidualProgram) -> list[str]:
+    modules = [program.encoder.graph_module, program.encoder.addends_module, program.side.graph_module,
+               program.decoder.graph_module]
+    if program.decoder.norm is not None:
+        modules.append(program.decoder.norm.graph_module)
+    return [name for module in modules for name in parameter_names(module)]
 
 
 def _bind_blocks(program: ResidualProgram, stack: BlockStack, wrapper: nn.Module) -> ResidualProgram:
@@ -230,7 +262,7 @@ class _Template:
         unit._parameters, unit._buffers = {}, {}
         names = {}
         for flat, target in self.targets.items():
-            own = _attribute(wrapper, rename.target(target)) if rename.target(target) != target else None
+            own = _attribute(wrapper, rename.target(target))  # the model's own object (lazy weights swap it)
             value = own if own is not None else getattr(self.module, flat)
             if flat in self.module._parameters:
                 unit._parameters[flat] = value

@@ -91,6 +91,8 @@ def _expand_rule(x: Series, size: Sequence[int], implicit: bool = False) -> Seri
 
 
 RULES[aten.expand.default] = _expand_rule
+RULES[aten.expand_as.default] = lambda x, other: (  # only the other's shape is read
+    _expand_rule(x, tuple(other.shape)) if is_series(x) else x.expand(tuple(other.shape)))
 deflinear(aten.permute.default, lambda c, dims: c.permute([0] + [d % (c.dim() - 1) + 1 for d in dims]))
 deflinear(aten.transpose.int, lambda c, a, b: c.transpose(_shift(a), _shift(b)))
 deflinear(aten.t.default, lambda c: c.transpose(-2, -1))
@@ -163,6 +165,8 @@ def _promote(values: Sequence[Any]) -> list[Series]:
 
 RULES[aten.cat.default] = lambda tensors, dim=0: _promote(tensors)[0].with_coeffs(
     torch.cat([s.coeffs for s in _promote(tensors)], _shift(dim)))
+RULES[aten.concat.default] = RULES[aten.cat.default]
+RULES[aten.concatenate.default] = RULES[aten.cat.default]
 RULES[aten.stack.default] = lambda tensors, dim=0: _promote(tensors)[0].with_coeffs(
     torch.stack([s.coeffs for s in _promote(tensors)], _shift(dim)))
 
@@ -277,10 +281,13 @@ def _einsum(equation: str, operands: Sequence[Any], path: Any = None) -> Series:
         return operands[i].with_coeffs(torch.einsum(marked, *args))
     first, second = series
 
+    shapes = {first: tuple(operands[first].shape), second: tuple(operands[second].shape)}
+
     def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        size = max(a.shape[0], b.shape[0])
+        size = max(a.shape[0], b.shape[0])  # bilinear pads both to one ndim: undo that first
         args = list(operands)
-        args[first], args[second] = a.expand(size, *a.shape[1:]), b.expand(size, *b.shape[1:])
+        args[first] = a.reshape(a.shape[0], *shapes[first]).expand(size, *shapes[first])
+        args[second] = b.reshape(b.shape[0], *shapes[second]).expand(size, *shapes[second])
         return torch.einsum(marked, *args)
 
     return S.bilinear(product, operands[first], operands[second])
@@ -356,6 +363,8 @@ defunary(aten.sqrt.default, lambda x: S.power(x, 0.5))
 RULES[aten.pow.Tensor_Scalar] = lambda x, exponent: S.power(x, float(exponent))
 RULES[aten.pow.Scalar] = lambda base, x: S.exp(S.scale(x, float(torch.log(torch.tensor(float(base))))))
 defunary(aten.square.default, lambda x: S.mul(x, x))
+defunary(aten.expm1.default, lambda x: S.add_to_primal(S.exp(x), -1.0))
+defunary(aten.log1p.default, lambda x: S.log(S.add_to_primal(x, 1.0)))
 
 
 # ------------------------------------------------------------------------------ sympy-derived

@@ -19,7 +19,7 @@ from jetgraph.applications.ngrams.table import NgramTable, Rank
 from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.files import atomic_write
-from jetgraph.ir import ResidualProgram
+from jetgraph.ir import ResidualProgram, ResidualUnit
 from jetgraph.passes.expansion import Expansion
 from jetgraph.passes.paths import context_length, path_term, view_of_term
 from jetgraph.passes.terms import Term
@@ -142,15 +142,18 @@ def ngram_table(
     bar = tqdm(total=rows, initial=state.done, unit="ctx", desc=f"n-grams {job.term.name}",
                disable=not progress, leave=False)
     keyword_index = torch.tensor(job.keywords, device=device) if job.keywords else None
-    while state.done < rows:
-        start, end = state.done, min(state.done + chunk, rows)
-        logits = evaluate_path(schedule, job.contexts.rows(start, end).to(device))
-        state.add(logits, start, keyword_index)
-        state.done = end
-        state.save()
-        bar.update(end - start)
+    units = [unit for unit in job.term.units() if isinstance(unit, ResidualUnit)]
+    with job.view.resident(units):  # a model read lazily loads the path's units only
+        while state.done < rows:
+            start, end = state.done, min(state.done + chunk, rows)
+            logits = evaluate_path(schedule, job.contexts.rows(start, end).to(device))
+            state.add(logits, start, keyword_index)
+            state.done = end
+            state.save()
+            bar.update(end - start)
     bar.close()
     return state.table(job)
+
 
 
 def path_schedule(view: ResidualProgram, term: Term) -> Schedule:
