@@ -298,10 +298,24 @@ def ops_without_rule(prog) -> list[str]:
     return sorted(missing)
 
 
+POST_LN = "interrupted between residual adds"  # the refusal of a stream normalised between units
+
+
+def pre_norm_share(rows: list[dict]) -> tuple[int, int]:
+    """(expanded, testable) over the testable model types not refused as post-LN: the issue's
+    target population, decoder-only pre-norm models (hybrids included, which makes it stricter)."""
+    population = [r for r in rows if r["outcome"] != "not testable"
+                  and not (r["outcome"] == "refused" and POST_LN in r.get("detail", ""))]
+    return sum(r["outcome"] == "expanded" for r in population), len(population)
+
+
 def markdown(results: dict) -> str:
     """The counts, then one row per model type (outcome, capture time, detail)."""
     counts = results["counts"]
+    expanded, population = pre_norm_share(results["results"])
     lines = [" | ".join(f"{o}: **{counts[o]}**" for o in OUTCOMES) + f" | total: {len(results['results'])}",
+             "", f"Testable and not post-LN: **{expanded} of {population} expanded "
+             f"({100 * expanded / max(population, 1):.1f}%)**.",
              "", "| model type | outcome | blocks | capture s | detail |", "|---|---|---|---|---|"]
     for row in results["results"]:
         detail = str(row.get("detail", "")).replace("|", "\\|")[:160]
@@ -355,6 +369,8 @@ def main() -> None:
     rows.sort(key=lambda r: r["model_type"])
     counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     print(" | ".join(f"{o}: {n}" for o, n in counts.items()), f"| total: {len(rows)}")
+    expanded, population = pre_norm_share(rows)
+    print(f"testable and not post-LN: {expanded} of {population} expanded")
     for row in rows:
         print(f"{row['model_type']:<28} {row['outcome']:<13} {row.get('detail', '')[:100]}")
     if args.only is None:  # a partial run does not overwrite the full table
