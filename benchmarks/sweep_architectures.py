@@ -298,7 +298,7 @@ def ops_without_rule(prog) -> list[str]:
     return sorted(missing)
 
 
-POST_LN = "interrupted between residual adds"  # the refusal of a stream normalised between units
+POST_LN = "interrupted between residual adds"  # refused: a stream normalised or rebuilt between units
 
 
 def pre_norm_share(rows: list[dict]) -> tuple[int, int]:
@@ -314,7 +314,7 @@ def markdown(results: dict) -> str:
     counts = results["counts"]
     expanded, population = pre_norm_share(results["results"])
     lines = [" | ".join(f"{o}: **{counts[o]}**" for o in OUTCOMES) + f" | total: {len(results['results'])}",
-             "", f"Testable and not post-LN: **{expanded} of {population} expanded "
+             "", f"Testable, not refused as an interrupted stream: **{expanded} of {population} expanded "
              f"({100 * expanded / max(population, 1):.1f}%)**.",
              "", "| model type | outcome | blocks | capture s | detail |", "|---|---|---|---|---|"]
     for row in results["results"]:
@@ -348,6 +348,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="these model types only")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace those rows in benchmarks/results/sweep.json")
     parser.add_argument("--markdown", action="store_true",
                         help="print benchmarks/results/sweep.json as the markdown table docs quote")
     args = parser.parse_args()
@@ -370,13 +372,17 @@ def main() -> None:
     counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     print(" | ".join(f"{o}: {n}" for o, n in counts.items()), f"| total: {len(rows)}")
     expanded, population = pre_norm_share(rows)
-    print(f"testable and not post-LN: {expanded} of {population} expanded")
+    print(f"testable, not refused as an interrupted stream: {expanded} of {population} expanded")
     for row in rows:
         print(f"{row['model_type']:<28} {row['outcome']:<13} {row.get('detail', '')[:100]}")
-    if args.only is None:  # a partial run does not overwrite the full table
+    if args.only is None or args.merge:  # a partial run overwrites the full table only with --merge
         import torch
         import transformers
 
+        if args.only is not None:
+            fresh = {r["model_type"]: r for r in rows}
+            rows = [fresh.get(r["model_type"], r) for r in json.loads(RESULTS.read_text())["results"]]
+            counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({
             "command": "python benchmarks/sweep_architectures.py",

@@ -319,6 +319,22 @@ def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
     _one_line_error(capsys, "is empty")
 
 
+def test_lazy_loading_gives_the_same_table_and_capture(tmp_path, capsys) -> None:
+    """``--lazy`` reads the safetensors only while needed: the same table as a full load, and
+    capture says its check ran on the representative blocks."""
+    path = require_tinystories()
+    tables = []
+    for flag in ([], ["--lazy"]):
+        out = tmp_path / f"table{len(flag)}.csv"
+        assert main(["ngrams", str(path), "--paths", "E→MLP_last→U", "--top", "15", "--out", str(out),
+                     *flag]) == 0
+        tables.append(out.read_text())
+    assert tables[0] == tables[1]
+    capsys.readouterr()
+    assert main(["capture", str(path), "--lazy"]) == 0
+    assert "read lazily" in capsys.readouterr().out
+
+
 def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     import csv
 

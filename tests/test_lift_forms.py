@@ -116,3 +116,45 @@ def test_scaled_units_expand_at_order_one() -> None:
         value, tangent = torch.func.jvp(lambda x: model.layers[1](x) - x, (center,), (h - center,))
     torch.testing.assert_close(jet.coefficients[0], value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(jet.coefficients[1], tangent, rtol=1e-5, atol=1e-6)
+
+
+class Scan(nn.Module):
+    """A recurrence over positions written as a Python loop: export unrolls it, fixing the length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(D, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        state, outputs = torch.zeros_like(h[:, 0]), []
+        for t in range(h.shape[1]):
+            state = torch.tanh(self.mix(state) + h[:, t])
+            outputs.append(state)
+        return torch.stack(outputs, 1)
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(Scan() for _ in range(2))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def test_an_export_that_fixed_the_length_is_not_dynamic() -> None:
+    """prog.dynamic says what the export kept symbolic; another shape is refused in one line."""
+    model = Recurrent().eval()
+    prog = jetgraph.capture(model, IDS)
+    assert not prog.dynamic
+    other = torch.tensor([[9, 8, 7, 6, 5, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(prog(other), model(other))
+    with pytest.raises(ValueError, match=r"accepts only the shape it was captured at, \(1, 6\)"):
+        prog(torch.tensor([[1, 2, 3]]))

@@ -88,6 +88,18 @@ FUNCTIONS = {
     "expm1/log1p": lambda x: torch.expm1(x.sin()) + torch.log1p(x.exp()),
     "concat": lambda x: torch.concat([x, x.sin()], -1).exp(),
     "expand_as": lambda x: x[:1].expand_as(x).tanh() * x + B[:4].expand_as(x),
+    "select/diagonal_scatter": lambda x: torch.select_scatter(x.exp(), x[:, 1].sin(), 1, 0)
+                                        + torch.diagonal_scatter(x, x.diagonal(0, 1, 2).cos(), 0, 1, 2),
+    "scatter (value)": lambda x: x.sin().scatter(-1, IDX.expand(2, 3, 4), 0.5) * x,
+    "index_select/narrow/triu": lambda x: x.index_select(2, torch.tensor([3, 0])).exp()
+                                          + x.narrow(2, 1, 2).triu() ** 2,
+    "amin/fmax/fmin": lambda x: torch.amin(x.exp(), dim=1, keepdim=True) * torch.fmax(x, x.cos())
+                                + torch.fmin(x, -x.sin()),
+    "clamp (tensor bounds)": lambda x: x.clamp(min=x.cos() - 0.5, max=x.sin() + 0.5) ** 2,
+    "where (scalar)": lambda x: torch.where(x > 0, x.exp(), 0.25) + torch.where(x < 0.3, 1.5, x),
+    "real/imag": lambda x: (lambda z: z.real * z.imag)(torch.view_as_complex(
+        x.reshape(2, 3, 2, 2).contiguous()) * FREQS[:, :2]),
+    "conv2d": lambda x: F.conv2d(x.unsqueeze(1), W[:2].reshape(2, 1, 1, 3), B[:2], padding=(0, 1)).tanh(),
     "view_as": lambda x: x.reshape(2, 12).view_as(x).exp(),
     "pad (reflect)": lambda x: F.pad(x, (1, 2), mode="reflect").sin(),
     "unflatten": lambda x: x.flatten(1).unflatten(1, (4, 3)).tanh(),

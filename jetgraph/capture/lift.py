@@ -274,11 +274,14 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
     stray = [n for n in index.graph_module.graph.nodes if n in before and _split(index, n)]
     if stray:
         first = stray[-1]
+        reason = (f"(the sum h + f(h) at node '{first.name}' is not the stream the next unit reads: "
+                  "a norm sits between units, as in post-LN models (BERT, OPT with "
+                  "do_layer_norm_before=False) and streams normalised between units (DeepNorm-style "
+                  "α·LN(h) + f(LN(h)), unit-sphere streams), or the stream is rebuilt from several "
+                  "earlier states), so the model is not a composition of residual units id + γ of "
+                  "one stream")
         raise CaptureError(
-            "the residual stream is interrupted between residual adds (post-LN: the sum "
-            f"h + f(h) at node '{first.name}' is normalised before the next unit reads it), so "
-            "the model is not a composition of residual units id + γ. Post-LN models (BERT, "
-            "OPT with do_layer_norm_before=False) are not supported. " + SUPPORTED,
+            "the residual stream is interrupted between residual adds " + reason + ". " + SUPPORTED,
             model_class=model_class,
             module=module_scope(first),
             node=first.name,

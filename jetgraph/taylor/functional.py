@@ -46,13 +46,17 @@ def node_emitter(graph: fx.Graph, source: fx.Node, fake_mode: Any):
     scope and computes its fake value."""
     stack = source.meta.get("nn_module_stack")
 
-    def emit(op: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    def emit(op: Any, *args: Any, like: fx.Node | None = None, **kwargs: Any) -> fx.Node:
+        """``like``: a node whose value has this one's shape, dtype and device (a scatter's base),
+        so its fake value need not be computed (symbolic shape reasoning costs ~50 ms a node)."""
         if op is aten.ones.default:
             kwargs.setdefault("device", source.meta["val"].device)
         node = graph.call_function(op, tuple(args), kwargs)
         if stack is not None:
             node.meta["nn_module_stack"] = stack
-        if fake_mode is not None:
+        if like is not None and isinstance(like.meta.get("val"), torch.Tensor):
+            node.meta["val"] = like.meta["val"]
+        elif fake_mode is not None:
             fake_args, fake_kwargs = fx.node.map_aggregate(
                 (args, kwargs), lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a)
             try:
@@ -159,7 +163,8 @@ class _Aliases:
         kwargs = fx.node.map_arg(node.kwargs, lambda a: self.current(a, node))
         with self.graph.inserting_before(node):
             emit = node_emitter(self.graph, node, self.fake_mode)
-            value = emit(_functional(node.target), self.current(target, node), *args, **kwargs)
+            current = self.current(target, node)  # an in-place op keeps its target's shape and dtype
+            value = emit(_functional(node.target), current, *args, like=current, **kwargs)
             written, new_value = target, value
             while written in self.source:  # up the chain of views to the base
                 parent = self.current(self.source[written], node)
@@ -225,13 +230,13 @@ def _invert(emit: Any, view: fx.Node, source: fx.Node, value: fx.Node) -> fx.Nod
     op, args = view.target, view.args
     if op is aten.slice.Tensor:
         dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
-        return emit(aten.slice_scatter.default, source, value, dim, start, end, step)
+        return emit(aten.slice_scatter.default, source, value, dim, start, end, step, like=source)
     if op is aten.select.int:
-        return emit(aten.select_scatter.default, source, value, args[1], args[2])
+        return emit(aten.select_scatter.default, source, value, args[1], args[2], like=source)
     if op is aten.diagonal.default:
-        return emit(aten.diagonal_scatter.default, source, value, *args[1:])
+        return emit(aten.diagonal_scatter.default, source, value, *args[1:], like=source)
     if op is aten.as_strided.default:
-        return emit(aten.as_strided_scatter.default, source, value, *args[1:])
+        return emit(aten.as_strided_scatter.default, source, value, *args[1:], like=source)
     if op in (aten.alias.default, aten.contiguous.default, aten.detach.default):
         return value
     if op is aten.transpose.int:
@@ -245,7 +250,7 @@ def _invert(emit: Any, view: fx.Node, source: fx.Node, value: fx.Node) -> fx.Nod
     if op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
               aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
               aten.unflatten.int):
-        return emit(aten.reshape.default, value, _sizes(emit, source))
+        return emit(aten.reshape.default, value, _sizes(emit, source), like=source)
     if op is operator.getitem:
         return _invert_piece(emit, view, source, value)
     raise Unsupported(f"a write through a view made by {op}")
@@ -256,7 +261,7 @@ def _invert_piece(emit: Any, piece: fx.Node, source: fx.Node, value: fx.Node) ->
     split, index = piece.args[0], piece.args[1]
     if split.target is aten.unbind.int:
         dim = split.args[1] if len(split.args) > 1 else split.kwargs.get("dim", 0)
-        return emit(aten.select_scatter.default, source, value, dim, index)
+        return emit(aten.select_scatter.default, source, value, dim, index, like=source)
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
     pieces = split.meta.get("val")
     if not isinstance(pieces, (list, tuple)):
@@ -265,7 +270,7 @@ def _invert_piece(emit: Any, piece: fx.Node, source: fx.Node, value: fx.Node) ->
     if not all(isinstance(s, int) for s in sizes[: index + 1]):
         raise Unsupported(f"a write into a piece of {split.target} of symbolic size")
     start = sum(sizes[:index])
-    return emit(aten.slice_scatter.default, source, value, dim, start, start + sizes[index], 1)
+    return emit(aten.slice_scatter.default, source, value, dim, start, start + sizes[index], 1, like=source)
 
 
 def _sizes(emit: Any, node: fx.Node) -> list[Any]:

@@ -128,6 +128,8 @@ deflinear(aten.flip.default, lambda c, dims: c.flip([_shift(d) for d in dims]))
 deflinear(aten.cumsum.default, lambda c, dim, dtype=None: c.cumsum(_shift(dim), dtype=dtype))
 deflinear(aten.tril.default, lambda c, diagonal=0: c.tril(diagonal))
 deflinear(aten.triu.default, lambda c, diagonal=0: c.triu(diagonal))
+deflinear(aten.diagonal.default, lambda c, offset=0, dim1=0, dim2=1:
+          c.diagonal(offset, _shift(dim1), _shift(dim2)))
 deflinear(aten.narrow.default, lambda c, dim, start, length: c.narrow(_shift(dim), start, length))
 deflinear(aten.view_as.default, lambda c, other: c.reshape(c.shape[:1] + tuple(other.shape)))
 deflinear(aten.unflatten.int, lambda c, dim, sizes: c.unflatten(_shift(dim), sizes))
