@@ -269,6 +269,7 @@ class ResidualProgram:
         reads_mask: bool = True,
         max_positions: int | None = None,
         weights: WeightStore | None = None,
+        fixed_sizes: tuple[int | None, int | None] = (None, None),
     ) -> None:
         check_granularity(granularity)
         self.encoder = encoder
@@ -282,6 +283,7 @@ class ResidualProgram:
         self.reads_mask = reads_mask
         self.max_positions = max_positions  # the model's context length, when its config names one
         self.weights = weights  # None: every weight is in memory
+        self.fixed_sizes = fixed_sizes  # (batch, seq) the export fixed; None where any size runs
 
     def resident(self, units: Iterable[ResidualUnit] = ()) -> AbstractContextManager[None]:
         """A context in which ``units``' weights are in memory (for a program whose weights are
@@ -319,6 +321,7 @@ class ResidualProgram:
             reads_mask=self.reads_mask,
             max_positions=self.max_positions,
             weights=self.weights,
+            fixed_sizes=self.fixed_sizes,
         )
         return view
 
@@ -342,12 +345,13 @@ class ResidualProgram:
         """``input_ids`` and ``attention_mask`` checked for this program: int64 [batch, seq] each
         (the mask all ones when None)."""
         ids = as_input_ids(input_ids)
-        example = self.example_input_ids
-        if not self.dynamic and example is not None and ids.shape != example.shape:
-            raise ValueError(
-                f"input_ids of shape {tuple(ids.shape)}: this program accepts only the shape it was "
-                f"captured at, {tuple(example.shape)} (torch.export fixed the sizes, e.g. by unrolling "
-                "a loop over the positions); capture it again with an example of the shape you need")
+        for dim, (name, size) in enumerate(zip(("batch size", "sequence length"), self.fixed_sizes,
+                                               strict=True)):
+            if size is not None and ids.shape[dim] != size:
+                raise ValueError(
+                    f"input_ids of shape {tuple(ids.shape)}: this program accepts only {name} {size}, "
+                    "as captured (torch.export fixed it, e.g. by unrolling a loop over the positions); "
+                    "capture it again with an example of the shape you need")
         return ids, as_attention_mask(attention_mask, ids, reads_mask=self.reads_mask)
 
     def side_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

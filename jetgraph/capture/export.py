@@ -106,6 +106,7 @@ class CapturedGraph:
     example_attention_mask: torch.Tensor | None = None
     max_positions: int | None = None
     passes_positions: bool = False  # the wrapper gave the model position ids (check_positions)
+    fixed_sizes: tuple[int | None, int | None] = (None, None)  # (batch, seq) the export fixed
 
     @property
     def graph(self) -> fx.Graph:
@@ -142,7 +143,7 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor,
                 + SUPPORTED,
                 model_class=model_class,
             )
-        exported, dynamic = _export(wrapper, model, export_inputs, ids)
+        exported, fixed_sizes = _export(wrapper, model, export_inputs, ids)
         try:
             graph_module = core_module(exported)
         except Exception as exc:
@@ -150,9 +151,9 @@ def export_model(model: nn.Module, example_input_ids: torch.Tensor,
         _strip_asserts(graph_module)
         record_module_scopes(graph_module)
         _check_graph(graph_module, model, ids, mask, reference)
-    return CapturedGraph(graph_module, model_class, dynamic, ids, reference, wrapper.reads_mask,
-                         None if example_attention_mask is None else mask, context_length(model),
-                         wrapper.takes_positions)
+    return CapturedGraph(graph_module, model_class, fixed_sizes == (None, None), ids, reference,
+                         wrapper.reads_mask, None if example_attention_mask is None else mask,
+                         context_length(model), wrapper.takes_positions, fixed_sizes)
 
 
 SYNTHETIC_LENGTH = 8
@@ -220,23 +221,37 @@ def _export_example(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _export(wrapper: nn.Module, model: nn.Module, export_inputs: tuple[torch.Tensor, torch.Tensor],
-            ids: torch.Tensor) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export with a dynamic batch and sequence length; ``dynamic`` is whether the graph really
-    kept both symbolic. Export may fix a size silently (a Python loop over the positions, as
-    state-space models run without their kernels, is unrolled): the program then accepts only
-    the example's shape, so it is exported on the example itself."""
+            ids: torch.Tensor) -> tuple[torch.export.ExportedProgram, tuple[int | None, int | None]]:
+    """Export with a dynamic batch and sequence length, and say which sizes the graph really
+    kept symbolic: ``fixed`` is (batch, seq), None where symbolic. Export may fix a size silently
+    (a Python loop over the positions, as state-space models run without their kernels, is
+    unrolled); when a fixed size is not the example's, the example itself is exported."""
     try:
         exported = torch.export.export(
             wrapper, export_inputs,
             dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}), strict=False)
     except Exception:
         exported = None
-    if exported is not None and _symbolic_sizes(exported):
-        return exported, True
+    if exported is not None:
+        fixed = _fixed_sizes(exported)
+        if all(size is None or size == ids.shape[d] for d, size in enumerate(fixed)):
+            return exported, fixed
     try:
-        return torch.export.export(wrapper, (ids, full_mask(ids)), strict=False), False
+        static = torch.export.export(wrapper, (ids, full_mask(ids)), strict=False)
     except Exception as exc:
         raise _capture_error(exc, model, "torch.export failed") from exc
+    return static, (int(ids.shape[0]), int(ids.shape[1]))
+
+
+def _fixed_sizes(exported: torch.export.ExportedProgram) -> tuple[int | None, int | None]:
+    """(batch, seq) of the first input as the export left them: None where symbolic, the size
+    where export specialised it (a SymInt with a constant value, or an int)."""
+    first = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name in
+                 {spec.arg.name for spec in exported.graph_signature.input_specs
+                  if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT})
+    shape = first.meta["val"].shape
+    return tuple(None if isinstance(size, torch.SymInt) and not is_concrete_int(size) else int(size)
+                 for size in shape)  # type: ignore[return-value]
 
 
 def _check_graph(graph_module: fx.GraphModule, model: nn.Module, ids: torch.Tensor,
@@ -256,15 +271,6 @@ def _check_graph(graph_module: fx.GraphModule, model: nn.Module, ids: torch.Tens
             f"the exported graph does not reproduce the model's logits (max abs error {error:.3g} > "
             f"{tolerance:.3g}): torch.export or the functionalisation of in-place ops changed the "
             "computation. " + SUPPORTED, model_class=type(model).__name__)
-
-
-def _symbolic_sizes(exported: torch.export.ExportedProgram) -> bool:
-    """Whether the first input's batch and sequence sizes stayed symbolic in the export."""
-    first = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name in
-                 {spec.arg.name for spec in exported.graph_signature.input_specs
-                  if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT})
-    shape = first.meta["val"].shape  # a size export specialised is a SymInt with a constant value
-    return all(isinstance(size, torch.SymInt) and not is_concrete_int(size) for size in shape)
 
 
 def _parameters(model: nn.Module) -> set[str]:

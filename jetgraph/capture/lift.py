@@ -122,6 +122,7 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
     )
     program = ResidualProgram(encoder, blocks, decoder, side, granularity="block",
                               model_class=captured.model_class, dynamic=captured.dynamic,
+                              fixed_sizes=captured.fixed_sizes,
                               example_input_ids=captured.example_input_ids,
                               reads_mask=captured.reads_mask, max_positions=captured.max_positions)
     assign_kinds(program, captured.example_input_ids)

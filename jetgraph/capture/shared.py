@@ -185,6 +185,7 @@ def _bind_blocks(program: ResidualProgram, stack: BlockStack, wrapper: nn.Module
                                    children=tuple(children), parallel=source.parallel))
     return ResidualProgram(program.encoder, blocks, program.decoder, program.side, granularity="block",
                            model_class=program.model_class, dynamic=program.dynamic,
+                           fixed_sizes=program.fixed_sizes,
                            example_input_ids=program.example_input_ids, reads_mask=program.reads_mask,
                            max_positions=program.max_positions)
 
