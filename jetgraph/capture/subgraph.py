@@ -57,31 +57,23 @@ class GraphIndex:
 
     def is_ancestor(self, ancestor: fx.Node, node: fx.Node) -> bool:
         """Whether ``node`` depends on ``ancestor`` (walks back, pruned by topological order)."""
-        if ancestor is node:
-            return True
-        stop = self.order[ancestor]
-        stack, seen = [node], {node}
-        while stack:
-            current = stack.pop()
-            for parent in current.all_input_nodes:
-                if parent is ancestor:
-                    return True
-                if parent not in seen and self.order[parent] > stop:
-                    seen.add(parent)
-                    stack.append(parent)
-        return False
+        return self._reaches(ancestor, node, lambda n: n.all_input_nodes)
 
     def depends_on_value(self, ancestor: fx.Node, node: fx.Node) -> bool:
         """Whether ``node``'s *value* depends on ``ancestor``: like :meth:`is_ancestor`, but an
         edge that reads only a shape (``sym_size``, ``new_zeros``, ``expand_as``'s sizes, the
         buffer ``copy`` overwrites) does not count."""
+        return self._reaches(ancestor, node, value_inputs)
+
+    def _reaches(self, ancestor: fx.Node, node: fx.Node,
+                 inputs: Callable[[fx.Node], Sequence[fx.Node]]) -> bool:
         if ancestor is node:
             return True
         stop = self.order[ancestor]
         stack, seen = [node], {node}
         while stack:
             current = stack.pop()
-            for parent in value_inputs(current):
+            for parent in inputs(current):
                 if parent is ancestor:
                     return True
                 if parent not in seen and self.order[parent] > stop:
