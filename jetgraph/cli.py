@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ class UsageError(Exception):
     """Arguments that cannot work together (exit code 2)."""
 
 
+class _LaunchFailed(Exception):
+    """Processes started by ``--nproc`` failed (exit code 1; they printed their own errors)."""
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help that shows every option's default and keeps the descriptions' line breaks; an option
     without a default (None) says in its own help what happens when it is left out."""
@@ -39,10 +44,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and parse errors (2)
         return int(exc.code or 0)
+    args.argv = argv
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -56,14 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jetgraph {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\njetgraph {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun, rank 0 speaks for all
+            print(f"\njetgraph {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
-    except (JetgraphError, ValueError, IndexError, OSError, MemoryError) as exc:
+    except (JetgraphError, ValueError, IndexError, OSError, MemoryError, _LaunchFailed) as exc:
         message = str(exc) or type(exc).__name__
         if isinstance(exc, MemoryError):
             message = "out of memory: " + (str(exc) or "lower --chunk or the size of the job")
-        print(f"jetgraph {args.command}: error: {message}", file=sys.stderr)
+        where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
+        print(f"jetgraph {args.command}{where}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
@@ -175,8 +188,17 @@ def _parser() -> argparse.ArgumentParser:
                               "attention)")
     ngrams.add_argument("--rank", choices=("prob", "logit"), default="prob",
                         help="order the top-N by conditional probability or by raw logit")
+    ngrams.add_argument("--last-top", type=_non_negative, default=0, metavar="M",
+                        help="also keep, for each last context token, its best M entries, written to "
+                             "OUT-by-last.csv (the per-z2 summary of a pair table)")
     ngrams.add_argument("--chunk", type=_positive, default=1024, help="contexts per batched call")
-    ngrams.add_argument("--resume", type=Path, help="folder for checkpoints (an interrupted run continues)")
+    ngrams.add_argument("--resume", type=Path, help="folder for checkpoints (an interrupted run continues, "
+                                                    "with any number of processes)")
+    ngrams.add_argument("--nproc", type=_positive, default=None, metavar="N",
+                        help="split each table over N processes on this machine (torchrun's launcher; "
+                             "one per GPU on a GPU node); under torchrun the table is split over its ranks")
+    ngrams.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where tables are computed; auto: this rank's GPU (LOCAL_RANK) if there is one")
     ngrams.add_argument("--out", type=Path, default=Path("ngrams.csv"),
                         help="CSV or JSON to write; one file per path (suffixed -0, -1, …) when several")
     _cost_arguments(ngrams)
@@ -310,6 +332,13 @@ def _check_ngrams(args: argparse.Namespace) -> None:
         check_writable(args.resume / "ngrams-0.pt", "--resume folder")
     if args.contexts is not None:
         _check_context_rows(args, dims.get("vocab"))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
+    if args.nproc is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--nproc launches the processes itself: leave it out under torchrun")
     _refuse_hopeless_tables(args, dims)
 
 
@@ -668,14 +697,21 @@ def _lens_table(results) -> str:
 
 
 def _run_ngrams(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _launch_ranks(args)
     import torch
 
     import jetgraph
     from jetgraph.applications import keyword_ids, ngram_table
-    from jetgraph.applications.ngrams import ngram_plan
+    from jetgraph.applications.ngrams import current_shard, ngram_plan
 
+    shard = current_shard()  # under torchrun: this rank's place; else None
+    main_rank = shard is None or shard.is_main
     model, tokenizer, ids = _load(args, text="a")
     prog = jetgraph.capture(model, ids)
+    device = _device(args.device, shard)
+    if device.type != "cpu":
+        prog.to(device)
     keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
     contexts = torch.tensor(args.context_rows) if args.contexts is not None else None
     first = range(args.first) if args.first is not None else None
@@ -683,25 +719,92 @@ def _run_ngrams(args: argparse.Namespace) -> int:
     if first is not None and args.first > vocab:
         first = range(vocab)
     options = dict(contexts=contexts, first=first, top=args.top, keywords=keywords, normalise=True,
-                   rank=args.rank, chunk=args.chunk)
-    plans = [ngram_plan(prog, spec, **options) for spec in args.paths]
+                   rank=args.rank, chunk=args.chunk, last_top=args.last_top)
+    ranks = shard.world if shard else 1
+    plans = [ngram_plan(prog, spec, ranks=ranks, **options) for spec in args.paths]
+    if not main_rank:  # rank 0 prints the plan; every rank checks it
+        args.dry_run, printing = False, False
+    else:
+        printing = True
     if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
         return 0
     outputs = _ngram_outputs(args)
     for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
-        table = ngram_table(prog, spec, resume=resume, max_seconds=None, **options)
+        table = ngram_table(prog, spec, resume=resume, max_seconds=None, shard=shard,
+                            progress=printing, **options)
+        if not printing:
+            continue
         table.export(out, tokenizer)
         args.written = [*getattr(args, "written", []), out]
+        where = f" over {ranks} processes" if ranks > 1 else ""
         print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
-              f"(by {args.rank}) -> {out}")
+              f"(by {args.rank}){where} -> {out}")
         for entry in table.entries(tokenizer)[:10]:
             print(f"  {entry['context']!r:>16} -> {entry['next']!r:<16} logit {entry['logit']:8.3f}  "
                   f"p {entry['prob']:.6f}")
+        if args.last_top:
+            by_last = table.export_last(out.with_name(f"{out.stem}-by-last.csv"), tokenizer)
+            args.written.append(by_last)
+            print(f"  best {args.last_top} per last context token -> {by_last}")
         if keywords:
             mass = table.mass()
             print(f"  keyword mass ({args.keywords}, {len(keywords)} tokens): {mass['mean']:.5f} "
                   f"[{mass['low']:.5f}, {mass['high']:.5f}] 95% bootstrap")
+    return 0
+
+
+def _device(choice: str, shard):
+    import torch
+
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if shard is not None:
+        return shard.device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def _launch_ranks(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command in N processes started by torchrun's launcher (one
+    machine, a free port); each rank prints its own errors, so a failure here is one line."""
+    import uuid
+
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # the launcher's own log: failures are reported below
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # as torchrun does: no oversubscribed cores
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if not item.startswith("--nproc="):
+            argv.append(item)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "jetgraph", *argv)
+    except SignalException:  # Ctrl-C reached the launcher too; rank 0 printed the resume hint
+        return 130
+    except ChildFailedError as exc:
+        codes = {failure.local_rank: failure.exitcode for failure in exc.failures.values()}
+        if 130 in codes.values() or -2 in codes.values():
+            return 130
+        failed = sorted(rank for rank, code in codes.items() if code != -15)  # -15: stopped by the launcher
+        raise _LaunchFailed(f"process(es) {', '.join(map(str, failed))} of {args.nproc} failed "
+                            "(their errors are above); the others were stopped") from None
     return 0
 
 

@@ -27,7 +27,8 @@ class Plan:
 
     ``items``: how many ``item_name`` it processes; ``flops``: matmul floating-point operations;
     ``peak_bytes``: memory it allocates at its peak on top of the loaded model; ``seconds``: the
-    estimated wall time at ``gemm_rate`` FLOP/s (measured here) plus elementwise passes.
+    estimated wall time at ``gemm_rate`` FLOP/s (measured here) plus ``elements`` elementwise
+    operations (reductions over the outputs).
     """
 
     what: str
@@ -37,6 +38,15 @@ class Plan:
     peak_bytes: float
     seconds: float
     gemm_rate: float
+    elements: float = 0.0
+
+    def seconds_at(self, flops_per_second: float, elements_per_second: float) -> float:
+        """Wall time on another machine, from its sustained matmul and elementwise rates (a GPU's
+        quoted dense throughput and memory bandwidth in elements, say): the FLOPs and elements
+        of this plan at those rates."""
+        if not flops_per_second > 0 or not elements_per_second > 0:
+            raise ValueError("rates must be positive numbers")
+        return self.flops / flops_per_second + self.elements / elements_per_second
 
     def describe(self) -> str:
         return (f"{self.what}: {format_count(self.items)} {self.item_name}, {format_flops(self.flops)}, "
@@ -61,47 +71,55 @@ class Plan:
         return self
 
 
-def gemm_rate(dtype: torch.dtype = torch.float32) -> float:
-    """Matmul FLOP/s on this machine in ``dtype`` (best of five 1024³ products after a warm-up, in
+def gemm_rate(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
+    """Matmul FLOP/s on ``device`` in ``dtype`` (best of five 1024³ products after a warm-up, in
     ``nn.Linear``'s layout: activations times a transposed [out, in] weight), measured once per
-    dtype and process.
+    dtype, device and process.
 
     16-bit GEMMs run from 2.5× faster than float32 (bfloat16 with AMX or AVX-512 BF16) to several
     times slower (float16 on CPUs without native support; in other layouts up to 40× slower
     still): a 256³ probe first measures a slow dtype in milliseconds, and only a fast one is
     timed at 1024³."""
-    return _gemm_rate(dtype)
+    return _gemm_rate(dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=8)
-def _gemm_rate(dtype: torch.dtype) -> float:
-    probe = _best_mm(256, dtype, repeats=2)
+def _gemm_rate(dtype: torch.dtype, device: torch.device) -> float:
+    probe = _best_mm(256, dtype, repeats=2, device=device)
     if probe < 1e10:  # under 10 GFLOP/s: a 1024³ product would take seconds
         return probe
-    return _best_mm(1024, dtype, repeats=5)
+    return _best_mm(4096 if device.type == "cuda" else 1024, dtype, repeats=5, device=device)
 
 
-def _best_mm(size: int, dtype: torch.dtype, repeats: int) -> float:
-    a, weight = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, weight.t())  # warm the thread pool and the allocator
+def _best_mm(size: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    weight = torch.randn(size, size, dtype=dtype, device=device)
+    return 2 * size**3 / _best_time(lambda: torch.mm(a, weight.t()), repeats, device)
+
+
+def _best_time(call, repeats: int, device: torch.device) -> float:
+    call()  # warm the thread pool, the allocator (and the GPU's kernels)
     best = float("inf")
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, weight.t())
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best
 
 
-@functools.lru_cache(maxsize=1)
-def elementwise_rate() -> float:
-    """Elements per second of one exp pass over a large float32 tensor."""
-    x = torch.randn(1 << 22)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.exp(x)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() / best
+def elementwise_rate(device: torch.device | str = "cpu") -> float:
+    """Elements per second of one exp pass over a large float32 tensor on ``device``."""
+    return _elementwise_rate(torch.device(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _elementwise_rate(device: torch.device) -> float:
+    x = torch.randn(1 << (26 if device.type == "cuda" else 22), device=device)
+    return x.numel() / _best_time(lambda: torch.exp(x), 3, device)
 
 
 def available_memory() -> float | None:
@@ -120,10 +138,10 @@ def available_memory() -> float | None:
 
 
 def estimate_seconds(flops: float, elements: float = 0.0, overhead: float = 0.0,
-                     dtype: torch.dtype = torch.float32) -> float:
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
     """Wall time of ``flops`` matmul FLOPs in ``dtype`` plus ``elements`` elementwise operations
-    at the rates measured here, plus a fixed ``overhead`` (Python dispatch, in seconds)."""
-    return flops / gemm_rate(dtype) + elements / elementwise_rate() + overhead
+    at the rates measured on ``device``, plus a fixed ``overhead`` (Python dispatch, in seconds)."""
+    return flops / gemm_rate(dtype, device) + elements / elementwise_rate(device) + overhead
 
 
 def format_count(value: float) -> str:

@@ -148,19 +148,19 @@ def test_resume_continues_an_interrupted_table(tmp_path, monkeypatch) -> None:
     checkpoint = tmp_path / "table.pt"
     complete = ngram_table(prog, "E→U", top=10, chunk=16, progress=False)
     calls = {"n": 0}
-    original = ngrams.evaluate_path
+    original = ngrams.evaluate_chunk
 
-    def failing(schedule, ids):
+    def failing(evaluator, ids):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(schedule, ids)
+        return original(evaluator, ids)
 
-    monkeypatch.setattr(ngrams, "evaluate_path", failing)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(ngrams, "evaluate_chunk", failing)
+    with pytest.raises(KeyboardInterrupt):  # the checkpoint is written when the run stops
         ngram_table(prog, "E→U", top=10, chunk=16, resume=checkpoint, progress=False)
-    monkeypatch.setattr(ngrams, "evaluate_path", original)
-    assert torch.load(checkpoint, weights_only=False)["done"] == 32
+    monkeypatch.setattr(ngrams, "evaluate_chunk", original)
+    assert torch.load(checkpoint, weights_only=False)["done"] == [0, 1]
     resumed = ngram_table(prog, "E→U", top=10, chunk=16, resume=checkpoint, progress=False)
     assert resumed.top_index.tolist() == complete.top_index.tolist()
     with pytest.raises(ValueError, match="belongs to another table"):

@@ -319,6 +319,29 @@ def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
     _one_line_error(capsys, "is empty")
 
 
+def test_ngrams_nproc_gives_the_single_process_files(tmp_path, capsys) -> None:
+    """``--nproc 2`` runs the table in two processes (torchrun's launcher, gloo): the CSVs,
+    the per-last-token summary included, are the single process's, byte for byte."""
+    path = require_tinystories()
+    args = ["ngrams", str(path), "--paths", "E→attn0→U", "--first", "6", "--top", "25", "--last-top", "2"]
+    assert main([*args, "--out", str(tmp_path / "one.csv")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two.csv"), "--nproc", "2",
+                 "--resume", str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()
+    assert (tmp_path / "one-by-last.csv").read_text() == (tmp_path / "two-by-last.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ngrams-0.pt", "ngrams-0.rank1.pt"]
+    capsys.readouterr()
+    assert main([*args, "--nproc", "2", "--device", "cuda"] if not _has_cuda() else
+                [*args, "--nproc", "2", "--out", str(tmp_path / "bad.txt")]) == 2
+    _one_line_error(capsys, "--")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_lazy_loading_gives_the_same_table_and_capture(tmp_path, capsys) -> None:
     """``--lazy`` reads the safetensors only while needed: the same table as a full load, and
     capture says its check ran on the representative blocks."""

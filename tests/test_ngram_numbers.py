@@ -149,7 +149,7 @@ def test_infeasible_tables_are_refused_before_work(monkeypatch) -> None:
     def no_work(*_):
         raise AssertionError("the table was evaluated although it was refused")
 
-    monkeypatch.setattr(ngrams, "evaluate_path", no_work)
+    monkeypatch.setattr(ngrams, "evaluate_chunk", no_work)
     start = time.perf_counter()
     with pytest.raises(CostError, match=r"refusing n-gram table .*estimated .*raise max_seconds"):
         ngram_table(prog, "E→attn0→U", max_seconds=1e-6, progress=False)

@@ -40,7 +40,7 @@ class BatchedRun:
         for step in self.schedule.steps:
             if on_step is not None:
                 on_step(step)
-            self.buffers.append(self._compute(step))
+            self.buffers.append(self.compute(step))
         outputs = self.gather(self.schedule.outputs)
         if not remainder:
             return outputs, None, None
@@ -64,7 +64,9 @@ class BatchedRun:
             pieces.append(buffer if (start, end) == (0, buffer.shape[0]) else buffer[start:end])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _compute(self, step: Step) -> torch.Tensor:
+    def compute(self, step: Step) -> torch.Tensor:
+        """Step ``step``'s buffer from the buffers before it (callers that fill some buffers
+        themselves append the rest in order)."""
         if step.kind in ("source", "stream") or (step.kind == "identity" and step.order >= 1):
             return evaluate_terms(step.terms, self.inputs)  # no centre is read
         centers = self.gather(step.centers)

@@ -7,6 +7,9 @@ trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pat
 
 - :mod:`.contexts`: the rows of a table (every token, every pair, or given), made lazily;
 - :mod:`.sweep`: the streamed sweep (chunks through the batched evaluator, global top-k, resume);
+- :mod:`.evaluator`: last-position logits of a path, sharing per-token prefixes;
+- :mod:`.state`: the reductions per chunk, their exact merge and checkpoints;
+- :mod:`.shard`: one table over the ranks of torch.distributed (torchrun);
 - :mod:`.table`: the result and its export;
 - :mod:`.keywords`: keyword lists and their token ids;
 - :mod:`.compare`: model diffs and comparison with a reference table.
@@ -15,8 +18,10 @@ trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pat
 from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tables
 from jetgraph.applications.ngrams.contexts import Contexts, all_contexts
 from jetgraph.applications.ngrams.keywords import keyword_ids, load_keywords
+from jetgraph.applications.ngrams.shard import Shard, ShardError, current_shard
 from jetgraph.applications.ngrams.sweep import full_table, ngram_plan, ngram_table
 from jetgraph.applications.ngrams.table import NgramTable
 
-__all__ = ["Contexts", "NgramTable", "all_contexts", "compare_to_reference", "diff_tables",
-           "full_table", "keyword_ids", "load_keywords", "ngram_plan", "ngram_table"]
+__all__ = ["Contexts", "NgramTable", "Shard", "ShardError", "all_contexts", "compare_to_reference",
+           "current_shard", "diff_tables", "full_table", "keyword_ids", "load_keywords", "ngram_plan",
+           "ngram_table"]

@@ -1,33 +1,46 @@
-"""Streaming an n-gram table: one path evaluated on every context in chunks through the batched
-evaluator, reduced to a global top-k (ties ordered deterministically), per-row top tokens,
-normalisers and keyword logits, with the cost planned first and a checkpoint after every chunk."""
+"""Streaming an n-gram table: one path evaluated on every context in chunks, reduced to a
+global top-k (ties ordered deterministically), per-row top tokens, normalisers, keyword logits
+and a per-last-token summary, with the cost planned first, checkpoints, and the chunks shared
+out over the ranks of torch.distributed when the run has several (:mod:`.shard`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.contexts import Contexts
+from jetgraph.applications.ngrams.evaluator import PathEvaluator, evaluate_path, path_schedule
+from jetgraph.applications.ngrams.shard import (
+    DEFAULT_STALL_SECONDS,
+    Shard,
+    ShardError,
+    chunk_share,
+    current_shard,
+)
+from jetgraph.applications.ngrams.state import CHECKPOINT_FORMAT, LastTokenTop, TableState, TopEntries
 from jetgraph.applications.ngrams.table import NgramTable, Rank
-from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
-from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.expansion import Expansion
 from jetgraph.passes.paths import context_length, path_term, view_of_term
 from jetgraph.passes.terms import Term
+
+__all__ = ["evaluate_path", "full_table", "ngram_plan", "ngram_table", "path_schedule"]
+
+DEFAULT_CHECKPOINT_SECONDS = 60.0
+PROBE_ROWS = 8
 
 
 @dataclass
 class _Job:
-    """One table's parsed arguments: the path's schedule, its contexts and reductions."""
+    """One table's parsed arguments: the path, its contexts and reductions."""
 
     term: Term
     view: ResidualProgram
@@ -37,17 +50,49 @@ class _Job:
     normalise: bool
     top: int
     row_top: int
+    last_top: int
     rank: Rank
     chunk: int
 
+    @property
+    def chunks(self) -> int:
+        return math.ceil(len(self.contexts) / self.chunk)
+
+    def chunk_rows(self, index: int) -> tuple[int, int]:
+        return index * self.chunk, min((index + 1) * self.chunk, len(self.contexts))
+
+    def evaluator(self) -> PathEvaluator:
+        rows = self.contexts
+        if rows.explicit is not None:
+            tokens = torch.unique(rows.explicit)
+        else:
+            parts = [rows.first] + ([rows.second] if rows.second is not None else [])
+            tokens = torch.unique(torch.cat(parts))
+        return PathEvaluator(self.view, self.term, rows.length, tokens, self.vocab)
+
+    def probe(self) -> torch.Tensor:
+        """A few of the table's own contexts, spread over it."""
+        count = len(self.contexts)
+        picks = sorted({int(i) for i in torch.linspace(0, max(count - 1, 0), min(PROBE_ROWS, count))})
+        return torch.cat([self.contexts.rows(i, i + 1) for i in picks]) if picks else self.contexts.rows(0, 0)
+
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps([CHECKPOINT_FORMAT, self.term.name, self.top, self.row_top, self.last_top,
+                                  self.normalise, self.keywords, self.chunk, self.rank,
+                                  self.contexts.length]).encode())
+        self.contexts.fingerprint(digest)
+        return digest.hexdigest()
+
 
 def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, first, top: int,
-         row_top: int, keywords, normalise: bool, rank: Rank, chunk: int) -> _Job:
+         row_top: int, last_top: int, keywords, normalise: bool, rank: Rank, chunk: int) -> _Job:
     """Validate every argument before any work (cheap: no tensors of table size)."""
     if not isinstance(top, int) or not isinstance(chunk, int) or top < 1 or chunk < 1:
         raise ValueError(f"top and chunk must be ints >= 1, got top={top!r}, chunk={chunk!r}")
-    if not isinstance(row_top, int) or row_top < 0:
-        raise ValueError(f"row_top must be an int >= 0, got {row_top!r}")
+    for name, value in (("row_top", row_top), ("last_top", last_top)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if rank not in ("logit", "prob"):
         raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
     term = path_term(prog, path, order)
@@ -67,37 +112,37 @@ def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, f
             raise ValueError(f"keyword token ids must lie in [0, {vocab})")
         normalise = True
     normalise = normalise or rank == "prob"
-    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, rank, chunk)
+    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, last_top, rank, chunk)
 
 
 def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = None,
                contexts: torch.Tensor | Contexts | None = None, first: Sequence[int] | None = None,
-               top: int = 100, row_top: int = 0, keywords: Sequence[int] | None = None,
-               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024) -> Plan:
+               top: int = 100, row_top: int = 0, last_top: int = 0, keywords: Sequence[int] | None = None,
+               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024, ranks: int = 1) -> Plan:
     """What :func:`ngram_table` with these arguments will cost (contexts, FLOPs, peak memory above
-    the model, time here), from one evaluated context: nothing of table size is allocated."""
-    return _plan(_job(prog, path, order, contexts, first, top, row_top, keywords, normalise, rank, chunk))
+    the model, time here), from one evaluated context: nothing of table size is allocated.
+    ``ranks``: the time is one rank's share when the table is split over that many processes."""
+    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk)
+    return _plan(job, job.evaluator(), ranks)
 
 
-def _plan(job: _Job) -> Plan:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    schedule = path_schedule(job.view, job.term)
-    device = job.view.decoder.unembedding.device
-    probe = torch.zeros(1, job.contexts.length, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter:
-        BatchedRun(schedule, probe).run(remainder=False)
+def _plan(job: _Job, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
     rows, vocab = len(job.contexts), job.vocab
+    mine = math.ceil(rows / max(ranks, 1))
+    flops = evaluator.flops(mine)
     width = min(job.chunk, max(rows, 1))
     chunk_tensors = 3 if job.normalise else 2  # logits, exp pass / candidates
     per_row = (8 if job.normalise else 0) + 4 * len(job.keywords or ()) + 12 * job.row_top
-    peak = width * vocab * 4 * chunk_tensors + rows * per_row + 16 * job.top * 3
-    elements = rows * vocab * (4 if job.normalise else 2)
+    summary = 16 * vocab * job.last_top * (2 if job.last_top else 0)
+    peak = (width * vocab * 4 * chunk_tensors + rows * per_row + 16 * job.top * 3 + summary
+            + evaluator.shared_bytes)
+    elements = mine * vocab * (4 if job.normalise else 2)
     dtype = job.view.decoder.unembedding.dtype  # a 16-bit GEMM may be far faster or slower
-    seconds = estimate_seconds(counter.get_total_flops() * rows, elements,
-                               overhead=2e-3 * math.ceil(rows / job.chunk), dtype=dtype)
-    return Plan(f"n-gram table {job.term.name}", rows, "contexts", counter.get_total_flops() * rows,
-                peak, seconds, gemm_rate(dtype))
+    device = job.view.decoder.unembedding.device
+    seconds = estimate_seconds(flops, elements, overhead=2e-3 * math.ceil(mine / job.chunk), dtype=dtype,
+                               device=device)
+    what = f"n-gram table {job.term.name}" + (f", per rank of {ranks}" if ranks > 1 else "")
+    return Plan(what, rows, "contexts", flops, peak, seconds, gemm_rate(dtype, device), elements)
 
 
 @torch.no_grad()
@@ -110,6 +155,7 @@ def ngram_table(
     first: Sequence[int] | None = None,
     top: int = 100,
     row_top: int = 0,
+    last_top: int = 0,
     keywords: Sequence[int] | None = None,
     normalise: bool = False,
     rank: Rank = "logit",
@@ -117,145 +163,204 @@ def ngram_table(
     resume: str | Path | None = None,
     progress: bool = True,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    shard: Shard | str | None = "auto",
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+    stall_seconds: float = DEFAULT_STALL_SECONDS,
 ) -> NgramTable:
     """Evaluate one path (unit weights: its own logits) on every context — every token, or every
     token pair for paths through attention, the first token restricted to ``first`` if given,
     or the rows of ``contexts`` — in chunks, keeping the global top-``top``.
 
-    ``row_top``: also keep each row's top tokens. ``keywords``: token ids whose probability mass
-    each row puts on them is recorded (implies ``normalise``). ``normalise``: keep each row's
-    normaliser, so probabilities can be reported. ``rank``: order the global top-k by ``"logit"``
-    (the paper's tables; one pass less) or by conditional probability ``"prob"`` (implies
-    ``normalise``; a next token that is large in every row no longer fills the table).
-    ``resume``: a checkpoint file written after every chunk; an interrupted call with the same
-    arguments continues from it. The cost is planned first (:func:`ngram_plan`): a table
-    estimated to take longer than ``max_seconds`` (None: no limit) or more memory than is
-    available is refused before any work, with the estimate.
+    ``row_top``: also keep each row's top tokens. ``last_top``: for each last context token
+    (z2 of a pair), keep the ``last_top`` best (context → next) entries of the rows ending in
+    it. ``keywords``: token ids whose probability mass each row puts on them is recorded
+    (implies ``normalise``). ``normalise``: keep each row's normaliser, so probabilities can be
+    reported. ``rank``: order the top entries by ``"logit"`` (the paper's tables; one pass less)
+    or by conditional probability ``"prob"`` (implies ``normalise``).
+
+    ``resume``: a checkpoint file, written at most every ``checkpoint_seconds``, when the run
+    stops (an error or Ctrl-C) and at the end; a run with the same arguments continues from it.
+    ``shard``: ``"auto"`` splits the table over the ranks of torch.distributed when this process
+    runs under ``torchrun`` (see :mod:`.shard`; rank r > 0 checkpoints to ``NAME.rank{r}.pt``
+    beside ``resume``, and a run resumes with any world size); a :class:`Shard`; or None for
+    one process. Every rank returns the same global and per-last-token top entries; the per-row
+    results are gathered on rank 0 only. A rank that fails stops the others with
+    :class:`ShardError` within ``stall_seconds`` at most.
+
+    The cost is planned first (:func:`ngram_plan`): a table estimated to take longer than
+    ``max_seconds`` (None: no limit) or more memory than is available is refused before any work.
     """
-    job = _job(prog, path, order, contexts, first, top, row_top, keywords, normalise, rank, chunk)
-    _plan(job).check(max_seconds, "max_seconds (None: no limit)",
-                     memory_option="lower chunk, or keep fewer per-row results (keywords, row_top)")
-    schedule = path_schedule(job.view, job.term)
-    device = job.view.decoder.unembedding.device
-    state = _State.start(job, resume)
-    rows = len(job.contexts)
-    bar = tqdm(total=rows, initial=state.done, unit="ctx", desc=f"n-grams {job.term.name}",
-               disable=not progress, leave=False)
+    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk)
+    if shard == "auto":
+        shard = current_shard(stall_seconds)
+    elif shard is not None and not isinstance(shard, Shard):
+        raise ValueError(f"shard must be 'auto', a Shard or None, got {shard!r}")
+    world = shard.world if shard else 1
+    evaluator = job.evaluator()
+    _plan(job, evaluator, world).check(max_seconds, "max_seconds (None: no limit)",
+                                       memory_option="lower chunk, or keep fewer per-row results "
+                                                     "(keywords, row_top)")
+    evaluator.verify(job.probe())
+    checkpoints = _Checkpoints(Path(resume) if resume else None, shard)
+    state = checkpoints.start(job.key(), job)
+    prefix = shard.session() if shard else ""
+    done = set().union(*(shard.all_gather(state.done, "the chunks already done") if shard else [state.done]))
+    todo = [c for c in range(job.chunks) if c not in done]
+    mine = chunk_share(todo, shard.rank, world) if shard else todo
+    device = evaluator.device
     keyword_index = torch.tensor(job.keywords, device=device) if job.keywords else None
     units = [unit for unit in job.term.units() if isinstance(unit, ResidualUnit)]
-    with job.view.resident(units):  # a model read lazily loads the path's units only
-        while state.done < rows:
-            start, end = state.done, min(state.done + chunk, rows)
-            logits = evaluate_path(schedule, job.contexts.rows(start, end).to(device))
-            state.add(logits, start, keyword_index)
-            state.done = end
-            state.save()
-            bar.update(end - start)
-    bar.close()
-    return state.table(job)
+    label = f"n-grams {job.term.name}" + (f" (rank {shard.rank}/{world})" if shard else "")
+    bar = tqdm(total=len(mine), unit="chunk", desc=label, leave=False,
+               disable=not progress or (shard is not None and not shard.is_main))
+    saved = time.monotonic()
+    try:
+        with job.view.resident(units):  # a model read lazily loads the path's units only
+            for index in mine:
+                start, end = job.chunk_rows(index)
+                logits = evaluate_chunk(evaluator, job.contexts.rows(start, end))
+                _reduce(state, job, index, logits, keyword_index)
+                if shard:
+                    shard.beat(prefix)
+                if time.monotonic() - saved >= checkpoint_seconds:
+                    checkpoints.save(state)
+                    saved = time.monotonic()
+                bar.update(1)
+    except BaseException as exc:
+        checkpoints.save(state)
+        if shard and not isinstance(exc, ShardError):
+            shard.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        bar.close()
+    checkpoints.save(state)
+    if shard and world > 1:
+        state = _merged(state, job, shard, prefix)
+    return _table(state, job)
 
 
-
-def path_schedule(view: ResidualProgram, term: Term) -> Schedule:
-    """The batched plan of one logit-space path term."""
-    return plan(Expansion(view, len(view.units), [term], term.order))
-
-
-def evaluate_path(schedule: Schedule, ids: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] logits of the single path term at the last position."""
-    outputs, _, _ = BatchedRun(schedule, ids).run(remainder=False)
-    return outputs[0, :, -1, :]
+def evaluate_chunk(evaluator: PathEvaluator, ids: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] last-position logits of one chunk of contexts."""
+    return evaluator(ids)
 
 
-_CHECKPOINT_FORMAT = 2
+class _Checkpoints:
+    """Rank r's checkpoint file, and the absorption of any earlier run's files into it.
 
+    Files are ``resume`` (rank 0) and ``NAME.rank{r}.SUFFIX`` (rank r). Starting, rank r of W
+    absorbs every existing file i with i mod W == r and writes the union to its own file
+    before deleting the absorbed ones, so a run resumes with any world size and a crash in
+    between leaves duplicates, which merging ignores.
+    """
 
-@dataclass
-class _State:
-    """Streaming reductions, and their checkpoint."""
+    def __init__(self, resume: Path | None, shard: Shard | None) -> None:
+        self.resume, self.shard = resume, shard
+        self.rank, self.world = (shard.rank, shard.world) if shard else (0, 1)
+        self.own = None if resume is None else rank_file(resume, self.rank)
 
-    key: str
-    top: int
-    row_top: int
-    normalise: bool
-    resume: Path | None
-    rank: Rank = "logit"
-    done: int = 0
-    values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    row_values: list[torch.Tensor] = field(default_factory=list)
-    row_index: list[torch.Tensor] = field(default_factory=list)
-    row_max: list[torch.Tensor] = field(default_factory=list)
-    log_sum: list[torch.Tensor] = field(default_factory=list)
-    keyword_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk
-
-    @classmethod
-    def start(cls, job: _Job, resume: str | Path | None) -> _State:
-        digest = hashlib.sha256()
-        digest.update(json.dumps([_CHECKPOINT_FORMAT, job.term.name, job.top, job.row_top, job.normalise,
-                                  job.keywords, job.chunk, job.rank, job.contexts.length]).encode())
-        job.contexts.fingerprint(digest)
-        state = cls(digest.hexdigest(), job.top, job.row_top, job.normalise,
-                    Path(resume) if resume else None, job.rank)
-        if state.resume is not None and state.resume.is_file():
-            try:
-                saved = torch.load(state.resume, weights_only=False)
-            except Exception as exc:  # a truncated or foreign file
-                raise ValueError(f"checkpoint {state.resume} cannot be read ({type(exc).__name__}): "
-                                 "delete it to start again") from exc
-            if not isinstance(saved, dict) or saved.get("key") != state.key:
-                raise ValueError(f"checkpoint {state.resume} belongs to another table (different path, "
-                                 "contexts or options): delete it or choose another file")
-            state.__dict__.update({k: v for k, v in saved.items() if k != "key"})
+    def start(self, key: str, job: _Job) -> TableState:
+        state = TableState(key, last=LastTokenTop.empty(job.vocab, job.last_top) if job.last_top else None)
+        if self.resume is None:
+            return state
+        mine = {i: p for i, p in rank_files(self.resume).items() if i % self.world == self.rank}
+        if mine:
+            state.absorb([TableState.load(p, key) for p in mine.values()], job.top)
+            others = [p for p in mine.values() if p != self.own]
+            if others:
+                self.save(state)
+                for path in others:
+                    path.unlink(missing_ok=True)
         return state
 
-    def add(self, logits: torch.Tensor, offset: int, keyword_index: torch.Tensor | None) -> None:
-        vocab = logits.shape[-1]
-        logits = logits.float()
-        if self.normalise:  # the argmax is excluded from the sum; max() with indices costs 3x amax()
-            row_max, argmax = logits.max(-1)
-            log_sum = _log_sum(logits, row_max, argmax)
-        else:
-            row_max, log_sum = logits.amax(-1), None
-        by_prob = self.rank == "prob"
-        row_best = -log_sum if by_prob else row_max
-        threshold = self.values[-1] if len(self.values) >= self.top else None
-        values, raw, flat = _chunk_top(logits, row_best, self.top, threshold,
-                                       (row_max, log_sum) if by_prob else None)
-        values = torch.cat([self.values, values.cpu()])
-        raw = torch.cat([self.logits, raw.cpu()])
-        flat = torch.cat([self.index, flat.cpu() + offset * vocab])
-        keep = _ranking(values, raw, flat)[: self.top]
-        self.values, self.logits, self.index = values[keep], raw[keep], flat[keep]
-        if self.row_top:
-            v, i = logits.topk(min(self.row_top, vocab), -1)
-            self.row_values.append(v.cpu())
-            self.row_index.append(i.cpu())
-        if log_sum is not None:
-            self.row_max.append(row_max.cpu())
-            self.log_sum.append(log_sum.cpu())
-            if keyword_index is not None:
-                self.keyword_logits.append(logits.index_select(-1, keyword_index).cpu())
+    def save(self, state: TableState) -> None:
+        if self.own is not None:
+            state.save(self.own)
 
-    def save(self) -> None:
-        if self.resume is None:
-            return
-        payload = {k: v for k, v in self.__dict__.items() if k != "resume"}
-        atomic_write(self.resume, lambda name: torch.save(payload, name))
 
-    def table(self, job: _Job) -> NgramTable:
-        def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
-            return torch.cat(parts) if parts else None
+def rank_file(resume: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its checkpoint of the table checkpointed at ``resume``."""
+    return resume if rank == 0 else resume.with_name(f"{resume.stem}.rank{rank}{resume.suffix}")
 
-        return NgramTable(
-            job.term.name, job.contexts, self.values, self.index, job.vocab,
-            top_logits=self.logits,
-            row_values=joined(self.row_values), row_index=joined(self.row_index),
-            row_max=joined(self.row_max), log_sum=joined(self.log_sum),
-            keyword_logits=joined(self.keyword_logits),
-            keywords=job.keywords or [], rank=self.rank,
-        )
+
+def rank_files(resume: Path) -> dict[int, Path]:
+    """Every existing checkpoint file of ``resume``, by the rank that wrote it."""
+    files = {0: resume} if resume.is_file() else {}
+    for path in resume.parent.glob(f"{resume.stem}.rank*{resume.suffix}"):
+        number = path.name[len(resume.stem) + len(".rank"):len(path.name) - len(resume.suffix)]
+        if number.isdigit():
+            files[int(number)] = path
+    return files
+
+
+def _merged(state: TableState, job: _Job, shard: Shard, prefix: str) -> TableState:
+    """Every rank's reductions merged: top entries on every rank, per-row results on rank 0."""
+    shard.wait_for_all(prefix, "the merge")
+    tops = shard.all_gather(state.top, "the global top-k")
+    lasts = shard.all_gather(state.last, "the per-last-token summaries") if state.last is not None else None
+    rows = shard.gather_to_main((state.done, state.rows), "the per-row results")
+    merged = TableState(state.key, TopEntries().merged(tops, job.top))
+    if lasts is not None:
+        merged.last = lasts[0].merged(lasts[1:])
+    if rows is not None:
+        for done, per_row in rows:
+            merged.done |= done
+            merged.rows.update(per_row)
+    return merged
+
+
+def _table(state: TableState, job: _Job) -> NgramTable:
+    rows = state.joined_rows(job.chunks) if state.done else dict.fromkeys(("row_values",), None)
+    last = state.last
+    return NgramTable(
+        job.term.name, job.contexts, state.top.values, state.top.index, job.vocab,
+        top_logits=state.top.logits,
+        row_values=rows.get("row_values"), row_index=rows.get("row_index"),
+        row_max=rows.get("row_max"), log_sum=rows.get("log_sum"),
+        keyword_logits=rows.get("keyword_logits"),
+        keywords=job.keywords or [], rank=job.rank,
+        last_values=None if last is None else last.values,
+        last_logits=None if last is None else last.logits,
+        last_index=None if last is None else last.index,
+    )
+
+
+def _reduce(state: TableState, job: _Job, index: int, logits: torch.Tensor,
+            keyword_index: torch.Tensor | None) -> None:
+    """Fold one chunk's [rows, vocab] logits into ``state``."""
+    offset = job.chunk_rows(index)[0]
+    vocab = logits.shape[-1]
+    logits = logits.float()
+    if job.normalise:  # the argmax is excluded from the sum; max() with indices costs 3x amax()
+        row_max, argmax = logits.max(-1)
+        log_sum = _log_sum(logits, row_max, argmax)
+    else:
+        row_max, log_sum = logits.amax(-1), None
+    by_prob = job.rank == "prob"
+    row_best = -log_sum if by_prob else row_max
+    top = state.top
+    threshold = top.values[-1] if len(top) >= job.top else None
+    values, raw, flat = _chunk_top(logits, row_best, job.top, threshold,
+                                   (row_max, log_sum) if by_prob else None)
+    candidates = TopEntries(values.cpu(), raw.cpu(), flat.cpu() + offset * vocab)
+    state.top = top.merged([candidates], job.top)
+    per_row: dict[str, torch.Tensor] = {}
+    if job.row_top:
+        v, i = logits.topk(min(job.row_top, vocab), -1)
+        per_row["row_values"], per_row["row_index"] = v.cpu(), i.cpu()
+    if log_sum is not None:
+        per_row["row_max"], per_row["log_sum"] = row_max.cpu(), log_sum.cpu()
+        if keyword_index is not None:
+            per_row["keyword_logits"] = logits.index_select(-1, keyword_index).cpu()
+    if state.last is not None:
+        m = min(job.last_top, vocab)
+        raw, token = logits.topk(m, -1)
+        value = raw if not by_prob else (raw - row_max[:, None]) - log_sum[:, None]
+        rows = torch.arange(offset, offset + len(logits), device=logits.device)
+        flat = rows[:, None] * vocab + token
+        last = job.contexts.rows(offset, offset + len(logits))[:, -1]
+        state.last.add(last, value.cpu(), raw.cpu(), flat.cpu())
+    state.rows[index] = per_row
+    state.done.add(index)
 
 
 def _log_sum(logits: torch.Tensor, row_max: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
@@ -298,14 +403,6 @@ def _chunk_top(logits: torch.Tensor, row_best: torch.Tensor, top: int, threshold
         kth = torch.maximum(kth, threshold.to(kth.device))
     hit_row, hit_token = (value >= kth).nonzero(as_tuple=True)
     return value[hit_row, hit_token], raw[hit_row, hit_token], rows[hit_row] * vocab + hit_token
-
-
-def _ranking(values: torch.Tensor, logits: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """The permutation that orders entries by value, then logit (both descending), then flat
-    index (context row, then next token id, ascending): deterministic under ties."""
-    order = torch.argsort(flat)
-    order = order[torch.argsort(logits[order], descending=True, stable=True)]
-    return order[torch.argsort(values[order], descending=True, stable=True)]
 
 
 @torch.no_grad()

@@ -35,6 +35,10 @@ class NgramTable:
     log-probabilities as ``(logit − row_max) − log_sum`` without the cancellation of
     ``logit − logsumexp`` when the logits are large; ``keyword_logits`` each row's logits at the
     keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
+    ``last_values``/``last_logits``/``last_index`` [vocab, m] hold, for each last context token
+    (z2 of a pair table), the best ``m`` entries of the rows ending in it (:meth:`last_entries`).
+    In a distributed run only rank 0 holds the per-row results (``row_*``, ``log_sum``,
+    ``keyword_logits``); every rank holds the top entries.
     """
 
     path: str
@@ -50,6 +54,9 @@ class NgramTable:
     keyword_logits: torch.Tensor | None = None  # [rows, len(keywords)]
     keywords: list[int] = field(default_factory=list)
     rank: Rank = "logit"  # what top_values hold: logits, or log-probabilities ("prob")
+    last_values: torch.Tensor | None = None  # [vocab, m]: per last context token, best entries
+    last_logits: torch.Tensor | None = None
+    last_index: torch.Tensor | None = None  # flat row * vocab + next token; -1: empty slot
 
     @property
     def log_normaliser(self) -> torch.Tensor | None:
@@ -82,16 +89,34 @@ class NgramTable:
     def entries(self, tokenizer=None) -> list[dict]:
         """The global top-k as rows: rank, context, next token, logit and, when the row
         normalisers were kept, the log-probability and probability of the next token."""
-        rows = []
         logits = self.top_logits if self.top_logits is not None else self.top_values
-        for rank, (logit, flat) in enumerate(zip(logits.tolist(), self.top_index.tolist(), strict=True),
-                                             start=1):
+        return self._entries(self.top_values.tolist(), logits.tolist(), self.top_index.tolist(), tokenizer)
+
+    def last_entries(self, token: int, tokenizer=None) -> list[dict]:
+        """The best entries among the contexts that end in ``token`` (a table built with
+        ``last_top``), as :meth:`entries` writes them."""
+        if self.last_index is None:
+            raise ValueError("this table was built without per-last-token summaries (last_top=0)")
+        if not 0 <= int(token) < self.vocab:
+            raise ValueError(f"token ids lie in [0, {self.vocab}), got {token}")
+        filled = self.last_index[int(token)] >= 0
+        return self._entries(self.last_values[int(token)][filled].tolist(),
+                             self.last_logits[int(token)][filled].tolist(),
+                             self.last_index[int(token)][filled].tolist(), tokenizer)
+
+    def _entries(self, values: list[float], logits: list[float], flats: list[int], tokenizer) -> list[dict]:
+        rows = []
+        for rank, (value, logit, flat) in enumerate(zip(values, logits, flats, strict=True), start=1):
             row, token = divmod(int(flat), self.vocab)
             context = self.contexts[row].tolist()
             entry = {"rank": rank, "context_ids": " ".join(map(str, context)), "next_id": token,
                      "logit": float(f"{logit:.7g}")}
+            log_p = None
             if self.row_max is not None:
                 log_p = self.log_prob(row, logit)
+            elif self.rank == "prob":  # the ranking value is log p (rank > 0 of a distributed run)
+                log_p = value
+            if log_p is not None:
                 entry["log_prob"] = float(f"{log_p:.9g}")
                 entry["prob"] = float(f"{math.exp(log_p):.9g}")
             if tokenizer is not None:
@@ -117,6 +142,25 @@ class NgramTable:
             writer.writerows(rows)
             text = buffer.getvalue()
         return atomic_write(path, text)
+
+    def export_last(self, path: str | Path, tokenizer=None) -> Path:
+        """The per-last-token summary as CSV: for each last context token, its best entries
+        (``last_id`` and ``last`` lead each row); written whole or not at all."""
+        path = Path(path)
+        if path.suffix != ".csv":
+            raise ValueError(f"export_last writes .csv, not {path.suffix!r}")
+        rows = []
+        for token in range(self.vocab):
+            for entry in self.last_entries(token, tokenizer):
+                head = {"last_id": token}
+                if tokenizer is not None:
+                    head["last"] = tokenizer.decode([token])
+                rows.append({**head, **entry})
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["last_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(path, buffer.getvalue())
 
     def mass(self, subset: Sequence[int] | None = None, samples: int = 1000, confidence: float = 0.95,
              seed: int = 0) -> dict[str, float]:

@@ -1,0 +1,100 @@
+"""Pair tables (paths through attention): the fast evaluator against the plain schedule, and the
+per-last-token summary against the full table computed independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import captured, require_tinystories
+
+import jetgraph
+from jetgraph.applications import ngram_table
+from jetgraph.applications.ngrams import evaluator as evaluator_module
+from jetgraph.applications.ngrams import full_table
+from jetgraph.applications.ngrams.evaluator import evaluate_path
+from jetgraph.applications.ngrams.sweep import _job
+
+
+def _evaluator(prog, path: str, first=range(5)):
+    job = _job(prog, path, None, None, first, 10, 0, 0, None, False, "logit", 64)
+    evaluator = job.evaluator()
+    evaluator.verify(job.probe())
+    return job, evaluator
+
+
+@pytest.mark.parametrize("path, shared", [("E→attn0→U", 0), ("E→attn0→mlp0→U", 0), ("E→mlp0→attn1→U", 2)])
+def test_the_fast_evaluator_equals_the_plain_schedule(path: str, shared: int) -> None:
+    _, prog = captured("llama")
+    job, evaluator = _evaluator(prog, path)
+    assert evaluator.last_position_only and evaluator.shared_steps == shared
+    ids = job.contexts.rows(0, 300)
+    plain = evaluate_path(evaluator.schedule, ids)
+    torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
+    # per context, the decoder runs on one position of two (and a shared prefix not at all)
+    width, vocab = prog.decoder.unembedding.shape[1], prog.decoder.unembedding.shape[0]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        evaluate_path(evaluator.schedule, ids[:1])
+    per_row = (evaluator.flops(1000) - evaluator.flops(0)) / 1000
+    assert per_row <= counter.get_total_flops() - 2 * width * vocab + 1
+
+
+def test_gpt2_position_embeddings_stay_right_in_the_shared_prefix() -> None:
+    _, prog = captured("gpt2")  # absolute position embeddings: position 0 and 1 differ
+    job, evaluator = _evaluator(prog, "E→mlp0→attn1→U")
+    assert evaluator.shared_steps >= 2
+    ids = job.contexts.rows(0, 200)
+    torch.testing.assert_close(evaluator(ids), evaluate_path(evaluator.schedule, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_probe_falls_back_to_the_plain_schedule(monkeypatch) -> None:
+    _, prog = captured("llama")
+    monkeypatch.setattr(evaluator_module, "PROBE_TOLERANCE", {torch.float32: -1.0})
+    _, evaluator = _evaluator(prog, "E→mlp0→attn1→U")
+    assert not evaluator.last_position_only and evaluator.shared_steps == 0
+
+
+def test_the_per_last_token_summary_is_the_best_of_the_rows_ending_in_each_token() -> None:
+    _, prog = captured("llama")
+    first = range(0, 128, 3)
+    table = ngram_table(prog, "E→attn0→U", first=first, top=50, last_top=4, rank="prob", chunk=100,
+                        progress=False, shard=None)
+    contexts = torch.tensor([[a, b] for a in first for b in range(128)])
+    logits = full_table(prog, "E→attn0→U", contexts).double()  # the plain schedule, all at once
+    log_p = logits.log_softmax(-1)
+    for token in (0, 17, 127):
+        rows = (contexts[:, 1] == token).nonzero().squeeze(1)
+        values = log_p[rows]
+        best = values.reshape(-1).topk(4)
+        expected_flat = [int(rows[i // 128]) * 128 + i % 128 for i in best.indices.tolist()]
+        assert table.last_index[token].tolist() == expected_flat
+        torch.testing.assert_close(table.last_values[token].double(), best.values, rtol=0, atol=2e-5)
+        entries = table.last_entries(token)
+        assert [int(e["context_ids"].split()[1]) for e in entries] == [token] * 4
+    # the global top-k is the table's own, from the same independent computation
+    flat = log_p.reshape(-1).topk(50).indices
+    assert set(table.top_index.tolist()) == set(flat.tolist())
+
+
+def test_tinystories_trigrams_match_the_full_table() -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(require_tinystories())
+    prog = jetgraph.capture(model)
+    first = [1, 2, 400]
+    for path in ("E→attn0→U", "E→attn0→mlp0→U"):
+        table = ngram_table(prog, path, first=first, top=30, rank="logit", chunk=1024, progress=False, shard=None)
+        logits = full_table(prog, path, torch.tensor([[a, b] for a in first for b in range(2048)]))
+        best = logits.reshape(-1).topk(30)
+        assert table.top_index.tolist() == best.indices.tolist()
+        torch.testing.assert_close(table.top_values, best.values, rtol=1e-6, atol=1e-5)
+
+
+def test_last_top_is_validated_and_rows_ending_in_a_token_can_be_read() -> None:
+    _, prog = captured("llama")
+    with pytest.raises(ValueError, match="last_top must be an int >= 0"):
+        ngram_table(prog, "E→attn0→U", last_top=-1, progress=False, shard=None)
+    table = ngram_table(prog, "E→U", top=5, progress=False, shard=None)
+    with pytest.raises(ValueError, match="without per-last-token summaries"):
+        table.last_entries(3)
