@@ -105,7 +105,6 @@ def test_a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_s
     assert results[1].returncode == -9
     assert results[0].returncode != 0
     assert "rank(s) 1 of 2 showed no progress" in results[0].stderr or "collective" in results[0].stderr
-    assert "Traceback" in results[0].stderr  # a library error; the CLI turns it into one line
     files = sorted(p.name for p in checkpoint.parent.iterdir())
     assert files == ["table.pt", "table.rank1.pt"]  # atomic writes: no temporary file is left
     partial = torch.load(checkpoint.parent / "table.rank1.pt", weights_only=False)

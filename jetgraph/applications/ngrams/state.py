@@ -122,6 +122,35 @@ def best_per_row(values: torch.Tensor, logits: torch.Tensor, index: torch.Tensor
     return values[:, :m].contiguous(), logits[:, :m].contiguous(), index[:, :m].contiguous()
 
 
+class RowPool:
+    """One preallocated buffer per per-row field for the chunks a run will compute; each chunk's
+    results are views into it.
+
+    Thousands of small tensors kept per chunk, allocated between the chunk's large transient
+    buffers, fragment the heap: RSS grew by a chunk's logits (8 MB) per chunk on TinyStories'
+    pair table, 24 GB before it was stopped. Views share their buffer's storage, so
+    ``torch.save`` writes each buffer once.
+    """
+
+    def __init__(self, rows: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.buffers = {name: torch.empty((rows, *trailing), dtype=dtype)
+                        for name, (trailing, dtype) in shapes.items()}
+        self.used = 0
+
+    def put(self, results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy one chunk's per-row ``results`` into the buffers; their views."""
+        if not results:
+            return {}
+        count = len(next(iter(results.values())))
+        views = {}
+        for name, value in results.items():
+            view = self.buffers[name][self.used:self.used + count]
+            view.copy_(value)
+            views[name] = view
+        self.used += count
+        return views
+
+
 @dataclass
 class TableState:
     """What a run (or one rank of it) has reduced: the chunks done, the global top entries,

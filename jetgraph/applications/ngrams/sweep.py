@@ -25,7 +25,13 @@ from jetgraph.applications.ngrams.shard import (
     chunk_share,
     current_shard,
 )
-from jetgraph.applications.ngrams.state import CHECKPOINT_FORMAT, LastTokenTop, TableState, TopEntries
+from jetgraph.applications.ngrams.state import (
+    CHECKPOINT_FORMAT,
+    LastTokenTop,
+    RowPool,
+    TableState,
+    TopEntries,
+)
 from jetgraph.applications.ngrams.table import NgramTable, Rank
 from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.ir import ResidualProgram, ResidualUnit
@@ -213,13 +219,14 @@ def ngram_table(
     label = f"n-grams {job.term.name}" + (f" (rank {shard.rank}/{world})" if shard else "")
     bar = tqdm(total=len(mine), unit="chunk", desc=label, leave=False,
                disable=not progress or (shard is not None and not shard.is_main))
+    pool = RowPool(sum(job.chunk_rows(c)[1] - job.chunk_rows(c)[0] for c in mine), _row_shapes(job))
     saved = time.monotonic()
     try:
         with job.view.resident(units):  # a model read lazily loads the path's units only
             for index in mine:
                 start, end = job.chunk_rows(index)
                 logits = evaluate_chunk(evaluator, job.contexts.rows(start, end))
-                _reduce(state, job, index, logits, keyword_index)
+                _reduce(state, job, index, logits, keyword_index, pool)
                 if shard:
                     shard.beat(prefix)
                 if time.monotonic() - saved >= checkpoint_seconds:
@@ -324,8 +331,21 @@ def _table(state: TableState, job: _Job) -> NgramTable:
     )
 
 
+def _row_shapes(job: _Job) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The per-row fields this table keeps: trailing shape and dtype."""
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if job.row_top:
+        top = min(job.row_top, job.vocab)
+        shapes["row_values"], shapes["row_index"] = ((top,), torch.float32), ((top,), torch.long)
+    if job.normalise:
+        shapes["row_max"] = shapes["log_sum"] = ((), torch.float32)
+        if job.keywords:
+            shapes["keyword_logits"] = ((len(job.keywords),), torch.float32)
+    return shapes
+
+
 def _reduce(state: TableState, job: _Job, index: int, logits: torch.Tensor,
-            keyword_index: torch.Tensor | None) -> None:
+            keyword_index: torch.Tensor | None, pool: RowPool) -> None:
     """Fold one chunk's [rows, vocab] logits into ``state``."""
     offset = job.chunk_rows(index)[0]
     vocab = logits.shape[-1]
@@ -359,7 +379,7 @@ def _reduce(state: TableState, job: _Job, index: int, logits: torch.Tensor,
         flat = rows[:, None] * vocab + token
         last = job.contexts.rows(offset, offset + len(logits))[:, -1]
         state.last.add(last, value.cpu(), raw.cpu(), flat.cpu())
-    state.rows[index] = per_row
+    state.rows[index] = pool.put(per_row)
     state.done.add(index)
 
 
