@@ -166,3 +166,51 @@ def test_merging_is_idempotent_and_order_free() -> None:
     best = best_per_row(torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([[0.0, 0.0, 0.0]]),
                         torch.tensor([[7, 3, 9]]), 3)
     assert best[2].tolist() == [[9, 3, 7]]  # value, then logit, then the lower flat index
+
+
+def test_a_distributed_environment_without_a_rendezvous_is_refused_in_one_line(monkeypatch) -> None:
+    from jetgraph.applications.ngrams import ShardError, current_shard
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ShardError, match="needs MASTER_ADDR, MASTER_PORT in the environment: start it "
+                                         "with torchrun"):
+        current_shard()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert current_shard() is None
+
+
+def test_the_plan_splits_its_time_over_ranks_and_prices_other_hardware() -> None:
+    from jetgraph.applications import ngram_plan
+
+    _, prog = captured("llama")
+    one = ngram_plan(prog, "E→attn0→U")
+    four = ngram_plan(prog, "E→attn0→U", ranks=4)
+    assert four.items == one.items == 128 * 128
+    assert four.flops == pytest.approx(one.flops / 4, rel=1e-6)
+    assert four.seconds < one.seconds and "per rank of 4" in four.describe()
+    assert one.seconds_at(1e12, 1e9) == pytest.approx(one.flops / 1e12 + one.elements / 1e9)
+    with pytest.raises(ValueError, match="rates must be positive"):
+        one.seconds_at(0, 1e9)
+
+
+def test_per_row_results_are_sent_packed() -> None:
+    """A collective pickles what it sends, and pickle writes a view's whole storage once per view:
+    the per-chunk views of a pool must be packed first (else 32 GB for a 4.2 M-row table)."""
+    import pickle
+
+    from jetgraph.applications.ngrams.state import RowPool, TableState
+
+    pool = RowPool(100 * 64, {"row_max": ((), torch.float32), "log_sum": ((), torch.float32)})
+    state = TableState("key")
+    for chunk in range(100):
+        values = torch.full((64,), float(chunk))
+        state.rows[chunk] = pool.put({"row_max": values, "log_sum": -values})
+    packed = state.packed_rows()
+    assert len(pickle.dumps(packed)) < 2 * 100 * 64 * 8 + 10_000
+    assert len(pickle.dumps(state.rows)) > 50 * len(pickle.dumps(packed))  # what it used to send
+    rows = TableState.unpacked_rows(*packed)
+    assert rows.keys() == state.rows.keys()
+    assert all(torch.equal(rows[c]["log_sum"], state.rows[c]["log_sum"]) for c in rows)

@@ -200,6 +200,29 @@ class TableState:
         last = None if saved["last"] is None else LastTokenTop(*saved["last"])
         return cls(key, TopEntries(*saved["top"]), saved["rows"], last, set(saved["done"]))
 
+    def packed_rows(self) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+        """(chunks, their row counts, each field's rows concatenated in that order): what a
+        collective sends. Pickling the per-chunk views themselves would send their whole pool
+        buffer once per view (pickle does not share storages between tensors as torch.save
+        does): 32 GB for TinyStories' pair table."""
+        chunks = sorted(c for c, fields in self.rows.items() if fields)
+        if not chunks:
+            return [], [], {}
+        names = list(self.rows[chunks[0]])
+        sizes = [len(self.rows[c][names[0]]) for c in chunks]
+        return chunks, sizes, {n: torch.cat([self.rows[c][n] for c in chunks]) for n in names}
+
+    @staticmethod
+    def unpacked_rows(chunks: list[int], sizes: list[int], fields: dict[str, torch.Tensor]
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+        """The inverse of :meth:`packed_rows`: per-chunk views of the concatenated fields."""
+        rows: dict[int, dict[str, torch.Tensor]] = {}
+        start = 0
+        for chunk, size in zip(chunks, sizes, strict=True):
+            rows[chunk] = {name: value[start:start + size] for name, value in fields.items()}
+            start += size
+        return rows
+
     def joined_rows(self, chunks: int) -> dict[str, torch.Tensor | None]:
         """Per-row results of every chunk, concatenated in row order (all chunks must be done)."""
         missing = sorted(set(range(chunks)) - self.done)

@@ -304,14 +304,14 @@ def _merged(state: TableState, job: _Job, shard: Shard, prefix: str) -> TableSta
     shard.wait_for_all(prefix, "the merge")
     tops = shard.all_gather(state.top, "the global top-k")
     lasts = shard.all_gather(state.last, "the per-last-token summaries") if state.last is not None else None
-    rows = shard.gather_to_main((state.done, state.rows), "the per-row results")
+    rows = shard.gather_to_main((state.done, state.packed_rows()), "the per-row results")
     merged = TableState(state.key, TopEntries().merged(tops, job.top))
     if lasts is not None:
         merged.last = lasts[0].merged(lasts[1:])
     if rows is not None:
-        for done, per_row in rows:
+        for done, packed in rows:
             merged.done |= done
-            merged.rows.update(per_row)
+            merged.rows.update(TableState.unpacked_rows(*packed))
     return merged
 
 
