@@ -50,7 +50,6 @@ SMALL = {  # the fallback where the minimal recipe leaves a model too big: inner
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "num_experts": 8, "n_routed_experts": 8, "num_local_experts": 8, "rotary_dim": 8,
 }
-SIZES = SMALL  # the most a recipe shrinks (kept for readers of older results)
 RECIPES = (("minimal", MINIMAL, False), ("small", SMALL, False), ("small, rebuilt", SMALL, True))
 MAX_PARAMETERS = 120_000_000  # a recipe whose model is larger is skipped (2 workers, 24 GB here)
 TIMEOUT_S = 240

@@ -132,6 +132,16 @@ def test_a_failing_rank_gives_a_clear_error_on_every_rank(tmp_path) -> None:
         assert "rank 1 of 3 failed: RuntimeError: injected failure for the test" in results[rank].stderr
 
 
+def test_a_rank_failing_before_its_first_chunk_stops_the_others(tmp_path) -> None:
+    checkpoint = tmp_path / "table.pt"
+    (tmp_path / "table.rank1.pt").write_text("not a checkpoint")  # rank 1 of 2 absorbs it
+    results = launch(tmp_path, 2, _spec(tmp_path, "E→attn0→U", ATTENTION_OPTIONS, resume=str(checkpoint)))
+    assert [r.returncode != 0 for r in results] == [True, True]
+    assert "table.rank1.pt cannot be read" in results[1].stderr
+    told = ("rank 1 of 2 failed", "collective for the chunks already done")
+    assert any(message in results[0].stderr for message in told), results[0].stderr
+
+
 def test_chunk_shares_cover_the_chunks_once() -> None:
     chunks = list(range(10))
     for world in (1, 3, 4, 11):

@@ -5,6 +5,7 @@ out over the ranks of torch.distributed when the run has several (:mod:`.shard`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -201,6 +202,23 @@ def ngram_table(
         shard = current_shard(stall_seconds)
     elif shard is not None and not isinstance(shard, Shard):
         raise ValueError(f"shard must be 'auto', a Shard or None, got {shard!r}")
+    with _failures_told(shard):
+        return _sweep(job, shard, resume, progress, max_seconds, checkpoint_seconds)
+
+
+@contextlib.contextmanager
+def _failures_told(shard: Shard | None):
+    """Post this rank's error for the others (they stop instead of waiting for it), then raise."""
+    try:
+        yield
+    except BaseException as exc:
+        if shard is not None and not isinstance(exc, ShardError):
+            shard.fail(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _sweep(job: _Job, shard: Shard | None, resume, progress: bool, max_seconds: float | None,
+           checkpoint_seconds: float) -> NgramTable:
     world = shard.world if shard else 1
     evaluator = job.evaluator()
     _plan(job, evaluator, world).check(max_seconds, "max_seconds (None: no limit)",
@@ -233,10 +251,8 @@ def ngram_table(
                     checkpoints.save(state)
                     saved = time.monotonic()
                 bar.update(1)
-    except BaseException as exc:
+    except BaseException:
         checkpoints.save(state)
-        if shard and not isinstance(exc, ShardError):
-            shard.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         bar.close()
