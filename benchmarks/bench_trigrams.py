@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import PeakRSS
+from bench_ngrams import readout_rate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trigrams.json"
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinystories-656k"
@@ -49,18 +50,6 @@ def tinystories():
 
     model = AutoModelForCausalLM.from_pretrained(TINYSTORIES)
     return jetgraph.capture(model)
-
-
-def readout_rate(d: int, vocab: int, chunk: int, repeats: int = 7) -> float:
-    """FLOP/s of the unembedding matmul at the table's own shape ([chunk, d] × [d, V])."""
-    x, u = torch.randn(chunk, d), torch.randn(vocab, d)
-    x @ u.T
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ u.T
-        best = min(best, time.perf_counter() - start)
-    return 2 * chunk * d * vocab / best
 
 
 def timed_table(prog, path: str, **options):
