@@ -66,7 +66,6 @@ class PathEvaluator:
         self.tokens = tokens
         self._shared: list[torch.Tensor] | None = None
         self._lookup: torch.Tensor | None = None
-        self.verified = False
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device)
@@ -140,7 +139,6 @@ class PathEvaluator:
 
     def verify(self, probe: torch.Tensor) -> None:
         """Both shortcuts against the plain schedule on ``probe`` contexts; off if they differ."""
-        self.verified = True
         if not (self.last_position_only or self.shared_steps) or not len(probe):
             return
         probe = probe.to(self.device)

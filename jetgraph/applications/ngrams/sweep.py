@@ -332,7 +332,7 @@ def _merged(state: TableState, job: _Job, shard: Shard, prefix: str) -> TableSta
 
 
 def _table(state: TableState, job: _Job) -> NgramTable:
-    rows = state.joined_rows(job.chunks) if state.done else dict.fromkeys(("row_values",), None)
+    rows = state.joined_rows(job.chunks) if state.done else {}  # rank > 0: per-row results are on rank 0
     last = state.last
     return NgramTable(
         job.term.name, job.contexts, state.top.values, state.top.index, job.vocab,
