@@ -697,7 +697,7 @@ def _lens_table(results) -> str:
 
 
 def _run_ngrams(args: argparse.Namespace) -> int:
-    if args.nproc is not None:
+    if args.nproc is not None and not args.dry_run:  # a dry run plans here, for N ranks
         return _launch_ranks(args)
     import torch
 
@@ -720,12 +720,11 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         first = range(vocab)
     options = dict(contexts=contexts, first=first, top=args.top, keywords=keywords, normalise=True,
                    rank=args.rank, chunk=args.chunk, last_top=args.last_top)
-    ranks = shard.world if shard else 1
+    ranks = shard.world if shard else (args.nproc or 1)
     plans = [ngram_plan(prog, spec, ranks=ranks, **options) for spec in args.paths]
-    if not main_rank:  # rank 0 prints the plan; every rank checks it
-        args.dry_run, printing = False, False
-    else:
-        printing = True
+    printing = main_rank
+    if args.dry_run and not main_rank:  # rank 0 prints the plan
+        return 0
     if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
         return 0
     outputs = _ngram_outputs(args)

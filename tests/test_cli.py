@@ -331,6 +331,8 @@ def test_ngrams_nproc_gives_the_single_process_files(tmp_path, capsys) -> None:
     assert (tmp_path / "one-by-last.csv").read_text() == (tmp_path / "two-by-last.csv").read_text()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ngrams-0.pt", "ngrams-0.rank1.pt"]
     capsys.readouterr()
+    assert main([*args, "--nproc", "2", "--dry-run"]) == 0  # planned here, for 2 ranks; no launch
+    assert "per rank of 2" in capsys.readouterr().out
     assert main([*args, "--nproc", "2", "--device", "cuda"] if not _has_cuda() else
                 [*args, "--nproc", "2", "--out", str(tmp_path / "bad.txt")]) == 2
     _one_line_error(capsys, "--")
