@@ -128,6 +128,72 @@ def smollm2(first: int) -> dict:
     return result
 
 
+def chunk_ratios(prog, path: str, chunk: int, count: int = 40) -> dict:
+    """Split over whole per chunk of ``chunk`` pairs, alternated ``count`` times in one process
+    (each chunk a different row block): the median ratio and its spread."""
+    import statistics
+
+    from jetgraph.applications.ngrams import sweep
+
+    job = sweep._job(prog, path, None, None, None, 100, 0, 0, None, False, "logit", chunk)
+    evaluator = job.evaluator()
+    evaluator.verify(job.probe())
+    split_modes, whole_modes = evaluator.modes, evaluator._choose_modes(split=False)
+    times: dict[str, list[float]] = {"split": [], "whole": []}
+    for index in range(count + 2):  # the first two: warm-up (tracing the replay)
+        ids = job.contexts.rows(index * chunk, (index + 1) * chunk)
+        for name, modes in (("split", split_modes), ("whole", whole_modes))[:: 1 if index % 2 else -1]:
+            evaluator.modes = modes
+            start = time.perf_counter()
+            evaluator(ids)
+            if index >= 2:
+                times[name].append(time.perf_counter() - start)
+    ratios = sorted(s / w for s, w in zip(times["split"], times["whole"], strict=True))
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {"chunk": chunk, "split_ms": round(1e3 * statistics.median(times["split"]), 2),
+            "whole_ms": round(1e3 * statistics.median(times["whole"]), 2),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)], "chunks": count}
+
+
+def split_comparison(prog, first_tokens: int | None, chunk: int, repeats: int = 1) -> list[dict]:
+    """The full tables with the attention unit split by position (the first token's work once
+    per row block) and whole, alternated in one process: times, FLOPs and whether they agree;
+    and the per-chunk ratio over many alternated chunks (the full tables vary by ±20% here)."""
+    from jetgraph.applications.ngrams import sweep
+    from jetgraph.applications.ngrams.evaluator import PathEvaluator
+
+    vocab = prog.decoder.unembedding.shape[0]
+    first = None if first_tokens is None else list(range(first_tokens))
+    rows = []
+    for path in PATHS:
+        per_chunk = [chunk_ratios(prog, path, size) for size in sorted({chunk, 8192})]
+        print(path, json.dumps(per_chunk), flush=True)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        tables, flops = {}, {}
+        for _ in range(repeats):
+            for split in (False, True):
+                PathEvaluator.split_positions = split
+                job = sweep._job(prog, path, None, None, first, 100, 0, 0, None, False, "logit", chunk)
+                flops[split] = sweep._plan(job, job.evaluator()).flops
+                tables[split], seconds, _ = timed_table(prog, path, first=first, chunk=chunk, top=100,
+                                                        rank="logit")
+                times[split].append(seconds)
+                print(f"{path} split={split}: {seconds:.1f} s", flush=True)
+        PathEvaluator.split_positions = True
+        whole, split = tables[False], tables[True]
+        rows.append({"path": path, "contexts": (first_tokens or vocab) * vocab, "chunk": chunk,
+                     "whole_s": [round(t, 1) for t in times[False]],
+                     "split_s": [round(t, 1) for t in times[True]],
+                     "whole_tflop": round(flops[False] / 1e12, 2),
+                     "split_tflop": round(flops[True] / 1e12, 2),
+                     "same_top_indices": bool(torch.equal(whole.top_index, split.top_index)),
+                     "top_value_max_abs_diff": float((whole.top_values - split.top_values).abs().max()),
+                     "per_chunk": per_chunk})
+        print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -135,12 +201,21 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=None, help="first tokens (default: all 2048)")
     parser.add_argument("--smollm2-first", type=int, default=8, help="SmolLM2 subset (0: plans only)")
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--split-only", action="store_true",
+                        help="only compare split and whole position-mixing units (issue 14's last item)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
     torch.set_grad_enabled(False)
     prog = tinystories()
+    if args.split_only:
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        previous["position_split"] = split_comparison(prog, args.first, args.chunk)
+        previous["position_split_command"] = "python benchmarks/bench_trigrams.py " + " ".join(sys.argv[1:])
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
+        return
     vocab, d = prog.decoder.unembedding.shape
     first = None if args.first is None else list(range(args.first))
     contexts = (args.first or vocab) * vocab

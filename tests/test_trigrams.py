@@ -22,11 +22,14 @@ def _evaluator(prog, path: str, first=range(5)):
     return job, evaluator
 
 
-@pytest.mark.parametrize("path, shared", [("E→attn0→U", 0), ("E→attn0→mlp0→U", 0), ("E→mlp0→attn1→U", 2)])
-def test_the_fast_evaluator_equals_the_plain_schedule(path: str, shared: int) -> None:
+@pytest.mark.parametrize("path, shared, split", [("E→attn0→U", 0, "attn0"), ("E→attn0→mlp0→U", 0, "attn0"),
+                                                  ("E→mlp0→attn1→U", 2, "attn1"),
+                                                  ("E→attn0→attn1→U", 0, "attn1")])
+def test_the_fast_evaluator_equals_the_plain_schedule(path: str, shared: int, split: str) -> None:
     _, prog = captured("llama")
     job, evaluator = _evaluator(prog, path)
     assert evaluator.last_position_only and evaluator.shared_steps == shared
+    assert evaluator.split_steps == [split]  # attn0 in E→attn0→attn1→U is read at every position
     ids = job.contexts.rows(0, 300)
     plain = evaluate_path(evaluator.schedule, ids)
     torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
@@ -38,6 +41,31 @@ def test_the_fast_evaluator_equals_the_plain_schedule(path: str, shared: int) ->
         evaluate_path(evaluator.schedule, ids[:1])
     per_row = (evaluator.flops(1000) - evaluator.flops(0)) / 1000
     assert per_row <= counter.get_total_flops() - 2 * width * vocab + 1
+
+
+def test_the_first_token_is_projected_once_per_row() -> None:
+    _, prog = captured("llama")
+    _, evaluator = _evaluator(prog, "E→attn0→U")
+    rows, groups = 1000, 8
+    shared = evaluator.flops(rows, groups)
+    unshared = evaluator.flops(rows)
+    evaluator.modes = evaluator._choose_modes(split=False)
+    whole = evaluator.flops(rows)
+    assert shared < unshared < whole + 1
+    # every context past a row's first saves the first position's q, k, v and o projections
+    attn = prog.at("sublayer").units[0]
+    projections = sum(2 * p.numel() for p in attn.graph_module.parameters() if p.dim() == 2)
+    assert whole - shared >= (rows - groups) * projections
+
+
+def test_a_group_that_is_not_one_falls_back_to_the_whole_unit(monkeypatch) -> None:
+    _, prog = captured("llama")
+    job, evaluator = _evaluator(prog, "E→attn0→mlp0→U")
+    ids = job.contexts.rows(100, 400)  # crosses a row: two first tokens
+    plain = evaluate_path(evaluator.schedule, ids)
+    wrong = evaluator_module.Groups(torch.zeros(1, dtype=torch.long), torch.zeros(len(ids), dtype=torch.long))
+    monkeypatch.setattr(evaluator_module.Groups, "of", classmethod(lambda cls, ids, copies=1: wrong))
+    torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_position_embeddings_stay_right_in_the_shared_prefix() -> None:

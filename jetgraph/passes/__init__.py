@@ -9,7 +9,9 @@
 - :mod:`.fit`: fitted softmax weights over centres;
 - :mod:`.paths`: Algorithm 2, input→output paths enumerated lazily, and path counts;
 - :mod:`.pathspec`: the path language (one parser, one printer);
-- :mod:`.metrics`: how well approximate logits agree with the model's.
+- :mod:`.metrics`: how well approximate logits agree with the model's;
+- :mod:`.positions`: a unit's graph run at the last position, its earlier positions once per
+  group of contexts that share them (pair tables).
 """
 
 from jetgraph.passes.evaluate import RunInputs, evaluate_terms

@@ -108,7 +108,13 @@ def evaluate_terms(terms: Sequence[Term], inputs: RunInputs, centers: torch.Tens
     if kind == "identity":  # J^0 id(c)(h) = c
         return weighted(centers[list(center_of)], [t.weight for t in terms])
     coefficients = unit_jet(unit, terms[0].order, centers, inputs, directions)
-    count = centers.shape[0]
+    return term_rows(terms, coefficients, centers.shape[0], center_of)
+
+
+def term_rows(terms: Sequence[Term], coefficients: torch.Tensor, count: int,
+              center_of: Sequence[int]) -> torch.Tensor:
+    """The rows of jet ``terms`` from their unit's coefficients [size·count, …] (coefficient-major
+    over ``count`` centres), times their weights."""
     flat_rows = [coefficient_index(t) * count + a for t, a in zip(terms, center_of, strict=True)]
     if flat_rows == list(range(flat_rows[0], flat_rows[0] + len(flat_rows))):
         rows = coefficients[flat_rows[0]:flat_rows[-1] + 1]  # a contiguous slice: no copy

@@ -2,33 +2,38 @@
 
 A path's schedule (:func:`path_schedule`) computes every position of every context. An n-gram
 table reads the last position only, and a pair table's contexts share their tokens, so
-:class:`PathEvaluator` skips two kinds of repeated work:
+:class:`PathEvaluator` gives each step of the schedule one of four *modes*:
 
-- **The decoder at the last position only.** An order-0 decoder that maps each position on its
-  own (the final norm and the unembedding) is applied to the last position's centre alone:
-  half of a pair table's floor.
-- **Per-token prefixes, once per table.** Leading steps whose value at a position depends on
-  that position's token alone — the encoder's addends and order-0 jets of units that do not mix
-  positions (kind ``mlp``), up to the first unit that does — are computed once per distinct
-  token of the table (at positions 0 and 1, so position-dependent addends stay right) and
-  gathered per row. In ``E→mlp0→attn1→U`` the first token's ``mlp0`` state is computed once,
-  not once per pair.
+- ``"shared"``: per-token prefixes, once per table. Leading steps whose value at a position
+  depends on that position's token alone (the encoder's addends and order-0 jets of units that
+  do not mix positions, up to the first unit that does) are computed once per distinct token of
+  the table (at every position, so position-dependent addends stay right) and gathered per row.
+- ``"last"``: a step whose value is read at the last position only and that acts position by
+  position (the order-0 decoder: the final norm and the unembedding; an MLP after the last
+  attention unit) runs on the last position alone.
+- ``"split"``: an order-0 jet of a position-mixing unit whose value is read at the last position
+  only runs through :class:`~jetgraph.passes.positions.LastPosition`: its position-wise work on
+  the earlier positions (the first token's norm and key/value projections) once per group of
+  contexts with the same earlier tokens, its queries and outputs at the last position only.
+- ``"full"``: the plain schedule's step.
 
-Both are checked on a probe of the table's own contexts against the plain schedule at
-construction; where the model breaks an assumption the evaluator falls back to the plain
-schedule (``shared_steps == 0``, ``last_position_only`` False). What stays per pair: the
-position-mixing units themselves compute every position (their projections of the first
-token included), since their graphs are the model's.
+Modes are chosen from the schedule (which step reads which) and the graphs' symbolic shapes,
+and checked on a probe of the table's own contexts (with shared first tokens) against the plain
+schedule at construction; where the model breaks an assumption the evaluator falls back, step
+by step, to the plain schedule.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from jetgraph.codegen import BatchedRun, Schedule, plan
 from jetgraph.ir import Decoder, ResidualProgram
-from jetgraph.passes.evaluate import RunInputs, evaluate_terms
+from jetgraph.passes.evaluate import RunInputs, evaluate_terms, term_rows
 from jetgraph.passes.expansion import Expansion
+from jetgraph.passes.positions import Groups, LastPosition, PositionSplitError
 from jetgraph.passes.terms import Term
 
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -53,33 +58,100 @@ class PathEvaluator:
     """``evaluator(ids)``: [rows, vocab] last-position logits of one path term on ``ids``
     [rows, length], equal to :func:`evaluate_path` up to matmul rounding."""
 
+    split_positions = True
+    """Whether position-mixing units may run split by position (a switch for comparisons)."""
+
     def __init__(self, view: ResidualProgram, term: Term, length: int, tokens: torch.Tensor,
                  vocab: int) -> None:
         self.view, self.length, self.vocab = view, length, vocab
         self.schedule = path_schedule(view, term)
         self.device = view.decoder.unembedding.device
-        steps = self.schedule.steps
-        decoder = steps[-1]
-        self.last_position_only = (isinstance(decoder.unit, Decoder) and decoder.order == 0
-                                   and length > 1 and not decoder.directions)
-        self.shared_steps = _per_token_prefix(steps) if length > 1 else 0
         self.tokens = tokens
         self._shared: list[torch.Tensor] | None = None
         self._lookup: torch.Tensor | None = None
+        self._splitters: dict[int, LastPosition] = {}
+        self.modes = self._choose_modes()
+
+    # ------------------------------------------------------------------ modes
+    @property
+    def shared_steps(self) -> int:
+        """How many leading steps are computed once per token (mode ``"shared"``)."""
+        return sum(mode == "shared" for mode in self.modes)
+
+    @property
+    def last_position_only(self) -> bool:
+        """Whether the decoder runs on the last position alone."""
+        return self.modes[-1] == "last"
+
+    @property
+    def split_steps(self) -> list[str]:
+        """Names of the position-mixing units run once per group of earlier tokens."""
+        return [step.unit.name for step, mode in zip(self.schedule.steps, self.modes, strict=True)
+                if mode == "split"]
+
+    def _choose_modes(self, split: bool = True, shortcuts: bool = True) -> list[str]:
+        """Each step's mode: walked from the decoder back, a step runs on the last position only
+        when everything that reads it does. ``split=False``: no position-mixing unit is split;
+        ``shortcuts=False``: the plain schedule."""
+        steps = self.schedule.steps
+        if not shortcuts or self.length < 2:
+            return ["full"] * len(steps)
+        shared = _per_token_prefix(steps)
+        readers: list[list[int]] = [[] for _ in steps]
+        for index, step in enumerate(steps):
+            for term in [*step.centers, *(d for ds in step.directions for d in ds)]:
+                readers[self.schedule.location[term.uid][0]].append(index)
+        modes = ["full"] * len(steps)
+        for index in range(len(steps) - 1, -1, -1):
+            step = steps[index]
+            if index < shared:
+                modes[index] = "shared"
+                continue
+            if not all(modes[r] == "last" for r in readers[index]) or step.kind in ("source", "stream") \
+                    or step.order != 0 or step.directions:
+                continue
+            kind = getattr(step.unit, "kind", None)
+            if step.kind == "identity" or isinstance(step.unit, Decoder) or \
+                    (kind == "mlp" and not step.unit.side_inputs):
+                modes[index] = "last"
+            elif split and self.split_positions and step.kind == "jet" and kind == "attn":
+                try:
+                    self._splitters[index] = LastPosition(step.unit.graph_module)
+                    modes[index] = "split"
+                except PositionSplitError:
+                    pass
+        return modes
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device)
-        if not (self.last_position_only or self.shared_steps):
+        if all(mode == "full" for mode in self.modes):
             return evaluate_path(self.schedule, ids)
+        return self._evaluate(ids)
+
+    def _evaluate(self, ids: torch.Tensor, counts: list[float] | None = None) -> torch.Tensor:
+        """The steps in their modes; with ``counts``, each step's matmul FLOPs are appended to
+        it and shared steps are computed plainly (and counted as zero)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
         run = BatchedRun(self.schedule, ids)
-        steps = self.schedule.steps
-        for index, step in enumerate(steps):
-            if index < self.shared_steps:
-                run.buffers.append(self._gathered(index, ids))
-            elif index == len(steps) - 1 and self.last_position_only:
-                run.buffers.append(self._decode_last(run, step, ids))
-            else:
-                run.buffers.append(run.compute(step))
+        last = RunInputs(self.view, ids[:, -1:])
+        groups: dict[int, Groups] = {}
+        for index, step in enumerate(self.schedule.steps):
+            mode = self.modes[index]
+            counter = FlopCounterMode(display=False) if counts is not None and mode != "shared" else None
+            with counter if counter is not None else contextlib.nullcontext():
+                if mode == "shared":
+                    buffer = self._gathered(index, ids) if counts is None else run.compute(step)
+                elif mode == "last":
+                    centers = run.gather(step.centers)[:, :, -1:, :] if step.centers else None
+                    buffer = evaluate_terms(step.terms, last, centers, step.center_of)
+                elif mode == "split":
+                    buffer = self._split(index, step, run, ids, groups, replay=counts is None)
+                else:
+                    buffer = run.compute(step)
+            run.buffers.append(buffer)
+            if counts is not None:
+                counts.append(counter.get_total_flops() if counter is not None else 0.0)
         return run.gather(self.schedule.outputs)[0, :, -1, :]
 
     @property
@@ -91,11 +163,25 @@ class PathEvaluator:
         rows = sum(len(s.terms) for s in self.schedule.steps[: self.shared_steps])
         return rows * len(self.tokens) * self.length * width * 4
 
-    # ------------------------------------------------------------------ the two shortcuts
-    def _decode_last(self, run: BatchedRun, step, ids: torch.Tensor) -> torch.Tensor:
-        centers = run.gather(step.centers)[:, :, -1:, :]
-        last = RunInputs(self.view, ids[:, -1:])
-        return evaluate_terms(step.terms, last, centers, step.center_of)
+    # ------------------------------------------------------------------ the shortcuts
+    def _split(self, index: int, step, run: BatchedRun, ids: torch.Tensor,
+               groups: dict[int, Groups], replay: bool = True) -> torch.Tensor:
+        """A position-mixing unit's order-0 jet at the last position, its earlier positions'
+        position-wise work once per group of contexts (the whole unit where that fails).
+        ``replay=False`` interprets the graph instead of replaying its trace (to count FLOPs)."""
+        centers = run.gather(step.centers)
+        count, batch, seq, width = centers.shape
+        if count not in groups:
+            groups[count] = Groups.of(ids, copies=count)
+        side = run.inputs.side_for(count)
+        try:
+            splitter = self._splitters[index]
+            values = (splitter if replay else splitter.interpret)(
+                centers.reshape(count * batch, seq, width), [side[name] for name in step.unit.side_inputs],
+                groups[count])
+        except PositionSplitError:
+            return run.compute(step)[:, :, -1:, :]
+        return term_rows(step.terms, values.reshape(count, batch, 1, -1), count, step.center_of)
 
     def _gathered(self, index: int, ids: torch.Tensor) -> torch.Tensor:
         if self._shared is None:
@@ -119,40 +205,58 @@ class PathEvaluator:
                 parts[index].append(run.buffers[-1].expand(-1, len(block), -1, -1))
         return [torch.cat(p, 1) for p in parts]
 
-    def flops(self, rows: int) -> float:
-        """Matmul FLOPs of ``rows`` contexts (the per-token prefix counted once per token),
-        counted on one context: nothing of table size is allocated."""
+    def flops(self, rows: int, groups: int | None = None) -> float:
+        """Matmul FLOPs of ``rows`` contexts in ``groups`` groups with the same earlier tokens
+        (default: no two alike), the per-token prefix counted once per token. Counted on one
+        and two contexts of one group: nothing of table size is allocated."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        probe = torch.zeros(1, self.length, dtype=torch.long, device=self.device)
-        run = BatchedRun(self.schedule, probe)
-        counts = []
-        for index, step in enumerate(self.schedule.steps):
+        groups = rows if groups is None else groups
+        totals = []
+        for count in (1, 2):
+            probe = torch.zeros(count, self.length, dtype=torch.long, device=self.device)
+            probe[:, -1] = torch.arange(count)
+            steps: list[float] = []
+            self._evaluate(probe, steps) if any(m != "full" for m in self.modes) else \
+                steps.append(_plain_flops(self.schedule, probe))
+            totals.append(sum(steps))
+        per_context = totals[1] - totals[0]
+        per_group = totals[0] - per_context
+        per_token = 0.0
+        if self.shared_steps:
+            probe = torch.zeros(1, self.length, dtype=torch.long, device=self.device)
+            run = BatchedRun(self.schedule, probe)
             with FlopCounterMode(display=False) as counter:
-                if index == len(self.schedule.steps) - 1 and self.last_position_only:
-                    run.buffers.append(self._decode_last(run, step, probe))
-                else:
-                    run.buffers.append(run.compute(step))
-            counts.append(counter.get_total_flops())
-        shared = sum(counts[: self.shared_steps])
-        return (sum(counts) - shared) * rows + shared * len(self.tokens)
+                for index in range(self.shared_steps):
+                    run.buffers.append(run.compute(self.schedule.steps[index]))
+            per_token = counter.get_total_flops()
+        return per_context * rows + per_group * groups + per_token * len(self.tokens)
 
     def verify(self, probe: torch.Tensor) -> None:
-        """Both shortcuts against the plain schedule on ``probe`` contexts; off if they differ."""
-        if not (self.last_position_only or self.shared_steps) or not len(probe):
+        """The shortcuts against the plain schedule on ``probe`` contexts and on the same
+        contexts with their last tokens rotated (so that groups share earlier tokens); a step
+        whose shortcut fails or differs goes back to the plain schedule."""
+        if all(mode == "full" for mode in self.modes) or not len(probe):
             return
         probe = probe.to(self.device)
+        if self.length > 1:
+            rotated = probe.clone()
+            rotated[:, -1] = probe[:, -1].roll(1)
+            probe = torch.cat([probe, rotated])
         expected = evaluate_path(self.schedule, probe)
         dtype = self.view.decoder.unembedding.dtype
         tolerance = PROBE_TOLERANCE.get(dtype, 3e-2) * expected.abs().max().clamp_min(1e-6)
-        try:
-            fast = self(probe)
-            same = fast.shape == expected.shape and bool(((fast - expected).abs() <= tolerance).all())
-        except (RuntimeError, ValueError, IndexError):  # a decoder that cannot read one position
-            same = False
-        if not same:
-            self.last_position_only, self.shared_steps, self._shared = False, 0, None
-
+        for fallback in ({"split": False}, {"shortcuts": False}):
+            try:
+                fast = self(probe)
+                same = fast.shape == expected.shape and bool(((fast - expected).abs() <= tolerance).all())
+            except (RuntimeError, ValueError, IndexError):  # e.g. a decoder that cannot read one position
+                same = False
+            if same:
+                return
+            self.modes = self._choose_modes(**fallback)
+            if not self.shared_steps:
+                self._shared = None
 
 def _per_token_prefix(steps) -> int:
     """How many leading steps are per-token: encoder addends, and order-0 jets / skips of units
@@ -170,3 +274,11 @@ def _per_token_prefix(steps) -> int:
             continue
         break
     return count if units else 0
+
+
+def _plain_flops(schedule: Schedule, ids: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        evaluate_path(schedule, ids)
+    return counter.get_total_flops()

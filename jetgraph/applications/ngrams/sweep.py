@@ -133,10 +133,23 @@ def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = N
     return _plan(job, job.evaluator(), ranks)
 
 
+def _groups(job: _Job, rows: int) -> int:
+    """How many runs of contexts with the same earlier tokens ``rows`` of the table's contexts
+    form, chunk by chunk (what a split position-mixing unit computes its earlier positions for)."""
+    contexts, chunks = job.contexts, math.ceil(rows / job.chunk)
+    if contexts.length < 2:
+        return rows
+    if contexts.explicit is not None:
+        prefix = contexts.explicit[:, :-1]
+        runs = 1 + int((prefix[1:] != prefix[:-1]).any(1).sum()) if len(prefix) else 0
+        return min(rows, math.ceil(runs * rows / max(len(prefix), 1)) + chunks)
+    return min(rows, math.ceil(rows / len(contexts.second)) + chunks)
+
+
 def _plan(job: _Job, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
     rows, vocab = len(job.contexts), job.vocab
     mine = math.ceil(rows / max(ranks, 1))
-    flops = evaluator.flops(mine)
+    flops = evaluator.flops(mine, _groups(job, mine))
     width = min(job.chunk, max(rows, 1))
     chunk_tensors = 3 if job.normalise else 2  # logits, exp pass / candidates
     per_row = (8 if job.normalise else 0) + 4 * len(job.keywords or ()) + 12 * job.row_top
