@@ -24,7 +24,7 @@ raises it too: callers fall back to the whole graph.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -693,21 +693,27 @@ def _is_layout_op(target: Any) -> bool:
                       aten.contiguous.default, aten.t.default)
 
 
-def _tensor_args(args: Any, kwargs: Any) -> list[tuple[fx.Node, Any]]:
-    found: list[tuple[fx.Node, Any]] = []
+def _is_pair(item: Any) -> bool:
+    """An argument as the interpreter holds it: (the node it came from, its value)."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node)
 
-    def visit(item: Any) -> None:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node):
-            found.append(item)
-        elif isinstance(item, (list, tuple)):
-            for i in item:
-                visit(i)
-        elif isinstance(item, dict):
-            for i in item.values():
-                visit(i)
-    visit(args)
-    visit(kwargs)
-    return found
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of an argument tree; a (node, value) pair is one leaf."""
+    if _is_pair(tree):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _leaves(item)
+    else:
+        yield tree
+
+
+def _tensor_args(args: Any, kwargs: Any) -> list[tuple[fx.Node, Any]]:
+    return [leaf for leaf in (*_leaves(args), *_leaves(kwargs)) if _is_pair(leaf)]
 
 
 def _replace(tree: Any, replace: Mapping[int, Any]) -> Any:
@@ -731,20 +737,6 @@ def _values(tree: Any) -> Any:
 
 
 def _has_sizes(args: Any, kwargs: Any) -> bool:
-    found = False
-
-    def visit(item: Any) -> None:
-        nonlocal found
-        if isinstance(item, _Sym):
-            found = True
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node):
-            visit(item[1])
-        elif isinstance(item, (list, tuple)):
-            for i in item:
-                visit(i)
-        elif isinstance(item, dict):
-            for i in item.values():
-                visit(i)
-    visit(args)
-    visit(kwargs)
-    return found
+    """Whether any argument is a symbolic size."""
+    return any(isinstance(leaf[1] if _is_pair(leaf) else leaf, _Sym)
+               for leaf in (*_leaves(args), *_leaves(kwargs)))
