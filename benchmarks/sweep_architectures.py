@@ -183,8 +183,11 @@ def run_one(model_type: str) -> dict[str, object]:
                 "sublayers": len(prog.sublayers)})
     row["dynamic"] = prog.dynamic
     # a second input of another batch and length, left-padded in its first row; a program whose
-    # export fixed the shape (prog.dynamic False) is checked on other tokens of the example's shape
-    shape = (2, 11) if prog.dynamic else tuple(ids.shape)
+    # export fixed a size (prog.fixed_sizes) keeps that size and changes the other
+    shape = (2, 11)
+    if not prog.dynamic:
+        fixed = prog.fixed_sizes if any(s is not None for s in prog.fixed_sizes) else tuple(ids.shape)
+        shape = tuple(other if size is None else size for size, other in zip(fixed, shape, strict=True))
     other = torch.randint(0, min(vocab, 256), shape, generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(other)
     if prog.dynamic:
