@@ -40,7 +40,8 @@ class PositionSplitError(RuntimeError):
 
 
 class _NotShared(PositionSplitError):
-    """A full value differs within a group at the earlier positions (it depends on the last)."""
+    """A full value computed from the stream cannot be split: it may depend on the last position
+    (the op then runs on the last position only)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,7 @@ REPLAYS = 8  # traced variants kept per unit (input shapes × group counts)
 _CONCAT = {aten.cat.default, aten.stack.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 _MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default}
-_SYM_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
-            operator.floordiv: lambda a, b: sympy.floor(a / b)}
+_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv}
 
 
 class LastPosition:
@@ -389,7 +389,8 @@ class LastPosition:
         if target in _SYM_OPS:
             values = [a[1] if isinstance(a, tuple) else a for a in node.args]
             exprs = [v.expr if isinstance(v, _Sym) else v for v in values]
-            return _Sym(sympy.sympify(_SYM_OPS[target](*exprs)))
+            value = sympy.floor(exprs[0] / exprs[1]) if target is operator.floordiv else target(*exprs)
+            return _Sym(sympy.sympify(value))
         if target is operator.getitem:
             (_, container), index = args
             if isinstance(container, (_Split, _Full)):

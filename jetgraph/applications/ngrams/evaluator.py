@@ -19,8 +19,8 @@ table reads the last position only, and a pair table's contexts share their toke
 
 Modes are chosen from the schedule (which step reads which) and the graphs' symbolic shapes,
 and checked on a probe of the table's own contexts (with shared first tokens) against the plain
-schedule at construction; where the model breaks an assumption the evaluator falls back, step
-by step, to the plain schedule.
+schedule at construction; where they differ the evaluator drops the split, then every
+shortcut (the plain schedule).
 """
 
 from __future__ import annotations
@@ -217,8 +217,7 @@ class PathEvaluator:
             probe = torch.zeros(count, self.length, dtype=torch.long, device=self.device)
             probe[:, -1] = torch.arange(count)
             steps: list[float] = []
-            self._evaluate(probe, steps) if any(m != "full" for m in self.modes) else \
-                steps.append(_plain_flops(self.schedule, probe))
+            self._evaluate(probe, steps)
             totals.append(sum(steps))
         per_context = totals[1] - totals[0]
         per_group = totals[0] - per_context
@@ -234,8 +233,8 @@ class PathEvaluator:
 
     def verify(self, probe: torch.Tensor) -> None:
         """The shortcuts against the plain schedule on ``probe`` contexts and on the same
-        contexts with their last tokens rotated (so that groups share earlier tokens); a step
-        whose shortcut fails or differs goes back to the plain schedule."""
+        contexts with their last tokens rotated (so that groups share earlier tokens); on a
+        difference or a failure, first without the split, then the plain schedule."""
         if all(mode == "full" for mode in self.modes) or not len(probe):
             return
         probe = probe.to(self.device)
@@ -258,6 +257,7 @@ class PathEvaluator:
             if not self.shared_steps:
                 self._shared = None
 
+
 def _per_token_prefix(steps) -> int:
     """How many leading steps are per-token: encoder addends, and order-0 jets / skips of units
     that do not mix positions, whose centres are themselves per-token. Zero when no unit is
@@ -274,11 +274,3 @@ def _per_token_prefix(steps) -> int:
             continue
         break
     return count if units else 0
-
-
-def _plain_flops(schedule: Schedule, ids: torch.Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        evaluate_path(schedule, ids)
-    return counter.get_total_flops()
