@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import platform
 import sys
@@ -39,11 +38,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import jetgraph
 from jetgraph.applications import compare_to_reference, full_table
+from jetgraph.applications.groundtruth import MarkovChain, TinyConfig, bigram_counts, bpe_corpus, mean_loss
+from jetgraph.applications.groundtruth import pydoc_text as topics_text
+from jetgraph.applications.groundtruth import tiny_gpt2 as library_gpt2
+from jetgraph.applications.groundtruth import train as train_model
+from jetgraph.applications.groundtruth.corpora import stationary_distribution
+from jetgraph.applications.groundtruth.readouts import attention_free_paths
+from jetgraph.applications.groundtruth.training import row_batches, window_batches
 from jetgraph.applications.plots import plot_curves
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,119 +81,33 @@ def checkpoint_steps(steps: int) -> list[int]:
 
 # ----------------------------------------------------------------- data
 def markov_chain(vocab: int, alpha: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random transition matrix P (rows Dirichlet(alpha)) and its stationary distribution π."""
+    """A dense random transition matrix P (every row a Dirichlet(alpha) over all tokens) and its
+    stationary distribution π. (The library's ``markov_chain`` draws sparse rows instead.)"""
     with torch.random.fork_rng():  # Dirichlet sampling uses the global generator
         torch.manual_seed(seed)
         rows = torch.distributions.Dirichlet(torch.full((vocab, vocab), alpha, dtype=torch.double)).sample()
     transition = rows.clamp_min(1e-12)
     transition = transition / transition.sum(-1, keepdim=True)
-    stationary = torch.full((vocab,), 1.0 / vocab, dtype=torch.double)
-    for _ in range(10_000):
-        updated = stationary @ transition
-        if (updated - stationary).abs().max() < 1e-14:
-            break
-        stationary = updated
-    return transition, stationary / stationary.sum()
+    return transition, stationary_distribution(transition)
 
 
 def sample_markov(transition: torch.Tensor, stationary: torch.Tensor, count: int, length: int,
                   seed: int = 0) -> torch.Tensor:
     """``count`` sequences of ``length`` tokens, started from π (so the chain is stationary)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = torch.empty(count, length, dtype=torch.long)
-    out[:, 0] = torch.multinomial(stationary.float(), count, replacement=True, generator=generator)
-    for t in range(1, length):
-        out[:, t] = torch.multinomial(transition[out[:, t - 1]].float(), 1, generator=generator)[:, 0]
-    return out
+    return MarkovChain(transition, stationary).sample(count, length, seed)
 
 
-def topics_text() -> tuple[str, str]:
-    """The help topics of ``pydoc_data.topics`` (sorted by name, blank-line separated) and its file."""
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics)), topics.__file__
+def tiny_config(cfg: RunConfig) -> TinyConfig:
+    return TinyConfig(vocab=cfg.vocab, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, seq=cfg.seq,
+                      batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, tie=cfg.tie)
 
 
-def bpe_encode(text: str, vocab: int) -> tuple[torch.Tensor, object]:
-    """A byte-level BPE of size ``vocab`` trained on ``text``, and the text as one id tensor."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator([text], vocab_size=vocab, min_frequency=2, show_progress=False)
-    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.long), tokenizer
-
-
-def bigram_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[V, V] counts of (token, next token) over the rows of ``ids`` ([n] or [batch, n])."""
-    ids = ids.view(1, -1) if ids.dim() == 1 else ids
-    flat = (ids[:, :-1] * vocab + ids[:, 1:]).reshape(-1)
-    return torch.bincount(flat, minlength=vocab * vocab).view(vocab, vocab).double()
-
-
-def window_batches(stream: torch.Tensor, batch: int, seq: int, seed: int):
-    """Endless random windows of ``seq`` tokens from a 1-D token stream."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, stream.numel() - seq, (batch,), generator=generator)
-        yield torch.stack([stream[s:s + seq] for s in starts.tolist()])
-
-
-def row_batches(rows: torch.Tensor, batch: int, seed: int):
-    """Endless random batches of rows (sequences) of a [count, seq] tensor."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield rows[torch.randint(0, rows.shape[0], (batch,), generator=generator)]
-
-
-# ----------------------------------------------------------------- model and training
-def tiny_gpt2(cfg: RunConfig) -> GPT2LMHeadModel:
-    """A tiny GPT-2 (no dropout, eager attention; tied embeddings unless ``cfg.tie`` is off), seeded."""
-    torch.manual_seed(cfg.seed)
-    config = GPT2Config(vocab_size=cfg.vocab, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                        n_positions=cfg.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=cfg.tie,
-                        attn_implementation="eager")
-    return GPT2LMHeadModel(config)
-
-
-def train(model: GPT2LMHeadModel, batches, cfg: RunConfig,
-          at: list[int]) -> tuple[dict[int, GPT2LMHeadModel], list[float]]:
-    """AdamW for ``cfg.steps`` steps; returns frozen copies of the model at the steps in ``at``."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(cfg.steps, 1)))
-    snapshots, losses = {}, []
-    for step in range(cfg.steps + 1):
-        if step in at:
-            snapshots[step] = copy.deepcopy(model).eval()
-        if step == cfg.steps:
-            break
-        model.train()
-        ids = next(batches)
-        loss = model(input_ids=ids, labels=ids).loss
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-    return snapshots, losses
-
-
-@torch.no_grad()
-def mean_loss(model: GPT2LMHeadModel, rows: torch.Tensor) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on the [n, seq] rows."""
-    model.eval()
-    return float(torch.stack([model(input_ids=r, labels=r).loss for r in rows.split(64)]).mean())
+def train(model, batches, cfg: RunConfig, at: list[int]):
+    """AdamW for ``cfg.steps`` steps; frozen copies of the model at the steps in ``at``."""
+    return train_model(model, batches, cfg.steps, cfg.lr, tuple(at))
 
 
 # ----------------------------------------------------------------- jet tables and scores
-def attention_free_paths(prog) -> list[str]:
-    """Every path from the token embedding through any increasing subset of MLPs to the decoder."""
-    mlps = [u.name for u in prog.at("sublayer").units if u.kind == "mlp"]
-    subsets = itertools.chain.from_iterable(itertools.combinations(mlps, r) for r in range(len(mlps) + 1))
-    return ["→".join(("E", *subset, "U")) for subset in subsets]
-
-
 @torch.no_grad()
 def bigram_tables(prog, model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
     """The [V, V] jet bigram tables of a captured ``model`` (and the model's own 1-token output)."""
@@ -252,7 +172,7 @@ def run_markov(cfg: RunConfig, sequences: int = 2000, alpha: float = 0.1,
     held_out = sample_markov(transition, stationary, 128, cfg.seq, cfg.seed + 2)
     reference = stationary[:, None] * transition  # joint mass of (token, next token)
     at = at if at is not None else checkpoint_steps(cfg.steps)
-    snapshots, losses = train(tiny_gpt2(cfg), row_batches(data, cfg.batch, cfg.seed), cfg, at)
+    snapshots, losses = train(library_gpt2(tiny_config(cfg)), row_batches(data, cfg.batch, cfg.seed), cfg, at)
     entropy_rate = float(-(reference * transition.log()).sum())
     scores, gap = score_checkpoints(snapshots, reference, data[:1, :16], cfg.k)
     result = {
@@ -276,20 +196,20 @@ def run_topics(cfg: RunConfig, max_chars: int | None = None) -> dict:
     start = time.perf_counter()
     text, source = topics_text()
     text = text[:max_chars] if max_chars else text
-    ids, tokenizer = bpe_encode(text, cfg.vocab)
-    cfg.vocab = tokenizer.get_vocab_size()
-    split = int(0.9 * ids.numel())
-    train_ids, val_ids = ids[:split], ids[split:]
+    corpus = bpe_corpus(text, cfg.vocab, source)
+    tokenizer, cfg.vocab = corpus.tokenizer, corpus.vocab
+    train_ids, val_ids = corpus.train_ids, corpus.held_out_ids
+    split = train_ids.numel()
     reference = bigram_counts(train_ids, cfg.vocab)
     at = checkpoint_steps(cfg.steps)
     batches = window_batches(train_ids, cfg.batch, cfg.seq, cfg.seed)
-    snapshots, losses = train(tiny_gpt2(cfg), batches, cfg, at)
+    snapshots, losses = train(library_gpt2(tiny_config(cfg)), batches, cfg, at)
     val_rows = val_ids[: val_ids.numel() // cfg.seq * cfg.seq].view(-1, cfg.seq)
     unigram = reference.sum(0) / reference.sum()
     conditional = (reference / reference.sum(-1, keepdim=True).clamp_min(1)).clamp_min(1e-300)
     scores, gap = score_checkpoints(snapshots, reference, train_ids[:16].view(1, -1), cfg.k)
     result = {
-        "config": asdict(cfg) | {"chars": len(text), "tokens": ids.numel(), "train_tokens": split,
+        "config": asdict(cfg) | {"chars": len(text), "tokens": split + val_ids.numel(), "train_tokens": split,
                                  "source": source},
         "reference": "bigram counts of the training split (90%)",
         "train_bigram_entropy_nats": float(-(reference / reference.sum() * conditional.log()).sum()),

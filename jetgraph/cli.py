@@ -170,13 +170,21 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--csv", type=Path, help="also write every order's per-layer metrics as CSV")
     lens.set_defaults(run=_run_lens, check=_check_lens)
 
-    ngrams = command("ngrams", "bigram / skip-bigram tables read from attention-free or one-attention paths",
+    ngrams = command("ngrams", "bigram / skip-bigram tables read from the model or from its paths",
                      "Evaluate paths (unit weights: their own logits) on every vocabulary token (or token "
-                     "pair for paths through attention) and keep the global top-N.\nThe cost is planned "
-                     "first: --dry-run prints it, and a table estimated past --max-time is refused.")
+                     "pair for paths through attention) and keep the global top-N.\nThe default, h_last→U, "
+                     "is the model's own next-token distribution after each token, averaged over the "
+                     "--average tokens it expects most before it: the read-out that recovers known bigrams "
+                     "best on tied and untied models (docs/readouts.md).\nThe cost is planned first: "
+                     "--dry-run prints it, and a table estimated past --max-time is refused.")
     _model_argument(ngrams)
-    ngrams.add_argument("--paths", nargs="+", default=["E→U"],
-                        help='paths such as "E→U" "E→MLP_last→U" "E→mlp3^1→U" "E→attn0→U"')
+    ngrams.add_argument("--paths", nargs="+", default=["h_last→U"],
+                        help='paths such as "h_last→U" (the default) "E→U" "E→MLP_last→U" "E→mlp3^1→U" '
+                             '"E→attn0→U"')
+    ngrams.add_argument("--average", type=_non_negative, default=None, metavar="M",
+                        help="for a path from the model's stream (h_last→U): average each row's "
+                             "distribution over the M first tokens the model expects most (default 16; "
+                             "0: the token alone at position 0)")
     ngrams.add_argument("--top", type=_positive, default=100, help="global top-N entries")
     ngrams.add_argument("--keywords",
                         help='keyword list for probability masses: "toxic", "refusal" or a file')
@@ -203,6 +211,37 @@ def _parser() -> argparse.ArgumentParser:
                         help="CSV or JSON to write; one file per path (suffixed -0, -1, …) when several")
     _cost_arguments(ngrams)
     ngrams.set_defaults(run=_run_ngrams, check=_check_ngrams)
+
+    sketch = command("sketch", "a jet n-gram language model read from the model, scored by perplexity",
+                     "Read a bigram table (the default read-out: the model after each token, averaged over "
+                     "--average first tokens), a trigram table "
+                     "(the model on every token pair, each row's top tokens) when affordable, and a unigram "
+                     "(the bigram table's rows averaged) from the model; interpolate them "
+                     "(weights fitted on a development split) and print the perplexity on held-out text "
+                     "of this sketch, the model itself, and count-based bigram and unigram LMs trained on "
+                     "the same text.\nWithout --text the text is sampled from the model itself.")
+    _model_argument(sketch)
+    sketch.add_argument("--text", type=Path, metavar="FILE",
+                        help="UTF-8 text, split in order 80/10/10: count LMs, interpolation weights, "
+                             "perplexities (default: --samples texts sampled from the model)")
+    sketch.add_argument("--samples", type=_positive, default=1024,
+                        help="texts to sample from the model when no --text is given (split 80/10/10)")
+    sketch.add_argument("--length", type=_positive, default=None,
+                        help="tokens per sampled text, and per scored window of --text (default: 256, or "
+                             "the model's context if shorter)")
+    sketch.add_argument("--average", type=_non_negative, default=16, metavar="M",
+                        help="first tokens the bigram read-out is averaged over (0: each token alone at "
+                             "position 0)")
+    sketch.add_argument("--trigram", choices=("auto", "on", "off"), default="auto",
+                        help="read the trigram table: auto when it fits --max-time and 2 GB, on (refuse "
+                             "otherwise), off")
+    sketch.add_argument("--trigram-top", type=_positive, default=16, metavar="K",
+                        help="tokens kept per trigram row (the rest of the row backs off to the bigram)")
+    sketch.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
+    sketch.add_argument("--out", type=Path, default=Path("sketch"),
+                        help="folder for sketch.safetensors (the tables), sketch.json and perplexities.csv")
+    _cost_arguments(sketch)
+    sketch.set_defaults(run=_run_sketch, check=_check_sketch)
 
     paths = command("paths", "count the paths of a model and draw an expansion's path graph")
     _model_argument(paths)
@@ -320,9 +359,13 @@ def _check_lens(args: argparse.Namespace) -> None:
 
 def _check_ngrams(args: argparse.Namespace) -> None:
     from jetgraph.applications.ngrams import load_keywords
+    from jetgraph.passes.pathspec import starts_at_model_state
 
     dims = _config_dims(args.model)
     _check_path_specs(args.paths, dims)
+    if args.average is not None and not any(starts_at_model_state(spec) for spec in args.paths):
+        raise UsageError("--average applies to paths from the model's stream (h_last→U, hN→U); "
+                         f"these read exactly their own tokens: {' '.join(args.paths)}")
     args.keyword_words = load_keywords(args.keywords) if args.keywords else None
     if args.contexts is not None:
         args.context_rows = _read_contexts(args.contexts)
@@ -340,6 +383,26 @@ def _check_ngrams(args: argparse.Namespace) -> None:
     if args.nproc is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--nproc launches the processes itself: leave it out under torchrun")
     _refuse_hopeless_tables(args, dims)
+
+
+def _check_sketch(args: argparse.Namespace) -> None:
+    args.text_content = None
+    if args.text is not None:
+        try:
+            args.text_content = args.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--text {str(args.text)!r}: cannot read it as UTF-8 text ({exc})") from None
+        _check_text(args.text_content, "--text")
+    elif args.samples < 10:
+        raise UsageError(f"--samples {args.samples} is too few to split 80/10/10: give at least 10")
+    context = _config_dims(args.model).get("context")
+    if args.length is None:
+        args.length = min(256, context) if context is not None else 256
+    if args.length < 3:
+        raise UsageError(f"--length {args.length}: a scored window needs at least 3 tokens")
+    if context is not None and args.length > context:
+        raise UsageError(f"--length {args.length} is longer than the model's context of {context} tokens")
+    check_writable(args.out / "sketch.json", "--out folder")
 
 
 def _check_path_specs(specs: list[str] | None, dims: dict[str, int]) -> None:
@@ -385,11 +448,12 @@ def _check_demo(args: argparse.Namespace) -> None:
 
 
 _CONFIG_KEYS = {"layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
-                "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd", "d_model")}
+                "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd", "d_model"),
+                "context": ("max_position_embeddings", "n_positions")}
 
 
 def _config_dims(model: str) -> dict[str, int]:
-    """Layers, vocabulary and width from the model's config.json, read without loading the model
+    """Layers, vocabulary, width and context from the model's config.json, read without loading the model
     (what is missing is left out: the capture checks everything again)."""
     from jetgraph.capture.loading import SMOLLM2_NAMES, cache_dir
 
@@ -704,6 +768,13 @@ def _run_ngrams(args: argparse.Namespace) -> int:
     import jetgraph
     from jetgraph.applications import keyword_ids, ngram_table
     from jetgraph.applications.ngrams import current_shard, ngram_plan
+    from jetgraph.applications.ngrams.readout import (
+        DEFAULT_FIRST_TOKENS,
+        expected_first_tokens,
+        placeholder_average,
+    )
+    from jetgraph.errors import CostError
+    from jetgraph.passes.pathspec import starts_at_model_state
 
     shard = current_shard()  # under torchrun: this rank's place; else None
     main_rank = shard is None or shard.is_main
@@ -718,20 +789,41 @@ def _run_ngrams(args: argparse.Namespace) -> int:
     vocab = int(prog.decoder.unembedding.shape[0])
     if first is not None and args.first > vocab:
         first = range(vocab)
-    options = dict(contexts=contexts, first=first, top=args.top, keywords=keywords, normalise=True,
-                   rank=args.rank, chunk=args.chunk, last_top=args.last_top)
+    options = dict(top=args.top, keywords=keywords, normalise=True, rank=args.rank, chunk=args.chunk,
+                   last_top=args.last_top)
+    count = DEFAULT_FIRST_TOKENS if args.average is None else args.average
+    mixing = bool(count) and any(starts_at_model_state(spec) for spec in args.paths)
+    average = placeholder_average(vocab, count) if mixing else None  # the plan needs no pass first
+
+    def rows_of(spec: str) -> dict:
+        """Contexts of one path; a path from the model's stream is averaged over first tokens."""
+        mixed = average if starts_at_model_state(spec) else None
+        return dict(contexts=contexts, first=first, average=mixed)
+
     ranks = shard.world if shard else (args.nproc or 1)
-    plans = [ngram_plan(prog, spec, ranks=ranks, **options) for spec in args.paths]
+    plans = [ngram_plan(prog, spec, ranks=ranks, **rows_of(spec), **options) for spec in args.paths]
+    if mixing:  # the pass that finds the expected first tokens: the model once per row
+        spec = next(s for s in args.paths if starts_at_model_state(s))
+        plans.insert(0, ngram_plan(prog, spec, contexts=contexts, first=first, top=1, chunk=args.chunk))
     printing = main_rank
     if args.dry_run and not main_rank:  # rank 0 prints the plan
         return 0
-    if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
-        return 0
+    try:
+        if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
+            return 0
+    except CostError as exc:
+        if not mixing:
+            raise
+        raise CostError(f"{exc} (the default read-out runs the model {count + 1} times per row: "
+                        "--average M with a smaller M, or --first N, shrinks it)") from None
+    if mixing:
+        rows = contexts[:, -1].tolist() if contexts is not None else first
+        average = expected_first_tokens(prog, count, rows, args.chunk)
     outputs = _ngram_outputs(args)
     for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
         table = ngram_table(prog, spec, resume=resume, max_seconds=None, shard=shard,
-                            progress=printing, **options)
+                            progress=printing, **rows_of(spec), **options)
         if not printing:
             continue
         table.export(out, tokenizer)
@@ -739,6 +831,11 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         where = f" over {ranks} processes" if ranks > 1 else ""
         print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
               f"(by {args.rank}){where} -> {out}")
+        if table.average:
+            pairs = zip(*table.average, strict=True)
+            shown = ", ".join(f"{tokenizer.decode([a])!r} {w:.2f}" for a, w in pairs)
+            print(f"  each row averaged over the first tokens the model expects most (--average "
+                  f"{len(table.average[0])}): {shown}")
         for entry in table.entries(tokenizer)[:10]:
             print(f"  {entry['context']!r:>16} -> {entry['next']!r:<16} logit {entry['logit']:8.3f}  "
                   f"p {entry['prob']:.6f}")
@@ -750,6 +847,43 @@ def _run_ngrams(args: argparse.Namespace) -> int:
             mass = table.mass()
             print(f"  keyword mass ({args.keywords}, {len(keywords)} tokens): {mass['mean']:.5f} "
                   f"[{mass['low']:.5f}, {mass['high']:.5f}] 95% bootstrap")
+    return 0
+
+
+class _PlanShown(Exception):
+    """Raised after a dry run's plan is printed: stop before any table is read."""
+
+
+def _run_sketch(args: argparse.Namespace) -> int:
+    import jetgraph
+    from jetgraph.applications.sketch import sketch_model
+
+    model, tokenizer, ids = _load(args, text="a")
+    prog = jetgraph.capture(model, ids)
+
+    def show(plan) -> None:
+        print(plan.describe())
+        if args.dry_run:
+            raise _PlanShown
+
+    try:
+        report = sketch_model(model, tokenizer, prog, text=args.text_content, samples=args.samples,
+                              length=args.length, first_tokens=args.average,
+                              trigram=args.trigram, top=args.trigram_top, max_seconds=args.max_time,
+                              seed=args.seed, out=args.out, on_plan=show)
+    except _PlanShown:
+        return 0
+    args.written = report.files
+    data = report.data
+    print(f"text: {data['source']}; {data['train_tokens']:,} training, {data['dev_tokens']:,} development "
+          f"and {data['test_tokens']:,} test tokens")
+    l3, l2, l1 = report.lm.weights
+    print(f"interpolation (fitted on the development split): trigram {l3:.2f}, bigram {l2:.2f}, "
+          f"unigram {l1:.2f}")
+    print("perplexity on the test split:")
+    for name, value in report.perplexities.items():
+        print(f"  {name:42s} {value:10.2f}")
+    print(f"wrote {', '.join(str(p) for p in report.files)}")
     return 0
 
 

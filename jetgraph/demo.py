@@ -1,8 +1,9 @@
 """``jetgraph demo``: the whole pipeline on one model, writing a folder of results.
 
-capture → residual IR → jet lens (orders 0–2) → bigram tables from attention-free paths with
-keyword masses → a path graph → emitted code for the bigram paths, each step timed, ending with a
-short summary of what was found.
+capture → residual IR → jet lens (orders 0–2) → bigram tables with keyword masses (the default
+read-out, the model's own prediction for each token after a line break, then two single paths for
+contrast) → a path graph → emitted code for the bigram paths, each step timed, ending with a short
+summary of what was found.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-DEMO_PATHS = ("E→U", "E→mlp0→U", "E→MLP_last→U")
+DEMO_PATHS = ("E→U", "E→MLP_last→U")  # single paths, shown against the default read-out
+READOUT_TOKENS = 1024  # the default read-out runs the whole model per row and first token: the first
+FIRST_TOKENS = 4       # 1024 ids (the commonest merges) and the probe words, after 4 first tokens
+PROBES = (" United", " New", " climate", " according", " ice", "Once")
 
 
 class _Log:
@@ -30,6 +34,7 @@ class _Log:
 def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     import jetgraph
     from jetgraph.applications import (
+        DEFAULT_READOUT,
         iterative_lenses,
         keyword_ids,
         load_keywords,
@@ -65,15 +70,31 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
 
     keywords = keyword_ids(tokenizer, load_keywords("toxic"))
     found: list[str] = []
+    vocab = int(prog.decoder.unembedding.shape[0])
+    probe_ids = [ids[0] for ids in (tokenizer(w, add_special_tokens=False)["input_ids"] for w in PROBES)
+                 if len(ids) == 1]
+    rows = sorted(set(range(min(READOUT_TOKENS, vocab))) | set(probe_ids))
+    table = jetgraph.ngrams(prog, DEFAULT_READOUT, tokenizer=tokenizer, keywords=keywords, top=100,
+                            contexts=torch.tensor(rows).view(-1, 1), row_top=1, chunk=chunk,
+                            first_tokens=FIRST_TOKENS)
+    path = table.export(out / "bigrams_readout.csv", tokenizer)
+    probes = _probe_rows(table, tokenizer, rows)
+    mass = table.mass()
+    firsts = "".join(tokenizer.decode([a]) for a in table.average[0][:4])
+    found.append(f"default read-out {DEFAULT_READOUT}: {probes}; toxic-word mass {mass['mean']:.2e} "
+                 f"[{mass['low']:.2e}, {mass['high']:.2e}]")
+    log.step(f"bigram table of the default read-out ({DEFAULT_READOUT}: the model after each token, averaged "
+             f"over the {len(table.average[0])} first tokens it expects, {firsts!r}…) over {len(rows):,} "
+             f"tokens (ids < {READOUT_TOKENS} and the probe words) -> {path.name}")
     for index, spec in enumerate(DEMO_PATHS):
         table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)
         path = table.export(out / f"bigrams_{index}.csv", tokenizer)
         top = table.entries(tokenizer)[:5]
         pairs = ", ".join(f"{e['context']!r}→{e['next']!r}" for e in top)
         mass = table.mass()
-        found.append(f"{table.path}: top bigrams {pairs}; toxic-word mass {mass['mean']:.2e} "
+        found.append(f"path {table.path}: top bigrams {pairs}; toxic-word mass {mass['mean']:.2e} "
                      f"[{mass['low']:.2e}, {mass['high']:.2e}]")
-        log.step(f"bigram table {table.path} over {len(table.contexts):,} tokens -> {path.name}")
+        log.step(f"bigram table of the path {table.path} over {len(table.contexts):,} tokens -> {path.name}")
 
     view = prog.at("sublayer")
     selected = jetgraph.expand_paths(view, exclude={"attn"}, max_length=2)  # kinds, not names
@@ -98,8 +119,8 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         + ", ".join(f"order {k} {cos[k]:.3f}" for k in range(3)),
         *(f"- {line}" for line in found),
         f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
-        f"- outputs in {out}/: program.txt/svg, lens.png, lens.csv, bigrams_*.csv, paths.svg, "
-        f"{module.name}",
+        f"- outputs in {out}/: program.txt/svg, lens.png, lens.csv, bigrams_readout.csv, bigrams_*.csv, "
+        f"paths.svg, {module.name}",
         f"- total {time.perf_counter() - log.start:.0f} s",
     ]
     text_summary = "\n".join(summary)
@@ -110,3 +131,17 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
 
 def _count(value: int) -> str:
     return f"{value:,}" if value < 10**9 else f"{value:.3e}"
+
+
+def _probe_rows(table, tokenizer, rows: list[int]) -> str:
+    """Each probe word's most likely next token in the default read-out (words that are one
+    token among the table's rows), as 'word'→'next' pairs."""
+    pairs = []
+    for word in PROBES:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] not in rows:
+            continue
+        row = rows.index(ids[0])
+        best = int(table.row_index[row, 0])
+        pairs.append(f"{word!r}→{tokenizer.decode([best])!r}")
+    return ", ".join(pairs) if pairs else "no probe word is one token here"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from jetgraph.cli import main
 from tests.conftest import require_tinystories
@@ -388,6 +389,43 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     _one_line_error(capsys, "holds token id 99999, outside the model's vocabulary of 2048")
 
 
+def test_ngrams_default_readout_is_the_model_averaged_over_first_tokens(tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    """The default table: each row is the model's next-token distribution after the token,
+    averaged over the first tokens it expects most (their weights: its mean one-token prediction
+    over the rows), checked against the transformers model run directly; --average 0 reads the
+    token alone; --average with a path that reads its own tokens is a usage error before loading."""
+    import json
+
+    import jetgraph
+
+    path = require_tinystories()
+    model, _ = jetgraph.load_model(path)
+    out = tmp_path / "default.json"
+    head = ["ngrams", str(path), "--top", "4", "--first", "300"]
+    assert main([*head, "--average", "5", "--out", str(out)]) == 0
+    assert "averaged over the first tokens the model expects most (--average 5)" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    rows = torch.arange(300)
+    with torch.no_grad():
+        alone = model(input_ids=rows.view(-1, 1)).logits[:, 0].double().softmax(-1).mean(0)
+        weights, first = alone.topk(5)
+        weights = weights / weights.sum()
+        assert written["averaged_over"][0] == first.tolist()
+        assert written["averaged_over"][1] == pytest.approx(weights.tolist(), abs=1e-6)
+        best = written["top"][0]
+        context, token = int(best["context_ids"]), int(best["next_id"])
+        pairs = torch.stack([first, torch.full((5,), context)], 1)
+        mixture = (weights[:, None] * model(input_ids=pairs).logits[:, -1].double().softmax(-1)).sum(0)
+    assert best["prob"] == pytest.approx(float(mixture[token]), abs=1e-5)
+    assert main([*head, "--average", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["averaged_over"] is None
+    capsys.readouterr()
+    _no_model_loading(monkeypatch)
+    assert main(["ngrams", str(path), "--paths", "E→U", "--average", "4", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--average applies to paths from the model's stream")
+
+
 def test_ngrams_plan_and_refusal(tmp_path, capsys, monkeypatch) -> None:
     path = require_tinystories()
     out = tmp_path / "pairs.csv"
@@ -440,11 +478,12 @@ def test_demo_writes_every_output(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(path), "--text", "Once upon a time", "--out", str(out)]) == 0
-    expected = {"program.txt", "program.svg", "lens.png", "lens.csv", "bigrams_0.csv", "bigrams_1.csv",
-                "bigrams_2.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt"}
+    expected = {"program.txt", "program.svg", "lens.png", "lens.csv", "bigrams_readout.csv", "bigrams_0.csv",
+                "bigrams_1.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt"}
     assert expected == {p.name for p in out.iterdir()}  # nothing else (no temporary files)
     printed = capsys.readouterr().out
     assert "toxic-word mass" in printed and "logits reproduced to" in printed
+    assert "default read-out h_last→U:" in printed
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
 
 

@@ -8,6 +8,7 @@ import torch
 import jetgraph
 from jetgraph.capture.zoo import ResidualMLP, tiny_model
 from jetgraph.passes import Expansion, PathSpec, context_length, parse_path, path_term
+from jetgraph.passes.paths import bind_path
 from jetgraph.passes.pathspec import check_unit_names, reads_context
 from tests.conftest import captured, random_ids
 
@@ -132,3 +133,29 @@ def test_expand_paths_takes_explicit_paths() -> None:
         jetgraph.expand_paths(view, paths=["E→block1→U", "E→mlp0→U"])
     with pytest.raises(ValueError, match="give order >= 1"):
         jetgraph.expand_paths(view, paths=["E→mlp0^1→U"])
+
+
+def test_h_last_is_the_model_itself_on_any_context() -> None:
+    """``h_last→U`` binds to the stream after the last unit, reads contexts of any length, and
+    its table is the model's own last-position logits (the transformers model, run directly)."""
+    from jetgraph.applications import full_table
+    from jetgraph.passes.paths import path_term, reads_whole_context
+    from jetgraph.passes.pathspec import starts_at_model_state
+
+    model, prog = captured("gpt2")
+    view = prog.at("sublayer")
+    assert bind_path(view, "h_last→U").source == f"h{len(view.units)}"
+    assert parse_path("H_LAST->U").source == "h_last"
+    assert starts_at_model_state("h_last→U") and starts_at_model_state("h2→U")
+    assert not starts_at_model_state("E→mlp0→U") and not starts_at_model_state("h0→U")
+    assert reads_whole_context(path_term(prog, "h_last→U"))
+    assert not reads_whole_context(path_term(prog, "E→U"))
+    for length in (1, 3):
+        rows = random_ids(5, length, seed=length)
+        with torch.no_grad():
+            expected = model(input_ids=rows).logits[:, -1]
+        assert torch.allclose(full_table(prog, "h_last→U", contexts=rows), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"needs contexts of shape \[rows, 1\]"):
+        full_table(prog, "E→U", contexts=random_ids(5, 3))
+    with pytest.raises(ValueError, match="hN \\(a stream state\\) or h_last"):
+        parse_path("hlast→U")

@@ -5,6 +5,9 @@
   comparisons);
 - :mod:`.statistics`: bootstrap confidence intervals;
 - :mod:`.plots`: lens pictures and curves;
+- :mod:`.groundtruth`: tiny models trained on known bigram statistics, and read-outs scored
+  against them;
+- :mod:`.sketch`: a jet n-gram language model read from a model, scored by perplexity;
 - :mod:`.entry_points`: ``jetgraph.lens`` and ``jetgraph.ngrams``, one call from a model.
 """
 
@@ -19,6 +22,7 @@ from jetgraph.applications.lens import (
     write_lens_csv,
 )
 from jetgraph.applications.ngrams import (
+    DEFAULT_READOUT,
     Contexts,
     NgramTable,
     compare_to_reference,
@@ -32,6 +36,7 @@ from jetgraph.applications.ngrams import (
 from jetgraph.applications.statistics import bootstrap_mean
 
 __all__ = [
+    "DEFAULT_READOUT",
     "Contexts",
     "LensAverage",
     "LensResult",

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
-from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_table
+from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_plan, ngram_table
+from jetgraph.applications.ngrams.readout import (
+    DEFAULT_FIRST_TOKENS,
+    DEFAULT_READOUT,
+    expected_first_tokens,
+    placeholder_average,
+)
 from jetgraph.capture import capture
+from jetgraph.cost import DEFAULT_MAX_SECONDS
 from jetgraph.ir import ResidualProgram, as_input_ids
+from jetgraph.passes.paths import path_term, reads_whole_context
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -58,11 +66,17 @@ def _texts(values: Sequence[object], tokenizer: object) -> list[str]:
     return list(values)  # type: ignore[arg-type]
 
 
-def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = "E→U", *,
+def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = DEFAULT_READOUT, *,
            tokenizer: object = None, keywords: str | Sequence[str] | Sequence[int] | None = None,
-           top: int = 100, rank: str = "prob", **options: object) -> NgramTable:
-    """The n-gram table of one path (``"E→U"``, ``"E→MLP_last→U"``, ``"E→attn0→U"``; see
-    :mod:`jetgraph.passes.pathspec`) of a model or program, streamed over every context.
+           top: int = 100, rank: str = "prob", first_tokens: int = DEFAULT_FIRST_TOKENS,
+           **options: object) -> NgramTable:
+    """The n-gram table of one path of a model or program, streamed over every context.
+
+    The default, ``"h_last→U"``, is the model's own next-token distribution after each token,
+    averaged over the ``first_tokens`` tokens it expects most before it (0: the token alone at
+    position 0; see :mod:`jetgraph.applications.ngrams.readout` for why). Paths such as
+    ``"E→U"``, ``"E→MLP_last→U"``, ``"E→attn0→U"`` (:mod:`jetgraph.passes.pathspec`) read their
+    own tokens only.
 
     ``keywords``: token ids, a list of words, or a shipped list name (``"toxic"``, ``"refusal"``)
     or file; words need the ``tokenizer``. Every other option is
@@ -74,6 +88,16 @@ def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec |
     if keywords is not None:
         ids = _keyword_ids(keywords, tokenizer)
     spec = path.name if isinstance(path, PathSpec) else path
+    if first_tokens and reads_whole_context(path_term(prog, spec)) and "average" not in options:
+        given = options.get("contexts")
+        rows = options.get("first") if given is None else torch.as_tensor(given)[:, -1].tolist()
+        kept = ("contexts", "first", "row_top", "last_top", "chunk")
+        plan_options = {k: options[k] for k in kept if k in options}
+        placeholder = placeholder_average(int(prog.decoder.unembedding.shape[0]), first_tokens)
+        limit = options.get("max_seconds", DEFAULT_MAX_SECONDS)
+        plan = ngram_plan(prog, spec, top=top, keywords=ids, rank=rank, average=placeholder, **plan_options)
+        plan.check(limit, "max_seconds (None: no limit)")  # refused before the first pass
+        options["average"] = expected_first_tokens(prog, first_tokens, rows)
     return ngram_table(prog, spec, top=top, rank=rank, keywords=ids, **options)  # type: ignore[arg-type]
 
 

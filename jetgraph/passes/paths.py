@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from jetgraph.errors import CostError
 from jetgraph.ir import ResidualProgram, ResidualUnit
 from jetgraph.passes.expansion import Expansion
-from jetgraph.passes.pathspec import LAST_OF_KIND, PathSpec, parse_path
+from jetgraph.passes.pathspec import LAST_OF_KIND, LAST_STATE, PathSpec, parse_path
 from jetgraph.passes.terms import Term, source_terms, stream_term
 from jetgraph.taylor import check_order
 
@@ -191,16 +191,19 @@ def path_view(prog: ResidualProgram, spec: str | PathSpec) -> ResidualProgram:
 
 
 def bind_path(prog: ResidualProgram, spec: str | PathSpec) -> PathSpec:
-    """``spec`` with its aliases resolved against ``prog``'s units (``MLP_last`` → ``mlp29``) and
-    every name checked: the units must exist in ``prog``'s view and appear in model order."""
+    """``spec`` with its aliases resolved against ``prog``'s units (``MLP_last`` → ``mlp29``,
+    ``h_last`` → ``h60``) and every name checked: the units must exist in ``prog``'s view and
+    appear in model order."""
     text = spec if isinstance(spec, str) else spec.name
     parsed = parse_path(spec) if isinstance(spec, str) else spec
     units = {u.name: u for u in prog.units}
     last = {kind: [u.name for u in prog.units if u.kind == kind] for kind in LAST_OF_KIND.values()}
     sources = {t.label for t in source_terms(prog)}
+    if parsed.source.lower() == LAST_STATE:
+        parsed = PathSpec(f"h{len(prog.units)}", parsed.units, parsed.degrees)
     if parsed.source not in sources and not _is_valid_state(prog, parsed.source):
         raise ValueError(f"path {text!r} starts at {parsed.source!r}; sources are E (= embed.token), "
-                         f"{sorted(sources)} and h0..h{len(prog.units)}")
+                         f"{sorted(sources)}, h0..h{len(prog.units)} and h_last")
     names: list[str] = []
     previous = _start_state(prog, parsed.source) - 1
     for name in parsed.units:
@@ -251,6 +254,14 @@ def context_length(term: Term) -> int:
     """Tokens of context a path term reads: 2 if it passes a unit of kind ``attn`` (which mixes
     positions), else 1."""
     return 2 if any(unit.kind == "attn" for unit in term.units()) else 1
+
+
+def reads_whole_context(term: Term) -> bool:
+    """Whether a path starts at a stream state h_N (N ≥ 1), such as ``h_last→U``: that source is
+    the model's own computation, which reads every position, so its contexts may have any length
+    (one token unless given)."""
+    source = term.chain()[0]
+    return source.kind == "stream" and (source.state or 0) >= 1
 
 
 def _source(prog: ResidualProgram, label: str) -> Term:

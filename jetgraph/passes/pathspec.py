@@ -15,8 +15,9 @@ Steps:
 
 Aliases accepted on input (never printed): ``->`` for ``→``; ``E`` and ``embed`` for
 ``embed.token``; ``U`` for ``unembed`` (both case-insensitive); ``MLP_last`` and ``ATTN_last``
-for the last unit of that kind (resolved against a model by
-:func:`jetgraph.passes.paths.path_term`). Printed only: a split jet's monomial
+for the last unit of that kind, and ``h_last`` for the stream after the last unit (resolved
+against a model by :func:`jetgraph.passes.paths.path_term`; ``h_last→U`` is the model's own
+output). Printed only: a split jet's monomial
 ``mlp3[embed.token·h2^2]`` and a skip branch's suffix ``(id)``.
 
 This module knows the syntax only; binding names to a model's units is
@@ -36,6 +37,7 @@ ARROW = "→"
 SOURCE_ALIASES = {"e": f"{ENCODER_NAME}.token", ENCODER_NAME: f"{ENCODER_NAME}.token"}
 DECODER_ALIASES = {"u": DECODER_NAME, DECODER_NAME: DECODER_NAME}
 LAST_OF_KIND = {"mlp_last": "mlp", "attn_last": "attn"}
+LAST_STATE = "h_last"
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,10 @@ def parse_path(text: str) -> PathSpec:
     if end.lower() not in DECODER_ALIASES:
         raise ValueError(f"path {text!r} must end at U (the decoder)")
     source = SOURCE_ALIASES.get(source.lower(), source)
-    if not (source.startswith(f"{ENCODER_NAME}.") or _is_state(source)):
+    source = LAST_STATE if source.lower() == LAST_STATE else source
+    if not (source.startswith(f"{ENCODER_NAME}.") or _is_state(source) or source == LAST_STATE):
         raise ValueError(f"path {text!r} starts at {source!r}; sources are E (= embed.token), "
-                         "embed.NAME (an encoder addend) or hN (a stream state)")
+                         "embed.NAME (an encoder addend), hN (a stream state) or h_last")
     for name, _ in middle:
         if name.lower() in DECODER_ALIASES or name.lower() in SOURCE_ALIASES:
             raise ValueError(f"path {text!r}: {name!r} can only be the first (E) or last (U) step")
@@ -161,6 +164,13 @@ def check_unit_names(text: str, layers: int) -> None:
         if layer >= layers:
             raise ValueError(f"path {text!r} names {name!r}, but the model has {layers} layers "
                              f"({kind}0..{kind}{layers - 1})")
+
+
+def starts_at_model_state(text: str) -> bool:
+    """Whether a path starts at a stream state past the embedding (``h_last``, ``hN`` with
+    N ≥ 1): the model's own computation, which reads its whole context."""
+    source = parse_path(text).source
+    return source == LAST_STATE or (_is_state(source) and int(source[1:]) >= 1)
 
 
 def reads_context(text: str) -> bool | None:

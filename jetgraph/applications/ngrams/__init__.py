@@ -12,16 +12,36 @@ trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pat
 - :mod:`.shard`: one table over the ranks of torch.distributed (torchrun);
 - :mod:`.table`: the result and its export;
 - :mod:`.keywords`: keyword lists and their token ids;
-- :mod:`.compare`: model diffs and comparison with a reference table.
+- :mod:`.compare`: model diffs and comparison with a reference table;
+- :mod:`.readout`: the default bigram read-out (the model after each token, averaged over the
+  first tokens it expects);
+- :mod:`.mixture`: a path's next-token distribution averaged over first tokens (the sweep's
+  evaluator for the default read-out).
 """
 
 from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tables
 from jetgraph.applications.ngrams.contexts import Contexts, all_contexts
 from jetgraph.applications.ngrams.keywords import keyword_ids, load_keywords
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, bigram_readout, expected_first_tokens
 from jetgraph.applications.ngrams.shard import Shard, ShardError, current_shard
 from jetgraph.applications.ngrams.sweep import full_table, ngram_plan, ngram_table
 from jetgraph.applications.ngrams.table import NgramTable
 
-__all__ = ["Contexts", "NgramTable", "Shard", "ShardError", "all_contexts", "compare_to_reference",
-           "current_shard", "diff_tables", "full_table", "keyword_ids", "load_keywords", "ngram_plan",
-           "ngram_table"]
+__all__ = [
+           "DEFAULT_READOUT",
+           "Contexts",
+           "NgramTable",
+           "Shard",
+           "ShardError",
+           "all_contexts",
+           "bigram_readout",
+           "compare_to_reference",
+           "current_shard",
+           "diff_tables",
+           "expected_first_tokens",
+           "full_table",
+           "keyword_ids",
+           "load_keywords",
+           "ngram_plan",
+           "ngram_table",
+]

@@ -32,16 +32,20 @@ class Contexts:
         return cls(length, tokens[0], tokens[1] if length == 2 else None)
 
     @classmethod
-    def of(cls, contexts: torch.Tensor | Contexts, length: int, vocab: int) -> Contexts:
-        """``contexts`` as given: a [rows, length] tensor of ids in [0, vocab)."""
+    def of(cls, contexts: torch.Tensor | Contexts, length: int, vocab: int,
+           any_length: bool = False) -> Contexts:
+        """``contexts`` as given: a [rows, length] tensor of ids in [0, vocab) (any length ≥ 1 with
+        ``any_length``: paths from a stream state read the whole context)."""
         if isinstance(contexts, Contexts):
-            if contexts.length != length:
+            if contexts.length != length and not any_length:
                 raise ValueError(f"contexts have {contexts.length} token(s), the path reads {length}")
             return contexts
         tensor = torch.as_tensor(contexts)
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
             raise ValueError(f"contexts must be integer token ids, got {tensor.dtype}")
         tensor = tensor.long()
+        if any_length and tensor.dim() == 2 and tensor.shape[1] >= 1:
+            length = int(tensor.shape[1])
         if tensor.dim() != 2 or tensor.shape[1] != length:
             raise ValueError(f"a path that reads {length} token(s) of context needs contexts of shape "
                              f"[rows, {length}], got {tuple(tensor.shape)}")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.contexts import Contexts
 from jetgraph.applications.ngrams.evaluator import PathEvaluator, evaluate_path, path_schedule
+from jetgraph.applications.ngrams.mixture import MixtureEvaluator
 from jetgraph.applications.ngrams.shard import (
     DEFAULT_STALL_SECONDS,
     Shard,
@@ -36,12 +37,13 @@ from jetgraph.applications.ngrams.state import (
 from jetgraph.applications.ngrams.table import NgramTable, Rank
 from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.paths import context_length, path_term, view_of_term
+from jetgraph.passes.paths import context_length, path_term, reads_whole_context, view_of_term
 from jetgraph.passes.terms import Term
 
 __all__ = ["evaluate_path", "full_table", "ngram_plan", "ngram_table", "path_schedule"]
 
 DEFAULT_CHECKPOINT_SECONDS = 60.0
+Average = tuple[Sequence[int], Sequence[float]]
 PROBE_ROWS = 8
 
 
@@ -60,6 +62,7 @@ class _Job:
     last_top: int
     rank: Rank
     chunk: int
+    average: tuple[torch.Tensor, torch.Tensor] | None = None  # first tokens and their weights
 
     @property
     def chunks(self) -> int:
@@ -68,14 +71,19 @@ class _Job:
     def chunk_rows(self, index: int) -> tuple[int, int]:
         return index * self.chunk, min((index + 1) * self.chunk, len(self.contexts))
 
-    def evaluator(self) -> PathEvaluator:
+    def evaluator(self) -> PathEvaluator | MixtureEvaluator:
         rows = self.contexts
         if rows.explicit is not None:
             tokens = torch.unique(rows.explicit)
         else:
             parts = [rows.first] + ([rows.second] if rows.second is not None else [])
             tokens = torch.unique(torch.cat(parts))
-        return PathEvaluator(self.view, self.term, rows.length, tokens, self.vocab)
+        if self.average is None:
+            return PathEvaluator(self.view, self.term, rows.length, tokens, self.vocab)
+        first, weights = self.average
+        tokens = torch.unique(torch.cat([tokens, first]))
+        inner = PathEvaluator(self.view, self.term, rows.length + 1, tokens, self.vocab)
+        return MixtureEvaluator(inner, first, weights)
 
     def probe(self) -> torch.Tensor:
         """A few of the table's own contexts, spread over it."""
@@ -88,12 +96,15 @@ class _Job:
         digest.update(json.dumps([CHECKPOINT_FORMAT, self.term.name, self.top, self.row_top, self.last_top,
                                   self.normalise, self.keywords, self.chunk, self.rank,
                                   self.contexts.length]).encode())
+        if self.average is not None:
+            digest.update(self.average[0].numpy().tobytes() + self.average[1].double().numpy().tobytes())
         self.contexts.fingerprint(digest)
         return digest.hexdigest()
 
 
 def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, first, top: int,
-         row_top: int, last_top: int, keywords, normalise: bool, rank: Rank, chunk: int) -> _Job:
+         row_top: int, last_top: int, keywords, normalise: bool, rank: Rank, chunk: int,
+         average: Average | None = None) -> _Job:
     """Validate every argument before any work (cheap: no tensors of table size)."""
     if not isinstance(top, int) or not isinstance(chunk, int) or top < 1 or chunk < 1:
         raise ValueError(f"top and chunk must be ints >= 1, got top={top!r}, chunk={chunk!r}")
@@ -110,7 +121,9 @@ def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, f
     length = context_length(term)
     if contexts is not None and first is not None:
         raise ValueError("give contexts or first, not both")
-    rows = Contexts.grid(vocab, length, first) if contexts is None else Contexts.of(contexts, length, vocab)
+    any_length = reads_whole_context(term)
+    rows = (Contexts.grid(vocab, length, first) if contexts is None
+            else Contexts.of(contexts, length, vocab, any_length))
     if keywords is not None:
         keywords = sorted({int(k) for k in keywords})
         if not keywords:
@@ -119,17 +132,28 @@ def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, f
             raise ValueError(f"keyword token ids must lie in [0, {vocab})")
         normalise = True
     normalise = normalise or rank == "prob"
-    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, last_top, rank, chunk)
+    mixture = None
+    if average is not None:
+        if not reads_whole_context(term):
+            raise ValueError("average mixes contexts of a path from the model's stream (h_last→U); "
+                             f"{term.name} reads exactly its own tokens")
+        first_ids = torch.as_tensor(list(average[0]), dtype=torch.long)
+        if first_ids.numel() and (first_ids.min() < 0 or first_ids.max() >= vocab):
+            raise ValueError(f"average's first token ids must lie in [0, {vocab})")
+        mixture = (first_ids, torch.as_tensor(list(average[1]), dtype=torch.double))
+    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, last_top, rank, chunk, mixture)
 
 
 def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = None,
                contexts: torch.Tensor | Contexts | None = None, first: Sequence[int] | None = None,
                top: int = 100, row_top: int = 0, last_top: int = 0, keywords: Sequence[int] | None = None,
-               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024, ranks: int = 1) -> Plan:
+               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024, ranks: int = 1,
+               average: Average | None = None) -> Plan:
     """What :func:`ngram_table` with these arguments will cost (contexts, FLOPs, peak memory above
     the model, time here), from one evaluated context: nothing of table size is allocated.
     ``ranks``: the time is one rank's share when the table is split over that many processes."""
-    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk)
+    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk,
+               average)
     return _plan(job, job.evaluator(), ranks)
 
 
@@ -186,6 +210,7 @@ def ngram_table(
     shard: Shard | str | None = "auto",
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     stall_seconds: float = DEFAULT_STALL_SECONDS,
+    average: Average | None = None,
 ) -> NgramTable:
     """Evaluate one path (unit weights: its own logits) on every context — every token, or every
     token pair for paths through attention, the first token restricted to ``first`` if given,
@@ -197,6 +222,10 @@ def ngram_table(
     (implies ``normalise``). ``normalise``: keep each row's normaliser, so probabilities can be
     reported. ``rank``: order the top entries by ``"logit"`` (the paper's tables; one pass less)
     or by conditional probability ``"prob"`` (implies ``normalise``).
+
+    ``average``: (first tokens, weights) for a path from the model's stream: each row's
+    next-token distribution is the weighted mean over ``a ⊕ context`` of the first tokens a,
+    and its logits are that mixture's log-probabilities (the default read-out, :mod:`.readout`).
 
     ``resume``: a checkpoint file, written at most every ``checkpoint_seconds``, when the run
     stops (an error or Ctrl-C) and at the end; a run with the same arguments continues from it.
@@ -210,7 +239,8 @@ def ngram_table(
     The cost is planned first (:func:`ngram_plan`): a table estimated to take longer than
     ``max_seconds`` (None: no limit) or more memory than is available is refused before any work.
     """
-    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk)
+    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk,
+               average)
     if shard == "auto":
         shard = current_shard(stall_seconds)
     elif shard is not None and not isinstance(shard, Shard):
@@ -357,6 +387,7 @@ def _table(state: TableState, job: _Job) -> NgramTable:
         last_values=None if last is None else last.values,
         last_logits=None if last is None else last.logits,
         last_index=None if last is None else last.index,
+        average=None if job.average is None else (job.average[0].tolist(), job.average[1].tolist()),
     )
 
 
@@ -463,7 +494,8 @@ def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor |
     view = view_of_term(prog, term)
     vocab = int(view.decoder.unembedding.shape[0])
     length = context_length(term)
-    rows = Contexts.grid(vocab, length) if contexts is None else Contexts.of(contexts, length, vocab)
+    rows = (Contexts.grid(vocab, length) if contexts is None
+            else Contexts.of(contexts, length, vocab, reads_whole_context(term)))
     if len(rows) * vocab > max_entries:
         raise ValueError(f"the full table has {len(rows) * vocab:,} entries, more than max_entries "
                          f"{max_entries:,}: stream it with ngram_table instead")

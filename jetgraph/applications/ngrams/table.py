@@ -37,6 +37,8 @@ class NgramTable:
     keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
     ``last_values``/``last_logits``/``last_index`` [vocab, m] hold, for each last context token
     (z2 of a pair table), the best ``m`` entries of the rows ending in it (:meth:`last_entries`).
+    ``average``: the first tokens (and weights) each row's distribution was averaged over, for
+    the default read-out (:mod:`.readout`).
     In a distributed run only rank 0 holds the per-row results (``row_*``, ``log_sum``,
     ``keyword_logits``); every rank holds the top entries.
     """
@@ -57,6 +59,7 @@ class NgramTable:
     last_values: torch.Tensor | None = None  # [vocab, m]: per last context token, best entries
     last_logits: torch.Tensor | None = None
     last_index: torch.Tensor | None = None  # flat row * vocab + next token; -1: empty slot
+    average: tuple[list[int], list[float]] | None = None  # first tokens mixed over, and their weights
 
     @property
     def log_normaliser(self) -> torch.Tensor | None:
@@ -133,8 +136,9 @@ class NgramTable:
             raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
         rows = self.entries(tokenizer)
         if path.suffix == ".json":
-            text = json.dumps({"path": self.path, "weights": "unit", "rank": self.rank, "top": rows},
-                              indent=1, ensure_ascii=False) + "\n"
+            payload = {"path": self.path, "weights": "unit", "rank": self.rank, "averaged_over": self.average,
+                       "top": rows}
+            text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
         else:
             buffer = io.StringIO(newline="")
             writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["rank"])
