@@ -34,7 +34,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,21 +57,13 @@ ATTN_FREE_SUM = "sum of attention-free paths"
 MODEL_1TOK = "model, 1-token input"
 
 
-@dataclass
-class RunConfig:
-    """Sizes and optimiser settings of one training run."""
+@dataclass(frozen=True)
+class RunConfig(TinyConfig):
+    """The library's tiny GPT-2 settings with this script's defaults, and the k of the top-k scores."""
 
     vocab: int = 48
-    n_embd: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    seq: int = 64
-    batch: int = 32
     steps: int = 400
-    lr: float = 3e-3
-    seed: int = 0
     k: int = 100
-    tie: bool = True
 
 
 def checkpoint_steps(steps: int) -> list[int]:
@@ -95,11 +87,6 @@ def sample_markov(transition: torch.Tensor, stationary: torch.Tensor, count: int
                   seed: int = 0) -> torch.Tensor:
     """``count`` sequences of ``length`` tokens, started from π (so the chain is stationary)."""
     return MarkovChain(transition, stationary).sample(count, length, seed)
-
-
-def tiny_config(cfg: RunConfig) -> TinyConfig:
-    return TinyConfig(vocab=cfg.vocab, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, seq=cfg.seq,
-                      batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, tie=cfg.tie)
 
 
 def train(model, batches, cfg: RunConfig, at: list[int]):
@@ -172,7 +159,7 @@ def run_markov(cfg: RunConfig, sequences: int = 2000, alpha: float = 0.1,
     held_out = sample_markov(transition, stationary, 128, cfg.seq, cfg.seed + 2)
     reference = stationary[:, None] * transition  # joint mass of (token, next token)
     at = at if at is not None else checkpoint_steps(cfg.steps)
-    snapshots, losses = train(library_gpt2(tiny_config(cfg)), row_batches(data, cfg.batch, cfg.seed), cfg, at)
+    snapshots, losses = train(library_gpt2(cfg), row_batches(data, cfg.batch, cfg.seed), cfg, at)
     entropy_rate = float(-(reference * transition.log()).sum())
     scores, gap = score_checkpoints(snapshots, reference, data[:1, :16], cfg.k)
     result = {
@@ -197,13 +184,13 @@ def run_topics(cfg: RunConfig, max_chars: int | None = None) -> dict:
     text, source = topics_text()
     text = text[:max_chars] if max_chars else text
     corpus = bpe_corpus(text, cfg.vocab, source)
-    tokenizer, cfg.vocab = corpus.tokenizer, corpus.vocab
+    tokenizer, cfg = corpus.tokenizer, replace(cfg, vocab=corpus.vocab)
     train_ids, val_ids = corpus.train_ids, corpus.held_out_ids
     split = train_ids.numel()
     reference = bigram_counts(train_ids, cfg.vocab)
     at = checkpoint_steps(cfg.steps)
     batches = window_batches(train_ids, cfg.batch, cfg.seq, cfg.seed)
-    snapshots, losses = train(library_gpt2(tiny_config(cfg)), batches, cfg, at)
+    snapshots, losses = train(library_gpt2(cfg), batches, cfg, at)
     val_rows = val_ids[: val_ids.numel() // cfg.seq * cfg.seq].view(-1, cfg.seq)
     unigram = reference.sum(0) / reference.sum()
     conditional = (reference / reference.sum(-1, keepdim=True).clamp_min(1)).clamp_min(1e-300)

@@ -16,7 +16,7 @@ import torch
 DEMO_PATHS = ("E→U", "E→MLP_last→U")  # single paths, shown against the default read-out
 READOUT_TOKENS = 1024  # the default read-out runs the whole model per row and first token: the first
 FIRST_TOKENS = 4       # 1024 ids (the commonest merges) and the probe words, after 4 first tokens
-PROBES = (" United", " New", " climate", " according", " ice", "Once")
+PROBES = (" United", " New", " climate", " according", " ice")
 
 
 class _Log:
@@ -80,11 +80,11 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     path = table.export(out / "bigrams_readout.csv", tokenizer)
     probes = _probe_rows(table, tokenizer, rows)
     mass = table.mass()
-    firsts = "".join(tokenizer.decode([a]) for a in table.average[0][:4])
+    firsts = [tokenizer.decode([a]) for a in table.average[0]]
     found.append(f"default read-out {DEFAULT_READOUT}: {probes}; toxic-word mass {mass['mean']:.2e} "
                  f"[{mass['low']:.2e}, {mass['high']:.2e}]")
     log.step(f"bigram table of the default read-out ({DEFAULT_READOUT}: the model after each token, averaged "
-             f"over the {len(table.average[0])} first tokens it expects, {firsts!r}…) over {len(rows):,} "
+             f"over the {len(firsts)} first tokens it expects, {firsts}) over {len(rows):,} "
              f"tokens (ids < {READOUT_TOKENS} and the probe words) -> {path.name}")
     for index, spec in enumerate(DEMO_PATHS):
         table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)
