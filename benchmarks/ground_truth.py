@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def tick(result):
         bar.update(1)
+        reference = "entropy rate" if result.kind == "chain" else "count-bigram entropy"
         bar.set_postfix_str(f"{result.kind} seed {result.seed}: loss {result.loss:.3f} "
-                            f"(floor {result.floor:.3f})")
+                            f"({reference} {result.floor:.3f})")
 
     studies = {
         "untied chains": over_seeds(lambda s: run_chain(s, False, chain, cfg), seeds, tick),
