@@ -273,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     _cost_arguments(emit)
     emit.set_defaults(run=_run_emit, check=_check_emit)
 
+    from jetgraph.cli_analyses import add_commands
+
+    add_commands(command)
+
     demo = command("demo", "end to end on SmolLM2: capture, lens, bigrams, path graph, emitted code",
                    "The README's main job: writes PNG/SVG/CSV/.py into --out and prints a summary.")
     demo.add_argument("--model", default="smollm2", help="model to run the demo on")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -30,6 +30,7 @@ from jetgraph.padding import as_attention_mask, mask_or_full
 
 Granularity = Literal["block", "sublayer"]
 UnitKind = Literal["attn", "mlp"]
+UnitEdit = Callable[[torch.Tensor], torch.Tensor]  # a unit's update γ(h) -> the update used instead
 """A unit's kind: ``"attn"`` if its update mixes positions (found by perturbing one), else ``"mlp"``."""
 
 MODULE_SCOPE = "jetgraph_module_scope"
@@ -373,8 +374,23 @@ class ResidualProgram:
         """:meth:`stream` and the side inputs it used, computed once."""
         return self._run(input_ids, attention_mask, keep=self.granularity)
 
+    def intervene(self, input_ids: torch.Tensor, edits: Mapping[str, UnitEdit],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits with some units' updates replaced: ``edits`` maps a unit name (of either
+        view: ``"block3"``, ``"mlp3"``, ``"attn0"``) to a function of the unit's update γ(h)
+        [batch, seq, d] that returns the update to add instead (zeros: zero-ablation; a mean
+        vector: mean-ablation). The rest of the model runs unchanged on the edited stream."""
+        names = {u.name for u in self.blocks + self.sublayers}
+        unknown = sorted(set(edits) - names)
+        if unknown:
+            raise ValueError(f"no unit named {unknown[0]!r} to intervene on; units: "
+                             f"{', '.join(u.name for u in self.units)}")
+        states, side = self._run(input_ids, attention_mask, keep="none", edits=edits)
+        return self.decoder(states[-1], side)
+
     def _run(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: str
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: str,
+        edits: Mapping[str, UnitEdit] | None = None,
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Execute leaf units in the model's own addition order, keeping states of one view."""
         input_ids, mask = self.inputs(input_ids, attention_mask)
@@ -383,17 +399,36 @@ class ResidualProgram:
         states = [h]
         for block in self.blocks:
             with self.resident([block]):  # a lazily read model streams one block at a time
-                h = self._run_block(block, h, side, keep, states)
+                h = self._run_block(block, h, side, keep, states, edits or {})
         if keep == "none":
             states = [h]
         return states, side
 
     def _run_block(self, block: ResidualUnit, h: torch.Tensor, side: dict[str, torch.Tensor],
-                   keep: str, states: list[torch.Tensor]) -> torch.Tensor:
-        """Run one block's leaves on ``h``; append the states ``keep`` asks for."""
+                   keep: str, states: list[torch.Tensor],
+                   edits: Mapping[str, UnitEdit] | None = None) -> torch.Tensor:
+        """Run one block's leaves on ``h`` (their updates passed through ``edits``); append the
+        states ``keep`` asks for."""
+        edits = edits or {}
         leaves = block.children or (block,)
+        block_edit = edits.get(block.name) if block.children else None
+
+        def update(leaf: ResidualUnit, state: torch.Tensor) -> torch.Tensor:
+            out = leaf(state, side)
+            return edits[leaf.name](out) if leaf.name in edits else out
+
+        if block_edit is not None:  # the whole block edited: its leaves' sum goes through the edit
+            before = h
+            for leaf in leaves:
+                h = h + leaf(before if block.parallel else h, side)
+            h = before + block_edit(h - before)
+            if keep == "sublayer":
+                raise ValueError("a whole-block edit has no sublayer states; edit its sublayers instead")
+            if keep == "block":
+                states.append(h)
+            return h
         if block.parallel:
-            outputs = [leaf(h, side) for leaf in leaves]
+            outputs = [update(leaf, h) for leaf in leaves]
             partial = []
             for count in range(1, len(outputs) + 1):
                 if keep == "sublayer" or count == len(outputs):
@@ -403,7 +438,7 @@ class ResidualProgram:
                 states.extend(partial)
         else:
             for leaf in leaves:
-                h = h + leaf(h, side)
+                h = h + update(leaf, h)
                 if keep == "sublayer":
                     states.append(h)
         if keep == "block":

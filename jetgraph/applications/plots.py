@@ -171,3 +171,72 @@ def _save(fig, path: Path) -> Path:
                                                           dpi=130, bbox_inches="tight"))
     finally:
         plt.close(fig)
+
+
+def plot_roles(report, path: str | Path, tokenizer=None, shown: int = 16) -> Path:
+    """Component roles: each unit's path score (left) and its ΔLogit under the interventions
+    with 95% intervals (right), units in ranking order; pairs below when they were verified."""
+    from jetgraph.applications.roles import METHOD_NAMES, METHODS
+
+    path = Path(path)
+    scores = report.singles[:shown] + [p for p in report.pairs[:3] if report.effect(p.units, "zero")]
+    labels = ["+".join(s.units) for s in scores][::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1.5 + 0.3 * len(scores)), sharey=True)
+    rows = range(len(scores))
+    left.barh(rows, [s.score for s in scores][::-1], color="tab:blue")
+    left.axvline(report.reference.score, color="gray", linestyle="--", linewidth=1,
+                 label=f"E→U {report.reference.score:+.2f}")
+    left.set_yticks(rows, labels, fontsize=7)
+    left.set_xlabel("path score: mean centred target logit (data-free)")
+    left.legend(fontsize=7)
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        effects = [report.effect(s.units, method) for s in scores][::-1]
+        ys = [r + (k - 1) * width for r in rows]
+        means = [e.mean if e else math.nan for e in effects]
+        errors = [[e.mean - e.low if e else 0 for e in effects],
+                  [e.high - e.mean if e else 0 for e in effects]]
+        right.barh(ys, means, height=width, xerr=errors, label=METHOD_NAMES[method], capsize=2)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlabel(f"ΔLogit of the target over {report.positions:,} positions (95% interval)")
+    right.legend(fontsize=7)
+    fig.suptitle(f"component roles for {report.targets.describe(tokenizer, shown=4)}", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def plot_diff(diff, path: str | Path, tokenizer=None, shown: int = 15) -> Path:
+    """A model diff: the bigrams whose probability rose most (right) and fell most (left)."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.28 * shown))
+    for ax, direction, colour in ((axes[0], "decrease", "tab:red"), (axes[1], "increase", "tab:green")):
+        entries = diff.entries(direction, tokenizer)[:shown][::-1]
+        ax.barh(range(len(entries)), [e["p_b"] - e["p_a"] for e in entries], color=colour)
+        ax.set_yticks(range(len(entries)), [f"{e['context_text']!r}→{e['next_text']!r}" if tokenizer
+                                            else f"{e['context']}→{e['next']}" for e in entries], fontsize=7)
+        ax.set_xlabel("p_B − p_A")
+        ax.set_title(f"largest {direction}s ({diff.rank})", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{diff.readout}: {diff.name_a} → {diff.name_b}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_masses(rows: Sequence[dict], path: str | Path) -> Path:
+    """Keyword masses per model with 95% intervals: the paper's mean mass (left) and the mass
+    relative to frequency-matched control tokens (right)."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 1.5 + 0.35 * len(rows)), sharey=True)
+    names = [r["model"] for r in rows][::-1]
+    for ax, key, label in ((axes[0], "mass", "mean keyword mass over source tokens"),
+                           (axes[1], "lift", "keyword mass ÷ matched control mass")):
+        values = [r[key] for r in rows][::-1]
+        errors = [[r[key] - r[f"{key}_low"] for r in rows][::-1],
+                  [r[f"{key}_high"] - r[key] for r in rows][::-1]]
+        ax.barh(range(len(rows)), values, xerr=errors, capsize=3, color="tab:purple")
+        ax.set_yticks(range(len(rows)), names, fontsize=7)
+        ax.set_xlabel(label + " (95% interval)", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    axes[1].axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    fig.suptitle(f"keyword masses: {rows[0]['keywords']}", fontsize=9)
+    return _save(fig, path)

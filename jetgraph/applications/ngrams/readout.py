@@ -59,23 +59,55 @@ def bigram_readout(prog, count: int = DEFAULT_FIRST_TOKENS, tokens: Sequence[int
                    chunk: int = 1024) -> torch.Tensor:
     """The default read-out as a dense [rows, V] float64 table of log-probabilities (rows: every
     token, or ``tokens``); ``count`` 0 reads each token alone at position 0."""
-    from jetgraph.applications.ngrams.sweep import full_table
-
     vocab = int(prog.decoder.unembedding.shape[0])
     rows = torch.arange(vocab) if tokens is None else torch.as_tensor(list(tokens), dtype=torch.long)
-    if count == 0:
-        alone = full_table(prog, DEFAULT_READOUT, contexts=rows.view(-1, 1), chunk=chunk)
-        return alone.double().log_softmax(-1)
-    first, weights = expected_first_tokens(prog, count, rows.tolist(), chunk)
-    chunk = _rows_per_call(chunk, vocab)
-    total = torch.zeros(len(rows), vocab, dtype=torch.double)
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        for a, w in zip(first, weights, strict=True):
-            contexts = torch.stack([torch.full_like(part, a), part], 1)
-            table = full_table(prog, DEFAULT_READOUT, contexts=contexts, chunk=chunk)
-            total[start:start + len(part)] += w * table.double().softmax(-1)
-    return total.log()
+    reader = RowReader(prog, DEFAULT_READOUT, count, rows.tolist(), chunk)
+    return torch.cat([reader(rows[start:start + reader.chunk].view(-1, 1))
+                      for start in range(0, len(rows), reader.chunk)])
+
+
+class RowReader:
+    """log p(next token | context) of one read-out, for any batch of contexts: a path's own
+    rows (``"E→U"``, ``"E→attn0→U"`` on token pairs), or the default read-out mixed over the
+    ``count`` first tokens the model expects over ``tokens`` (fixed once, at construction, so
+    that every batch is read with the same mixture). ``reader(contexts)`` with contexts
+    [n, length] gives float64 [n, V]."""
+
+    def __init__(self, prog, path: str = DEFAULT_READOUT, count: int = DEFAULT_FIRST_TOKENS,
+                 tokens: Sequence[int] | None = None, chunk: int = 1024) -> None:
+        from jetgraph.passes.paths import context_length, path_term, reads_whole_context
+
+        self.prog, self.path = prog, path
+        term = path_term(prog, path)
+        self.vocab = int(prog.decoder.unembedding.shape[0])
+        self.length = context_length(term)
+        self.mixes = reads_whole_context(term) and count > 0
+        self.chunk = _rows_per_call(chunk, self.vocab)
+        self.first, self.weights = ((expected_first_tokens(prog, count, tokens, chunk)) if self.mixes
+                                    else ([], []))
+
+    @torch.no_grad()
+    def __call__(self, contexts: torch.Tensor) -> torch.Tensor:
+        from jetgraph.applications.ngrams.sweep import full_table
+
+        contexts = torch.as_tensor(contexts, dtype=torch.long)
+        contexts = contexts.view(-1, 1) if contexts.dim() == 1 else contexts
+        def read(rows: torch.Tensor) -> torch.Tensor:
+            return full_table(self.prog, self.path, contexts=rows, chunk=self.chunk).double()
+
+        if not self.mixes:
+            return read(contexts).log_softmax(-1)
+        total = torch.zeros(len(contexts), self.vocab, dtype=torch.double)
+        for a, w in zip(self.first, self.weights, strict=True):
+            prefixed = torch.cat([torch.full((len(contexts), 1), a, dtype=torch.long), contexts], 1)
+            total += w * read(prefixed).softmax(-1)
+        return total.log()
+
+    def describe(self) -> str:
+        """The read-out in words, for tables and file headers."""
+        if self.mixes:
+            return f"{self.path}, averaged over {len(self.first)} expected first tokens"
+        return self.path
 
 
 def _rows_per_call(chunk: int, vocab: int) -> int:

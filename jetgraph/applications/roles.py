@@ -1,0 +1,422 @@
+"""Component roles: which units write a set of target tokens, read from the bigram paths and
+checked by interventions on real text.
+
+**Ranking (data-free).** Every MLP unit u has the order-0 bigram path ``E→u→U``: the token's
+embedding through u alone, decoded. Its score for a target set T is the path's *centred target
+logit* averaged over source tokens z,
+
+    score(E→u→U) = mean_z mean_{t∈T} [ℓ(z, t) − mean_v ℓ(z, v)],
+
+the amount the path lifts the targets above the average token (softmax ignores a shift shared
+by all tokens, so the centring removes what says nothing about T). Scores are linear in the
+logits, so the score of a sum of paths is the sum of their scores. A pair of units (i before j)
+has the path ``E→i→j→U``, which exists only when both do: its score is the pair's cooperation;
+``joint`` adds the two single paths to it.
+
+**Verification (on real text).** At every position whose next token is a target, the target's
+centred logit is measured on the model and again with the unit (or both units of a pair)
+
+- zero-ablated: its update γ(h) replaced by 0;
+- mean-ablated: replaced by its mean over every real position of the text;
+- with its path terms removed from the expansion: logits minus the unit's bigram path terms at
+  that position's token (for a pair, the three paths inside it), the data-free prediction.
+
+Each is reported as ΔLogit (edited minus clean, centred logits) with a bootstrap interval over
+the positions. Attention units have no bigram path (they need two tokens), so they are ranked
+by nothing here, and are not ablated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from jetgraph.applications.ngrams.sweep import full_table
+from jetgraph.applications.statistics import bootstrap_mean
+from jetgraph.applications.targets import TargetSet
+from jetgraph.cost import Plan, gemm_rate
+from jetgraph.files import atomic_write
+from jetgraph.ir import ResidualProgram
+
+METHODS = ("zero", "mean", "term")
+METHOD_NAMES = {"zero": "zero-ablation", "mean": "mean-ablation", "term": "path terms removed"}
+SAMPLED_ROWS = 4096  # source tokens scored when the vocabulary is larger than FULL_ROWS
+FULL_ROWS = 8192
+
+
+@dataclass
+class PathScore:
+    """One bigram path's score for the targets, and its best (source, target) entries."""
+
+    path: str
+    units: tuple[str, ...]
+    score: float
+    top: list[tuple[int, int, float]] = field(default_factory=list)  # (source, target, centred logit)
+    joint: float | None = None  # pairs: the score of all paths inside the pair
+
+
+@dataclass(frozen=True)
+class Effect:
+    """ΔLogit of the targets under one intervention on some units, over the target positions."""
+
+    units: tuple[str, ...]
+    method: str
+    mean: float
+    low: float
+    high: float
+    positions: int
+    logprob: float  # mean change of the target's log-probability
+
+
+@dataclass
+class RoleReport:
+    """The ranking of units and pairs for one target set, and the interventions that check it."""
+
+    targets: TargetSet
+    rows: int
+    singles: list[PathScore]
+    pairs: list[PathScore]
+    reference: PathScore  # E→U: the embedding decoded directly, for scale
+    effects: list[Effect] = field(default_factory=list)
+    positions: int = 0  # target positions in the verification text
+
+    def effect(self, units: Sequence[str], method: str) -> Effect | None:
+        for effect in self.effects:
+            if effect.units == tuple(units) and effect.method == method:
+                return effect
+        return None
+
+    def best(self) -> PathScore:
+        return self.singles[0]
+
+    def rank_agreement(self, method: str = "zero") -> float | None:
+        """Spearman correlation over the single units between the data-free score and the
+        negated ΔLogit of ``method`` (1: the ranking predicts the interventions' order)."""
+        pairs = [(s.score, -e.mean) for s in self.singles if (e := self.effect(s.units, method))]
+        if len(pairs) < 3:
+            return None
+        a, b = (torch.tensor(v, dtype=torch.double) for v in zip(*pairs, strict=True))
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        denominator = float(ra.norm() * rb.norm())
+        return float(ra @ rb) / denominator if denominator else None
+
+    def rows_out(self, tokenizer=None) -> list[dict]:
+        """One row per ranked path (singles, then pairs), with every intervention's ΔLogit."""
+        out = []
+        for kind, scores in (("unit", self.singles), ("pair", self.pairs)):
+            for rank, s in enumerate(scores, 1):
+                row: dict = {"kind": kind, "rank": rank, "units": "+".join(s.units), "path": s.path,
+                             "score": round(s.score, 6)}
+                if s.joint is not None:
+                    row["joint"] = round(s.joint, 6)
+                for method in METHODS:
+                    e = self.effect(s.units, method)
+                    row[f"dlogit_{method}"] = None if e is None else round(e.mean, 6)
+                    row[f"dlogit_{method}_low"] = None if e is None else round(e.low, 6)
+                    row[f"dlogit_{method}_high"] = None if e is None else round(e.high, 6)
+                row["top_bigrams"] = " | ".join(_bigram(tokenizer, z, t) for z, t, _ in s.top[:3])
+                out.append(row)
+        return out
+
+    def write_csv(self, path: str | Path, tokenizer=None) -> Path:
+        import csv
+        import io
+
+        rows = self.rows_out(tokenizer)
+        buffer = io.StringIO(newline="")
+        fields: list[str] = []
+        for row in rows:
+            fields += [k for k in row if k not in fields]
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(path, buffer.getvalue())
+
+    def table(self, tokenizer=None, shown: int = 10) -> str:
+        """A text table: the top units and pairs, their scores and ΔLogits with intervals."""
+        lines = [f"targets: {self.targets.describe(tokenizer)}",
+                 f"scores: mean centred target logit of the path over {self.rows:,} source tokens "
+                 f"(E→U: {self.reference.score:+.3f}); ΔLogit over {self.positions:,} target positions "
+                 "in the text, 95% bootstrap interval"]
+        head = f"  {'path':24s} {'score':>8s}" + "".join(f" {METHOD_NAMES[m]:>22s}" for m in METHODS)
+        for title, scores in (("units", self.singles[:shown]), ("pairs (E→i→j→U; joint = all paths inside)",
+                                                                self.pairs[:shown])):
+            if not scores:
+                continue
+            lines += ["", title, head]
+            for s in scores:
+                cells = ""
+                for method in METHODS:
+                    e = self.effect(s.units, method)
+                    cells += f" {_interval(e):>22s}"
+                joint = f" (joint {s.joint:+.2f})" if s.joint is not None else ""
+                lines.append(f"  {s.path:24s} {s.score:+8.3f}{cells}{joint}  "
+                             + ", ".join(_bigram(tokenizer, z, t) for z, t, _ in s.top[:2]))
+        agreement = self.rank_agreement()
+        if agreement is not None:
+            lines.append("\nrank agreement of score and zero-ablation ΔLogit (Spearman, units): "
+                         f"{agreement:+.2f}")
+        return "\n".join(lines)
+
+
+def _interval(effect: Effect | None) -> str:
+    if effect is None:
+        return "—"
+    return f"{effect.mean:+.2f} [{effect.low:+.2f}, {effect.high:+.2f}]"
+
+
+def _bigram(tokenizer, source: int, target: int) -> str:
+    if tokenizer is None:
+        return f"{source}→{target}"
+    return f"{tokenizer.decode([source])!r}→{tokenizer.decode([target])!r}"
+
+
+# ------------------------------------------------------------------ data-free ranking
+def mlp_units(prog: ResidualProgram) -> list[str]:
+    """The units with a bigram path: every MLP unit of the sublayer view, in execution order."""
+    units = [u.name for u in prog.at("sublayer").units if u.kind == "mlp"]
+    if not units:
+        raise ValueError("this model has no MLP unit, so no bigram path through a unit: nothing to rank")
+    return units
+
+
+def source_rows(vocab: int, rows: int | Sequence[int] | None = None, seed: int = 0) -> torch.Tensor:
+    """The source tokens scores average over: every token (vocabularies up to 8192), else a
+    seeded sample of 4096; an int asks for that many sampled, a sequence for those ids."""
+    if rows is None:
+        rows = vocab if vocab <= FULL_ROWS else SAMPLED_ROWS
+    if isinstance(rows, int):
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
+        if rows >= vocab:
+            return torch.arange(vocab)
+        return torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+    ids = torch.as_tensor(list(rows), dtype=torch.long)
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"source rows must be token ids in [0, {vocab}), at least one")
+    return ids
+
+
+def role_plan(prog: ResidualProgram, rows: int, pairs: int, tokens: int = 0, verified: int = 0) -> Plan:
+    """The cost of :func:`unit_roles` (``rows`` source tokens, ``pairs`` units paired) and of
+    :func:`verify_roles` over ``tokens`` text tokens with ``verified`` ablated unit sets."""
+    view = prog.at("sublayer")
+    vocab, d = prog.decoder.unembedding.shape
+    units = mlp_units(prog)
+    per_unit = 2.0 * max(u.num_parameters for u in view.units if u.kind == "mlp")
+    paths = len(units) + 1 + math.comb(min(pairs, len(units)), 2)
+    decode = 2.0 * vocab * d
+    flops = paths * rows * (decode + 2 * per_unit)
+    model_flops = 2.0 * sum(u.num_parameters for u in view.units) + decode
+    forwards = 1 + 2 * verified
+    flops += forwards * tokens * model_flops
+    rate = gemm_rate(prog.decoder.unembedding.dtype, prog.decoder.unembedding.device)
+    peak = 3 * min(rows, 1024) * vocab * 4 + 2 * min(tokens, 4096) * vocab * 4
+    return Plan(what="component roles", items=paths * rows + forwards * tokens,
+                item_name="path rows and tokens", flops=flops, peak_bytes=peak,
+                seconds=flops / rate + 0.02 * (paths + forwards), gemm_rate=rate)
+
+
+@torch.no_grad()
+def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int], rows: torch.Tensor,
+                       chunk: int = 1024, top: int = 5) -> PathScore:
+    """One path's mean centred target logit over ``rows``, and its best (source, target) entries."""
+    target_index = torch.as_tensor(list(targets), dtype=torch.long)
+    total, best_v, best_i = 0.0, torch.empty(0), torch.empty(0, dtype=torch.long)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        logits = full_table(prog, path, contexts=part.view(-1, 1), chunk=chunk).double()
+        centred = logits[:, target_index] - logits.mean(-1, keepdim=True)
+        total += float(centred.mean(-1).sum())
+        values, flat = centred.flatten().topk(min(top, centred.numel()))
+        best_v, best_i = torch.cat([best_v, values]), torch.cat([best_i, flat + start * len(target_index)])
+        keep = best_v.topk(min(top, best_v.numel())).indices
+        best_v, best_i = best_v[keep], best_i[keep]
+    entries = [(int(rows[f // len(target_index)]), int(target_index[f % len(target_index)]), float(v))
+               for v, f in zip(best_v.tolist(), best_i.tolist(), strict=True)]
+    units = tuple(step for step in path.split("→")[1:-1])
+    return PathScore(path, units, total / len(rows), entries)
+
+
+def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
+               rows: int | Sequence[int] | None = None, pairs: int = 6, seed: int = 0,
+               chunk: int = 1024, progress: bool = True) -> RoleReport:
+    """Rank every MLP unit (and every pair among the ``pairs`` best) by its bigram path's score
+    for ``targets`` (module docstring). Data-free: reads the weights only."""
+    if not isinstance(targets, TargetSet):
+        targets = TargetSet(", ".join(map(str, targets)), tuple(sorted(set(int(t) for t in targets))))
+    if not targets.ids:
+        raise ValueError("the target set is empty")
+    vocab = int(prog.decoder.unembedding.shape[0])
+    if max(targets.ids) >= vocab or min(targets.ids) < 0:
+        raise ValueError(f"target ids must lie in [0, {vocab})")
+    units = mlp_units(prog)
+    sources = source_rows(vocab, rows, seed)
+    bar = tqdm(total=len(units) + 1 + math.comb(min(pairs, len(units)), 2), desc="roles: paths",
+               disable=not progress, leave=False)
+
+    def score(path: str) -> PathScore:
+        result = path_target_scores(prog, path, targets.ids, sources, chunk)
+        bar.update()
+        return result
+
+    reference = score("E→U")
+    singles = sorted((score(f"E→{u}→U") for u in units), key=lambda s: -s.score)
+    by_unit = {s.units[0]: s for s in singles}
+    paired = sorted((s.units[0] for s in singles[:pairs]), key=units.index)
+    pair_scores = []
+    for first, second in itertools.combinations(paired, 2):
+        s = score(f"E→{first}→{second}→U")
+        s.joint = s.score + by_unit[first].score + by_unit[second].score
+        pair_scores.append(s)
+    bar.close()
+    pair_scores.sort(key=lambda s: -s.score)
+    return RoleReport(targets, len(sources), singles, pair_scores, reference)
+
+
+# ------------------------------------------------------------------ interventions on real text
+def target_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every real token whose next real token is a target."""
+    ids = torch.as_tensor(input_ids)
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    is_target = torch.isin(ids[:, 1:], torch.as_tensor(list(targets)))
+    hit = is_target & mask[:, 1:] & mask[:, :-1]
+    return hit.nonzero(as_tuple=True)
+
+
+def centred_logits_at(logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                      next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred logit and the log-probability of ``next_ids`` at (row, position)."""
+    picked = logits[rows, positions].double()
+    centred = picked.gather(-1, next_ids[:, None])[:, 0] - picked.mean(-1)
+    logprob = picked.log_softmax(-1).gather(-1, next_ids[:, None])[:, 0]
+    return centred, logprob
+
+
+def unit_means(prog: ResidualProgram, units: Sequence[str], input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None, batch: int = 8) -> dict[str, torch.Tensor]:
+    """Each unit's update γ(h) averaged over every real position of the text (mean-ablation's
+    replacement), from clean runs."""
+    sums = {u: torch.zeros((), dtype=torch.double) for u in units}
+    count = 0
+
+    def recorder(name: str, mask: torch.Tensor):
+        def record(update: torch.Tensor) -> torch.Tensor:
+            sums[name] = sums[name] + (update.double() * mask[..., None]).sum((0, 1))
+            return update
+        return record
+
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], batch):
+            ids = input_ids[start:start + batch]
+            mask = (torch.ones_like(ids) if attention_mask is None else attention_mask[start:start + batch])
+            prog.intervene(ids, {u: recorder(u, mask.double()) for u in units}, mask)
+            count += int(mask.sum())
+    return {u: (s / count).to(prog.decoder.unembedding.dtype) for u, s in sums.items()}
+
+
+def bigram_paths(units: Sequence[str]) -> list[str]:
+    """The bigram paths inside a set of units, in execution order: each unit alone, and (for a
+    pair) the path through both."""
+    paths = [f"E→{u}→U" for u in units]
+    if len(units) == 2:
+        paths.append(f"E→{units[0]}→{units[1]}→U")
+    elif len(units) > 2:
+        raise ValueError("interventions take one unit or a pair")
+    return paths
+
+
+@torch.no_grad()
+def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, units: Sequence[Sequence[str]] | None = None,
+                 methods: Sequence[str] = METHODS, batch: int = 8, samples: int = 1000,
+                 progress: bool = True) -> RoleReport:
+    """ΔLogit of the targets on real text when each unit set is ablated (``methods``: zero,
+    mean, term). ``units``: the unit sets to check (default: every ranked unit and the three best
+    pairs). Fills ``report.effects`` and returns the report."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown intervention {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids
+    mask = attention_mask
+    rows, positions = target_positions(ids, mask, report.targets.ids)
+    if rows.numel() == 0:
+        raise ValueError(f"the text has no position followed by a target ({report.targets.spec}): give text "
+                         "in which the targets occur")
+    next_ids = ids[rows, positions + 1]
+    sets = [tuple(u) for u in units] if units is not None else (
+        [s.units for s in report.singles] + [s.units for s in report.pairs[:3]])
+    ranked = {u for s in report.singles for u in s.units}
+    for unit_set in sets:
+        if not 1 <= len(unit_set) <= 2 or not set(unit_set) <= ranked:
+            raise ValueError(f"cannot intervene on {unit_set}: give one or two of the ranked units "
+                             f"({', '.join(sorted(ranked))})")
+    ablated = sorted({u for s in sets for u in s})
+    means = unit_means(prog, ablated, ids, mask, batch) if "mean" in methods else {}
+
+    def measured(edits_of, terms: bool = False):
+        """Centred target logits and log-probs at the target positions, batch by batch; with
+        ``terms``, also those with each unit set's bigram path terms removed."""
+        out: dict = {"run": ([], []), **{s: ([], []) for s in (sets if terms else [])}}
+        for start in range(0, ids.shape[0], batch):
+            chosen = (rows >= start) & (rows < start + batch)
+            if not chosen.any():
+                continue
+            part = ids[start:start + batch]
+            part_mask = None if mask is None else mask[start:start + batch]
+            logits = prog.intervene(part, edits_of(), part_mask)
+            picked = logits[rows[chosen] - start, positions[chosen]].double()
+            targets = next_ids[chosen][:, None]
+            variants = [("run", picked)]
+            if terms:
+                sources = part[rows[chosen] - start, positions[chosen]].view(-1, 1)
+                for unit_set in sets:
+                    removed = sum(full_table(prog, path, contexts=sources).double()
+                                  for path in bigram_paths(unit_set))
+                    variants.append((unit_set, picked - removed))
+            for key, values in variants:
+                out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
+                out[key][1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
+        return {key: (torch.cat(c), torch.cat(lp)) for key, (c, lp) in out.items()}
+
+    work = [(s, m) for s in sets for m in methods if m != "term"]
+    bar = tqdm(total=1 + len(work), desc="roles: interventions", disable=not progress, leave=False)
+    first = measured(dict, terms="term" in methods)
+    clean, clean_lp = first["run"]
+    bar.update()
+    effects = []
+    for unit_set, method in work:
+        if method == "zero":
+            def edits_of(unit_set=unit_set):
+                return {u: torch.zeros_like for u in unit_set}
+        else:
+            def edits_of(unit_set=unit_set):
+                return {u: (lambda update, m=means[u]: m.expand_as(update)) for u in unit_set}
+        edited, edited_lp = measured(edits_of)["run"]
+        effects.append(_effect(unit_set, method, edited - clean, edited_lp - clean_lp, samples))
+        bar.update()
+    bar.close()
+    if "term" in methods:
+        for unit_set in sets:
+            edited, edited_lp = first[unit_set]
+            effects.append(_effect(unit_set, "term", edited - clean, edited_lp - clean_lp, samples))
+    replaced = {(e.units, e.method) for e in effects}
+    report.effects = [e for e in report.effects if (e.units, e.method) not in replaced] + effects
+    report.positions = int(rows.numel())
+    return report
+
+
+def _effect(units: tuple[str, ...], method: str, delta: torch.Tensor, delta_lp: torch.Tensor,
+            samples: int) -> Effect:
+    stats = bootstrap_mean(delta, samples)
+    return Effect(units, method, stats["mean"], stats["low"], stats["high"], int(delta.numel()),
+                  float(delta_lp.mean()))

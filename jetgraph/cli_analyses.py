@@ -1,0 +1,316 @@
+"""The CLI's analysis commands: ``roles``, ``curves``, ``diff`` and ``masses`` (the paper's
+tables: component roles, training dynamics, fine-tuning diffs, keyword masses)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jetgraph.cli import (
+    DTYPES,
+    UsageError,
+    _check_output,
+    _config_dims,
+    _cost_arguments,
+    _load,
+    _model_argument,
+    _non_negative,
+    _positive,
+)
+
+READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, averaged over --average '
+                'first tokens) or a bigram path such as "E→U", "E→MLP_last→U"')
+
+
+def add_commands(command) -> None:
+    """Register the analysis commands with the CLI's ``command(name, help, description)``."""
+    roles = command("roles", "which units write a set of target tokens: ranked by bigram paths, checked by "
+                             "ablations on real text",
+                    "Rank every MLP unit (and pairs among the best) by its bigram path's centred logit on "
+                    "the "
+                    "targets (data-free), then measure the target's ΔLogit on real text under zero-ablation, "
+                    "mean-ablation and removal of the unit's path terms, with 95%% bootstrap intervals.\n"
+                    "Writes a PNG and a CSV. Without --text the text is sampled from the model itself.")
+    _model_argument(roles)
+    roles.add_argument("--targets", nargs="+", required=True, metavar="SPEC",
+                       help='target tokens: "ing" (that piece, with or without a leading space), '
+                            '"suffix:ing", '
+                            '"re:PATTERN" (full match of the decoded token) or "id:123"; several are united')
+    roles.add_argument("--text", type=Path, metavar="FILE",
+                       help="UTF-8 text the interventions run on, cut in windows of --length tokens "
+                            "(default: --samples texts sampled from the model)")
+    roles.add_argument("--samples", type=_positive, default=64,
+                       help="texts to sample when no --text is given")
+    roles.add_argument("--length", type=_positive, default=128, help="tokens per window or sampled text")
+    roles.add_argument("--windows", type=_positive, default=256, help="at most this many windows of --text")
+    roles.add_argument("--rows", type=_positive, default=None,
+                       help="source tokens the path scores average over (default: all up to 8192, else a "
+                            "seeded sample of 4096)")
+    roles.add_argument("--pairs", type=_non_negative, default=6,
+                       help="pair the best M units (paths E→i→j→U); 0: no pairs")
+    roles.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
+    roles.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
+    roles.add_argument("--out", type=Path, default=Path("roles.png"), help="PNG to write")
+    roles.add_argument("--csv", type=Path, default=Path("roles.csv"), help="CSV to write")
+    _cost_arguments(roles)
+    roles.set_defaults(run=_run_roles, check=_check_roles)
+
+    curves = command("curves", "how a bigram table forms over training checkpoints: hit ratio and top-k mass",
+                     "For every checkpoint folder (in training order; the last is the final model): the "
+                     "share of the final top-K bigram table it already has (hit ratio), the total "
+                     "probability of its own top-K and the probability it gives the final top-K.")
+    curves.add_argument("folders", nargs="+", type=Path, help="Hugging Face checkpoint folders, oldest first")
+    _readout_arguments(curves)
+    curves.add_argument("--top", type=_positive, default=100, help="K, entries of the top-K table")
+    curves.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
+    curves.add_argument("--csv", type=Path, default=Path("curves.csv"), help="CSV to write")
+    curves.set_defaults(run=_run_curves, check=_check_curves)
+
+    diff = command("diff", "how a bigram read-out changes from model A to model B (same vocabulary)",
+                   "Read the same bigram read-out from both models over the same source tokens and rank the "
+                   "entries whose probability rose and fell most (--rank prob), or by log-ratio among "
+                   "entries where a model gives at least --min-prob.")
+    diff.add_argument("model_a", help="the base model (as for the other commands)")
+    diff.add_argument("model_b", help="the changed model, with the same vocabulary")
+    diff.add_argument("--tokenizer", help="a tokenizer folder (default: model A's)")
+    _dtype_argument(diff)
+    _readout_arguments(diff)
+    diff.add_argument("--top", type=_positive, default=50, help="entries per direction")
+    diff.add_argument("--rank", choices=("prob", "log_ratio"), default="prob",
+                      help="rank by p_B − p_A or by log p_B − log p_A")
+    diff.add_argument("--min-prob", type=float, default=1e-3, help="probability floor of --rank log_ratio")
+    diff.add_argument("--out", type=Path, default=Path("diff.png"), help="PNG to write")
+    diff.add_argument("--csv", type=Path, default=Path("diff.csv"), help="CSV to write")
+    diff.set_defaults(run=_run_diff, check=_check_diff)
+
+    masses = command("masses", "keyword masses of models: the paper's mean mass and a calibrated lift",
+                     "For every model: the mean over source tokens of the read-out's probability on the "
+                     "keywords (the paper's toxic mass), and the lift: that mass divided by the mass on "
+                     "control tokens matched to the keywords on the first model's unigram read-out; both "
+                     "with 95%% bootstrap intervals over the source tokens.")
+    masses.add_argument("models", nargs="+",
+                        help="models with the same vocabulary; the first is the reference")
+    masses.add_argument("--keywords", required=True,
+                        help='"toxic", "refusal", a file (one word per line) or comma-separated words')
+    masses.add_argument("--tokenizer", help="a tokenizer folder (default: the first model's)")
+    _dtype_argument(masses)
+    _readout_arguments(masses)
+    masses.add_argument("--controls", type=_positive, default=20, help="matched control sets")
+    masses.add_argument("--seed", type=_non_negative, default=0,
+                        help="seed of the control sets and bootstrap")
+    masses.add_argument("--out", type=Path, default=Path("masses.png"), help="PNG to write")
+    masses.add_argument("--csv", type=Path, default=Path("masses.csv"), help="CSV to write")
+    masses.set_defaults(run=_run_masses, check=_check_masses)
+
+
+def _dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="load the weights in this dtype")
+    parser.set_defaults(lazy=False)
+
+
+def _readout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", default="h_last→U", help=READOUT_HELP)
+    parser.add_argument("--average", type=_non_negative, default=16, metavar="M",
+                        help="first tokens h_last→U is averaged over (0: each token alone at position 0)")
+    parser.add_argument("--first", type=_positive, default=None, metavar="N",
+                        help="only tokens < N as source tokens (default: every token)")
+    parser.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
+
+
+# ----------------------------------------------------------------------- checks before work
+def _check_bigram_path(args: argparse.Namespace) -> None:
+    from jetgraph.passes.pathspec import parse_path, reads_context
+
+    try:
+        parse_path(args.path)
+    except ValueError as exc:
+        raise UsageError(f"--path {args.path!r}: {exc}") from None
+    if reads_context(args.path):
+        raise UsageError(f"--path {args.path!r} goes through attention and reads token pairs; these analyses "
+                         "read bigram rows: give h_last→U or an attention-free path")
+
+
+def _check_pngs(args: argparse.Namespace) -> None:
+    _check_output(args.out, (".png",), "--out")
+    _check_output(args.csv, (".csv",), "--csv")
+
+
+def _check_roles(args: argparse.Namespace) -> None:
+    _check_pngs(args)
+    args.text_content = None
+    if args.text is not None:
+        try:
+            args.text_content = args.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--text {str(args.text)!r}: cannot read it as UTF-8 text ({exc})") from None
+        if not args.text_content.strip():
+            raise UsageError("--text is empty: give text in which the targets occur")
+    context = _config_dims(args.model).get("context")
+    if context is not None and args.length > context:
+        raise UsageError(f"--length {args.length} is longer than the model's context of {context} tokens")
+    if args.length < 2:
+        raise UsageError("--length must be at least 2 tokens (a token and the one after it)")
+
+
+def _check_curves(args: argparse.Namespace) -> None:
+    _check_bigram_path(args)
+    _check_pngs(args)
+    if len(args.folders) < 2:
+        raise UsageError("give at least two checkpoint folders, oldest first (the last is the final model)")
+    for folder in args.folders:
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{str(folder)!r} is not a model folder (no config.json)")
+
+
+def _check_diff(args: argparse.Namespace) -> None:
+    _check_bigram_path(args)
+    _check_pngs(args)
+    if not 0 < args.min_prob < 1:
+        raise UsageError(f"--min-prob must lie in (0, 1), got {args.min_prob}")
+    dims = [_config_dims(m).get("vocab") for m in (args.model_a, args.model_b)]
+    if None not in dims and dims[0] != dims[1]:
+        raise UsageError(f"the models' vocabularies differ ({dims[0]:,} vs {dims[1]:,} tokens): a diff needs "
+                         "the same vocabulary")
+
+
+def _check_masses(args: argparse.Namespace) -> None:
+    _check_bigram_path(args)
+    _check_pngs(args)
+    vocabs = {m: _config_dims(m).get("vocab") for m in args.models}
+    known = {v for v in vocabs.values() if v is not None}
+    if len(known) > 1:
+        sizes = ", ".join(f"{m}: {v}" for m, v in vocabs.items())
+        raise UsageError(f"the models' vocabularies differ ({sizes})")
+
+
+# ----------------------------------------------------------------------- commands
+def _program(model):
+    import jetgraph
+
+    return jetgraph.capture(model)
+
+
+def _rows(args: argparse.Namespace, vocab: int):
+    if args.first is None:
+        return None
+    return list(range(min(args.first, vocab)))
+
+
+def _real_inputs(args: argparse.Namespace, model, tokenizer):
+    """(ids [n, L], mask) the interventions run on: windows of --text or texts sampled from the model."""
+    import torch
+
+    from jetgraph.applications.sketch import sample_texts
+
+    if args.text_content is not None:
+        encoded = tokenizer(args.text_content, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(encoded, dtype=torch.long)
+        count = min(args.windows, ids.numel() // args.length)
+        if count == 0:
+            raise ValueError(f"--text has {ids.numel()} tokens: fewer than one window of --length "
+                             f"{args.length}")
+        return ids[:count * args.length].view(count, args.length), None, f"{count} windows of --text"
+    start = [int(i) for i in tokenizer("")["input_ids"]] or [int(i) for i in tokenizer("\n")["input_ids"]]
+    if not start:
+        raise ValueError("the tokenizer adds no BOS and has no line break to start samples from: give --text")
+    windows = sample_texts(model, args.samples, args.length, start, getattr(tokenizer, "eos_token_id", None),
+                           pad=int(getattr(tokenizer, "pad_token_id", 0) or 0), seed=args.seed)
+    return windows.ids, windows.mask.long(), f"{args.samples} texts sampled from the model"
+
+
+def _run_roles(args: argparse.Namespace) -> int:
+    from jetgraph.applications.plots import plot_roles
+    from jetgraph.applications.roles import mlp_units, role_plan, source_rows, unit_roles, verify_roles
+    from jetgraph.applications.targets import target_tokens
+
+    model, tokenizer, _ = _load(args, text="a")
+    prog = _program(model)
+    vocab = int(prog.decoder.unembedding.shape[0])
+    targets = target_tokens(args.targets, vocab, tokenizer)
+    rows = len(source_rows(vocab, args.rows, args.seed))
+    units = len(mlp_units(prog))
+    tokens = (args.windows if args.text_content is not None else args.samples) * args.length
+    plan = role_plan(prog, rows, args.pairs, tokens, units + min(3, args.pairs * (args.pairs - 1) // 2))
+    print(f"targets: {targets.describe(tokenizer)}")
+    print(plan.describe())
+    if args.dry_run:
+        return 0
+    plan.check(args.max_time, "--max-time")
+    ids, mask, source = _real_inputs(args, model, tokenizer)
+    report = unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk)
+    verify_roles(prog, report, ids, mask)
+    print(f"text: {source}")
+    print(report.table(tokenizer))
+    args.written = [report.write_csv(args.csv, tokenizer), plot_roles(report, args.out, tokenizer)]
+    print(f"wrote {', '.join(map(str, args.written))}")
+    return 0
+
+
+def _run_curves(args: argparse.Namespace) -> int:
+    from jetgraph.applications.curves import checkpoint_curves, load_checkpoint
+
+    programs = [load_checkpoint(folder) for folder in args.folders]
+    vocab = int(programs[-1].decoder.unembedding.shape[0])
+    curves = checkpoint_curves(programs, args.path, args.top, _rows(args, vocab), args.average,
+                               labels=[str(f) for f in args.folders], chunk=args.chunk)
+    print(curves.table())
+    args.written = [curves.write_csv(args.csv), curves.plot(args.out)]
+    print(f"wrote {', '.join(map(str, args.written))}")
+    return 0
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    from jetgraph.applications.diffs import model_diff
+    from jetgraph.applications.plots import plot_diff
+
+    load = argparse.Namespace(**{**vars(args), "model": args.model_a})
+    model_a, tokenizer, _ = _load(load, text="a")
+    model_b, _, _ = _load(argparse.Namespace(**{**vars(load), "model": args.model_b}), text="a")
+    prog_a, prog_b = _program(model_a), _program(model_b)
+    vocab = int(prog_a.decoder.unembedding.shape[0])
+    diff = model_diff(prog_a, prog_b, args.path, args.top, _rows(args, vocab), args.average, args.rank,
+                      args.min_prob, args.chunk, names=(args.model_a, args.model_b))
+    print(diff.table(tokenizer))
+    args.written = [diff.write_csv(args.csv, tokenizer), plot_diff(diff, args.out, tokenizer)]
+    print(f"wrote {', '.join(map(str, args.written))}")
+    return 0
+
+
+def _keyword_ids(spec: str, tokenizer) -> tuple[list[int], str]:
+    from jetgraph.applications.ngrams import keyword_ids, load_keywords
+
+    if spec in ("toxic", "refusal") or Path(spec).is_file():
+        words = load_keywords(spec)
+        label = f"{spec} ({len(words)} words)"
+    else:
+        words = [w for w in spec.split(",") if w.strip()]
+        label = ", ".join(w.strip() for w in words[:6]) + (", …" if len(words) > 6 else "")
+    return keyword_ids(tokenizer, words), label
+
+
+def _run_masses(args: argparse.Namespace) -> int:
+    from jetgraph.applications.masses import keyword_masses, masses_table
+    from jetgraph.applications.plots import plot_masses
+
+    programs, tokenizer = {}, None
+    for name in args.models:
+        model, tok, _ = _load(argparse.Namespace(**{**vars(args), "model": name}), text="a")
+        tokenizer = tokenizer or tok
+        programs[name] = _program(model)
+    ids, label = _keyword_ids(args.keywords, tokenizer)
+    vocab = int(next(iter(programs.values())).decoder.unembedding.shape[0])
+    rows = keyword_masses(programs, ids, args.path, _rows(args, vocab), args.average, args.controls,
+                          seed=args.seed, chunk=args.chunk, label=label)
+    print(masses_table(rows))
+    import csv
+    import io
+
+    from jetgraph.files import atomic_write
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    args.written = [atomic_write(args.csv, buffer.getvalue()), plot_masses(rows, args.out)]
+    print(f"wrote {', '.join(map(str, args.written))}")
+    return 0
