@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, DEFAULT_READOUT, RowReader
+from jetgraph.applications.targets import token_label
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 
@@ -46,8 +47,8 @@ class ModelDiff:
         for rank, (context, token, pa, pb) in enumerate(getattr(self, direction), 1):
             row: dict = {"direction": direction, "rank": rank, "context": context, "next": token}
             if tokenizer is not None:
-                row["context_text"] = tokenizer.decode([context])
-                row["next_text"] = tokenizer.decode([token])
+                row["context_text"] = token_label(tokenizer, context)
+                row["next_text"] = token_label(tokenizer, token)
             row |= {"p_a": pa, "p_b": pb, "delta": pb - pa,
                     "log_ratio": math.log(max(pb, 1e-300)) - math.log(max(pa, 1e-300))}
             out.append(row)

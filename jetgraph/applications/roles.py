@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.sweep import full_table
 from jetgraph.applications.statistics import bootstrap_mean
-from jetgraph.applications.targets import TargetSet
+from jetgraph.applications.targets import TargetSet, token_label
 from jetgraph.cost import Plan, gemm_rate
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
@@ -175,7 +175,7 @@ def _interval(effect: Effect | None) -> str:
 def _bigram(tokenizer, source: int, target: int) -> str:
     if tokenizer is None:
         return f"{source}→{target}"
-    return f"{tokenizer.decode([source])!r}→{tokenizer.decode([target])!r}"
+    return f"{token_label(tokenizer, source)!r}→{token_label(tokenizer, target)!r}"
 
 
 # ------------------------------------------------------------------ data-free ranking

@@ -28,9 +28,18 @@ class TargetSet:
 
     def describe(self, tokenizer=None, shown: int = 8) -> str:
         """``suffix:ing (312 tokens: 'ing', ' bring', …)``."""
-        names = [repr(tokenizer.decode([i])) if tokenizer is not None else str(i) for i in self.ids[:shown]]
+        names = [repr(token_label(tokenizer, i)) if tokenizer is not None else str(i) for i in self.ids[:shown]]
         more = ", …" if len(self.ids) > shown else ""
         return f"{self.spec} ({len(self.ids)} token{'s' * (len(self.ids) != 1)}: {', '.join(names)}{more})"
+
+
+def token_label(tokenizer, index: int) -> str:
+    """A token's text for tables: its decoded text, or its vocabulary entry when that decodes to
+    nothing but white space (SentencePiece's word-start "▁", a lone space)."""
+    text = tokenizer.decode([int(index)])
+    if text.strip() or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return text
+    return str(tokenizer.convert_ids_to_tokens(int(index)))
 
 
 def token_texts(tokenizer, vocab: int) -> list[str]:

@@ -1,0 +1,264 @@
+"""The paper's analysis tables, measured here: component roles (a planted rule, TinyStories-656K,
+SmolLM2), training dynamics (checkpoint curves), a fine-tuning diff scored against a count-based
+corpus diff, and keyword masses on the base and fine-tuned pair.
+
+    python benchmarks/analyses.py                     # everything; ~20 min on 2 cores
+    python benchmarks/analyses.py --skip-smollm2      # without the 135M model
+    python benchmarks/analyses.py --models /tmp/an    # also keep the fine-tuned model and checkpoints
+
+Writes benchmarks/results/analyses.json and the PNGs under docs/img/analyses_*.png (or under
+``--out``); the fine-tuned TinyStories model and the checkpoint folders go to ``--models``
+(default: a temporary folder, removed at the end), so the CLI commands in docs/analyses.md can be
+rerun on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from jetgraph.applications.curves import checkpoint_curves
+from jetgraph.applications.diffs import corpus_diff, model_diff, precision_at
+from jetgraph.applications.groundtruth import TinyConfig, bpe_corpus, pydoc_text, tiny_gpt2, train
+from jetgraph.applications.groundtruth.planted import planted_rule_model
+from jetgraph.applications.groundtruth.training import window_batches
+from jetgraph.applications.masses import keyword_masses, masses_table
+from jetgraph.applications.ngrams import keyword_ids, load_keywords
+from jetgraph.applications.plots import plot_diff, plot_masses, plot_roles
+from jetgraph.applications.roles import unit_roles, verify_roles
+from jetgraph.applications.sketch import sample_texts
+from jetgraph.applications.targets import target_tokens, token_label
+from jetgraph.capture import capture, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINYSTORIES = ROOT.parent / "shared" / "models" / "tinystories-656k"
+PYTHON_WORDS = ["def", "return", "import", "class", "module", "function", "argument", "object", "string",
+                "exception", "attribute", "method", "None", "True", "False", "self", "print", "dict",
+                "tuple", "syntax", "keyword", "expression", "statement", "operator", "integer"]
+
+
+def role_summary(report, tokenizer=None) -> dict:
+    """The JSON of a role report: its rows, the best unit and the rank agreement."""
+    return {"targets": report.targets.describe(tokenizer), "positions": report.positions, "rows": report.rows,
+            "best": "+".join(report.best().units), "rank_agreement_zero": report.rank_agreement("zero"),
+            "rank_agreement_mean": report.rank_agreement("mean"), "table": report.rows_out(tokenizer)}
+
+
+def planted_study(seeds: int) -> dict:
+    """The planted rule in every MLP of a 3-layer model, over seeds: is it found?"""
+    runs = []
+    for seed in range(seeds):
+        for layer in range(3):
+            start = time.perf_counter()
+            cfg = TinyConfig(vocab=64, n_layer=3, seq=32, steps=200, n_embd=64, seed=seed)
+            model, rule, text = planted_rule_model(cfg, layer=layer)
+            prog = capture(model, text[:1, :8])
+            report = verify_roles(prog, unit_roles(prog, [rule.target], progress=False), text, progress=False)
+            zero = {s.units[0]: report.effect(s.units, "zero").mean for s in report.singles}
+            runs.append({"seed": seed, "planted_in": rule.unit, "ranked_first": report.best().units[0],
+                         "largest_zero_ablation": min(zero, key=zero.get), "zero_dlogit": zero,
+                         "scores": {s.units[0]: s.score for s in report.singles},
+                         "seconds": round(time.perf_counter() - start, 1)})
+            print(f"  planted in {rule.unit} (seed {seed}): ranked first {report.best().units[0]}, largest "
+                  f"zero-ablation drop {runs[-1]['largest_zero_ablation']} ({zero[rule.unit]:+.2f})")
+            if seed == 0 and layer == 1:
+                plot_roles(report, IMG / "analyses_roles_planted.png")
+    found = sum(r["ranked_first"] == r["planted_in"] for r in runs)
+    ablation = sum(r["largest_zero_ablation"] == r["planted_in"] for r in runs)
+    return {"runs": runs, "ranked_first": f"{found}/{len(runs)}",
+            "largest_zero_ablation": f"{ablation}/{len(runs)}"}
+
+
+def tinystories_roles(model, tokenizer, prog) -> dict:
+    windows = sample_texts(model, 256, 128, [1], 2, pad=0, seed=0, progress=False)
+    out = {}
+    for spec in ("ing", "ed"):
+        targets = target_tokens(spec, 2048, tokenizer)
+        report = unit_roles(prog, targets, progress=False)
+        verify_roles(prog, report, windows.ids, windows.mask.long(), progress=False)
+        print(report.table(tokenizer))
+        out[spec] = role_summary(report, tokenizer)
+        if spec == "ing":
+            plot_roles(report, IMG / "analyses_roles_tinystories.png", tokenizer)
+    return out
+
+
+def smollm2_roles() -> dict:
+    model, tokenizer = load_model("smollm2")
+    prog = capture(model)
+    text, _ = pydoc_text()
+    ids = torch.tensor(tokenizer(text[:400_000], add_special_tokens=False)["input_ids"])
+    windows = ids[: 48 * 128].view(48, 128)
+    targets = target_tokens("ing", int(prog.decoder.unembedding.shape[0]), tokenizer)
+    start = time.perf_counter()
+    report = unit_roles(prog, targets, rows=4096, pairs=6)
+    ranked = time.perf_counter() - start
+    verify_roles(prog, report, windows, units=[s.units for s in report.singles[:8]] +
+                 [s.units for s in report.singles[-3:]] + [p.units for p in report.pairs[:3]])
+    print(report.table(tokenizer))
+    plot_roles(report, IMG / "analyses_roles_smollm2.png", tokenizer)
+    return role_summary(report, tokenizer) | {"rank_seconds": round(ranked, 1),
+                                              "total_seconds": round(time.perf_counter() - start, 1),
+                                              "text": "48 windows of 128 tokens of pydoc_data.topics"}
+
+
+def fine_tune(model, ids: torch.Tensor, steps: int, at: tuple[int, ...]):
+    """AdamW on windows of the new text, every parameter; frozen copies at the steps in ``at``."""
+    tuned = copy.deepcopy(model).train()
+    batches = window_batches(ids, 16, 128, 0)
+    snapshots, losses = train(tuned, batches, steps, 1e-3, at)
+    return tuned.eval(), snapshots, losses
+
+
+def held_out_loss(model, ids: torch.Tensor) -> float:
+    rows = ids[: ids.numel() // 128 * 128].view(-1, 128)[:32]
+    with torch.no_grad():
+        return float(model(input_ids=rows, labels=rows).loss)
+
+
+def diff_study(model, tokenizer, models_dir: Path, steps: int) -> dict:
+    """Fine-tune TinyStories-656K on pydoc text; diff, precision@50 against the corpus diff,
+    keyword masses, and the fine-tuning's checkpoint curves."""
+    text, source = pydoc_text()
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    split = int(0.9 * ids.numel())
+    train_ids, held = ids[:split], ids[split:]
+    start = time.perf_counter()
+    at = (0, steps // 8, steps // 4, steps // 2, steps)
+    tuned, snapshots, losses = fine_tune(model, train_ids, steps, at)
+    tune_seconds = time.perf_counter() - start
+    tuned.save_pretrained(models_dir / "tinystories-pydoc")
+    tokenizer.save_pretrained(models_dir / "tinystories-pydoc")
+    for step, snap in snapshots.items():
+        snap.save_pretrained(models_dir / "finetune" / f"step{step}")
+    losses_out = {"base_on_pydoc": held_out_loss(model, held), "tuned_on_pydoc": held_out_loss(tuned, held)}
+    base_samples = sample_texts(model, 1024, 128, [1], 2, pad=0, seed=1, progress=False)
+    base_ids = base_samples.ids[base_samples.mask]
+    reference = corpus_diff(base_ids, train_ids, 2048, top=500, min_count=5)
+    prog_a, prog_b = capture(model), capture(tuned)
+    result = {"fine_tune": {"text": source, "train_tokens": int(train_ids.numel()), "steps": steps,
+                            "batch": "16 x 128 tokens", "lr": 1e-3, "seconds": round(tune_seconds, 1),
+                            "first_loss": losses[0], "last_loss": sum(losses[-20:]) / 20, **losses_out},
+              "base_corpus": f"{base_ids.numel():,} tokens sampled from the base model (1024 texts)",
+              "reference": "top 500 bigrams by smoothed joint log-ratio, pydoc train split vs base samples, "
+                           "count >= 5", "diffs": {}}
+    chance = 500 / 2048 ** 2
+    for path in ("h_last→U", "E→U", "E→MLP_last→U"):
+        for rank in ("prob", "log_ratio"):
+            start = time.perf_counter()
+            diff = model_diff(prog_a, prog_b, path, top=50, rank=rank, names=("TinyStories-656K", "+pydoc"),
+                              progress=False)
+            precision = precision_at(diff.pairs("increase"), reference, 50)
+            result["diffs"][f"{path} / {rank}"] = {
+                "precision_at_50": precision, "seconds": round(time.perf_counter() - start, 1),
+                "top": [f"{e['context_text']!r}→{e['next_text']!r} {e['p_a']:.3f}→{e['p_b']:.3f}"
+                        for e in diff.entries("increase", tokenizer)[:12]]}
+            print(f"  diff {path} ranked by {rank}: precision@50 {precision:.2f} (chance {chance:.1e})")
+            if path == "h_last→U" and rank == "prob":
+                plot_diff(diff, IMG / "analyses_diff.png", tokenizer)
+                print(diff.table(tokenizer, 8))
+    result["chance_precision"] = chance
+    result["corpus_top"] = [f"{token_label(tokenizer, a)!r}→{token_label(tokenizer, b)!r}"
+                            for a, b in reference[:12]]
+    programs = {"TinyStories-656K": prog_a, "+ pydoc fine-tune": prog_b}
+    masses = {}
+    for label, words in (("python words", PYTHON_WORDS), ("toxic", load_keywords("toxic"))):
+        ids_k = keyword_ids(tokenizer, words)
+        rows = keyword_masses(programs, ids_k, label=f"{label} ({len(ids_k)} tokens)")
+        print(masses_table(rows))
+        masses[label] = rows
+        if label == "python words":
+            plot_masses(rows, IMG / "analyses_masses.png")
+    result["masses"] = masses
+    steps_sorted = sorted(snapshots)
+    curves = checkpoint_curves([capture(snapshots[s]) for s in steps_sorted], k=100,
+                               labels=[f"step{s}" for s in steps_sorted], steps=steps_sorted, progress=False)
+    curves.plot(IMG / "analyses_curves_finetune.png", "TinyStories-656K fine-tuned on pydoc: top-100 bigrams")
+    print(curves.table())
+    result["finetune_curves"] = curves.rows
+    return result
+
+
+def text_run_curves(models_dir: Path, steps: int) -> dict:
+    """A longer run from scratch: a tiny GPT-2 on pydoc text (BPE 512), checkpoints over training."""
+    text, source = pydoc_text()
+    corpus = bpe_corpus(text, 512, source)
+    cfg = TinyConfig(vocab=corpus.vocab, n_embd=64, n_layer=2, seq=64, steps=steps, seed=0)
+    at = tuple(sorted({s for s in (0, 25, 50, 100, 200, 400, 800) if s < steps} | {steps}))
+    start = time.perf_counter()
+    snapshots, losses = train(tiny_gpt2(cfg), window_batches(corpus.train_ids, cfg.batch, cfg.seq, 0), steps,
+                              cfg.lr, at)
+    trained = time.perf_counter() - start
+    for step, model in snapshots.items():
+        model.save_pretrained(models_dir / "pydoc-tiny" / f"step{step}")
+    out = {}
+    for path in ("h_last→U", "E→U"):
+        curves = checkpoint_curves([capture(snapshots[s]) for s in at], path, k=100,
+                                   labels=[f"step{s}" for s in at], steps=list(at), progress=False)
+        print(curves.table())
+        out[path] = curves.rows
+        if path == "h_last→U":
+            curves.plot(IMG / "analyses_curves_text.png",
+                        "tiny GPT-2 on pydoc text (BPE 512): top-100 bigrams")
+    return {"source": source, "steps": steps, "train_seconds": round(trained, 1), "last_loss": losses[-1],
+            "curves": out}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global IMG
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write analyses.json and the PNGs here (default: benchmarks/results, docs/img)")
+    parser.add_argument("--models", type=Path, default=None, help="keep the trained models here")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the planted-rule study")
+    parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--text-steps", type=int, default=1600)
+    parser.add_argument("--skip-smollm2", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    IMG = args.out or ROOT / "docs" / "img"
+    IMG.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory() if args.models is None else None
+    models_dir = args.models or Path(scratch.name)
+    begin = time.perf_counter()
+    payload: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                                f"torch {torch.__version__}",
+                     "command": "python benchmarks/analyses.py "
+                                + " ".join(sys.argv[1:] if argv is None else argv)}
+    print("planted rule")
+    payload["planted"] = planted_study(args.seeds)
+    model, tokenizer = load_model(TINYSTORIES)
+    print("TinyStories-656K roles")
+    payload["tinystories_roles"] = tinystories_roles(model, tokenizer, capture(model))
+    print("fine-tuning diff")
+    payload["finetune"] = diff_study(model, tokenizer, models_dir, args.finetune_steps)
+    print("checkpoint curves of a text run")
+    payload["text_run"] = text_run_curves(models_dir, args.text_steps)
+    if not args.skip_smollm2:
+        print("SmolLM2 roles")
+        payload["smollm2_roles"] = smollm2_roles()
+    payload["seconds"] = round(time.perf_counter() - begin, 1)
+    out = (args.out or ROOT / "benchmarks" / "results") / "analyses.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n")
+    print(f"wrote {out} in {payload['seconds']} s")
+    if scratch is not None:
+        scratch.cleanup()
+    return payload
+
+
+IMG = ROOT / "docs" / "img"
+
+if __name__ == "__main__":
+    main()
