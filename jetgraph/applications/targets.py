@@ -28,7 +28,8 @@ class TargetSet:
 
     def describe(self, tokenizer=None, shown: int = 8) -> str:
         """``suffix:ing (312 tokens: 'ing', ' bring', …)``."""
-        names = [repr(token_label(tokenizer, i)) if tokenizer is not None else str(i) for i in self.ids[:shown]]
+        names = [repr(token_label(tokenizer, i)) if tokenizer is not None else str(i)
+                 for i in self.ids[:shown]]
         more = ", …" if len(self.ids) > shown else ""
         return f"{self.spec} ({len(self.ids)} token{'s' * (len(self.ids) != 1)}: {', '.join(names)}{more})"
 
