@@ -65,17 +65,23 @@ def planted_study(seeds: int) -> dict:
             prog = capture(model, text[:1, :8])
             report = verify_roles(prog, unit_roles(prog, [rule.target], progress=False), text, progress=False)
             zero = {s.units[0]: report.effect(s.units, "zero").mean for s in report.singles}
+            stream = unit_roles(prog, [rule.target], progress=False, start="stream")
             runs.append({"seed": seed, "planted_in": rule.unit, "ranked_first": report.best().units[0],
+                         "ranked_first_stream_start": stream.best().units[0],
+                         "scores_stream_start": {s.units[0]: s.score for s in stream.singles},
                          "largest_zero_ablation": min(zero, key=zero.get), "zero_dlogit": zero,
                          "scores": {s.units[0]: s.score for s in report.singles},
                          "seconds": round(time.perf_counter() - start, 1)})
-            print(f"  planted in {rule.unit} (seed {seed}): ranked first {report.best().units[0]}, largest "
+            print(f"  planted in {rule.unit} (seed {seed}): ranked first {report.best().units[0]} "
+                  f"(stream start: {stream.best().units[0]}), largest "
                   f"zero-ablation drop {runs[-1]['largest_zero_ablation']} ({zero[rule.unit]:+.2f})")
             if seed == 0 and layer == 1:
                 plot_roles(report, IMG / "analyses_roles_planted.png")
     found = sum(r["ranked_first"] == r["planted_in"] for r in runs)
+    stream_found = sum(r["ranked_first_stream_start"] == r["planted_in"] for r in runs)
     ablation = sum(r["largest_zero_ablation"] == r["planted_in"] for r in runs)
     return {"runs": runs, "ranked_first": f"{found}/{len(runs)}",
+            "ranked_first_stream_start": f"{stream_found}/{len(runs)}",
             "largest_zero_ablation": f"{ablation}/{len(runs)}"}
 
 
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None,
                         help="write analyses.json and the PNGs here (default: benchmarks/results, docs/img)")
     parser.add_argument("--models", type=Path, default=None, help="keep the trained models here")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds of the planted-rule study")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the planted-rule study")
     parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--text-steps", type=int, default=1600)
     parser.add_argument("--skip-smollm2", action="store_true")

@@ -48,6 +48,9 @@ def add_commands(command) -> None:
                             "seeded sample of 4096)")
     roles.add_argument("--pairs", type=_non_negative, default=6,
                        help="pair the best M units (paths E→i→j→U); 0: no pairs")
+    roles.add_argument("--start", choices=("embedding", "stream"), default="embedding",
+                       help="where the ranked paths begin: the token embedding (E→u→U, the paper's bigram "
+                            "paths) or each unit's own input state on a one-token context (h_k→u→U)")
     roles.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
     roles.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
     roles.add_argument("--out", type=Path, default=Path("roles.png"), help="PNG to write")
@@ -237,7 +240,7 @@ def _run_roles(args: argparse.Namespace) -> int:
         return 0
     plan.check(args.max_time, "--max-time")
     ids, mask, source = _real_inputs(args, model, tokenizer)
-    report = unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk)
+    report = unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk, start=args.start)
     verify_roles(prog, report, ids, mask)
     print(f"text: {source}")
     print(report.table(tokenizer))

@@ -2,16 +2,19 @@
 checked by interventions on real text.
 
 **Ranking (data-free).** Every MLP unit u has the order-0 bigram path ``E→u→U``: the token's
-embedding through u alone, decoded. Its score for a target set T is the path's *centred target
-logit* averaged over source tokens z,
+embedding through u alone, decoded. For a target set T its centred target logit after a source
+token z is
 
-    score(E→u→U) = mean_z mean_{t∈T} [ℓ(z, t) − mean_v ℓ(z, v)],
+    c(z) = mean_{t∈T} [ℓ(z, t) − mean_v ℓ(z, v)],
 
-the amount the path lifts the targets above the average token (softmax ignores a shift shared
-by all tokens, so the centring removes what says nothing about T). Scores are linear in the
-logits, so the score of a sum of paths is the sum of their scores. A pair of units (i before j)
-has the path ``E→i→j→U``, which exists only when both do: its score is the pair's cooperation;
-``joint`` adds the two single paths to it.
+how far the path lifts the targets above the average token (softmax ignores a shift shared by
+all tokens). A path's **score** is c averaged over the 16 source tokens it lifts the targets
+after most: a role is "writes the target after these tokens", and averaging over every token
+would bury a rule with few triggers under the path's token-independent bias (``mean`` keeps
+that average too). A pair of units (i before j) has the path ``E→i→j→U``, which exists only
+when both do: its score is the pair's cooperation; ``joint`` adds the two single paths' scores.
+``start="stream"`` reads each unit at its own input state on a one-token context instead
+(``h_k→u→U``), which sees what earlier units wrote.
 
 **Verification (on real text).** At every position whose next token is a target, the target's
 centred logit is measured on the model and again with the unit (or both units of a pair)
@@ -46,6 +49,9 @@ from jetgraph.ir import ResidualProgram
 
 METHODS = ("zero", "mean", "term")
 METHOD_NAMES = {"zero": "zero-ablation", "mean": "mean-ablation", "term": "path terms removed"}
+STARTS = ("embedding", "stream")
+Prefix = tuple[list[int], list[float]] | None  # first tokens put before each source, and their weights
+FOCUS = 16  # source tokens a path's score averages over: those it writes the targets after most
 SAMPLED_ROWS = 4096  # source tokens scored when the vocabulary is larger than FULL_ROWS
 FULL_ROWS = 8192
 
@@ -59,6 +65,7 @@ class PathScore:
     score: float
     top: list[tuple[int, int, float]] = field(default_factory=list)  # (source, target, centred logit)
     joint: float | None = None  # pairs: the score of all paths inside the pair
+    mean: float = 0.0  # the centred target logit averaged over every source token
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,18 @@ class RoleReport:
     reference: PathScore  # E→U: the embedding decoded directly, for scale
     effects: list[Effect] = field(default_factory=list)
     positions: int = 0  # target positions in the verification text
+    start: str = "embedding"  # where the paths begin: the token embedding E, or the unit's own input state
+    prefix: Prefix = None  # first tokens the stream-start paths are averaged over
+
+    def paths_inside(self, units: Sequence[str]) -> list[str]:
+        """The ranked paths inside a unit set: each unit's own, and for a pair the path through both."""
+        by_units = {s.units: s.path for s in self.singles + self.pairs}
+        wanted = [(u,) for u in units] + ([tuple(units)] if len(units) == 2 else [])
+        missing = [w for w in wanted if w not in by_units]
+        if missing:
+            raise ValueError(f"no ranked path through {'+'.join(missing[0])}: rank it first (a pair needs "
+                             "both units among unit_roles' pairs)")
+        return [by_units[w] for w in wanted]
 
     def effect(self, units: Sequence[str], method: str) -> Effect | None:
         for effect in self.effects:
@@ -225,16 +244,34 @@ def role_plan(prog: ResidualProgram, rows: int, pairs: int, tokens: int = 0, ver
 
 
 @torch.no_grad()
+def path_logits(prog: ResidualProgram, path: str, sources: torch.Tensor, prefix: Prefix = None,
+                chunk: int = 1024) -> torch.Tensor:
+    """A path's logits [n, V] (float64) on each source token: read alone, or (``prefix``: first
+    tokens and weights, for a path from a stream state) averaged over those first tokens put
+    before it."""
+    sources = sources.view(-1, 1)
+    if not prefix:
+        return full_table(prog, path, contexts=sources, chunk=chunk).double()
+    total = None
+    for a, w in zip(*prefix, strict=True):
+        contexts = torch.cat([torch.full_like(sources, a), sources], 1)
+        part = w * full_table(prog, path, contexts=contexts, chunk=chunk).double()
+        total = part if total is None else total + part
+    return total
+
+
 def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int], rows: torch.Tensor,
-                       chunk: int = 1024, top: int = 5) -> PathScore:
-    """One path's mean centred target logit over ``rows``, and its best (source, target) entries."""
+                       chunk: int = 1024, top: int = 5, prefix: Prefix = None,
+                       focus: int = FOCUS) -> PathScore:
+    """One path's score (its centred target logit averaged over the ``focus`` source tokens it
+    writes the targets after most; ``mean``: over all ``rows``) and its best entries."""
     target_index = torch.as_tensor(list(targets), dtype=torch.long)
-    total, best_v, best_i = 0.0, torch.empty(0), torch.empty(0, dtype=torch.long)
+    per_row, best_v, best_i = [], torch.empty(0), torch.empty(0, dtype=torch.long)
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        logits = full_table(prog, path, contexts=part.view(-1, 1), chunk=chunk).double()
+        logits = path_logits(prog, path, part, prefix, chunk)
         centred = logits[:, target_index] - logits.mean(-1, keepdim=True)
-        total += float(centred.mean(-1).sum())
+        per_row.append(centred.mean(-1))
         values, flat = centred.flatten().topk(min(top, centred.numel()))
         best_v, best_i = torch.cat([best_v, values]), torch.cat([best_i, flat + start * len(target_index)])
         keep = best_v.topk(min(top, best_v.numel())).indices
@@ -242,14 +279,24 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
     entries = [(int(rows[f // len(target_index)]), int(target_index[f % len(target_index)]), float(v))
                for v, f in zip(best_v.tolist(), best_i.tolist(), strict=True)]
     units = tuple(step for step in path.split("→")[1:-1])
-    return PathScore(path, units, total / len(rows), entries)
+    rows_score = torch.cat(per_row)
+    focused = rows_score.topk(min(focus, len(rows_score))).values.mean()
+    return PathScore(path, units, float(focused), entries, mean=float(rows_score.mean()))
 
 
 def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
                rows: int | Sequence[int] | None = None, pairs: int = 6, seed: int = 0,
-               chunk: int = 1024, progress: bool = True) -> RoleReport:
+               chunk: int = 1024, progress: bool = True, start: str = "embedding",
+               first_tokens: int = 0) -> RoleReport:
     """Rank every MLP unit (and every pair among the ``pairs`` best) by its bigram path's score
-    for ``targets`` (module docstring). Data-free: reads the weights only."""
+    for ``targets`` (module docstring). Data-free: reads the weights only.
+
+    ``start="embedding"``: the paper's bigram paths E→u→U. ``start="stream"``: each unit read at
+    its own input state on a one-token context, h_k→u→U (k: the state u reads), which sees what
+    the units before u wrote; with ``first_tokens`` M > 0 the context is (a, z), averaged over
+    the M first tokens a the model expects most (as the default bigram read-out does)."""
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
     if not isinstance(targets, TargetSet):
         targets = TargetSet(", ".join(map(str, targets)), tuple(sorted(set(int(t) for t in targets))))
     if not targets.ids:
@@ -262,23 +309,34 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
     bar = tqdm(total=len(units) + 1 + math.comb(min(pairs, len(units)), 2), desc="roles: paths",
                disable=not progress, leave=False)
 
+    prefix: Prefix = None
+    if start == "stream" and first_tokens:
+        from jetgraph.applications.ngrams.readout import expected_first_tokens
+
+        prefix = expected_first_tokens(prog, first_tokens, sources.tolist(), chunk)
+    reads = {u.name: u.reads for u in prog.at("sublayer").units}
+
+    def begin(unit: str) -> str:
+        return "E" if start == "embedding" else f"h{reads[unit]}"
+
     def score(path: str) -> PathScore:
-        result = path_target_scores(prog, path, targets.ids, sources, chunk)
+        result = path_target_scores(prog, path, targets.ids, sources, chunk,
+                                    prefix=None if path.startswith("E") else prefix)
         bar.update()
         return result
 
     reference = score("E→U")
-    singles = sorted((score(f"E→{u}→U") for u in units), key=lambda s: -s.score)
+    singles = sorted((score(f"{begin(u)}→{u}→U") for u in units), key=lambda s: -s.score)
     by_unit = {s.units[0]: s for s in singles}
     paired = sorted((s.units[0] for s in singles[:pairs]), key=units.index)
     pair_scores = []
     for first, second in itertools.combinations(paired, 2):
-        s = score(f"E→{first}→{second}→U")
+        s = score(f"{begin(first)}→{first}→{second}→U")
         s.joint = s.score + by_unit[first].score + by_unit[second].score
         pair_scores.append(s)
     bar.close()
     pair_scores.sort(key=lambda s: -s.score)
-    return RoleReport(targets, len(sources), singles, pair_scores, reference)
+    return RoleReport(targets, len(sources), singles, pair_scores, reference, start=start, prefix=prefix)
 
 
 # ------------------------------------------------------------------ interventions on real text
@@ -323,17 +381,6 @@ def unit_means(prog: ResidualProgram, units: Sequence[str], input_ids: torch.Ten
     return {u: (s / count).to(prog.decoder.unembedding.dtype) for u, s in sums.items()}
 
 
-def bigram_paths(units: Sequence[str]) -> list[str]:
-    """The bigram paths inside a set of units, in execution order: each unit alone, and (for a
-    pair) the path through both."""
-    paths = [f"E→{u}→U" for u in units]
-    if len(units) == 2:
-        paths.append(f"E→{units[0]}→{units[1]}→U")
-    elif len(units) > 2:
-        raise ValueError("interventions take one unit or a pair")
-    return paths
-
-
 @torch.no_grad()
 def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, units: Sequence[Sequence[str]] | None = None,
@@ -360,6 +407,8 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
         if not 1 <= len(unit_set) <= 2 or not set(unit_set) <= ranked:
             raise ValueError(f"cannot intervene on {unit_set}: give one or two of the ranked units "
                              f"({', '.join(sorted(ranked))})")
+        if "term" in methods:
+            report.paths_inside(unit_set)  # refuses a pair whose path was not ranked
     ablated = sorted({u for s in sets for u in s})
     means = unit_means(prog, ablated, ids, mask, batch) if "mean" in methods else {}
 
@@ -380,8 +429,8 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             if terms:
                 sources = part[rows[chosen] - start, positions[chosen]].view(-1, 1)
                 for unit_set in sets:
-                    removed = sum(full_table(prog, path, contexts=sources).double()
-                                  for path in bigram_paths(unit_set))
+                    removed = sum(path_logits(prog, path, sources, None if path.startswith("E")
+                                              else report.prefix) for path in report.paths_inside(unit_set))
                     variants.append((unit_set, picked - removed))
             for key, values in variants:
                 out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
