@@ -24,9 +24,13 @@ from jetgraph.cli import main
 @pytest.fixture(scope="module")
 def planted():
     """A 3-layer tiny GPT-2 whose rule "trigger → target" was trained into mlp1 alone."""
-    torch.set_num_threads(1)
-    cfg = TinyConfig(vocab=48, n_layer=3, seq=24, steps=120, batch=32, n_embd=48)
-    model, rule, text = planted_rule_model(cfg, layer=1, sequences=600)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models train fastest on one thread
+    try:
+        cfg = TinyConfig(vocab=48, n_layer=3, seq=24, steps=120, batch=32, n_embd=48)
+        model, rule, text = planted_rule_model(cfg, layer=1, sequences=600)
+    finally:
+        torch.set_num_threads(threads)
     prog = capture(model, text[:1, :8])
     return model, prog, rule, text
 
@@ -160,10 +164,15 @@ def series():
     from jetgraph.applications.groundtruth import markov_chain, train
     from jetgraph.applications.groundtruth.training import row_batches
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = TinyConfig(vocab=40, n_layer=1, seq=16, steps=60, batch=16, n_embd=32, tie=False)
-    chain = markov_chain(40, successors=4, seed=1)
-    snapshots, _ = train(tiny_gpt2(cfg), row_batches(chain.sample(200, 16, 2), 16, 0), 60, 3e-3, (0, 10, 60))
+    try:
+        cfg = TinyConfig(vocab=40, n_layer=1, seq=16, steps=60, batch=16, n_embd=32, tie=False)
+        chain = markov_chain(40, successors=4, seed=1)
+        batches = row_batches(chain.sample(200, 16, 2), 16, 0)
+        snapshots, _ = train(tiny_gpt2(cfg), batches, 60, 3e-3, (0, 10, 60))
+    finally:
+        torch.set_num_threads(threads)
     models = [snapshots[s] for s in (0, 10, 60)]
     return models, [capture(m) for m in models]
 

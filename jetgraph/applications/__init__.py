@@ -8,6 +8,9 @@
 - :mod:`.groundtruth`: tiny models trained on known bigram statistics, and read-outs scored
   against them;
 - :mod:`.sketch`: a jet n-gram language model read from a model, scored by perplexity;
+- :mod:`.targets`, :mod:`.roles`, :mod:`.curves`, :mod:`.diffs`, :mod:`.masses`: the paper's
+  analysis tables (component roles checked by interventions, checkpoint curves, model diffs,
+  keyword masses);
 - :mod:`.entry_points`: ``jetgraph.lens`` and ``jetgraph.ngrams``, one call from a model.
 """
 

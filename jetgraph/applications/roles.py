@@ -161,9 +161,10 @@ class RoleReport:
     def table(self, tokenizer=None, shown: int = 10) -> str:
         """A text table: the top units and pairs, their scores and ΔLogits with intervals."""
         lines = [f"targets: {self.targets.describe(tokenizer)}",
-                 f"scores: mean centred target logit of the path over {self.rows:,} source tokens "
-                 f"(E→U: {self.reference.score:+.3f}); ΔLogit over {self.positions:,} target positions "
-                 "in the text, 95% bootstrap interval"]
+                 f"score: a path's centred target logit, averaged over the {FOCUS} of {self.rows:,} source "
+                 f"tokens it lifts the targets after most (E→U: {self.reference.score:+.2f}); ΔLogit: "
+                 f"edited − clean centred target logit at {self.positions:,} target positions of the text, "
+                 "95% bootstrap interval"]
         head = f"  {'path':24s} {'score':>8s}" + "".join(f" {METHOD_NAMES[m]:>22s}" for m in METHODS)
         for title, scores in (("units", self.singles[:shown]), ("pairs (E→i→j→U; joint = all paths inside)",
                                                                 self.pairs[:shown])):
@@ -250,12 +251,17 @@ def path_logits(prog: ResidualProgram, path: str, sources: torch.Tensor, prefix:
     tokens and weights, for a path from a stream state) averaged over those first tokens put
     before it."""
     sources = sources.view(-1, 1)
+    vocab = int(prog.decoder.unembedding.shape[0])
+    step = max(1, min(chunk, (1 << 24) // vocab))  # at most 16M logits per call
+    if len(sources) > step:
+        return torch.cat([path_logits(prog, path, sources[i:i + step], prefix, step)
+                          for i in range(0, len(sources), step)])
     if not prefix:
-        return full_table(prog, path, contexts=sources, chunk=chunk).double()
+        return full_table(prog, path, contexts=sources, chunk=step).double()
     total = None
     for a, w in zip(*prefix, strict=True):
         contexts = torch.cat([torch.full_like(sources, a), sources], 1)
-        part = w * full_table(prog, path, contexts=contexts, chunk=chunk).double()
+        part = w * full_table(prog, path, contexts=contexts, chunk=step).double()
         total = part if total is None else total + part
     return total
 
