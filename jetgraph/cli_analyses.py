@@ -139,7 +139,13 @@ def _check_pngs(args: argparse.Namespace) -> None:
 
 
 def _check_roles(args: argparse.Namespace) -> None:
+    from jetgraph.applications.targets import check_target_specs
+
     _check_pngs(args)
+    try:
+        check_target_specs(args.targets)
+    except ValueError as exc:
+        raise UsageError(f"--targets: {exc}") from None
     args.text_content = None
     if args.text is not None:
         try:

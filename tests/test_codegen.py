@@ -47,14 +47,21 @@ def assert_matches_interpreter(expansion: jetgraph.Expansion, ids: torch.Tensor,
     assert set(out) == set(reference.terms) | {"target", "remainder"}
 
 
+# symbolic tracing costs ~4x the example's shape: at order 2 one family per kind of block
+# (learned positions, rotary, parallel attention+MLP, sequential NeoX) traces symbolically
+SYMBOLIC_AT_ORDER_2 = ("gpt2", "llama", "phi", "gpt_neox_sequential")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_paths_match_interpreter_for_every_family(family: str, order: int) -> None:
-    """Symbolic tracing (any shape) at order 2, where a cached index table once made it wrong;
-    the example's shape at orders 0 and 1 (tests/test_padding.py traces symbolically too)."""
+    """Symbolic tracing (any shape) at order 2 for one family per kind of block, where a cached
+    index table once made it wrong; the example's shape otherwise (tests/test_padding.py traces
+    symbolically too)."""
     _, prog = captured(family)
     expansion = jetgraph.expand_paths(prog, order=order, granularity="sublayer", max_length=2).expansion()
-    assert_matches_interpreter(expansion, random_ids(2, 6, seed=order), dynamic=order == 2)
+    dynamic = order == 2 and family in SYMBOLIC_AT_ORDER_2
+    assert_matches_interpreter(expansion, random_ids(2, 6, seed=order), dynamic=dynamic)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "opt"])

@@ -77,6 +77,20 @@ def target_tokens(specs: str | int | Sequence[str | int], vocab: int, tokenizer=
     return TargetSet(label, tuple(sorted(chosen)))
 
 
+def check_target_specs(specs: Sequence[str | int]) -> None:
+    """The checks that need no vocabulary (a pattern compiles, an id is an integer, a suffix is
+    not empty), so that a command refuses bad targets before loading its model."""
+    for spec in specs:
+        if isinstance(spec, int) or spec.startswith("id:"):
+            _token_id(spec)
+        elif spec.startswith("re:"):
+            _matches(spec, [])
+        elif spec.startswith("suffix:") and not spec[len("suffix:"):]:
+            raise ValueError("suffix: needs text after it, e.g. suffix:ing")
+        elif not spec.strip():
+            raise ValueError(f"the target {spec!r} is empty")
+
+
 def _token_id(spec: str | int) -> int:
     if isinstance(spec, int):
         return spec
