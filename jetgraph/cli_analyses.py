@@ -240,6 +240,13 @@ def _run_roles(args: argparse.Namespace) -> int:
     units = len(mlp_units(prog))
     tokens = (args.windows if args.text_content is not None else args.samples) * args.length
     plan = role_plan(prog, rows, args.pairs, tokens, units + min(3, args.pairs * (args.pairs - 1) // 2))
+    if args.text_content is None:  # sampling is latency-bound: timed, not counted in FLOPs
+        from dataclasses import replace
+
+        from jetgraph.applications.sketch import sampling_rate
+
+        plan = replace(plan, what="component roles (with sampling the text)",
+                       seconds=plan.seconds + tokens * sampling_rate(model, tokenizer))
     print(f"targets: {targets.describe(tokenizer)}")
     print(plan.describe())
     if args.dry_run:
