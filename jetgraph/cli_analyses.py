@@ -185,6 +185,8 @@ def _check_diff(args: argparse.Namespace) -> None:
 def _check_masses(args: argparse.Namespace) -> None:
     _check_bigram_path(args)
     _check_pngs(args)
+    if not args.keywords.strip(" ,"):
+        raise UsageError('--keywords is empty: give "toxic", "refusal", a file or comma-separated words')
     vocabs = {m: _config_dims(m).get("vocab") for m in args.models}
     known = {v for v in vocabs.values() if v is not None}
     if len(known) > 1:

@@ -265,6 +265,7 @@ def test_analysis_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
              "--out must end in .png"),
             (["curves", str(tmp_path)], 2, "at least two checkpoint folders"),
             (["roles", "m", "--targets", "re:("], 2, "--targets: the target pattern"),
+            (["masses", "m", "--keywords", " , "], 2, "--keywords is empty"),
             (["curves", str(tmp_path), str(tmp_path), "--path", "E→attn0→U"], 2, "reads token pairs"),
             (["diff", "a", "b", "--min-prob", "2"], 2, "--min-prob must lie in (0, 1)"),
             (["masses", "a", "--keywords", "x", "--path", "E→nothing"], 2, "--path")):
