@@ -187,7 +187,7 @@ def plot_roles(report, path: str | Path, tokenizer=None, shown: int = 16) -> Pat
     left.axvline(report.reference.score, color="gray", linestyle="--", linewidth=1,
                  label=f"E→U {report.reference.score:+.2f}")
     left.set_yticks(rows, labels, fontsize=7)
-    left.set_xlabel("path score: mean centred target logit (data-free)")
+    left.set_xlabel("path score: centred target logit over its best 16 sources (data-free)")
     left.legend(fontsize=7)
     width = 0.8 / len(METHODS)
     for k, method in enumerate(METHODS):
