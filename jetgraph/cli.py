@@ -389,15 +389,21 @@ def _check_ngrams(args: argparse.Namespace) -> None:
     _refuse_hopeless_tables(args, dims)
 
 
+def read_text_option(path: Path | None) -> str | None:
+    """The UTF-8 text of a --text FILE (None when not given); a usage error if unreadable or empty."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--text {str(path)!r}: cannot read it as UTF-8 text ({exc})") from None
+    _check_text(text, "--text")
+    return text
+
+
 def _check_sketch(args: argparse.Namespace) -> None:
-    args.text_content = None
-    if args.text is not None:
-        try:
-            args.text_content = args.text.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--text {str(args.text)!r}: cannot read it as UTF-8 text ({exc})") from None
-        _check_text(args.text_content, "--text")
-    elif args.samples < 10:
+    args.text_content = read_text_option(args.text)
+    if args.text_content is None and args.samples < 10:
         raise UsageError(f"--samples {args.samples} is too few to split 80/10/10: give at least 10")
     context = _config_dims(args.model).get("context")
     if args.length is None:

@@ -16,6 +16,7 @@ from jetgraph.cli import (
     _model_argument,
     _non_negative,
     _positive,
+    read_text_option,
 )
 
 READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, averaged over --average '
@@ -146,14 +147,7 @@ def _check_roles(args: argparse.Namespace) -> None:
         check_target_specs(args.targets)
     except ValueError as exc:
         raise UsageError(f"--targets: {exc}") from None
-    args.text_content = None
-    if args.text is not None:
-        try:
-            args.text_content = args.text.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--text {str(args.text)!r}: cannot read it as UTF-8 text ({exc})") from None
-        if not args.text_content.strip():
-            raise UsageError("--text is empty: give text in which the targets occur")
+    args.text_content = read_text_option(args.text)
     context = _config_dims(args.model).get("context")
     if context is not None and args.length > context:
         raise UsageError(f"--length {args.length} is longer than the model's context of {context} tokens")
