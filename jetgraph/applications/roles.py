@@ -132,7 +132,7 @@ class RoleReport:
         for kind, scores in (("unit", self.singles), ("pair", self.pairs)):
             for rank, s in enumerate(scores, 1):
                 row: dict = {"kind": kind, "rank": rank, "units": "+".join(s.units), "path": s.path,
-                             "score": round(s.score, 6)}
+                             "score": round(s.score, 6), "mean": round(s.mean, 6)}
                 if s.joint is not None:
                     row["joint"] = round(s.joint, 6)
                 for method in METHODS:
