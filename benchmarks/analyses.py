@@ -4,6 +4,7 @@ corpus diff, and keyword masses on the base and fine-tuned pair.
 
     python benchmarks/analyses.py                     # everything; ~20 min on 2 cores
     python benchmarks/analyses.py --skip-smollm2      # without the 135M model
+    python benchmarks/analyses.py --only planted tinystories_roles   # rerun sections into analyses.json
     python benchmarks/analyses.py --models /tmp/an    # also keep the fine-tuned model and checkpoints
 
 Writes benchmarks/results/analyses.json and the PNGs under docs/img/analyses_*.png (or under
@@ -35,7 +36,7 @@ from jetgraph.applications.groundtruth.training import window_batches
 from jetgraph.applications.masses import keyword_masses, masses_table
 from jetgraph.applications.ngrams import keyword_ids, load_keywords
 from jetgraph.applications.plots import plot_diff, plot_masses, plot_roles
-from jetgraph.applications.roles import unit_roles, verify_roles
+from jetgraph.applications.roles import attention_units, unit_roles, verify_roles
 from jetgraph.applications.sketch import sample_texts
 from jetgraph.applications.targets import target_tokens, token_label
 from jetgraph.capture import capture, load_model
@@ -50,6 +51,7 @@ PYTHON_WORDS = ["def", "return", "import", "class", "module", "function", "argum
 def role_summary(report, tokenizer=None) -> dict:
     """The JSON of a role report: its rows, the best unit and the rank agreement."""
     return {"targets": report.targets.describe(tokenizer), "positions": report.positions, "rows": report.rows,
+            "controls": report.controls, "reference_E_U": report.reference.score,
             "best": "+".join(report.best().units), "rank_agreement_zero": report.rank_agreement("zero"),
             "rank_agreement_mean": report.rank_agreement("mean"), "table": report.rows_out(tokenizer)}
 
@@ -63,26 +65,36 @@ def planted_study(seeds: int) -> dict:
             cfg = TinyConfig(vocab=64, n_layer=3, seq=32, steps=200, n_embd=64, seed=seed)
             model, rule, text = planted_rule_model(cfg, layer=layer)
             prog = capture(model, text[:1, :8])
-            report = verify_roles(prog, unit_roles(prog, [rule.target], progress=False), text, progress=False)
+            report = verify_roles(prog, unit_roles(prog, [rule.target], progress=False), text, progress=False,
+                                  attention=True)
             zero = {s.units[0]: report.effect(s.units, "zero").mean for s in report.singles}
+            attention_zero = {u[0]: report.effect(u, "zero").mean for u in report.unranked()}
+            others = {"+".join(u): report.effect(u, "zero").others
+                      for u in [s.units for s in report.singles] + report.unranked()}
+            specific = {u: (zero | attention_zero)[u] - others[u] for u in others}
             stream = unit_roles(prog, [rule.target], progress=False, start="stream")
             runs.append({"seed": seed, "planted_in": rule.unit, "ranked_first": report.best().units[0],
                          "ranked_first_stream_start": stream.best().units[0],
                          "scores_stream_start": {s.units[0]: s.score for s in stream.singles},
                          "largest_zero_ablation": min(zero, key=zero.get), "zero_dlogit": zero,
+                         "attention_zero_dlogit": attention_zero, "zero_dlogit_others": others,
+                         "largest_specific_drop": min(specific, key=specific.get),
                          "scores": {s.units[0]: s.score for s in report.singles},
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"  planted in {rule.unit} (seed {seed}): ranked first {report.best().units[0]} "
                   f"(stream start: {stream.best().units[0]}), largest "
-                  f"zero-ablation drop {runs[-1]['largest_zero_ablation']} ({zero[rule.unit]:+.2f})")
+                  f"zero-ablation drop {runs[-1]['largest_zero_ablation']} ({zero[rule.unit]:+.2f}, "
+                  f"others {others[rule.unit]:+.2f}; attention {min(attention_zero.values()):+.2f})")
             if seed == 0 and layer == 1:
                 plot_roles(report, IMG / "analyses_roles_planted.png")
     found = sum(r["ranked_first"] == r["planted_in"] for r in runs)
     stream_found = sum(r["ranked_first_stream_start"] == r["planted_in"] for r in runs)
     ablation = sum(r["largest_zero_ablation"] == r["planted_in"] for r in runs)
+    specific = sum(r["largest_specific_drop"] == r["planted_in"] for r in runs)
     return {"runs": runs, "ranked_first": f"{found}/{len(runs)}",
             "ranked_first_stream_start": f"{stream_found}/{len(runs)}",
-            "largest_zero_ablation": f"{ablation}/{len(runs)}"}
+            "largest_zero_ablation": f"{ablation}/{len(runs)}",
+            "largest_specific_drop": f"{specific}/{len(runs)}"}
 
 
 def tinystories_roles(model, tokenizer, prog) -> dict:
@@ -91,7 +103,7 @@ def tinystories_roles(model, tokenizer, prog) -> dict:
     for spec in ("ing", "ed"):
         targets = target_tokens(spec, 2048, tokenizer)
         report = unit_roles(prog, targets, progress=False)
-        verify_roles(prog, report, windows.ids, windows.mask.long(), progress=False)
+        verify_roles(prog, report, windows.ids, windows.mask.long(), progress=False, attention=True)
         print(report.table(tokenizer))
         out[spec] = role_summary(report, tokenizer)
         if spec == "ing":
@@ -115,6 +127,8 @@ def smollm2_roles() -> dict:
     ranked = time.perf_counter() - start
     verify_roles(prog, report, windows, units=[s.units for s in report.singles[:8]] +
                  [s.units for s in report.singles[-3:]] + [p.units for p in report.pairs[:3]])
+    # the 30 attention units, zero-ablated only (each costs a forward pass over the windows)
+    verify_roles(prog, report, windows, units=[(u,) for u in attention_units(prog)], methods=("zero",))
     print(report.table(tokenizer))
     plot_roles(report, IMG / "analyses_roles_smollm2.png", tokenizer)
     text_used = f"{len(starts)} windows of 128 tokens of pydoc_data.topics holding a target"
@@ -235,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--text-steps", type=int, default=1600)
     parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--only-smollm2", action="store_true",
-                        help="rerun the SmolLM2 section alone, updating the existing analyses.json")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                        help=f"rerun these sections alone ({', '.join(SECTIONS)}), updating the existing "
+                             "analyses.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
@@ -250,35 +265,41 @@ def main(argv: list[str] | None = None) -> dict:
                      "command": "python benchmarks/analyses.py "
                                 + " ".join(sys.argv[1:] if argv is None else argv)}
     out = (args.out or ROOT / "benchmarks" / "results") / "analyses.json"
-    if args.only_smollm2:
-        payload = json.loads(out.read_text())
-        payload["smollm2_roles"] = smollm2_roles()
-        payload["smollm2_command"] = "python benchmarks/analyses.py --only-smollm2"
-        out.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n")
-        print(f"updated {out}")
-        return payload
-    print("planted rule")
-    payload["planted"] = planted_study(args.seeds)
-    model, tokenizer = load_model(TINYSTORIES)
-    print("TinyStories-656K roles")
-    payload["tinystories_roles"] = tinystories_roles(model, tokenizer, capture(model))
-    print("fine-tuning diff")
-    payload["finetune"] = diff_study(model, tokenizer, models_dir, args.finetune_steps)
-    print("checkpoint curves of a text run")
-    payload["text_run"] = text_run_curves(models_dir, args.text_steps)
-    if not args.skip_smollm2:
-        print("SmolLM2 roles")
-        payload["smollm2_roles"] = smollm2_roles()
-    payload["seconds"] = round(time.perf_counter() - begin, 1)
+    sections = args.only or [s for s in SECTIONS if not (args.skip_smollm2 and s == "smollm2_roles")]
+    tinystories = None
+    if args.only:
+        payload = json.loads(out.read_text()) | {f"{name}_command": payload["command"] for name in args.only}
+    for name in sections:
+        print(name)
+        section_start = time.perf_counter()
+        if name == "planted":
+            payload[name] = planted_study(args.seeds)
+        elif name == "smollm2_roles":
+            payload[name] = smollm2_roles()
+        else:
+            if tinystories is None:
+                model, tokenizer = load_model(TINYSTORIES)
+                tinystories = model, tokenizer
+            model, tokenizer = tinystories
+            if name == "tinystories_roles":
+                payload[name] = tinystories_roles(model, tokenizer, capture(model))
+            elif name == "finetune":
+                payload[name] = diff_study(model, tokenizer, models_dir, args.finetune_steps)
+            else:
+                payload[name] = text_run_curves(models_dir, args.text_steps)
+        payload.setdefault("section_seconds", {})[name] = round(time.perf_counter() - section_start, 1)
+    if not args.only:
+        payload["seconds"] = round(time.perf_counter() - begin, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n")
-    print(f"wrote {out} in {payload['seconds']} s")
+    print(f"wrote {out} in {time.perf_counter() - begin:.1f} s")
     if scratch is not None:
         scratch.cleanup()
     return payload
 
 
 IMG = ROOT / "docs" / "img"
+SECTIONS = ("planted", "tinystories_roles", "finetune", "text_run", "smollm2_roles")
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ tables: component roles, training dynamics, fine-tuning diffs, keyword masses)."
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jetgraph.cli import (
@@ -19,6 +20,7 @@ from jetgraph.cli import (
     read_text_option,
 )
 
+FEW_POSITIONS = 20  # fewer target positions than this: say that the intervals will be wide
 READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, averaged over --average '
                 'first tokens) or a bigram path such as "E→U", "E→MLP_last→U"')
 
@@ -52,6 +54,9 @@ def add_commands(command) -> None:
     roles.add_argument("--start", choices=("embedding", "stream"), default="embedding",
                        help="where the ranked paths begin: the token embedding (E→u→U, the paper's bigram "
                             "paths) or each unit's own input state on a one-token context (h_k→u→U)")
+    roles.add_argument("--attention", action="store_true",
+                       help="also ablate every attention unit (zero and mean; bigram paths avoid attention, "
+                            "so these are not ranked)")
     roles.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
     roles.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
     roles.add_argument("--out", type=Path, default=Path("roles.png"), help="PNG to write")
@@ -224,18 +229,21 @@ def _real_inputs(args: argparse.Namespace, model, tokenizer):
 
 
 def _run_roles(args: argparse.Namespace) -> int:
+    from jetgraph.applications import roles
     from jetgraph.applications.plots import plot_roles
-    from jetgraph.applications.roles import mlp_units, role_plan, source_rows, unit_roles, verify_roles
     from jetgraph.applications.targets import target_tokens
 
     model, tokenizer, _ = _load(args, text="a")
     prog = _program(model)
     vocab = int(prog.decoder.unembedding.shape[0])
     targets = target_tokens(args.targets, vocab, tokenizer)
-    rows = len(source_rows(vocab, args.rows, args.seed))
-    units = len(mlp_units(prog))
+    rows = len(roles.source_rows(vocab, args.rows, args.seed))
+    units = len(roles.mlp_units(prog))
     tokens = (args.windows if args.text_content is not None else args.samples) * args.length
-    plan = role_plan(prog, rows, args.pairs, tokens, units + min(3, args.pairs * (args.pairs - 1) // 2))
+    verified = units + min(3, args.pairs * (args.pairs - 1) // 2)
+    if args.attention:
+        verified += len(roles.attention_units(prog))
+    plan = roles.role_plan(prog, rows, args.pairs, tokens, verified)
     if args.text_content is None:  # sampling is latency-bound: timed, not counted in FLOPs
         from dataclasses import replace
 
@@ -249,9 +257,12 @@ def _run_roles(args: argparse.Namespace) -> int:
         return 0
     plan.check(args.max_time, "--max-time")
     ids, mask, source = _real_inputs(args, model, tokenizer)
-    report = unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk, start=args.start)
-    verify_roles(prog, report, ids, mask)
+    report = roles.unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk, start=args.start)
+    roles.verify_roles(prog, report, ids, mask, attention=args.attention)
     print(f"text: {source}")
+    if report.positions < FEW_POSITIONS:
+        print(f"note: the text has only {report.positions} target positions, so the intervals are wide: give "
+              "more --samples or a longer --text", file=sys.stderr)
     print(report.table(tokenizer))
     args.written = [report.write_csv(args.csv, tokenizer), plot_roles(report, args.out, tokenizer)]
     print(f"wrote {', '.join(map(str, args.written))}")

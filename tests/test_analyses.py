@@ -15,7 +15,13 @@ from jetgraph.applications.groundtruth import TinyConfig, tiny_gpt2
 from jetgraph.applications.groundtruth.planted import planted_rule_model
 from jetgraph.applications.masses import keyword_masses, matched_controls
 from jetgraph.applications.ngrams.readout import bigram_readout
-from jetgraph.applications.roles import target_positions, unit_means, unit_roles, verify_roles
+from jetgraph.applications.roles import (
+    control_positions,
+    target_positions,
+    unit_means,
+    unit_roles,
+    verify_roles,
+)
 from jetgraph.applications.targets import target_tokens
 from jetgraph.capture import capture
 from jetgraph.cli import main
@@ -56,6 +62,7 @@ def test_roles_recover_the_planted_rule(planted):
     zero = {s.units[0]: report.effect(s.units, "zero") for s in report.singles}
     carrier = zero[rule.unit]
     assert carrier.high < -1.0  # removing the rule's MLP costs the target more than a logit
+    assert carrier.mean < carrier.others - 1.0  # and more than it costs the other tokens: a specific role
     assert all(carrier.mean < e.mean for u, e in zero.items() if u != rule.unit)
     for method in ("mean", "term"):
         assert report.effect((rule.unit,), method).high < 0
@@ -89,8 +96,14 @@ def test_ablation_delta_logit_two_ways_agree(planted):
                           units=[("mlp1",), ("mlp0", "mlp2")], progress=False)
     rows, positions = target_positions(text, None, [rule.target])
     targets = text[rows, positions + 1]
+    other_rows, other_positions = control_positions(text, None, [rule.target])
+    assert report.controls == other_rows.numel() > 0
+    assert not torch.isin(text[other_rows, other_positions + 1], torch.tensor([rule.target])).any()
+    other_next = text[other_rows, other_positions + 1]
     with torch.no_grad():
-        clean = _centred(model(text).logits, rows, positions, targets)
+        clean_logits = model(text).logits
+        clean = _centred(clean_logits, rows, positions, targets)
+        clean_others = _centred(clean_logits, other_rows, other_positions, other_next)
         recorded = []
         handle = model.transformer.h[1].mlp.register_forward_hook(lambda m, i, o: recorded.append(o))
         model(text)
@@ -101,11 +114,14 @@ def test_ablation_delta_logit_two_ways_agree(planted):
         for method, replace in (("zero", lambda o: torch.zeros_like(o)),
                                 ("mean", lambda o: hf_mean.float().expand_as(o))):
             handles = [model.transformer.h[1].mlp.register_forward_hook(lambda m, i, o, r=replace: r(o))]
-            ablated = _centred(model(text).logits, rows, positions, targets)
+            logits = model(text).logits
             for h in handles:
                 h.remove()
+            ablated = _centred(logits, rows, positions, targets)
             assert report.effect(("mlp1",), method).mean == pytest.approx((ablated - clean).mean().item(),
                                                                            abs=1e-4)
+            others = _centred(logits, other_rows, other_positions, other_next) - clean_others
+            assert report.effect(("mlp1",), method).others == pytest.approx(others.mean().item(), abs=1e-4)
         hooks = [model.transformer.h[i].mlp.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
                  for i in (0, 2)]
         both = _centred(model(text).logits, rows, positions, targets)
@@ -117,9 +133,46 @@ def test_ablation_delta_logit_two_ways_agree(planted):
         term = _by_hand_path(model, [1], sources)
         removed = -(term.gather(-1, targets[:, None])[:, 0] - term.mean(-1))
         assert report.effect(("mlp1",), "term").mean == pytest.approx(removed.mean().item(), abs=1e-4)
+        term = _by_hand_path(model, [1], text[other_rows, other_positions])
+        removed = -(term.gather(-1, other_next[:, None])[:, 0] - term.mean(-1))
+        assert report.effect(("mlp1",), "term").others == pytest.approx(removed.mean().item(), abs=1e-4)
         pair = sum(_by_hand_path(model, layers, sources) for layers in ([0], [2], [0, 2]))
         removed = -(pair.gather(-1, targets[:, None])[:, 0] - pair.mean(-1))
         assert report.effect(("mlp0", "mlp2"), "term").mean == pytest.approx(removed.mean().item(), abs=1e-4)
+
+
+def test_attention_units_are_ablated_but_not_ranked(planted, tmp_path):
+    """attention=True ablates every attention unit (zero, mean; no path term), and its ΔLogit
+    equals a forward hook on the attention's output projection in the transformers model."""
+    model, prog, rule, text = planted
+    report = verify_roles(prog, unit_roles(prog, [rule.target], pairs=2, progress=False), text,
+                          attention=True, progress=False)
+    assert report.unranked() == [("attn0",), ("attn1",), ("attn2",)]
+    assert all(report.effect(u, "term") is None for u in report.unranked())
+    assert report.effect((rule.unit,), "term") is not None
+    rows, positions = target_positions(text, None, [rule.target])
+    targets = text[rows, positions + 1]
+    with torch.no_grad():
+        clean = _centred(model(text).logits, rows, positions, targets)
+        projection = model.transformer.h[1].attn.c_proj
+        recorded = []
+        handle = projection.register_forward_hook(lambda m, i, o: recorded.append(o))
+        model(text)
+        handle.remove()
+        mean = recorded[0].double().mean((0, 1)).float()
+        for method, replace in (("zero", torch.zeros_like), ("mean", lambda o: mean.expand_as(o))):
+            handle = projection.register_forward_hook(lambda m, i, o, r=replace: r(o))
+            ablated = _centred(model(text).logits, rows, positions, targets)
+            handle.remove()
+            assert report.effect(("attn1",), method).mean == pytest.approx((ablated - clean).mean().item(),
+                                                                            abs=1e-4)
+    rows_out = report.rows_out()
+    assert [r["units"] for r in rows_out if r["kind"] == "unranked"] == ["attn0", "attn1", "attn2"]
+    assert rows_out[-1]["score"] is None and rows_out[-1]["dlogit_term"] is None
+    assert "not ranked (no bigram path through attention)" in report.table()
+    assert "unranked,,attn1" in report.write_csv(tmp_path / "r.csv").read_text()
+    with pytest.raises(ValueError, match="give one or two of the ranked or attention units"):
+        verify_roles(prog, report, text, units=[("block1",)], progress=False)
 
 
 def test_intervene_checks_names_and_identity_edits_change_nothing(planted):
@@ -281,9 +334,10 @@ def test_analysis_commands_on_tinystories(tmp_path, capsys):
     folder = require_tinystories()
     out = tmp_path / "roles.png"
     assert main(["roles", str(folder), "--targets", "ing", "--samples", "64", "--length", "64",
-                 "--pairs", "2", "--out", str(out), "--csv", str(tmp_path / "roles.csv")]) == 0
+                 "--pairs", "2", "--attention", "--out", str(out), "--csv", str(tmp_path / "roles.csv")]) == 0
     text = capsys.readouterr().out
     assert "zero-ablation" in text and out.stat().st_size > 0
+    assert "not ranked (no bigram path through attention)" in text and "attn1" in text
     assert main(["roles", str(folder), "--targets", "suffix:qqqzz"]) == 1
     assert "matches no token" in capsys.readouterr().err
     assert main(["diff", str(folder), str(folder), "--first", "64", "--average", "2", "--top", "5",

@@ -175,31 +175,41 @@ def _save(fig, path: Path) -> Path:
 
 def plot_roles(report, path: str | Path, tokenizer=None, shown: int = 16) -> Path:
     """Component roles: each unit's path score (left) and its ΔLogit under the interventions
-    with 95% intervals (right), units in ranking order; pairs below when they were verified."""
+    with 95% intervals (right), units in ranking order; pairs below when they were verified,
+    then the ablated attention units (no path, so no score)."""
     from jetgraph.applications.roles import METHOD_NAMES, METHODS
 
     path = Path(path)
-    scores = report.singles[:shown] + [p for p in report.pairs[:3] if report.effect(p.units, "zero")]
-    labels = ["+".join(s.units) for s in scores][::-1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1.5 + 0.3 * len(scores)), sharey=True)
-    rows = range(len(scores))
-    left.barh(rows, [s.score for s in scores][::-1], color="tab:blue")
+    ranked = report.singles[:shown] + [p for p in report.pairs[:3] if report.effect(p.units, "zero")]
+    unit_sets = [s.units for s in ranked] + report.unranked()
+    labels = ["+".join(u) for u in unit_sets][::-1]
+    height = 1.7 + 0.3 * len(unit_sets)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.6 / height)  # title and labels: fixed inches
+    rows = range(len(unit_sets))
+    score_of = [s.score for s in ranked] + [math.nan] * (len(unit_sets) - len(ranked))
+    left.barh(rows, score_of[::-1], color="tab:blue")
     left.axvline(report.reference.score, color="gray", linestyle="--", linewidth=1,
                  label=f"E→U {report.reference.score:+.2f}")
     left.set_yticks(rows, labels, fontsize=7)
+    for y in range(len(unit_sets) - len(ranked)):  # reversed order: the unranked sets are at the bottom
+        left.text(0, y, " no bigram path (attention)", fontsize=6, va="center", color="gray")
     left.set_xlabel("path score: centred target logit over its best 16 sources (data-free)")
     left.legend(fontsize=7)
     width = 0.8 / len(METHODS)
     for k, method in enumerate(METHODS):
-        effects = [report.effect(s.units, method) for s in scores][::-1]
+        effects = [report.effect(u, method) for u in unit_sets][::-1]
         ys = [r + (k - 1) * width for r in rows]
         means = [e.mean if e else math.nan for e in effects]
         errors = [[e.mean - e.low if e else 0 for e in effects],
                   [e.high - e.mean if e else 0 for e in effects]]
         right.barh(ys, means, height=width, xerr=errors, label=METHOD_NAMES[method], capsize=2)
+        others = [e.others if e and e.others is not None else math.nan for e in effects]
+        right.scatter(others, ys, marker="D", facecolor="white", edgecolor="black", s=14, zorder=3,
+                      label="the same at other positions (every token)" if k == 0 else None)
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel(f"ΔLogit of the target over {report.positions:,} positions (95% interval)")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"component roles for {report.targets.describe(tokenizer, shown=4)}", fontsize=9)
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")

@@ -25,8 +25,13 @@ centred logit is measured on the model and again with the unit (or both units of
   that position's token (for a pair, the three paths inside it), the data-free prediction.
 
 Each is reported as ΔLogit (edited minus clean, centred logits) with a bootstrap interval over
-the positions. Attention units have no bigram path (they need two tokens), so they are ranked
-by nothing here, and are not ablated.
+the positions, and beside it the same intervention's ΔLogit of the next token at other
+positions of the text (``Effect.others``): an early unit that every token needs costs the
+targets many logits when removed and every other token almost as many, which is damage, not a
+role. Bigram paths are the paths through no attention unit (the paper's definition:
+attention is the only unit that mixes positions, so a path that avoids it reads one token), so
+attention units are not ranked; ``verify_roles(..., attention=True)`` ablates them too (zero and
+mean), to show what the ranking cannot see.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ Prefix = tuple[list[int], list[float]] | None  # first tokens put before each so
 FOCUS = 16  # source tokens a path's score averages over: those it writes the targets after most
 SAMPLED_ROWS = 4096  # source tokens scored when the vocabulary is larger than FULL_ROWS
 FULL_ROWS = 8192
+CONTROLS = 1024  # other positions of the text where each intervention is measured too
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Effect:
     high: float
     positions: int
     logprob: float  # mean change of the target's log-probability
+    others: float | None = None  # mean ΔLogit of the next token at other positions (not followed by a target)
 
 
 @dataclass
@@ -92,6 +99,7 @@ class RoleReport:
     reference: PathScore  # E→U: the embedding decoded directly, for scale
     effects: list[Effect] = field(default_factory=list)
     positions: int = 0  # target positions in the verification text
+    controls: int = 0  # other positions the interventions were measured at (Effect.others)
     start: str = "embedding"  # where the paths begin: the token embedding E, or the unit's own input state
     prefix: Prefix = None  # first tokens the stream-start paths are averaged over
 
@@ -126,8 +134,14 @@ class RoleReport:
         denominator = float(ra.norm() * rb.norm())
         return float(ra @ rb) / denominator if denominator else None
 
+    def unranked(self) -> list[tuple[str, ...]]:
+        """The unit sets that were ablated but have no ranked path (attention units), in order."""
+        ranked = {s.units for s in self.singles + self.pairs}
+        return list(dict.fromkeys(e.units for e in self.effects if e.units not in ranked))
+
     def rows_out(self, tokenizer=None) -> list[dict]:
-        """One row per ranked path (singles, then pairs), with every intervention's ΔLogit."""
+        """One row per ranked path (singles, then pairs), then one per unranked unit set that
+        was ablated, with every intervention's ΔLogit."""
         out = []
         for kind, scores in (("unit", self.singles), ("pair", self.pairs)):
             for rank, s in enumerate(scores, 1):
@@ -135,14 +149,23 @@ class RoleReport:
                              "score": round(s.score, 6), "mean": round(s.mean, 6)}
                 if s.joint is not None:
                     row["joint"] = round(s.joint, 6)
-                for method in METHODS:
-                    e = self.effect(s.units, method)
-                    row[f"dlogit_{method}"] = None if e is None else round(e.mean, 6)
-                    row[f"dlogit_{method}_low"] = None if e is None else round(e.low, 6)
-                    row[f"dlogit_{method}_high"] = None if e is None else round(e.high, 6)
+                self._effect_cells(row, s.units)
                 row["top_bigrams"] = " | ".join(_bigram(tokenizer, z, t) for z, t, _ in s.top[:3])
                 out.append(row)
+        for units in self.unranked():
+            row = {"kind": "unranked", "rank": None, "units": "+".join(units), "path": None,
+                   "score": None, "mean": None}
+            out.append(self._effect_cells(row, units))
         return out
+
+    def _effect_cells(self, row: dict, units: tuple[str, ...]) -> dict:
+        for method in METHODS:
+            e = self.effect(units, method)
+            row[f"dlogit_{method}"] = None if e is None else round(e.mean, 6)
+            row[f"dlogit_{method}_low"] = None if e is None else round(e.low, 6)
+            row[f"dlogit_{method}_high"] = None if e is None else round(e.high, 6)
+            row[f"dlogit_{method}_others"] = None if e is None or e.others is None else round(e.others, 6)
+        return row
 
     def write_csv(self, path: str | Path, tokenizer=None) -> Path:
         import csv
@@ -164,8 +187,9 @@ class RoleReport:
                  f"score: a path's centred target logit, averaged over the {FOCUS} of {self.rows:,} source "
                  f"tokens it lifts the targets after most (E→U: {self.reference.score:+.2f}); ΔLogit: "
                  f"edited − clean centred target logit at {self.positions:,} target positions of the text, "
-                 "95% bootstrap interval"]
-        head = f"  {'path':24s} {'score':>8s}" + "".join(f" {METHOD_NAMES[m]:>22s}" for m in METHODS)
+                 "95% bootstrap interval; in parentheses the same intervention's ΔLogit of the next token "
+                 f"at {self.controls:,} other positions (what it costs every token)"]
+        head = f"  {'path':24s} {'score':>8s}" + "".join(f" {METHOD_NAMES[m]:>31s}" for m in METHODS)
         for title, scores in (("units", self.singles[:shown]), ("pairs (E→i→j→U; joint = all paths inside)",
                                                                 self.pairs[:shown])):
             if not scores:
@@ -175,10 +199,16 @@ class RoleReport:
                 cells = ""
                 for method in METHODS:
                     e = self.effect(s.units, method)
-                    cells += f" {_interval(e):>22s}"
+                    cells += f" {_interval(e):>31s}"
                 joint = f" (joint {s.joint:+.2f})" if s.joint is not None else ""
                 lines.append(f"  {s.path:24s} {s.score:+8.3f}{cells}{joint}  "
                              + ", ".join(_bigram(tokenizer, z, t) for z, t, _ in s.top[:2]))
+        unranked = self.unranked()
+        if unranked:
+            lines += ["", "not ranked (no bigram path through attention), ablated", head]
+            for units in unranked:
+                cells = "".join(f" {_interval(self.effect(units, m)):>31s}" for m in METHODS)
+                lines.append(f"  {'+'.join(units):24s} {'—':>8s}{cells}")
         agreement = self.rank_agreement()
         if agreement is not None:
             lines.append("\nrank agreement of score and zero-ablation ΔLogit (Spearman, units): "
@@ -187,9 +217,11 @@ class RoleReport:
 
 
 def _interval(effect: Effect | None) -> str:
+    """``−11.31 [−12.40, −10.24] (−9.53)``: ΔLogit, its interval, and ΔLogit at the other positions."""
     if effect is None:
         return "—"
-    return f"{effect.mean:+.2f} [{effect.low:+.2f}, {effect.high:+.2f}]"
+    others = "" if effect.others is None else f" ({effect.others:+.2f})"
+    return f"{effect.mean:+.2f} [{effect.low:+.2f}, {effect.high:+.2f}]{others}"
 
 
 def _bigram(tokenizer, source: int, target: int) -> str:
@@ -356,13 +388,20 @@ def target_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return hit.nonzero(as_tuple=True)
 
 
-def centred_logits_at(logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                      next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centred logit and the log-probability of ``next_ids`` at (row, position)."""
-    picked = logits[rows, positions].double()
-    centred = picked.gather(-1, next_ids[:, None])[:, 0] - picked.mean(-1)
-    logprob = picked.log_softmax(-1).gather(-1, next_ids[:, None])[:, 0]
-    return centred, logprob
+def control_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: Sequence[int],
+                      count: int = CONTROLS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of up to ``count`` real tokens (a seeded sample) whose next real token is
+    not a target: where an intervention's ΔLogit shows how much it hurts every token, not only
+    the targets."""
+    ids = torch.as_tensor(input_ids)
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    other = ~torch.isin(ids[:, 1:], torch.as_tensor(list(targets))) & mask[:, 1:] & mask[:, :-1]
+    rows, positions = other.nonzero(as_tuple=True)
+    if rows.numel() > count:
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(rows.numel(), generator=generator)[:count].sort().values
+        rows, positions = rows[keep], positions[keep]
+    return rows, positions
 
 
 def unit_means(prog: ResidualProgram, units: Sequence[str], input_ids: torch.Tensor,
@@ -387,14 +426,23 @@ def unit_means(prog: ResidualProgram, units: Sequence[str], input_ids: torch.Ten
     return {u: (s / count).to(prog.decoder.unembedding.dtype) for u, s in sums.items()}
 
 
+def attention_units(prog: ResidualProgram) -> list[str]:
+    """The units bigram paths avoid: every unit of the sublayer view whose update mixes positions
+    (attention), in execution order."""
+    return [u.name for u in prog.at("sublayer").units if u.kind == "attn"]
+
+
 @torch.no_grad()
 def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, units: Sequence[Sequence[str]] | None = None,
                  methods: Sequence[str] = METHODS, batch: int = 8, samples: int = 1000,
-                 progress: bool = True) -> RoleReport:
+                 progress: bool = True, attention: bool = False) -> RoleReport:
     """ΔLogit of the targets on real text when each unit set is ablated (``methods``: zero,
     mean, term). ``units``: the unit sets to check (default: every ranked unit and the three best
-    pairs). Fills ``report.effects`` and returns the report."""
+    pairs; with ``attention``, every attention unit too). A set with an attention unit has no
+    bigram path, so it gets no "term" effect. Each intervention is measured at the target
+    positions and at up to 1,024 other positions (``Effect.others``: what it costs every token).
+    Fills ``report.effects`` and returns the report."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown intervention {unknown[0]!r}; choose from {', '.join(METHODS)}")
@@ -405,23 +453,31 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     if rows.numel() == 0:
         raise ValueError(f"the text has no position followed by a target ({report.targets.spec}): give text "
                          "in which the targets occur")
+    targets_at = rows.numel()
+    other_rows, other_positions = control_positions(ids, mask, report.targets.ids)
+    rows, positions = torch.cat([rows, other_rows]), torch.cat([positions, other_positions])
     next_ids = ids[rows, positions + 1]
+    attending = attention_units(prog)
     sets = [tuple(u) for u in units] if units is not None else (
-        [s.units for s in report.singles] + [s.units for s in report.pairs[:3]])
+        [s.units for s in report.singles] + [s.units for s in report.pairs[:3]]
+        + ([(u,) for u in attending] if attention else []))
     ranked = {u for s in report.singles for u in s.units}
+    allowed = ranked | set(attending)
     for unit_set in sets:
-        if not 1 <= len(unit_set) <= 2 or not set(unit_set) <= ranked:
-            raise ValueError(f"cannot intervene on {unit_set}: give one or two of the ranked units "
-                             f"({', '.join(sorted(ranked))})")
-        if "term" in methods:
+        if not 1 <= len(unit_set) <= 2 or not set(unit_set) <= allowed:
+            raise ValueError(f"cannot intervene on {unit_set}: give one or two of the ranked or attention "
+                             f"units ({', '.join(sorted(allowed, key=_unit_order(prog)))})")
+        if "term" in methods and set(unit_set) <= ranked:
             report.paths_inside(unit_set)  # refuses a pair whose path was not ranked
+    with_terms = [s for s in sets if set(s) <= ranked]
     ablated = sorted({u for s in sets for u in s})
     means = unit_means(prog, ablated, ids, mask, batch) if "mean" in methods else {}
 
     def measured(edits_of, terms: bool = False):
-        """Centred target logits and log-probs at the target positions, batch by batch; with
-        ``terms``, also those with each unit set's bigram path terms removed."""
-        out: dict = {"run": ([], []), **{s: ([], []) for s in (sets if terms else [])}}
+        """Centred logits and log-probs of the next token at the target positions, then at the
+        control positions, batch by batch; with ``terms``, also those with each unit set's bigram
+        path terms removed."""
+        out: dict = {"run": ([], []), **{s: ([], []) for s in (with_terms if terms else [])}}
         for start in range(0, ids.shape[0], batch):
             chosen = (rows >= start) & (rows < start + batch)
             if not chosen.any():
@@ -434,14 +490,20 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             variants = [("run", picked)]
             if terms:
                 sources = part[rows[chosen] - start, positions[chosen]].view(-1, 1)
-                for unit_set in sets:
+                for unit_set in with_terms:
                     removed = sum(path_logits(prog, path, sources, None if path.startswith("E")
                                               else report.prefix) for path in report.paths_inside(unit_set))
                     variants.append((unit_set, picked - removed))
             for key, values in variants:
                 out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
                 out[key][1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
-        return {key: (torch.cat(c), torch.cat(lp)) for key, (c, lp) in out.items()}
+        order = torch.cat([chosen_at(start) for start in range(0, ids.shape[0], batch)]).argsort()
+        return {key: (torch.cat(c)[order], torch.cat(lp)[order]) for key, (c, lp) in out.items()}
+
+    def chosen_at(start: int) -> torch.Tensor:
+        """The indices (into rows) of the positions in the batch from ``start``, as measured()
+        visits them."""
+        return ((rows >= start) & (rows < start + batch)).nonzero()[:, 0]
 
     work = [(s, m) for s in sets for m in methods if m != "term"]
     bar = tqdm(total=1 + len(work), desc="roles: interventions", disable=not progress, leave=False)
@@ -457,21 +519,30 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             def edits_of(unit_set=unit_set):
                 return {u: (lambda update, m=means[u]: m.expand_as(update)) for u in unit_set}
         edited, edited_lp = measured(edits_of)["run"]
-        effects.append(_effect(unit_set, method, edited - clean, edited_lp - clean_lp, samples))
+        effects.append(_effect(unit_set, method, edited - clean, edited_lp - clean_lp, targets_at, samples))
         bar.update()
     bar.close()
     if "term" in methods:
-        for unit_set in sets:
+        for unit_set in with_terms:
             edited, edited_lp = first[unit_set]
-            effects.append(_effect(unit_set, "term", edited - clean, edited_lp - clean_lp, samples))
+            delta, delta_lp = edited - clean, edited_lp - clean_lp
+            effects.append(_effect(unit_set, "term", delta, delta_lp, targets_at, samples))
     replaced = {(e.units, e.method) for e in effects}
     report.effects = [e for e in report.effects if (e.units, e.method) not in replaced] + effects
-    report.positions = int(rows.numel())
+    report.positions = targets_at
+    report.controls = int(rows.numel()) - targets_at
     return report
 
 
-def _effect(units: tuple[str, ...], method: str, delta: torch.Tensor, delta_lp: torch.Tensor,
+def _unit_order(prog: ResidualProgram):
+    order = {u.name: k for k, u in enumerate(prog.at("sublayer").units)}
+    return lambda name: order.get(name, len(order))
+
+
+def _effect(units: tuple[str, ...], method: str, delta: torch.Tensor, delta_lp: torch.Tensor, targets_at: int,
             samples: int) -> Effect:
-    stats = bootstrap_mean(delta, samples)
-    return Effect(units, method, stats["mean"], stats["low"], stats["high"], int(delta.numel()),
-                  float(delta_lp.mean()))
+    """The effect at the first ``targets_at`` positions (the targets); the rest are controls."""
+    stats = bootstrap_mean(delta[:targets_at], samples)
+    others = float(delta[targets_at:].mean()) if delta.numel() > targets_at else None
+    return Effect(units, method, stats["mean"], stats["low"], stats["high"], targets_at,
+                  float(delta_lp[:targets_at].mean()), others)
