@@ -458,6 +458,7 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     rows, positions = torch.cat([rows, other_rows]), torch.cat([positions, other_positions])
     next_ids = ids[rows, positions + 1]
     attending = attention_units(prog)
+    view = prog.at("sublayer")
     sets = [tuple(u) for u in units] if units is not None else (
         [s.units for s in report.singles] + [s.units for s in report.pairs[:3]]
         + ([(u,) for u in attending] if attention else []))
@@ -466,7 +467,7 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     for unit_set in sets:
         if not 1 <= len(unit_set) <= 2 or not set(unit_set) <= allowed:
             raise ValueError(f"cannot intervene on {unit_set}: give one or two of the ranked or attention "
-                             f"units ({', '.join(sorted(allowed, key=_unit_order(prog)))})")
+                             f"units ({', '.join(u.name for u in view.units if u.name in allowed)})")
         if "term" in methods and set(unit_set) <= ranked:
             report.paths_inside(unit_set)  # refuses a pair whose path was not ranked
     with_terms = [s for s in sets if set(s) <= ranked]
@@ -478,10 +479,12 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
         control positions, batch by batch; with ``terms``, also those with each unit set's bigram
         path terms removed."""
         out: dict = {"run": ([], []), **{s: ([], []) for s in (with_terms if terms else [])}}
+        visited = []  # indices into rows, in the order the batches reach them
         for start in range(0, ids.shape[0], batch):
             chosen = (rows >= start) & (rows < start + batch)
             if not chosen.any():
                 continue
+            visited.append(chosen.nonzero()[:, 0])
             part = ids[start:start + batch]
             part_mask = None if mask is None else mask[start:start + batch]
             logits = prog.intervene(part, edits_of(), part_mask)
@@ -497,13 +500,8 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             for key, values in variants:
                 out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
                 out[key][1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
-        order = torch.cat([chosen_at(start) for start in range(0, ids.shape[0], batch)]).argsort()
+        order = torch.cat(visited).argsort()  # back to the order of rows: targets first, then controls
         return {key: (torch.cat(c)[order], torch.cat(lp)[order]) for key, (c, lp) in out.items()}
-
-    def chosen_at(start: int) -> torch.Tensor:
-        """The indices (into rows) of the positions in the batch from ``start``, as measured()
-        visits them."""
-        return ((rows >= start) & (rows < start + batch)).nonzero()[:, 0]
 
     work = [(s, m) for s in sets for m in methods if m != "term"]
     bar = tqdm(total=1 + len(work), desc="roles: interventions", disable=not progress, leave=False)
@@ -532,11 +530,6 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     report.positions = targets_at
     report.controls = int(rows.numel()) - targets_at
     return report
-
-
-def _unit_order(prog: ResidualProgram):
-    order = {u.name: k for k, u in enumerate(prog.at("sublayer").units)}
-    return lambda name: order.get(name, len(order))
 
 
 def _effect(units: tuple[str, ...], method: str, delta: torch.Tensor, delta_lp: torch.Tensor, targets_at: int,
