@@ -7,6 +7,7 @@ unit names, kinds and module paths, on its own weights (no copies).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import jetgraph
+from jetgraph.capture import shared
 from jetgraph.capture.shared import capture_shared, find_block_stack
 from jetgraph.capture.zoo import FAMILIES, VOCAB, tiny_model
 from tests.conftest import random_ids, reference_logits
@@ -98,3 +100,70 @@ def test_blocks_that_differ_unseen_fall_back_to_the_whole_export() -> None:
     prog = jetgraph.capture(model, ids)  # the whole model, exported
     with torch.no_grad():
         torch.testing.assert_close(prog(ids), model(ids), rtol=0, atol=1e-5)
+
+
+class _Config:
+    """A config (anything with ``to_dict``): a per-layer list the forward reads by the block's
+    position in the stack, a nested per-layer tuple, and a dict keyed by the list's values."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.kinds = kinds
+        self.rope = {"factors": tuple(1.0 for _ in kinds), "theta": 10.0}
+        self.scales = {"a": 1.0, "b": -2.0}
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor, scale: float) -> torch.Tensor:
+        return h + scale * torch.tanh(self.linear(h))
+
+
+class _ByPosition(nn.Module):
+    """Blocks alike in every attribute; the forward picks each one's scale from the config by
+    position (as Gemma 3 picks a layer's mask and RoPE table from ``layer_types[i]``)."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        super().__init__()
+        self.config = _Config(kinds)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.layers = nn.ModuleList(_Block() for _ in kinds)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.config.scales[self.config.kinds[i]])
+        return self.head(h)
+
+
+KINDS = ["a", "a", "b", "a", "b"]
+
+
+def test_per_layer_config_entries_are_structure() -> None:
+    torch.manual_seed(0)
+    model = _ByPosition(list(KINDS)).eval()
+    stack = find_block_stack(model)
+    assert [entry.path for entry in stack.per_layer] == ["config.kinds", "config.rope.factors"]
+    assert stack.representatives == [0, 2] and stack.group_of == [0, 0, 1, 0, 1]
+    ids = random_ids(1, 6)
+    prog = capture_shared(model, ids, None, "block")
+    assert prog is not None and model.config.kinds == KINDS  # shared, and the config restored
+    with torch.no_grad():
+        torch.testing.assert_close(prog(random_ids(2, 7, seed=3)), model(random_ids(2, 7, seed=3)),
+                                   rtol=0, atol=1e-5)
+
+
+def test_truncated_export_without_the_layers_own_config_is_caught(monkeypatch) -> None:
+    """Without giving each representative its own layer's entries, the full-attention-like block
+    (layer 2, at position 1 of the truncated stack) would be exported as kind "a": the whole
+    model's check refuses the program."""
+    torch.manual_seed(0)
+    model = _ByPosition(list(KINDS)).eval()
+    monkeypatch.setattr(shared, "_representatives_config", lambda stack: contextlib.nullcontext())
+    assert capture_shared(model, random_ids(1, 6), None, "block") is None

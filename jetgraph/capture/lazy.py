@@ -11,7 +11,8 @@ module and graph holding the parameter object sees it) and sets it back afterwar
 unmaps the pages. Capture
 (:func:`jetgraph.capture`) exports such a model with one block per structure group in memory and
 binds the other blocks to their own (meta) parameters; running the program then streams one
-block at a time (:meth:`jetgraph.ir.ResidualProgram.resident`).
+block at a time (:meth:`jetgraph.ir.ResidualProgram.resident`). ``LazyWeights.streaming`` runs
+the model's own forward the same way (capture checks the program against it, whole).
 """
 
 from __future__ import annotations
@@ -70,6 +71,43 @@ class LazyWeights:
             yield
         finally:
             self._release(taken)
+
+    @contextlib.contextmanager
+    def streaming(self, model: nn.Module, streamed: Iterable[nn.Module]) -> Iterator[None]:
+        """Inside the block, ``model``'s own forward runs with each module of ``streamed`` (its
+        blocks) in memory only while that module's forward runs, and every other parameter of
+        ``model`` in memory throughout: peak memory is one block plus the rest, not the model.
+        The modules' weights are made resident by forward pre-hooks and released by post-hooks
+        (and on the way out, when a forward fails)."""
+        prefixes: dict[int, str] = {}
+        for name, module in model.named_modules():
+            prefixes.setdefault(id(module), f"{name}." if name else "")
+        streamed = list(streamed)
+        inside = tuple(prefixes[id(m)] for m in streamed)
+        names: dict[int, list[str]] = {id(m): [] for m in streamed}
+        rest = []
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            owner = next((m for m, prefix in zip(streamed, inside, strict=True) if name.startswith(prefix)),
+                         None)
+            if owner is None:
+                rest.append(name)
+            else:
+                names[id(owner)].append(name)
+        held: list[list[nn.Parameter]] = []  # what the running modules hold, innermost last
+        handles = []
+        for module in streamed:
+            own = names[id(module)]
+            handles.append(module.register_forward_pre_hook(
+                lambda *_, own=own: held.append(self._acquire(own))))
+            handles.append(module.register_forward_hook(lambda *_: self._release(held.pop())))
+        try:
+            with self.resident(rest):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            while held:
+                self._release(held.pop())
 
     def pin(self, names: Iterable[str]) -> None:
         """Keep the named parameters in memory for the store's life (the encoder, the decoder)."""

@@ -3,20 +3,30 @@
 ``torch.export`` of a whole model costs time in proportion to its depth, yet a transformer's
 blocks are usually one class run with different weights. Here the model's stack of blocks (the
 ``nn.ModuleList`` of one class holding most parameters, found from the module tree) is grouped
-by *structure*: class, every plain attribute of every submodule (a sliding window, an attention
-type), and parameter shapes and dtypes; an attribute that equals the block's own index in every
-block (its ``layer_idx``) is not structure. The model is exported with one representative block per group,
+by *structure*: everything that differs between blocks and that jetgraph can see, namely class,
+every plain attribute of every submodule (a sliding window, an attention type), parameter
+shapes and dtypes, and every *per-layer config entry*: any list or tuple in a ``config`` of the
+model (nested dicts and sub-configs included) whose length is the number of blocks holds block
+i's value at entry i (``layer_types``). An attribute or entry that equals the block's own index
+in every block (its ``layer_idx``) is not structure. The model is exported with one
+representative block per group; while it is, each per-layer config list reads, at position j
+of the truncated stack, the entry of representative j's own layer (restored afterwards), since
+a forward may pick a block's mask or RoPE table by its position in the stack. The program is
 lifted, and every block becomes a copy of its representative's graph bound to its own weights.
 
-The result must reproduce the full model's logits on the example, like any capture; when it
-does not (code that branches on the layer index, a forward that indexes per-layer config by
-position) or the model has no such stack, :func:`capture_shared` returns None and the caller
+The result is checked whole: it must reproduce the full model's logits on the example, like
+any capture. When it does not (code that branches on the layer index, per-layer state the key
+cannot see) or the model has no such stack, :func:`capture_shared` returns None and the caller
 exports the whole model.
 
 A model read lazily from safetensors (:mod:`.lazy`) is captured the same way with only the
-representatives and the parts outside the stack in memory; its full-model check would read
-every weight, so the check is the truncated model's (the binding is structural), and the
-encoder and decoder weights stay in memory while the blocks stream.
+representatives and the parts outside the stack in memory. Its check is whole too: the model's
+own forward and the program's each stream every block through memory once
+(:meth:`.lazy.LazyWeights.streaming`), so capture costs two forwards that read every weight,
+with one block plus the encoder and decoder in memory at a time. On a mismatch it is captured
+again with one group per block (each block its own exported graph; every weight is resident
+during that export) and checked again; if that fails too, :class:`CaptureError` says by how
+much. It never binds a program that computes another model.
 """
 
 from __future__ import annotations
@@ -26,17 +36,18 @@ import copy
 import dataclasses
 import functools
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 import torch
 from torch import fx, nn
 
-from jetgraph.capture.export import LogitsWrapper, export_model
+from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model
 from jetgraph.capture.lazy import lazy_weights
-from jetgraph.capture.lift import lift, name_units, verify
+from jetgraph.capture.lift import lift, name_units
 from jetgraph.errors import CaptureError
 from jetgraph.ir import PARAMETER_NAME, ResidualProgram, ResidualUnit, parameter_names, unit_name
 from jetgraph.padding import mask_or_full
+from jetgraph.precision import capture_tolerance, dtype_name
 
 WRAPPER_PREFIX = "m."  # what LogitsWrapper puts before the model's own parameter names
 
@@ -49,11 +60,90 @@ class BlockStack:
     blocks: nn.ModuleList
     representatives: list[int]  # block indices exported, one per structure group
     group_of: list[int]  # block i -> position of its representative in ``representatives``
+    per_layer: list[PerLayerEntry] = dataclasses.field(default_factory=list)
 
 
-def find_block_stack(model: nn.Module) -> BlockStack | None:
-    """The ``nn.ModuleList`` of one module class with the most parameters, grouped by structure;
-    None when there is none, or when every block differs (nothing to share)."""
+@dataclasses.dataclass
+class PerLayerEntry:
+    """A config list with one entry per block: ``holder[key]`` (a dict) or ``holder.key``."""
+
+    holder: object
+    key: str
+    path: str  # "config.layer_types", "config.rope_parameters.factors" (for messages)
+
+    def get(self) -> list | tuple:
+        return self.holder[self.key] if isinstance(self.holder, dict) else getattr(self.holder, self.key)
+
+    def set(self, value: list | tuple) -> None:
+        if isinstance(self.holder, dict):
+            self.holder[self.key] = value
+        else:
+            setattr(self.holder, self.key, value)
+
+
+def per_layer_config(model: nn.Module, layers: int) -> list[PerLayerEntry]:
+    """Every list or tuple of length ``layers`` in the configs of ``model``'s modules (their
+    ``config`` attributes, nested dicts and sub-configs included): block i's entry is its value."""
+    found: list[PerLayerEntry] = []
+    seen: set[int] = set()
+
+    def walk(holder: object, items: Iterator[tuple[object, object]], path: str) -> None:
+        for key, value in items:
+            if not isinstance(key, str) or key.startswith("_"):
+                continue
+            if isinstance(value, (list, tuple)) and len(value) == layers:
+                found.append(PerLayerEntry(holder, key, f"{path}.{key}"))
+            elif isinstance(value, dict) or _config_like(value):
+                visit(value, f"{path}.{key}")
+
+    def visit(value: object, path: str) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        walk(value, iter(list(value.items() if isinstance(value, dict) else vars(value).items())), path)
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if _config_like(config):
+            visit(config, "config")
+    return found
+
+
+def _config_like(value: object) -> bool:
+    """A configuration object (a Hugging Face config, anything with ``to_dict`` and attributes)."""
+    return (hasattr(value, "to_dict") and hasattr(value, "__dict__")
+            and not isinstance(value, (type, nn.Module)))
+
+
+def _hashable(value: object) -> Hashable:
+    """``value`` as a hashable key (dicts and lists as sorted tuples; others by ``repr``)."""
+    if isinstance(value, dict):
+        return tuple(sorted((repr(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value if _plain(value) else repr(value)
+
+
+def structure_keys(blocks: nn.ModuleList, per_layer: list[PerLayerEntry]) -> list[Hashable]:
+    """One key per block; blocks with equal keys share one exported graph (the module docstring
+    says what goes into it)."""
+    described = [_describe(block) for block in blocks]
+    for entry in per_layer:
+        for i, value in enumerate(entry.get()):
+            described[i][("config", entry.path)] = _hashable(value)
+    counters = {key for key in described[0] if all(d.get(key) == i for i, d in enumerate(described))}
+    keys: list[Hashable] = []
+    for block, attributes in zip(blocks, described, strict=True):
+        tensors = tuple((name, tuple(t.shape), t.dtype)
+                        for name, t in [*block.named_parameters(), *block.named_buffers()])
+        keys.append((tuple(sorted((k, v) for k, v in attributes.items() if k not in counters)), tensors))
+    return keys
+
+
+def find_block_stack(model: nn.Module, *, per_block: bool = False) -> BlockStack | None:
+    """The ``nn.ModuleList`` of one module class with the most parameters, grouped by structure
+    (:func:`structure_keys`), or with one group per block when ``per_block``; None when there is
+    none, or when every block differs and not ``per_block`` (nothing to share)."""
     best: tuple[str, nn.ModuleList, int] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
@@ -63,22 +153,20 @@ def find_block_stack(model: nn.Module) -> BlockStack | None:
     if best is None:
         return None
     path, blocks, _ = best
-    described = [_describe(block) for block in blocks]
-    counters = {key for key in described[0] if all(d.get(key) == i for i, d in enumerate(described))}
+    per_layer = per_layer_config(model, len(blocks))
+    if per_block:
+        return BlockStack(path, blocks, list(range(len(blocks))), list(range(len(blocks))), per_layer)
     groups: dict[Hashable, int] = {}
     representatives: list[int] = []
     group_of: list[int] = []
-    for index, (block, attributes) in enumerate(zip(blocks, described, strict=True)):
-        tensors = tuple((name, tuple(t.shape), t.dtype)
-                        for name, t in [*block.named_parameters(), *block.named_buffers()])
-        key = (tuple(sorted((k, v) for k, v in attributes.items() if k not in counters)), tensors)
+    for index, key in enumerate(structure_keys(blocks, per_layer)):
         if key not in groups:
             groups[key] = len(representatives)
             representatives.append(index)
         group_of.append(groups[key])
     if len(representatives) == len(blocks):
         return None
-    return BlockStack(path, blocks, representatives, group_of)
+    return BlockStack(path, blocks, representatives, group_of, per_layer)
 
 
 def _describe(block: nn.Module) -> dict[tuple[str, str], Hashable]:
@@ -98,13 +186,50 @@ def _plain(value: object) -> bool:
     return isinstance(value, tuple) and all(_plain(v) for v in value)
 
 
+class Mismatch(CaptureError):
+    """The bound program does not compute the model (its logits differ from the whole model's)."""
+
+
 def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    granularity: str) -> ResidualProgram | None:
     """Capture ``model`` exporting one block per structure group (see the module docstring), or
-    None when the model has no stack of repeated blocks or the shared program is not exact."""
+    None when the model has no stack of repeated blocks or the shared program is not exact.
+
+    A lazily read model is checked by streaming (two forwards over every weight), falls back to
+    one graph per block on a mismatch, and raises :class:`CaptureError` when that is not exact
+    either; it gives None only when it has no stack of blocks at all."""
+    weights = lazy_weights(model)
     stack = find_block_stack(model)
-    if stack is None:
+    if weights is None:
+        if stack is None:
+            return None
+        try:
+            return _capture_stack(model, stack, ids, attention_mask, granularity)
+        except CaptureError:
+            return None  # the caller exports the whole model
+    per_block = find_block_stack(model, per_block=True)
+    if per_block is None:
         return None
+    if stack is None:  # every block differs: one group per block from the start
+        return _capture_stack(model, per_block, ids, attention_mask, granularity)
+    try:
+        return _capture_stack(model, stack, ids, attention_mask, granularity)
+    except Mismatch as grouped:  # grouped wrongly: one graph per block, checked again
+        try:
+            return _capture_stack(model, per_block, ids, attention_mask, granularity)
+        except CaptureError as exc:
+            raise CaptureError(
+                "the model read lazily could not be captured exactly: with blocks shared by "
+                f"structure, {_reason(grouped)}; and not even with one exported graph per block: "
+                f"{_reason(exc)}",
+                model_class=type(model).__name__) from exc
+
+
+def _capture_stack(model: nn.Module, stack: BlockStack, ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None, granularity: str) -> ResidualProgram:
+    """Export ``model`` with ``stack``'s representatives, bind every block, and check the program
+    against the whole model (:func:`_check_whole`): :class:`Mismatch` when the program is not
+    the model, CaptureError when the export or lift fails."""
     wrapper = LogitsWrapper(model)
     parent_path, _, attribute = stack.path.rpartition(".")
     parent = model.get_submodule(parent_path)
@@ -112,33 +237,73 @@ def capture_shared(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Te
     needed = _representative_weights(model, stack) if weights is not None else []
     with weights.resident(needed) if weights is not None else contextlib.nullcontext():
         try:
-            truncated = nn.ModuleList([stack.blocks[i] for i in stack.representatives])
-            setattr(parent, attribute, truncated)
-            captured = export_model(model, ids, attention_mask)
-            program = lift(captured)
-        except CaptureError:
-            if weights is not None:
-                raise
-            return None
+            with _representatives_config(stack):
+                setattr(parent, attribute, nn.ModuleList([stack.blocks[i] for i in stack.representatives]))
+                captured = export_model(model, ids, attention_mask)
+                program = lift(captured)
         finally:
             setattr(parent, attribute, stack.blocks)
-        if len(program.blocks) != len(stack.representatives):
-            return None
-        full = _bind_blocks(program, stack, wrapper)
-        name_units(full)  # kinds are the representatives' (the same code)
-        if weights is not None:  # the encoder, side inputs and decoder stay in memory
-            weights.pin(_names_outside_blocks(full))
-            full.weights = weights
-    if weights is None:
-        mask = captured.example_attention_mask
-        wrapper.takes_positions = captured.passes_positions  # as the export decided
-        with torch.no_grad():
-            reference = wrapper(captured.example_input_ids, mask_or_full(mask, captured.example_input_ids))
-        try:
-            verify(full, dataclasses.replace(captured, reference_logits=reference))
-        except CaptureError:
-            return None
+    if len(program.blocks) != len(stack.representatives):
+        raise Mismatch(f"the exported stack of {len(stack.representatives)} blocks lifted into "
+                       f"{len(program.blocks)} blocks", model_class=type(model).__name__)
+    full = _bind_blocks(program, stack, wrapper)
+    name_units(full)  # kinds are the representatives' (the same code)
+    outside = _names_outside_blocks(full)
+    if weights is not None:
+        full.weights = weights
+    with weights.resident(outside) if weights is not None else contextlib.nullcontext():
+        _check_whole(model, stack, full, captured)
+    if weights is not None:  # the encoder, side inputs and decoder stay in memory
+        weights.pin(outside)
     return full.at(granularity)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _representatives_config(stack: BlockStack) -> Iterator[None]:
+    """Inside, position j of each per-layer config list holds representative j's own entry
+    (the others are unchanged), so that a forward that picks a block's mask or RoPE table by
+    its position in the truncated stack picks its original layer's; restored on the way out."""
+    originals = [(entry, entry.get()) for entry in stack.per_layer]
+    try:
+        for entry, values in originals:
+            replaced = list(values)
+            for position, layer in enumerate(stack.representatives):
+                replaced[position] = values[layer]
+            entry.set(type(values)(replaced))
+        yield
+    finally:
+        for entry, values in reversed(originals):
+            entry.set(values)
+
+
+def _check_whole(model: nn.Module, stack: BlockStack, program: ResidualProgram,
+                 captured: CapturedGraph) -> None:
+    """The bound program must give the whole model's logits on the example, within the bound
+    :func:`verify` uses (:func:`capture_tolerance` of the logits' scale), else :class:`Mismatch`.
+    A lazily read model's forward streams its blocks (:meth:`LazyWeights.streaming`), and so does
+    the program's: two forwards over every weight, one block resident at a time."""
+    wrapper = LogitsWrapper(model)
+    wrapper.takes_positions = captured.passes_positions  # as the export decided
+    weights = lazy_weights(model)
+    ids, mask = captured.example_input_ids, captured.example_attention_mask
+    streaming = weights.streaming(model, stack.blocks) if weights is not None else contextlib.nullcontext()
+    with torch.no_grad(), streaming:
+        reference = wrapper(ids, mask_or_full(mask, ids))
+    with torch.no_grad():
+        logits = program(ids, mask)
+    same_shape = logits.shape == reference.shape
+    error = (logits.float() - reference.float()).abs().max().item() if same_shape else float("inf")
+    tolerance = capture_tolerance(reference.dtype) * max(1.0, reference.float().abs().max().item())
+    if not error <= tolerance:  # verify's bound
+        raise Mismatch(f"the bound program's {dtype_name(reference.dtype)} logits differ from the whole "
+                       f"model's on the example (max abs error {error:.3g} > {tolerance:.3g})",
+                       model_class=captured.model_class)
+
+
+def _reason(exc: CaptureError) -> str:
+    """The error's message without its ``[model …]`` prefix (for quoting it in another)."""
+    text = str(exc)
+    return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
 
 
 def _representative_weights(model: nn.Module, stack: BlockStack) -> list[str]:
