@@ -114,3 +114,71 @@ def test_bad_example_input_ids(ids: object, message: str) -> None:
 
 def test_capture_error_is_a_jetgraph_error() -> None:
     assert issubclass(jetgraph.CaptureError, jetgraph.JetgraphError)
+
+
+def _hy_v4() -> nn.Module:
+    """Issue 27's tiny hy_v4: DeepSeek-V4-style hyper-connections (4 streams of width 64)."""
+    config_class = getattr(transformers, "HYV4Config", None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no hy_v4")
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=64,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_head_dim=16,
+        index_n_heads=4, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, layer_types=["indexed_attention"] * 2,
+        mlp_layer_types=["dense", "sparse"], hc_mult=4, max_position_embeddings=64, bos_token_id=0,
+        eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_hyper_connections_are_refused_by_name() -> None:
+    # the model captures exactly, but its stream is [batch, seq, 4, 64]: every later pass would crash
+    message = r"4 parallel streams of width 64.*hyper-connections"
+    with pytest.raises(jetgraph.CaptureError, match=message) as info:
+        jetgraph.capture(_hy_v4(), random_ids(1, 6))
+    assert info.value.model_class == "HYV4ForCausalLM"
+    assert info.value.module == "model.layers.0"
+    assert "\n" not in str(info.value)
+
+
+class Lgamma(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.lgamma(torch.sigmoid(self.linear(h)) + 1.0)  # lgamma has no Taylor rule
+
+
+class NoRuleResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.mlp = Lgamma()
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        return self.out(h + self.mlp(h))
+
+
+def test_unit_without_an_order_one_jet_is_refused_at_capture() -> None:
+    with pytest.raises(jetgraph.CaptureError, match=r"no order-1 jet.*aten\.lgamma") as info:
+        jetgraph.capture(NoRuleResidual(), random_ids(1, 5))
+    assert info.value.model_class == "NoRuleResidual"
+    assert info.value.module is not None and info.value.module.startswith("mlp")
+
+
+def test_jet_through_an_expanded_view_and_a_cast() -> None:
+    # issue 27's second error: a rule wrote in place into an expanded (stride-0) series; and a
+    # callable's dtype cast left an assert node without a rule
+    x = torch.randn(3, 5, dtype=torch.float64)
+    v = torch.randn(3, 5, dtype=torch.float64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x.float()).unsqueeze(1).expand(-1, 4, -1) * 2.0
+
+    result = jetgraph.jet(f, x, v, order=1, increment=True)
+    expected = (2 * torch.cos(x) * v).float().unsqueeze(1).expand(-1, 4, -1)
+    torch.testing.assert_close(result.coefficient(1), expected)

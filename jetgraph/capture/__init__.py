@@ -2,7 +2,8 @@
 
 ``jetgraph.capture(model)`` exports the model once with ``torch.export`` (:mod:`.export`),
 lowers it to the core op set the Taylor rules cover, and lifts the graph into encoder, residual
-units and decoder (:mod:`.lift`, cutting regions with :mod:`.subgraph`). :mod:`.loading` finds
+units and decoder (:mod:`.lift`, cutting regions with :mod:`.subgraph`), refusing a program
+whose units have no order-1 jet (:mod:`.expandable`). :mod:`.loading` finds
 and loads models and tokenizers; :mod:`.lazy` builds a model larger than memory whose weights
 are read from safetensors only while needed; :mod:`.zoo` builds small random models of every
 family.

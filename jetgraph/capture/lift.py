@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from jetgraph.capture.expandable import check_expandable
 from jetgraph.capture.export import SUPPORTED, CapturedGraph, strip_wrapper
 from jetgraph.capture.subgraph import (
     GraphIndex,
@@ -90,6 +91,7 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
     index = GraphIndex.build(captured.graph_module)
     logits = _logits_node(captured.graph_module.graph)
     steps, h0 = _find_stream(index, logits, captured.model_class)
+    _check_one_stream(steps, logits, captured.model_class)
     cutter = _Cutter(index, descendants(list(captured.graph_module.graph.nodes), [h0]),
                      SideRegistry(), captured.model_class)
     encoder = _build_encoder(index, h0, captured)
@@ -127,6 +129,7 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
                               reads_mask=captured.reads_mask, max_positions=captured.max_positions)
     assign_kinds(program, captured.example_input_ids)
     verify(program, captured)
+    check_expandable(program, captured.example_input_ids, captured.example_attention_mask)
     return program.at(granularity)  # type: ignore[arg-type]
 
 
@@ -288,6 +291,27 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
             node=first.name,
         )
     return steps, h0
+
+
+def _check_one_stream(steps: Sequence[ResidualAdd], logits: fx.Node, model_class: str) -> None:
+    """Refuse a stream with more axes than the logits: [batch, seq, n, d] holds n parallel streams
+    of width d per position (hyper-connections mix them into each block's input and write its
+    update back into each), not one additive stream [batch, seq, d], which every expansion, lens
+    and path reads."""
+    ndim = logits.meta["val"].dim()
+    for layer, block_steps in enumerate(_group_blocks(steps)):
+        for node in [block_steps[0].inp, *(step.out for step in block_steps)]:
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor) or value.dim() <= ndim:
+                continue
+            extra = [str(size) for size in value.shape[ndim - 1:-1]]
+            width = value.shape[-1]
+            raise CaptureError(
+                f"block {layer} reads the residual stream as {' × '.join(extra)} parallel streams of "
+                f"width {width} per position (shape [..., {', '.join(extra)}, {width}], as with "
+                "hyper-connections), not one additive stream [batch, seq, d]: jet expansion needs "
+                "one, so this model is not supported yet. " + SUPPORTED,
+                model_class=model_class, module=block_steps[0].scope or None, node=node.name)
 
 
 def _group_blocks(steps: Sequence[ResidualAdd]) -> list[list[ResidualAdd]]:

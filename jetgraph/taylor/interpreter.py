@@ -64,6 +64,8 @@ class JetInterpreter(fx.Interpreter):
         for series in candidates:
             if series.coeffs.requires_grad and series.coeffs._is_view():
                 continue  # autograd forbids writing into some views (split pieces)
+            if _overlaps(series.coeffs):
+                continue  # an expanded view: one element stands for many, no in-place write
             if live.get(series.coeffs.untyped_storage()._cdata, 0) == 1:
                 series.owned = True
                 owned.append(series)
@@ -100,6 +102,12 @@ class JetInterpreter(fx.Interpreter):
             "ops), defzero (piecewise constant), defsympy (elementwise with a closed form) or "
             "RULES[op] = rule(*args) taking Series arguments"
         )
+
+
+def _overlaps(tensor: Any) -> bool:
+    """Whether several elements of ``tensor`` share memory (a zero stride on a longer axis, as
+    ``expand`` makes): torch refuses in-place writes into such a tensor."""
+    return any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape, strict=True))
 
 
 def _tensors(value: Any) -> list[Any]:

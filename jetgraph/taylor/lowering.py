@@ -25,6 +25,11 @@ _IDENTITIES = {
     aten.alias.default, aten.detach.default,
     aten.detach_.default, aten.lift_fresh_copy.default,
 }
+# Ops that only check metadata or guard a size: no users, no computation, no Taylor rule.
+_ASSERTS = {
+    aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+}
 
 
 def core_module(exported: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -40,13 +45,16 @@ def core_module(exported: torch.export.ExportedProgram) -> fx.GraphModule:
 
 
 def lower_to_core(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite composite ops in place; returns the same module, recompiled."""
+    """Rewrite composite ops in place and drop assert-only nodes; returns the same module,
+    recompiled."""
     graph = graph_module.graph
     fake_mode = fake_mode_of(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _DROPOUTS and not _arg(node, 2, "train", False):
+        if node.target in _ASSERTS and not node.users:
+            pass  # erased below
+        elif node.target in _DROPOUTS and not _arg(node, 2, "train", False):
             node.replace_all_uses_with(node.args[0])
         elif node.target in _IDENTITIES and _same_value_type(node, node.args[0]):
             node.replace_all_uses_with(node.args[0])
