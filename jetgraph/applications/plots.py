@@ -11,12 +11,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from jetgraph.applications.lens import LensAverage, LensResult
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.files import atomic_write
+
+HATCH = "////"
+DIVERGING_LABEL = "diverging series: metrics not of the decoder"
 
 
 def _state_label(result: LensResult, index: int) -> str:
@@ -43,7 +47,9 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
     grid row under the iterative grid of the same order (its own grid when no iterative result
     was given). Diverged cells (non-finite lens logits, see :attr:`LensResult.diverged`) are
     gray and marked "∞"; NaN cosines leave gaps in the curves (a diverged joint lens is named in
-    the legend, without a line).
+    the legend, without a line). Cells whose jet is a finite but diverging series
+    (:attr:`LensResult.divergent`) are hatched, and states where it diverges at some position
+    carry a × on their cosine curve, with one legend line saying so.
     """
     path = Path(path)
     if not results:
@@ -66,6 +72,7 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
         index = torch.cat([r.top1()[0][:, batch_index] for r in shown])
         prob = torch.cat([r.top1()[1][:, batch_index] for r in shown]).float()
         diverged = torch.cat([~torch.isfinite(r.logits[:, batch_index]).all(-1) for r in shown])
+        series = torch.cat([r.divergent_tokens[:, batch_index] for r in shown]) & ~diverged
         prob = prob.masked_fill(diverged, float("nan"))
         labels = [_state_label(r, i) for r in shown for i in range(len(r.labels))]
         image = ax.imshow(prob.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
@@ -74,6 +81,9 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
                 text = "∞" if diverged[r, c] else _token_text(tokenizer, index[r, c])
                 ax.text(c, r, text, ha="center", va="center", fontsize=6,
                         color="black" if diverged[r, c] or prob[r, c] >= 0.6 else "white")
+                if series[r, c]:
+                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch=HATCH,
+                                           edgecolor="0.35", linewidth=0))
         if result is not None and extra:
             ax.axhline(len(result.labels) - 0.5, color="white", linewidth=2)
         ax.set_yticks(range(len(labels)), labels, fontsize=6)
@@ -87,17 +97,27 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
         states = sum(int(r.diverged.any(-1).sum()) for r in shown)
         if states:
             title += f"\n{states} of {len(labels)} states diverge (gray, ∞: non-finite logits)"
+        divergent = int(series.any(-1).sum())
+        if divergent:
+            title += f"\n{divergent} of {len(labels)} states: diverging series (hatched)"
         ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=axes[:-1], fraction=0.02, pad=0.01)
     curve = axes[-1]
     finite: list[float] = [1.0]
+    marked = False
     for result in iterative:
         cosine = result.metrics["cosine"].mean(-1).numpy()
         finite += [float(x) for x in cosine if math.isfinite(x)]
         label = f"order {result.order}"
         if not math.isfinite(float(cosine.sum())):
             label += f" ({int(result.diverged.any(-1).sum())} diverged)"
-        curve.plot(range(len(cosine)), cosine, marker="o", markersize=3, label=label)
+        line, = curve.plot(range(len(cosine)), cosine, marker="o", markersize=3, label=label)
+        flagged = (result.divergent & ~result.diverged).any(-1).numpy()
+        if flagged.any():
+            states = [i for i, f in enumerate(flagged) if f]
+            curve.plot(states, cosine[states], linestyle="none", marker="x", markersize=7,
+                       color=line.get_color())
+            marked = True
     styles = iter(["--", ":", "-."] * len(joint))
     for result in joint:
         cosine = result.metrics["cosine"].mean().item()
@@ -108,6 +128,9 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
                           label=f"{label}: {cosine:.3f}")
         else:
             curve.plot([], [], " ", label=f"{label}: diverged (NaN)")
+    if marked:
+        curve.add_patch(Rectangle((0, 0), 0, 0, fill=False, hatch=HATCH, edgecolor="0.35",
+                                  label="hatched, ×: " + DIVERGING_LABEL))
     curve.set_xlabel("stream state h_ℓ")
     curve.yaxis.tick_right()
     curve.yaxis.set_label_position("right")
@@ -124,11 +147,12 @@ def plot_lens(results: Sequence[LensResult], path: str | Path, tokenizer=None,
 def plot_lens_average(averages: Sequence[LensAverage], path: str | Path) -> Path:
     """Cosine to the logits by stream state, one curve per order: the mean over the prompts with
     its 95% bootstrap interval (shaded; prompts resampled). A state where some prompt diverged
-    is a gap."""
+    is a gap; one where some prompt's jet is a diverging series is marked × (legend line)."""
     path = Path(path)
     if not averages:
         raise ValueError("plot_lens_average needs at least one LensAverage")
     fig, ax = plt.subplots(figsize=(7, 3.8))
+    marked = False
     for average in averages:
         cosine = average.prompt_metrics["cosine"]  # [centres, prompts]
         stats = [bootstrap_mean(row) if torch.isfinite(row).all() else None for row in cosine]
@@ -138,6 +162,14 @@ def plot_lens_average(averages: Sequence[LensAverage], path: str | Path) -> Path
         states = range(len(mean))
         line, = ax.plot(states, mean, marker="o", markersize=3, label=f"order {average.order}")
         ax.fill_between(states, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        flagged = [i for i in states if average.divergent[i] and math.isfinite(mean[i])]
+        if flagged:
+            ax.plot(flagged, [mean[i] for i in flagged], linestyle="none", marker="x", markersize=7,
+                    color=line.get_color())
+            marked = True
+    if marked:
+        ax.plot([], [], linestyle="none", marker="x", color="black",
+                label=f"×: {DIVERGING_LABEL} (some prompt)")
     head = averages[0]
     ticks = [f"{label} · {by}" for label, by in zip(head.labels, head.written_by, strict=True)]
     ax.set_xticks(range(len(ticks)), ticks, rotation=60, fontsize=6, ha="right")
