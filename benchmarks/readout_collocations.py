@@ -4,8 +4,9 @@ A pretrained model has no ground-truth bigram table, but some pairs leave no dou
 " United" comes " States", after " Harry" " Potter". This scores each read-out by how many of 40
 such collocations it ranks first (and in its top 5), and the mean log-probability it gives the
 expected token. Read-outs: the single paths E→U and E→MLP_last→U, the model on the token alone
-at position 0 (h_last→U), and the default read-out (the model after each token, averaged over
-the M first tokens it expects most) for several M.
+at position 0 (h_last→U), the model after each of the tokenizer's special tokens, and the default
+read-out under the tokenizer's input convention (docs/readouts.md): after its BOS when it adds
+one, else averaged over the M first tokens the model expects most, for several M.
 
     python benchmarks/readout_collocations.py            # SmolLM2-135M, ~3 min on 2 cores
     python benchmarks/readout_collocations.py --out /tmp/collocations.json
@@ -24,7 +25,8 @@ import torch
 
 import jetgraph
 from jetgraph.applications import full_table
-from jetgraph.applications.ngrams.readout import expected_first_tokens
+from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.readout import RowReader
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(" United", " States"), (" New", " York"), (" Harry", " Potter"), (" Los", " Angeles"),
@@ -68,15 +70,17 @@ def main(argv: list[str] | None = None) -> dict:
         results[path] = score(table.double().log_softmax(-1), expected)
     alone = full_table(prog, "h_last→U", contexts=rows.view(-1, 1)).double().log_softmax(-1)
     results["h_last→U, the token alone at position 0"] = score(alone, expected)
-    for count in (1, 4, 16):
-        first, weights = expected_first_tokens(prog, count)  # over every token of the vocabulary
-        mixture = 0
-        for a, w in zip(first, weights, strict=True):
-            pairs = torch.stack([torch.full_like(rows, a), rows], 1)
-            mixture = mixture + w * full_table(prog, "h_last→U", contexts=pairs).double().softmax(-1)
-        name = f"default read-out, averaged over {count} first token{'s' if count > 1 else ''}"
-        decoded = [tokenizer.decode([a]) for a in first]
-        results[name] = score(mixture.log(), expected) | {"first_tokens": decoded}
+    for special in sorted(set(tokenizer.all_special_ids)):
+        reader = RowReader(prog, count=0, convention=InputConvention((special,)))
+        name = f"h_last→U after {tokenizer.decode([special])!r} (id {special})"
+        results[name] = score(reader(rows), expected)
+    convention = InputConvention.from_tokenizer(tokenizer)
+    for count in ((None, 4) if convention.prefix else (1, 4, 16)):
+        reader = RowReader(prog, count=count, convention=convention)
+        name = f"default read-out ({convention.describe(tokenizer)}; " + (
+            f"{len(reader.first)} expected first token{'s' if len(reader.first) > 1 else ''})" if reader.first
+            else "no mixture)")
+        results[name] = score(reader(rows), expected) | {"read": reader.describe(tokenizer)}
     print(f"{args.model}: {len(keep)} collocations")
     print("| read-out | top-1 | top-5 | mean log p(expected) |\n|---|---|---|---|")
     for name, s in results.items():

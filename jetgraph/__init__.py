@@ -16,6 +16,7 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 
 from jetgraph._version import __version__ as __version__
 from jetgraph.applications.entry_points import lens, ngrams
+from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.capture import load_lazy, load_model
 from jetgraph.codegen import emit, emit_source
 from jetgraph.errors import CaptureError, CostError, JetgraphError, JetRuleError, ModelLoadError
@@ -40,6 +41,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "Expansion",
+    "InputConvention",
     "Jet",
     "JetRuleError",
     "JetgraphError",

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 DEMO_PATHS = ("E→U", "E→MLP_last→U")  # single paths, shown against the default read-out
-READOUT_TOKENS = 1024  # the default read-out runs the whole model per row and first token: the first
-FIRST_TOKENS = 4       # 1024 ids (the commonest merges) and the probe words, after 4 first tokens
+READOUT_TOKENS = 1024  # the default read-out runs the whole model per row and first token: the 1024
+FIRST_TOKENS = 4       # tokens the model predicts most and the probe words, after 4 first tokens
 PROBES = (" United", " New", " climate", " according", " ice")
 
 
@@ -35,12 +35,15 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     import jetgraph
     from jetgraph.applications import (
         DEFAULT_READOUT,
+        InputConvention,
+        common_tokens,
         iterative_lenses,
         keyword_ids,
         load_keywords,
         ngram_table,
         write_lens_csv,
     )
+    from jetgraph.applications.ngrams.readout import describe_prefixes
     from jetgraph.applications.plots import plot_lens
     from jetgraph.capture.loading import encode
     from jetgraph.files import atomic_write
@@ -73,19 +76,20 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     vocab = int(prog.decoder.unembedding.shape[0])
     probe_ids = [ids[0] for ids in (tokenizer(w, add_special_tokens=False)["input_ids"] for w in PROBES)
                  if len(ids) == 1]
-    rows = sorted(set(range(min(READOUT_TOKENS, vocab))) | set(probe_ids))
+    convention = InputConvention.from_tokenizer(tokenizer)
+    common = common_tokens(prog, min(READOUT_TOKENS, vocab), convention, tokenizer)
+    rows = sorted(set(common) | set(probe_ids))
     table = jetgraph.ngrams(prog, DEFAULT_READOUT, tokenizer=tokenizer, keywords=keywords, top=100,
                             contexts=torch.tensor(rows).view(-1, 1), row_top=1, chunk=chunk,
-                            first_tokens=FIRST_TOKENS)
+                            first_tokens=0 if convention.prefix else FIRST_TOKENS)
     path = table.export(out / "bigrams_readout.csv", tokenizer)
     probes = _probe_rows(table, tokenizer, rows)
     mass = table.mass()
-    firsts = [tokenizer.decode([a]) for a in table.average[0]]
     found.append(f"default read-out {DEFAULT_READOUT}: {probes}; toxic-word mass {mass['mean']:.2e} "
                  f"[{mass['low']:.2e}, {mass['high']:.2e}]")
-    log.step(f"bigram table of the default read-out ({DEFAULT_READOUT}: the model after each token, averaged "
-             f"over the {len(firsts)} first tokens it expects, {firsts}) over {len(rows):,} "
-             f"tokens (ids < {READOUT_TOKENS} and the probe words) -> {path.name}")
+    log.step(f"bigram table of the default read-out ({DEFAULT_READOUT}: the model after each token, "
+             f"{describe_prefixes(table.average, tokenizer)}) over {len(rows):,} "
+             f"tokens (the {READOUT_TOKENS} the model predicts most and the probe words) -> {path.name}")
     for index, spec in enumerate(DEMO_PATHS):
         table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)
         path = table.export(out / f"bigrams_{index}.csv", tokenizer)

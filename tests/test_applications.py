@@ -165,6 +165,24 @@ def test_resume_continues_an_interrupted_table(tmp_path, monkeypatch) -> None:
     assert resumed.top_index.tolist() == complete.top_index.tolist()
     with pytest.raises(ValueError, match="belongs to another table"):
         ngram_table(prog, "E→U", top=11, chunk=16, resume=checkpoint, progress=False)
+    torch.save({"format": 1, "payload": _Pickled()}, checkpoint)  # not plain data: never unpickled
+    with pytest.raises(ValueError, match="cannot be read"):
+        ngram_table(prog, "E→U", top=10, chunk=16, resume=checkpoint, progress=False)
+    assert not _Pickled.loaded
+
+
+class _Pickled:
+    """An object whose unpickling would run code."""
+
+    loaded = False
+
+    def __reduce__(self):
+        return (_Pickled._mark, ())
+
+    @staticmethod
+    def _mark() -> _Pickled:
+        _Pickled.loaded = True
+        return _Pickled()
 
 
 def test_export_decodes_tokens(tmp_path) -> None:

@@ -27,7 +27,9 @@ from jetgraph.applications.lens import (
 from jetgraph.applications.ngrams import (
     DEFAULT_READOUT,
     Contexts,
+    InputConvention,
     NgramTable,
+    common_tokens,
     compare_to_reference,
     diff_tables,
     full_table,
@@ -41,10 +43,12 @@ from jetgraph.applications.statistics import bootstrap_mean
 __all__ = [
     "DEFAULT_READOUT",
     "Contexts",
+    "InputConvention",
     "LensAverage",
     "LensResult",
     "NgramTable",
     "bootstrap_mean",
+    "common_tokens",
     "compare_to_reference",
     "diff_tables",
     "full_table",

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, DEFAULT_READOUT, RowReader
+from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
 from jetgraph.capture import capture
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
@@ -113,9 +114,10 @@ def _top_table(reader: RowReader, sources: torch.Tensor, k: int,
 
 def checkpoint_curves(models_or_folders: Sequence[nn.Module | ResidualProgram | str | Path],
                       path: str = DEFAULT_READOUT, k: int = 100, rows: Sequence[int] | None = None,
-                      first_tokens: int = DEFAULT_FIRST_TOKENS, labels: Sequence[str] | None = None,
+                      first_tokens: int | None = None, labels: Sequence[str] | None = None,
                       steps: Sequence[int] | None = None, chunk: int = 1024,
-                      progress: bool = True) -> CheckpointCurves:
+                      progress: bool = True, *,
+                      convention: InputConvention | Sequence[int] | None = None) -> CheckpointCurves:
     """Hit ratio, top-k mass and mass on the final top-k of one read-out for every checkpoint
     (module docstring); ``rows``: the source tokens (default every token)."""
     items = list(models_or_folders)
@@ -133,7 +135,7 @@ def checkpoint_curves(models_or_folders: Sequence[nn.Module | ResidualProgram | 
     final_prog = _program(items[-1])
     vocab = int(final_prog.decoder.unembedding.shape[0])
     sources = torch.arange(vocab) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-    final_reader = RowReader(final_prog, path, first_tokens, sources.tolist(), chunk)
+    final_reader = RowReader(final_prog, path, first_tokens, convention=convention, chunk=chunk)
     final_top, final_probs, _ = _top_table(final_reader, sources, k, None)
     final_set = set(final_top.tolist())
     out = []
@@ -145,7 +147,7 @@ def checkpoint_curves(models_or_folders: Sequence[nn.Module | ResidualProgram | 
             if int(prog.decoder.unembedding.shape[0]) != vocab:
                 raise ValueError(f"checkpoint {labels[index]!r} has another vocabulary size than the "
                                  "final one")
-            reader = RowReader(prog, path, first_tokens, sources.tolist(), chunk)
+            reader = RowReader(prog, path, first_tokens, convention=convention, chunk=chunk)
             top, probs, on_final = _top_table(reader, sources, k, final_top.sort().values)
         out.append({"label": labels[index], "step": int(steps[index]),
                     "hit_ratio": len(set(top.tolist()) & final_set) / len(final_set),

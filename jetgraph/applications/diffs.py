@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, DEFAULT_READOUT, RowReader
+from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
 from jetgraph.applications.targets import token_label
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
@@ -80,9 +81,10 @@ class ModelDiff:
 
 def model_diff(prog_a: ResidualProgram, prog_b: ResidualProgram, path: str = DEFAULT_READOUT,
                top: int = 50, rows: Sequence[int] | None = None,
-               first_tokens: int = DEFAULT_FIRST_TOKENS, rank: str = "prob",
+               first_tokens: int | None = None, rank: str = "prob",
                min_prob: float = 1e-3, chunk: int = 1024, names: tuple[str, str] = ("A", "B"),
-               progress: bool = True) -> ModelDiff:
+               progress: bool = True, *,
+               convention: InputConvention | Sequence[int] | None = None) -> ModelDiff:
     """The ranked changes of one read-out from model A to model B (module docstring); ``rows``:
     the source tokens (default every token)."""
     if rank not in RANKS:
@@ -94,7 +96,7 @@ def model_diff(prog_a: ResidualProgram, prog_b: ResidualProgram, path: str = DEF
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     sources = torch.arange(vocab_a) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-    readers = [RowReader(p, path, first_tokens, sources.tolist(), chunk) for p in (prog_a, prog_b)]
+    readers = [RowReader(p, path, first_tokens, convention=convention, chunk=chunk) for p in (prog_a, prog_b)]
     if readers[0].length != 1:
         raise ValueError(f"the path {path!r} reads {readers[0].length} tokens: a diff reads bigram rows "
                          "(one context token)")

@@ -11,12 +11,9 @@ from torch import nn
 
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_plan, ngram_table
-from jetgraph.applications.ngrams.readout import (
-    DEFAULT_FIRST_TOKENS,
-    DEFAULT_READOUT,
-    expected_first_tokens,
-    placeholder_average,
-)
+from jetgraph.applications.ngrams.convention import InputConvention, input_convention
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, placeholder_prefixes, readout_prefixes
+from jetgraph.applications.ngrams.sources import common_tokens
 from jetgraph.capture import capture
 from jetgraph.cost import DEFAULT_MAX_SECONDS
 from jetgraph.ir import ResidualProgram, as_input_ids
@@ -67,38 +64,63 @@ def _texts(values: Sequence[object], tokenizer: object) -> list[str]:
 
 
 def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = DEFAULT_READOUT, *,
-           tokenizer: object = None, keywords: str | Sequence[str] | Sequence[int] | None = None,
-           top: int = 100, rank: str = "prob", first_tokens: int = DEFAULT_FIRST_TOKENS,
+           tokenizer: object = None, convention: InputConvention | Sequence[int] | None = None,
+           keywords: str | Sequence[str] | Sequence[int] | None = None, top: int = 100, rank: str = "prob",
+           first: int | Sequence[int] | None = None, first_tokens: int | None = None,
            **options: object) -> NgramTable:
     """The n-gram table of one path of a model or program, streamed over every context.
 
     The default, ``"h_last→U"``, is the model's own next-token distribution after each token,
-    averaged over the ``first_tokens`` tokens it expects most before it (0: the token alone at
-    position 0; see :mod:`jetgraph.applications.ngrams.readout` for why). Paths such as
-    ``"E→U"``, ``"E→MLP_last→U"``, ``"E→attn0→U"`` (:mod:`jetgraph.passes.pathspec`) read their
-    own tokens only.
+    read the way the tokenizer builds text (:mod:`jetgraph.applications.ngrams.convention`):
+    after the tokenizer's BOS when it adds one, else averaged over the ``first_tokens`` tokens
+    the model expects most before it (default 16; with a BOS, default 0: BOS alone). It needs the
+    ``tokenizer`` or an explicit ``convention`` (``InputConvention((bos_id,))``, or
+    ``InputConvention()`` for a model trained without a start token). Paths such as ``"E→U"``,
+    ``"E→MLP_last→U"``, ``"E→attn0→U"`` (:mod:`jetgraph.passes.pathspec`) read their own tokens only.
 
+    ``first``: the rows (first context tokens): an int N means the N tokens the model itself
+    predicts most, without the tokenizer's special, unused and byte tokens
+    (:func:`~jetgraph.applications.ngrams.sources.common_tokens`); a sequence gives ids.
     ``keywords``: token ids, a list of words, or a shipped list name (``"toxic"``, ``"refusal"``)
     or file; words need the ``tokenizer``. Every other option is
-    :func:`~jetgraph.applications.ngrams.ngram_table`'s (``first``, ``contexts``, ``row_top``,
-    ``chunk``, ``resume``, ``max_seconds``, …); the cost is planned before any work.
+    :func:`~jetgraph.applications.ngrams.ngram_table`'s (``contexts``, ``row_top``, ``chunk``,
+    ``resume``, ``max_seconds``, …); an unknown one is refused. The cost is planned before any work.
     """
+    unknown = sorted(set(options) - TABLE_OPTIONS)
+    if unknown:
+        raise TypeError(f"ngrams() got unknown option(s) {unknown}; it takes {sorted(TABLE_OPTIONS)}")
     prog = _program(model_or_program, None)
+    vocab = int(prog.decoder.unembedding.shape[0])
     ids = None
     if keywords is not None:
         ids = _keyword_ids(keywords, tokenizer)
     spec = path.name if isinstance(path, PathSpec) else path
-    if first_tokens and reads_whole_context(path_term(prog, spec)) and "average" not in options:
-        given = options.get("contexts")
-        rows = options.get("first") if given is None else torch.as_tensor(given)[:, -1].tolist()
-        kept = ("contexts", "first", "row_top", "last_top", "chunk")
-        plan_options = {k: options[k] for k in kept if k in options}
-        placeholder = placeholder_average(int(prog.decoder.unembedding.shape[0]), first_tokens)
-        limit = options.get("max_seconds", DEFAULT_MAX_SECONDS)
-        plan = ngram_plan(prog, spec, top=top, keywords=ids, rank=rank, average=placeholder, **plan_options)
-        plan.check(limit, "max_seconds (None: no limit)")  # refused before the first pass
-        options["average"] = expected_first_tokens(prog, first_tokens, rows)
-    return ngram_table(prog, spec, top=top, rank=rank, keywords=ids, **options)  # type: ignore[arg-type]
+    whole_context = reads_whole_context(path_term(prog, spec))
+    resolved = None
+    if whole_context or isinstance(first, int):
+        resolved = input_convention(convention, tokenizer, vocab)
+    if isinstance(first, int) and not isinstance(first, bool):
+        first = common_tokens(prog, first, resolved, tokenizer)  # type: ignore[arg-type]
+    if whole_context and "average" not in options:
+        placeholder = placeholder_prefixes(vocab, resolved, first_tokens)  # type: ignore[arg-type]
+        if placeholder is not None:
+            kept = ("contexts", "row_top", "last_top", "chunk")
+            plan_options = {k: options[k] for k in kept if k in options}
+            limit = options.get("max_seconds", DEFAULT_MAX_SECONDS)
+            plan = ngram_plan(prog, spec, top=top, keywords=ids, rank=rank, first=first, average=placeholder,
+                              **plan_options)
+            plan.check(limit, "max_seconds (None: no limit)")  # refused before the first pass
+            options["average"] = readout_prefixes(prog, resolved, first_tokens)  # type: ignore[arg-type]
+    elif first_tokens:
+        raise ValueError(f"first_tokens applies to read-outs of the model's stream (h_last→U, hN→U); "
+                         f"{spec} reads exactly its own tokens")
+    return ngram_table(prog, spec, top=top, rank=rank, keywords=ids, first=first,  # type: ignore[arg-type]
+                       **options)
+
+
+TABLE_OPTIONS = frozenset({"order", "contexts", "row_top", "last_top", "normalise", "chunk", "resume",
+                           "progress", "max_seconds", "shard", "checkpoint_seconds", "stall_seconds",
+                           "average"})
 
 
 def _program(model_or_program: nn.Module | ResidualProgram, granularity: str | None) -> ResidualProgram:

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, DEFAULT_READOUT, RowReader
+from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
 from jetgraph.ir import ResidualProgram
 
 
@@ -61,8 +62,9 @@ def matched_controls(unigram: torch.Tensor, keywords: Sequence[int], count: int,
 @torch.no_grad()
 def keyword_masses(programs: Mapping[str, ResidualProgram], keywords: Sequence[int],
                    path: str = DEFAULT_READOUT, rows: Sequence[int] | None = None,
-                   first_tokens: int = DEFAULT_FIRST_TOKENS, controls: int = 20, samples: int = 1000,
-                   seed: int = 0, chunk: int = 1024, label: str = "") -> list[dict]:
+                   first_tokens: int | None = None, controls: int = 20, samples: int = 1000,
+                   seed: int = 0, chunk: int = 1024, label: str = "", *,
+                   convention: InputConvention | Sequence[int] | None = None) -> list[dict]:
     """Mass and lift of ``keywords`` for every model (module docstring). The first model is the
     reference the controls are matched on. Returns one row per model."""
     if not programs:
@@ -77,7 +79,7 @@ def keyword_masses(programs: Mapping[str, ResidualProgram], keywords: Sequence[i
     if keywords[-1] >= vocab or keywords[0] < 0:
         raise ValueError(f"keyword ids must lie in [0, {vocab})")
     sources = torch.arange(vocab) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-    readers = {name: RowReader(p, path, first_tokens, sources.tolist(), chunk)
+    readers = {name: RowReader(p, path, first_tokens, convention=convention, chunk=chunk)
                for name, p in programs.items()}
     reference = next(iter(readers.values()))
     control_sets = matched_controls(unigram_readout(reference, sources), keywords, controls, seed)

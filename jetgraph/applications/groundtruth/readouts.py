@@ -28,6 +28,7 @@ import itertools
 import torch
 
 from jetgraph.applications.ngrams import full_table
+from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, bigram_readout
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.paths import expand_paths
@@ -104,7 +105,8 @@ def bigram_readouts(prog: ResidualProgram, order1: bool = True) -> dict[str, tor
         out[ORDER1_SUM] = out[SUM] + sum(first.values())
     own = one_token_logits(prog)
     out[ONE_TOKEN] = own
-    out[DEFAULT] = bigram_readout(prog, DEFAULT_FIRST_TOKENS).float()
+    # the study's models are trained on windows of a stream with no start token: no prefix
+    out[DEFAULT] = bigram_readout(prog, DEFAULT_FIRST_TOKENS, convention=InputConvention()).float()
     expansion = expand_paths(prog.at("sublayer"))
     if expansion.count() <= MAX_EXPANSION_PATHS:
         vocab = own.shape[-1]

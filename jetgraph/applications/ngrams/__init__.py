@@ -13,33 +13,40 @@ trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pat
 - :mod:`.table`: the result and its export;
 - :mod:`.keywords`: keyword lists and their token ids;
 - :mod:`.compare`: model diffs and comparison with a reference table;
-- :mod:`.readout`: the default bigram read-out (the model after each token, averaged over the
-  first tokens it expects);
+- :mod:`.convention`: how read-outs of the model's stream build contexts (the tokenizer's BOS);
+- :mod:`.readout`: the default bigram read-out (the model after each token, read after the
+  tokenizer's BOS, or averaged over the first tokens it expects when there is none);
+- :mod:`.sources`: rows chosen by the model (the tokens it predicts most), not by id order;
 - :mod:`.mixture`: a path's next-token distribution averaged over first tokens (the sweep's
   evaluator for the default read-out).
 """
 
 from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tables
 from jetgraph.applications.ngrams.contexts import Contexts, all_contexts
+from jetgraph.applications.ngrams.convention import InputConvention, input_convention
 from jetgraph.applications.ngrams.keywords import keyword_ids, load_keywords
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, bigram_readout, expected_first_tokens
 from jetgraph.applications.ngrams.shard import Shard, ShardError, current_shard
+from jetgraph.applications.ngrams.sources import common_tokens
 from jetgraph.applications.ngrams.sweep import full_table, ngram_plan, ngram_table
 from jetgraph.applications.ngrams.table import NgramTable
 
 __all__ = [
            "DEFAULT_READOUT",
            "Contexts",
+           "InputConvention",
            "NgramTable",
            "Shard",
            "ShardError",
            "all_contexts",
            "bigram_readout",
+           "common_tokens",
            "compare_to_reference",
            "current_shard",
            "diff_tables",
            "expected_first_tokens",
            "full_table",
+           "input_convention",
            "keyword_ids",
            "load_keywords",
            "ngram_plan",

@@ -187,7 +187,7 @@ class TableState:
     def load(cls, path: Path, key: str) -> TableState:
         """A checkpoint of the table with this ``key``; any other file is refused in one line."""
         try:
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)  # tensors and plain containers: no code runs
         except Exception as exc:  # a truncated or foreign file
             raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}): "
                              "delete it to start again") from exc

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.contexts import Contexts
 from jetgraph.applications.ngrams.evaluator import PathEvaluator, evaluate_path, path_schedule
-from jetgraph.applications.ngrams.mixture import MixtureEvaluator
+from jetgraph.applications.ngrams.mixture import MIXTURE_BYTES_PER_ENTRY, MixtureEvaluator
 from jetgraph.applications.ngrams.shard import (
     DEFAULT_STALL_SECONDS,
     Shard,
@@ -43,7 +43,7 @@ from jetgraph.passes.terms import Term
 __all__ = ["evaluate_path", "full_table", "ngram_plan", "ngram_table", "path_schedule"]
 
 DEFAULT_CHECKPOINT_SECONDS = 60.0
-Average = tuple[Sequence[int], Sequence[float]]
+Average = tuple[Sequence[Sequence[int] | int], Sequence[float]]  # prefixes (or first tokens), weights
 PROBE_ROWS = 8
 
 
@@ -62,7 +62,7 @@ class _Job:
     last_top: int
     rank: Rank
     chunk: int
-    average: tuple[torch.Tensor, torch.Tensor] | None = None  # first tokens and their weights
+    average: tuple[torch.Tensor, torch.Tensor] | None = None  # [prefixes, length] ids and their weights
 
     @property
     def chunks(self) -> int:
@@ -81,8 +81,8 @@ class _Job:
         if self.average is None:
             return PathEvaluator(self.view, self.term, rows.length, tokens, self.vocab)
         first, weights = self.average
-        tokens = torch.unique(torch.cat([tokens, first]))
-        inner = PathEvaluator(self.view, self.term, rows.length + 1, tokens, self.vocab)
+        tokens = torch.unique(torch.cat([tokens, first.flatten()]))
+        inner = PathEvaluator(self.view, self.term, rows.length + first.shape[1], tokens, self.vocab)
         return MixtureEvaluator(inner, first, weights)
 
     def probe(self) -> torch.Tensor:
@@ -137,9 +137,12 @@ def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, f
         if not reads_whole_context(term):
             raise ValueError("average mixes contexts of a path from the model's stream (h_last→U); "
                              f"{term.name} reads exactly its own tokens")
-        first_ids = torch.as_tensor(list(average[0]), dtype=torch.long)
-        if first_ids.numel() and (first_ids.min() < 0 or first_ids.max() >= vocab):
-            raise ValueError(f"average's first token ids must lie in [0, {vocab})")
+        sequences = [[p] if isinstance(p, int) else list(p) for p in average[0]]
+        if not sequences or len({len(s) for s in sequences}) != 1 or not sequences[0]:
+            raise ValueError("average's prefixes must be token sequences of one length >= 1, at least one")
+        first_ids = torch.as_tensor(sequences, dtype=torch.long)
+        if first_ids.min() < 0 or first_ids.max() >= vocab:
+            raise ValueError(f"average's token ids must lie in [0, {vocab})")
         mixture = (first_ids, torch.as_tensor(list(average[1]), dtype=torch.double))
     return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, last_top, rank, chunk, mixture)
 
@@ -178,7 +181,9 @@ def _plan(job: _Job, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
     chunk_tensors = 3 if job.normalise else 2  # logits, exp pass / candidates
     per_row = (8 if job.normalise else 0) + 4 * len(job.keywords or ()) + 12 * job.row_top
     summary = 16 * vocab * job.last_top * (2 if job.last_top else 0)
-    peak = (width * vocab * 4 * chunk_tensors + rows * per_row + 16 * job.top * 3 + summary
+    mixes = isinstance(evaluator, MixtureEvaluator) and len(evaluator.first) > 1
+    mixture = MIXTURE_BYTES_PER_ENTRY if mixes else 0
+    peak = (width * vocab * (4 * chunk_tensors + mixture) + rows * per_row + 16 * job.top * 3 + summary
             + evaluator.shared_bytes)
     elements = mine * vocab * (4 if job.normalise else 2)
     dtype = job.view.decoder.unembedding.dtype  # a 16-bit GEMM may be far faster or slower
@@ -223,9 +228,11 @@ def ngram_table(
     reported. ``rank``: order the top entries by ``"logit"`` (the paper's tables; one pass less)
     or by conditional probability ``"prob"`` (implies ``normalise``).
 
-    ``average``: (first tokens, weights) for a path from the model's stream: each row's
-    next-token distribution is the weighted mean over ``a ⊕ context`` of the first tokens a,
-    and its logits are that mixture's log-probabilities (the default read-out, :mod:`.readout`).
+    ``average``: (prefixes, weights) for a path from the model's stream: each prefix is a token
+    sequence (all of one length; a bare int is a one-token prefix), each row's next-token
+    distribution is the weighted mean over ``s ⊕ context`` of the prefixes s, and its logits are
+    that mixture's log-probabilities (the default read-out, :mod:`.readout`: a BOS alone, or
+    BOS and the expected first tokens, or the first tokens alone).
 
     ``resume``: a checkpoint file, written at most every ``checkpoint_seconds``, when the run
     stops (an error or Ctrl-C) and at the end; a run with the same arguments continues from it.

@@ -37,7 +37,7 @@ class NgramTable:
     keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
     ``last_values``/``last_logits``/``last_index`` [vocab, m] hold, for each last context token
     (z2 of a pair table), the best ``m`` entries of the rows ending in it (:meth:`last_entries`).
-    ``average``: the first tokens (and weights) each row's distribution was averaged over, for
+    ``average``: the prefixes (token sequences) and weights each row's distribution was read after, for
     the default read-out (:mod:`.readout`).
     In a distributed run only rank 0 holds the per-row results (``row_*``, ``log_sum``,
     ``keyword_logits``); every rank holds the top entries.
@@ -59,7 +59,7 @@ class NgramTable:
     last_values: torch.Tensor | None = None  # [vocab, m]: per last context token, best entries
     last_logits: torch.Tensor | None = None
     last_index: torch.Tensor | None = None  # flat row * vocab + next token; -1: empty slot
-    average: tuple[list[int], list[float]] | None = None  # first tokens mixed over, and their weights
+    average: tuple[list[list[int]], list[float]] | None = None  # prefixes read before each row, weights
 
     @property
     def log_normaliser(self) -> torch.Tensor | None:
