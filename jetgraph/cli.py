@@ -84,7 +84,11 @@ def _resume_hint(args: argparse.Namespace) -> str:
     verb = "is" if len(written) == 1 else "are"
     done = f"{', '.join(map(str, written))} {verb} complete; " if written else ""
     if getattr(args, "resume", None):
-        return f"{done}rerun the same command to resume from the checkpoints in {args.resume}"
+        saved = sorted(Path(args.resume).glob("ngrams-*.pt")) if Path(args.resume).is_dir() else []
+        if not saved:
+            return f"{done}no checkpoint was written yet in {args.resume}: a rerun starts from the beginning"
+        return (f"{done}rerun the same command to resume from the checkpoints in {args.resume} "
+                f"({', '.join(p.name for p in saved)})")
     if args.command == "ngrams":
         return (f"{done}no other output was written; add --resume DIR to make long tables resumable"
                 if written else "no output was written; add --resume DIR to make long tables resumable")
@@ -119,6 +123,42 @@ def _int_at_least(minimum: int, what: str):
 
 _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "an integer >= 0")
+
+
+def _id_range(text: str) -> range:
+    """An argparse type: START:END with 0 <= START < END, token ids START..END-1."""
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        ids = range(int(start), int(end))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (token ids START..END-1), "
+                                         f"got {text!r}") from None
+    if ids.start < 0 or len(ids) == 0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return ids
+
+
+def _prefix(text: str) -> tuple[int, ...]:
+    """An argparse type: "none" or comma-separated token ids put before every context."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "none" or comma-separated token ids, '
+                                         f'got {text!r}') from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {text!r}")
+    return ids
+
+
+def _prefix_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix", type=_prefix, default=None, metavar="IDS",
+                        help='tokens put before every context of a read-out of the model\'s stream: '
+                             'comma-separated ids, or "none" (default: what the tokenizer adds before a '
+                             'text, e.g. its BOS; docs/readouts.md)')
 
 
 def _seconds(text: str) -> float | None:
@@ -161,21 +201,44 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--prompts", type=Path, metavar="FILE",
                       help="one prompt per line: the lens over all of them in padded batches, metrics "
                            "averaged over the prompts (the PNG shows mean cosine and its 95%% interval)")
-    lens.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch with --prompts")
+    lens.add_argument("--batch-size", type=_positive, default=8,
+                      help="at most this many prompts per batch with --prompts (fewer when a batch's planned "
+                           "peak would pass --max-memory)")
     lens.add_argument("--order", type=_order, default=1, help="highest Taylor order; orders 0..K are drawn")
     _granularity(lens)
     lens.add_argument("--joint", action="store_true",
                       help="also fit the joint lens (weighted centres), drawn and written with the rest")
     lens.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write")
     lens.add_argument("--csv", type=Path, help="also write every order's per-layer metrics as CSV")
+    _cost_arguments(lens)
+
+    def memory_size(text: str) -> float:
+        """A memory size: bytes, or a number with kB, MB, GB or TB (powers of 1000)."""
+        units = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "kb": 1e3, "b": 1.0, "": 1.0}
+        lowered = text.strip().lower()
+        number = lowered.rstrip("kmgtb ")
+        try:
+            value = float(number) * units[lowered[len(number):].strip()]
+        except (ValueError, KeyError):
+            raise argparse.ArgumentTypeError(f"expected a memory size such as 8GB or 500MB, got {text!r}"
+                                             ) from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive memory size, got {text!r}")
+        return value
+
+    lens.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                      help="memory budget of the lens above the loaded model (e.g. 8GB); --prompts picks its "
+                           "batch size to fit it. Default: half the memory available (--prompts), all of it "
+                           "(one text). The plan (--dry-run) states the peak")
     lens.set_defaults(run=_run_lens, check=_check_lens)
 
     ngrams = command("ngrams", "bigram / skip-bigram tables read from the model or from its paths",
                      "Evaluate paths (unit weights: their own logits) on every vocabulary token (or token "
                      "pair for paths through attention) and keep the global top-N.\nThe default, h_last→U, "
-                     "is the model's own next-token distribution after each token, averaged over the "
-                     "--average tokens it expects most before it: the read-out that recovers known bigrams "
-                     "best on tied and untied models (docs/readouts.md).\nThe cost is planned first: "
+                     "is the model's own next-token distribution after each token, read the way the "
+                     "tokenizer builds text: after its BOS when it adds one, else averaged over the "
+                     "--average tokens the model expects most before it: the read-out that recovers known "
+                     "bigrams best (docs/readouts.md).\nThe cost is planned first: "
                      "--dry-run prints it, and a table estimated past --max-time is refused.")
     _model_argument(ngrams)
     ngrams.add_argument("--paths", nargs="+", default=["h_last→U"],
@@ -183,14 +246,19 @@ def _parser() -> argparse.ArgumentParser:
                              '"E→attn0→U"')
     ngrams.add_argument("--average", type=_non_negative, default=None, metavar="M",
                         help="for a path from the model's stream (h_last→U): average each row's "
-                             "distribution over the M first tokens the model expects most (default 16; "
-                             "0: the token alone at position 0)")
+                             "distribution over the M first tokens the model expects most after the "
+                             "prefix (default: 0 when the tokenizer adds a BOS, else 16)")
+    _prefix_argument(ngrams)
     ngrams.add_argument("--top", type=_positive, default=100, help="global top-N entries")
     ngrams.add_argument("--keywords",
                         help='keyword list for probability masses: "toxic", "refusal" or a file')
     sources = ngrams.add_mutually_exclusive_group()
-    sources.add_argument("--first", type=_positive, default=None,
-                         help="only tokens < N as the (first) context token, for every path (default: all)")
+    sources.add_argument("--first", type=_positive, default=None, metavar="N",
+                         help="only the N tokens the model itself predicts most (data-free, without the "
+                              "tokenizer's special, unused and byte tokens) as the (first) context token "
+                              "(default: every token)")
+    sources.add_argument("--id-range", type=_id_range, default=None, metavar="START:END",
+                         help="only token ids START..END-1 as the (first) context token")
     sources.add_argument("--contexts", type=Path, default=None,
                          help="a file of contexts, one per line as token ids (two ids for paths through "
                               "attention)")
@@ -200,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="also keep, for each last context token, its best M entries, written to "
                              "OUT-by-last.csv (the per-z2 summary of a pair table)")
     ngrams.add_argument("--chunk", type=_positive, default=1024, help="contexts per batched call")
-    ngrams.add_argument("--resume", type=Path, help="folder for checkpoints (an interrupted run continues, "
+    ngrams.add_argument("--resume", type=Path, metavar="FOLDER",
+                        help="folder for checkpoints, made if missing (an interrupted run continues, "
                                                     "with any number of processes)")
     ngrams.add_argument("--nproc", type=_positive, default=None, metavar="N",
                         help="split each table over N processes on this machine (torchrun's launcher; "
@@ -213,10 +282,11 @@ def _parser() -> argparse.ArgumentParser:
     ngrams.set_defaults(run=_run_ngrams, check=_check_ngrams)
 
     sketch = command("sketch", "a jet n-gram language model read from the model, scored by perplexity",
-                     "Read a bigram table (the default read-out: the model after each token, averaged over "
-                     "--average first tokens), a trigram table "
+                     "Read a bigram table (the default read-out: the model after each token, read after "
+                     "the tokenizer's BOS or averaged over --average first tokens; each row's top "
+                     "--bigram-top tokens, the rest backing off to the unigram), a trigram table "
                      "(the model on every token pair, each row's top tokens) when affordable, and a unigram "
-                     "(the bigram table's rows averaged) from the model; interpolate them "
+                     "(the bigram read-out's rows averaged) from the model; interpolate them "
                      "(weights fitted on a development split) and print the perplexity on held-out text "
                      "of this sketch, the model itself, and count-based bigram and unigram LMs trained on "
                      "the same text.\nWithout --text the text is sampled from the model itself.")
@@ -229,14 +299,18 @@ def _parser() -> argparse.ArgumentParser:
     sketch.add_argument("--length", type=_positive, default=None,
                         help="tokens per sampled text, and per scored window of --text (default: 256, or "
                              "the model's context if shorter)")
-    sketch.add_argument("--average", type=_non_negative, default=16, metavar="M",
-                        help="first tokens the bigram read-out is averaged over (0: each token alone at "
-                             "position 0)")
+    sketch.add_argument("--average", type=_non_negative, default=None, metavar="M",
+                        help="first tokens the bigram read-out is averaged over, after the prefix "
+                             "(default: 0 when the tokenizer adds a BOS, else 16)")
+    _prefix_argument(sketch)
     sketch.add_argument("--trigram", choices=("auto", "on", "off"), default="auto",
                         help="read the trigram table: auto when it fits --max-time and 2 GB, on (refuse "
                              "otherwise), off")
     sketch.add_argument("--trigram-top", type=_positive, default=16, metavar="K",
                         help="tokens kept per trigram row (the rest of the row backs off to the bigram)")
+    sketch.add_argument("--bigram-top", type=_positive, default=128, metavar="K",
+                        help="tokens kept per bigram row, with their exact probabilities; the rest of "
+                             "the row backs off to the unigram (memory O(V·K); K ≥ V: the dense table)")
     sketch.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
     sketch.add_argument("--out", type=Path, default=Path("sketch"),
                         help="folder for sketch.safetensors (the tables), sketch.json and perplexities.csv")
@@ -370,12 +444,22 @@ def _check_ngrams(args: argparse.Namespace) -> None:
     if args.average is not None and not any(starts_at_model_state(spec) for spec in args.paths):
         raise UsageError("--average applies to paths from the model's stream (h_last→U, hN→U); "
                          f"these read exactly their own tokens: {' '.join(args.paths)}")
+    stream_paths = any(starts_at_model_state(spec) for spec in args.paths)
+    if args.prefix is not None and args.first is None and not stream_paths:
+        raise UsageError("--prefix applies to read-outs of the model's stream (h_last→U, hN→U) and to "
+                         f"--first N; these paths read exactly their own tokens: {' '.join(args.paths)}")
     args.keyword_words = load_keywords(args.keywords) if args.keywords else None
+    if args.id_range is not None and "vocab" in dims and args.id_range.stop > dims["vocab"]:
+        raise UsageError(f"--id-range {args.id_range.start}:{args.id_range.stop} reaches past the "
+                         f"vocabulary of {dims['vocab']:,} tokens")
     if args.contexts is not None:
         args.context_rows = _read_contexts(args.contexts)
     for out in _ngram_outputs(args):
         _check_output(out, (".csv", ".json"), "--out")
     if args.resume is not None:
+        if args.resume.is_file() or args.resume.suffix in (".pt", ".pth", ".ckpt"):
+            raise UsageError(f"--resume takes a folder (one checkpoint ngrams-N.pt per path is kept inside "
+                             f"it), not a file: {args.resume}")
         check_writable(args.resume / "ngrams-0.pt", "--resume folder")
     if args.contexts is not None:
         _check_context_rows(args, dims.get("vocab"))
@@ -498,7 +582,8 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         if args.contexts is not None:
             rows = len(args.context_rows)
         else:
-            rows = (min(args.first, vocab) if args.first else vocab) * (vocab if pairs else 1)
+            given = args.first or (len(args.id_range) if args.id_range is not None else None)
+            rows = (min(given, vocab) if given else vocab) * (vocab if pairs else 1)
         flops = rows * 2.0 * vocab * hidden
         rate = gemm_rate(getattr(torch, args.dtype))
         seconds = flops / rate
@@ -587,23 +672,23 @@ def _load(args: argparse.Namespace, text: str | None = None):
 
 
 def _run_capture(args: argparse.Namespace) -> int:
-    import jetgraph
     from jetgraph.files import atomic_write
 
     start = time.perf_counter()
     model, _, ids = _load(args)
     loaded = time.perf_counter()
-    prog = jetgraph.capture(model, ids, granularity=args.granularity)
+    prog = _capture(model, ids, args.granularity)
     captured = time.perf_counter()
     errors = _logit_errors(model, prog, ids)
     lines = [
         prog.summary_table(),
         "",
-        f"input: {args.text!r} ({ids.shape[1]} tokens)",
+        f"input: {_shown(args.text)} ({ids.shape[1]} tokens; exported on the first "
+        f"{min(CAPTURE_TOKENS, ids.shape[1])}, checked on all)",
         *(f"max |logits(program) - logits(model, {name} attention)| = {value:.3g}"
           for name, value in errors.items()),
-        *([] if errors else ["read lazily: the logits were checked on one block per structure group "
-                             "(the whole forward would read every weight)"]),
+        *([] if errors else ["read lazily: the logits were checked at capture against the model's own "
+                             "forward, streaming every block once (on the exported example)"]),
         f"load {loaded - start:.1f} s, capture + lift {captured - loaded:.1f} s",
     ]
     text = "\n".join(lines)
@@ -611,6 +696,22 @@ def _run_capture(args: argparse.Namespace) -> int:
     if args.out is not None:
         atomic_write(args.out, text + "\n")
     return 0
+
+
+CAPTURE_TOKENS = 16  # the example a program is exported on (dynamic in length; export time grows with it)
+
+
+def _capture(model, ids, granularity: str = "block"):
+    """The program of ``model``, exported on the first tokens of ``ids`` only (capture time does
+    not depend on the length of the user's text); callers run it on the whole text."""
+    import jetgraph
+
+    return jetgraph.capture(model, ids[:, :CAPTURE_TOKENS], granularity=granularity)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A text as echoed in summaries: whole when short, else its start and its length."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text):,} characters)"
 
 
 def _logit_errors(model, prog, ids) -> dict[str, float]:
@@ -664,19 +765,23 @@ def _selected_paths(args: argparse.Namespace, prog):
 
 def _run_emit(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.cost import expansion_plan
+    from jetgraph.cost import check_plan, emit_plan, format_plan
 
     start = time.perf_counter()
     model, _, ids = _load(args)
-    prog = jetgraph.capture(model, ids)
+    prog = _capture(model, ids)
     if args.expansion == "lens":
         view = prog.at(args.granularity)
         count = (len(view.units) + 1) * (args.order + 1)
     else:
         view, paths, count = _selected_paths(args, prog)
-    plan = expansion_plan(view, count, ids, args.order, f"emitted code for {count:,} terms")
-    if _stop_at_plan(args, [plan], SHRINK_SELECTION):
+    what = f"emitted code for {count:,} terms"
+    phases = emit_plan(view, count, ids, args.order, what, remainder=not args.no_remainder)
+    if args.dry_run:
+        print(format_plan(phases, args.max_time))
         return 0
+    check_plan(phases, args.max_time, "--max-time SECONDS (or --max-time none)",
+               memory_option=SHRINK_SELECTION, what=what)
     if args.expansion == "lens":
         states = [jetgraph.stream_term(view, i) for i in range(len(view.units) + 1)]
         expansion = jetgraph.expand(view, "decoder", states, order=args.order, weights="unit")
@@ -719,15 +824,26 @@ def _names(text: str | None) -> set[str] | None:
 
 
 def _run_lens(args: argparse.Namespace) -> int:
-    import jetgraph
+    import warnings
+
     from jetgraph.applications import iterative_lenses, joint_lens, write_lens_csv
+    from jetgraph.applications.lens import LensSeriesDivergenceWarning, LensSizes, lens_plan
     from jetgraph.applications.plots import plot_lens
 
     if args.prompts is not None:
         return _run_lens_over_prompts(args)
     model, tokenizer, ids = _load(args)
-    prog = jetgraph.capture(model, ids, granularity=args.granularity)
-    results = list(iterative_lenses(prog, ids, range(args.order + 1)).values())  # one Taylor pass
+    prog = _capture(model, ids, args.granularity)
+    orders = range(args.order + 1)
+    plan = lens_plan(LensSizes.of(prog, orders), [ids.shape[1]], 1)
+    if args.dry_run:
+        print(plan.describe() + (" (the joint lens's fit not included)" if args.joint else ""))
+        return 0
+    plan.check(args.max_time, "--max-time SECONDS (or --max-time none)", max_bytes=args.max_memory,
+               memory_option="shorten the text, lower --order, or raise --max-memory")
+    with warnings.catch_warnings():  # the table marks a diverging series with * and explains it
+        warnings.simplefilter("ignore", LensSeriesDivergenceWarning)
+        results = list(iterative_lenses(prog, ids, orders).values())  # one Taylor pass
     if args.joint:
         results.append(joint_lens(prog, ids, order=args.order))
     plot_lens(results, args.out, tokenizer, ids)
@@ -738,15 +854,67 @@ def _run_lens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_lens_over_prompts(args: argparse.Namespace) -> int:
-    import jetgraph
-    from jetgraph.applications import write_lens_csv
-    from jetgraph.applications.plots import plot_lens_average
+def _lens_plan_before_loading(args: argparse.Namespace):
+    """The plan of ``lens --prompts`` from the model's config.json and its tokenizer alone (None
+    when either is not at hand: a GGUF file, a hub id): --dry-run and --max-time need no model."""
+    import torch
 
+    from jetgraph.applications.lens import LensSizes, lens_batch_size, lens_plan
+    from jetgraph.capture.loading import load_tokenizer
+
+    dims = _config_dims(args.model)
+    if not {"layers", "vocab", "hidden"} <= dims.keys():
+        return None
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        lengths = [len(tokenizer(text).input_ids) for text in args.prompt_texts]
+    except Exception:  # any tokenizer trouble is reported after loading, by the real run
+        return None
+    states = dims["layers"] * (2 if args.granularity == "sublayer" else 1) + 1
+    sizes = LensSizes(states, tuple(range(args.order + 1)), dims["vocab"], dims["hidden"],
+                      12.0 * dims["layers"] * dims["hidden"] ** 2, getattr(torch, args.dtype))
+    return lens_plan(sizes, lengths, lens_batch_size(sizes, lengths, args.max_memory, args.batch_size))
+
+
+def _run_lens_over_prompts(args: argparse.Namespace) -> int:
+    import warnings
+
+    from jetgraph.applications import write_lens_csv
+    from jetgraph.applications.lens import (
+        LensSeriesDivergenceWarning,
+        LensSizes,
+        lens_batch_size,
+        lens_over_prompts,
+        lens_plan,
+    )
+    from jetgraph.applications.plots import plot_lens_average
+    from jetgraph.capture.loading import encode
+    from jetgraph.errors import CostError
+
+    early = _lens_plan_before_loading(args)
+    if early is not None and args.dry_run:
+        print(early.describe() + " (from config.json, before loading the model)")
+        return 0
+    if early is not None and args.max_time is not None and early.seconds > args.max_time:
+        raise CostError(f"refusing {early.describe()}: more than the limit of --max-time {args.max_time:g} s "
+                        "(checked before loading the model); use fewer or shorter prompts, a lower --order, "
+                        "or raise --max-time (none: no limit)")
     model, tokenizer, ids = _load(args, text=args.prompt_texts[0])
-    prog = jetgraph.capture(model, ids, granularity=args.granularity)
-    averages = list(jetgraph.lens(prog, args.prompt_texts, range(args.order + 1), tokenizer=tokenizer,
-                                  batch_size=args.batch_size).values())
+    prog = _capture(model, ids, args.granularity)
+    prompts = [encode(model, tokenizer, text)[0] for text in args.prompt_texts]
+    orders = range(args.order + 1)
+    sizes, lengths = LensSizes.of(prog, orders), [len(p) for p in prompts]
+    batch = lens_batch_size(sizes, lengths, args.max_memory, args.batch_size)  # refuses what cannot fit
+    plan = lens_plan(sizes, lengths, batch)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    plan.check(args.max_time, "--max-time SECONDS (or --max-time none)", max_bytes=float("inf"))
+    side = getattr(tokenizer, "padding_side", "left") if prog.reads_mask else "right"
+    with warnings.catch_warnings():  # the table marks a diverging series with * and explains it
+        warnings.simplefilter("ignore", LensSeriesDivergenceWarning)
+        averages = list(lens_over_prompts(prog, prompts, orders, batch_size=batch, side=side,
+                                          max_seconds=None, max_memory=float("inf")).values())
     plot_lens_average(averages, args.out)
     print(f"means over {averages[0].prompts} prompts ({averages[0].positions:,} tokens):")
     print(_lens_table(averages))
@@ -757,12 +925,23 @@ def _run_lens_over_prompts(args: argparse.Namespace) -> int:
 
 
 def _lens_table(results) -> str:
-    """Cosine to the logits by centre, one column per iterative order; the joint lens after."""
+    """Cosine to the logits by centre, one column per iterative order, ``*`` after a cosine whose
+    jet diverges at some token (explained under the table); the joint lens after."""
+    from jetgraph.applications.lens import DIVERGENCE_REMAINDER
+
     iterative = [r for r in results if r.kind == "iterative"]
-    lines = [f"{'state':<6}{'after':<10}" + "".join(f"  {'cos@' + str(r.order):>7}" for r in iterative)]
+    lines = [f"{'state':<6}{'after':<10}" + "".join(f"  {'cos@' + str(r.order):>8}" for r in iterative)]
+    marked = False
     for i, (label, after) in enumerate(zip(iterative[0].labels, iterative[0].written_by, strict=True)):
-        cells = "".join(f"  {r.table()[i]['cosine']:7.3f}" for r in iterative)
+        flags = ["*" if r.divergent_counts()[i] else " " for r in iterative]
+        marked = marked or "*" in flags
+        cells = "".join(f"  {r.table()[i]['cosine']:7.3f}{flag}"
+                        for r, flag in zip(iterative, flags, strict=True))
         lines.append(f"{label:<6}{after:<10}{cells}")
+    if marked:
+        lines.append(f"* diverged: the jet is a diverging Taylor series at some token (order k ≥ 1: ‖c_k‖ ≥ "
+                     f"‖c_k-1‖ and ‖logits − lens‖ > {DIVERGENCE_REMAINDER:g}·‖logits‖, or non-finite): that "
+                     "number measures the series, not the decoder (CSV column divergent; docs/lens.md)")
     for result in results:
         if result.kind == "joint":
             lines.append(f"joint lens, order {result.order}: cosine "
@@ -775,13 +954,13 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         return _launch_ranks(args)
     import torch
 
-    import jetgraph
     from jetgraph.applications import keyword_ids, ngram_table
-    from jetgraph.applications.ngrams import current_shard, ngram_plan
+    from jetgraph.applications.ngrams import common_tokens, current_shard, input_convention, ngram_plan
     from jetgraph.applications.ngrams.readout import (
-        DEFAULT_FIRST_TOKENS,
-        expected_first_tokens,
-        placeholder_average,
+        describe_prefixes,
+        placeholder_prefixes,
+        prediction_plan,
+        readout_prefixes,
     )
     from jetgraph.errors import CostError
     from jetgraph.passes.pathspec import starts_at_model_state
@@ -789,32 +968,33 @@ def _run_ngrams(args: argparse.Namespace) -> int:
     shard = current_shard()  # under torchrun: this rank's place; else None
     main_rank = shard is None or shard.is_main
     model, tokenizer, ids = _load(args, text="a")
-    prog = jetgraph.capture(model, ids)
+    prog = _capture(model, ids)
     device = _device(args.device, shard)
     if device.type != "cpu":
         prog.to(device)
     keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
     contexts = torch.tensor(args.context_rows) if args.contexts is not None else None
-    first = range(args.first) if args.first is not None else None
     vocab = int(prog.decoder.unembedding.shape[0])
-    if first is not None and args.first > vocab:
-        first = range(vocab)
+    mixing = any(starts_at_model_state(spec) for spec in args.paths)
+    convention = None
+    if mixing or args.first is not None:
+        convention = input_convention(args.prefix, tokenizer, vocab)
     options = dict(top=args.top, keywords=keywords, normalise=True, rank=args.rank, chunk=args.chunk,
                    last_top=args.last_top)
-    count = DEFAULT_FIRST_TOKENS if args.average is None else args.average
-    mixing = bool(count) and any(starts_at_model_state(spec) for spec in args.paths)
-    average = placeholder_average(vocab, count) if mixing else None  # the plan needs no pass first
+    prefixes = placeholder_prefixes(vocab, convention, args.average) if mixing else None  # plan first
 
-    def rows_of(spec: str) -> dict:
-        """Contexts of one path; a path from the model's stream is averaged over first tokens."""
-        mixed = average if starts_at_model_state(spec) else None
-        return dict(contexts=contexts, first=first, average=mixed)
+    def rows_of(spec: str, first) -> dict:
+        """Contexts of one path; a path from the model's stream is read after the prefixes."""
+        return dict(contexts=contexts, first=first, average=prefixes if starts_at_model_state(spec) else None)
 
+    placeholder_first = None if args.first is None else range(min(args.first, vocab))
+    first = args.id_range if args.id_range is not None else placeholder_first
     ranks = shard.world if shard else (args.nproc or 1)
-    plans = [ngram_plan(prog, spec, ranks=ranks, **rows_of(spec), **options) for spec in args.paths]
-    if mixing:  # the pass that finds the expected first tokens: the model once per row
-        spec = next(s for s in args.paths if starts_at_model_state(s))
-        plans.insert(0, ngram_plan(prog, spec, contexts=contexts, first=first, top=1, chunk=args.chunk))
+    plans = [ngram_plan(prog, spec, ranks=ranks, **rows_of(spec, first), **options) for spec in args.paths]
+    model_pass = convention is not None and (args.first is not None or (
+        prefixes is not None and not convention.prefix and len(prefixes[0]) > 1))
+    if model_pass:  # the model's mean prediction: the expected first tokens, the sources of --first
+        plans.insert(0, prediction_plan(prog, convention, args.chunk))
     printing = main_rank
     if args.dry_run and not main_rank:  # rank 0 prints the plan
         return 0
@@ -822,18 +1002,22 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         if _stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
             return 0
     except CostError as exc:
-        if not mixing:
+        if prefixes is None or len(prefixes[0]) == 1:
             raise
-        raise CostError(f"{exc} (the default read-out runs the model {count + 1} times per row: "
+        raise CostError(f"{exc} (the default read-out runs the model {len(prefixes[0])} times per row: "
                         "--average M with a smaller M, or --first N, shrinks it)") from None
+    if args.first is not None:
+        first = common_tokens(prog, args.first, convention, tokenizer, args.chunk)
     if mixing:
-        rows = contexts[:, -1].tolist() if contexts is not None else first
-        average = expected_first_tokens(prog, count, rows, args.chunk)
+        prefixes = readout_prefixes(prog, convention, args.average, args.chunk)
+        if printing:
+            print(f"input convention: {convention.describe(tokenizer)}; "
+                  f"{describe_prefixes(prefixes, tokenizer)}")
     outputs = _ngram_outputs(args)
     for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
         table = ngram_table(prog, spec, resume=resume, max_seconds=None, shard=shard,
-                            progress=printing, **rows_of(spec), **options)
+                            progress=printing, **rows_of(spec, first), **options)
         if not printing:
             continue
         table.export(out, tokenizer)
@@ -841,11 +1025,6 @@ def _run_ngrams(args: argparse.Namespace) -> int:
         where = f" over {ranks} processes" if ranks > 1 else ""
         print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
               f"(by {args.rank}){where} -> {out}")
-        if table.average:
-            pairs = zip(*table.average, strict=True)
-            shown = ", ".join(f"{tokenizer.decode([a])!r} {w:.2f}" for a, w in pairs)
-            print(f"  each row averaged over the first tokens the model expects most (--average "
-                  f"{len(table.average[0])}): {shown}")
         for entry in table.entries(tokenizer)[:10]:
             print(f"  {entry['context']!r:>16} -> {entry['next']!r:<16} logit {entry['logit']:8.3f}  "
                   f"p {entry['prob']:.6f}")
@@ -865,11 +1044,10 @@ class _PlanShown(Exception):
 
 
 def _run_sketch(args: argparse.Namespace) -> int:
-    import jetgraph
     from jetgraph.applications.sketch import sketch_model
 
     model, tokenizer, ids = _load(args, text="a")
-    prog = jetgraph.capture(model, ids)
+    prog = _capture(model, ids)
 
     def show(plan) -> None:
         print(plan.describe())
@@ -880,7 +1058,8 @@ def _run_sketch(args: argparse.Namespace) -> int:
         report = sketch_model(model, tokenizer, prog, text=args.text_content, samples=args.samples,
                               length=args.length, first_tokens=args.average,
                               trigram=args.trigram, top=args.trigram_top, max_seconds=args.max_time,
-                              seed=args.seed, out=args.out, on_plan=show)
+                              seed=args.seed, out=args.out, on_plan=show, bigram_top=args.bigram_top,
+                              convention=args.prefix)
     except _PlanShown:
         return 0
     args.written = report.files
@@ -953,15 +1132,18 @@ def _launch_ranks(args: argparse.Namespace) -> int:
 
 def _run_paths(args: argparse.Namespace) -> int:
     import jetgraph
-    from jetgraph.cost import expansion_plan
+    from jetgraph.cost import check_plan, expansion_plan, format_plan
     from jetgraph.viz import expansion_graph, render
 
     model, _, ids = _load(args)
-    prog = jetgraph.capture(model, ids)
+    prog = _capture(model, ids)
     view, paths, count = _selected_paths(args, prog)
-    plan = expansion_plan(view, count, ids, args.order, f"a path picture of {count:,} paths")
-    if _stop_at_plan(args, [plan], SHRINK_SELECTION):
+    phases = [expansion_plan(view, count, ids, args.order, f"a path picture of {count:,} paths")]
+    if args.dry_run:
+        print(format_plan(phases, args.max_time))
         return 0
+    check_plan(phases, args.max_time, "--max-time SECONDS (or --max-time none)",
+               memory_option=SHRINK_SELECTION)
     expansion = paths.expansion(max_terms=None)
     out = render(expansion_graph(expansion, ids, max_nodes=args.max_nodes), args.render)
     total = jetgraph.count_paths(prog, args.granularity, args.order)

@@ -13,16 +13,19 @@ from jetgraph.cli import (
     _check_output,
     _config_dims,
     _cost_arguments,
+    _id_range,
     _load,
     _model_argument,
     _non_negative,
     _positive,
+    _prefix_argument,
     read_text_option,
 )
 
 FEW_POSITIONS = 20  # fewer target positions than this: say that the intervals will be wide
-READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, averaged over --average '
-                'first tokens) or a bigram path such as "E→U", "E→MLP_last→U"')
+READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, read after the tokenizer\'s '
+                'BOS, or averaged over --average first tokens when it adds none) or a bigram path such as '
+                '"E→U", "E→MLP_last→U"')
 
 
 def add_commands(command) -> None:
@@ -47,13 +50,15 @@ def add_commands(command) -> None:
     roles.add_argument("--length", type=_positive, default=128, help="tokens per window or sampled text")
     roles.add_argument("--windows", type=_positive, default=256, help="at most this many windows of --text")
     roles.add_argument("--rows", type=_positive, default=None,
-                       help="source tokens the path scores average over (default: all up to 8192, else a "
-                            "seeded sample of 4096)")
+                       help="source tokens the path scores average over: the N tokens the model predicts "
+                            "most, without special, unused and byte tokens (default: every such token up "
+                            "to 8192, else the 4096 it predicts most)")
     roles.add_argument("--pairs", type=_non_negative, default=6,
                        help="pair the best M units (paths E→i→j→U); 0: no pairs")
     roles.add_argument("--start", choices=("embedding", "stream"), default="embedding",
                        help="where the ranked paths begin: the token embedding (E→u→U, the paper's bigram "
                             "paths) or each unit's own input state on a one-token context (h_k→u→U)")
+    _prefix_argument(roles)
     roles.add_argument("--attention", action="store_true",
                        help="also ablate every attention unit (zero and mean; bigram paths avoid attention, "
                             "so these are not ranked)")
@@ -119,10 +124,16 @@ def _dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 def _readout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", default="h_last→U", help=READOUT_HELP)
-    parser.add_argument("--average", type=_non_negative, default=16, metavar="M",
-                        help="first tokens h_last→U is averaged over (0: each token alone at position 0)")
-    parser.add_argument("--first", type=_positive, default=None, metavar="N",
-                        help="only tokens < N as source tokens (default: every token)")
+    parser.add_argument("--average", type=_non_negative, default=None, metavar="M",
+                        help="first tokens h_last→U is averaged over, after the prefix (default: 0 when the "
+                             "tokenizer adds a BOS, else 16)")
+    _prefix_argument(parser)
+    sources = parser.add_mutually_exclusive_group()
+    sources.add_argument("--first", type=_positive, default=None, metavar="N",
+                         help="only the N tokens the model predicts most (without special, unused and byte "
+                              "tokens) as source tokens (default: every token)")
+    sources.add_argument("--id-range", type=_id_range, default=None, metavar="START:END",
+                         help="only token ids START..END-1 as source tokens")
     parser.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
 
 
@@ -200,26 +211,63 @@ def _program(model):
     return jetgraph.capture(model)
 
 
-def _rows(args: argparse.Namespace, vocab: int):
+def _convention(args: argparse.Namespace, tokenizer, vocab: int):
+    """The input convention of the read-outs: --prefix, else the tokenizer's."""
+    from jetgraph.applications.ngrams import input_convention
+
+    if args.prefix is None and tokenizer is None:
+        raise UsageError("no tokenizer to tell what it puts before a text: give --prefix (token ids, or "
+                         "none)")
+    return input_convention(args.prefix, tokenizer, vocab)
+
+
+def _rows(args: argparse.Namespace, prog, convention, tokenizer):
+    """The source tokens: --id-range, the --first N the model predicts most, or every token."""
+    from jetgraph.applications.ngrams import common_tokens
+
+    if getattr(args, "id_range", None) is not None:
+        return list(args.id_range)
     if args.first is None:
         return None
-    return list(range(min(args.first, vocab)))
+    return common_tokens(prog, args.first, convention, tokenizer, args.chunk)
 
 
-def _real_inputs(args: argparse.Namespace, model, tokenizer):
-    """(ids [n, L], mask) the interventions run on: windows of --text or texts sampled from the model."""
+def _folder_tokenizer(folder: Path):
+    """The tokenizer saved with a checkpoint folder, or None when it has none."""
+    from jetgraph.capture.loading import load_tokenizer
+    from jetgraph.errors import ModelLoadError
+
+    try:
+        return load_tokenizer(str(folder))
+    except (ModelLoadError, OSError, ValueError):
+        return None
+
+
+def _text_windows(args: argparse.Namespace, tokenizer):
+    """(ids [n, L], None, what) of --text: its tokens cut in at most --windows windows of --length."""
     import torch
 
+    from jetgraph.applications.ngrams import InputConvention
+
+    given = args.prefix
+    prefix = list(given if given is not None else InputConvention.from_tokenizer(tokenizer).prefix)
+    body = args.length - len(prefix)  # each window starts the way the tokenizer starts a text
+    if body < 2:
+        raise ValueError(f"--length {args.length} leaves fewer than 2 tokens after the prefix {prefix}")
+    encoded = tokenizer(args.text_content, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(encoded, dtype=torch.long)
+    count = min(args.windows, ids.numel() // body)
+    if count == 0:
+        raise ValueError(f"--text has {ids.numel()} tokens: fewer than one window of --length {args.length}")
+    windows = ids[:count * body].view(count, body)
+    windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(count, -1), windows], 1)
+    return windows, None, f"{count} windows of --text" + (f", each after {prefix}" if prefix else "")
+
+
+def _sampled_texts(args: argparse.Namespace, model, tokenizer):
+    """(ids [n, L], mask, what): --samples texts sampled from the model, each from its BOS."""
     from jetgraph.applications.sketch import sample_texts
 
-    if args.text_content is not None:
-        encoded = tokenizer(args.text_content, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor(encoded, dtype=torch.long)
-        count = min(args.windows, ids.numel() // args.length)
-        if count == 0:
-            raise ValueError(f"--text has {ids.numel()} tokens: fewer than one window of --length "
-                             f"{args.length}")
-        return ids[:count * args.length].view(count, args.length), None, f"{count} windows of --text"
     start = [int(i) for i in tokenizer("")["input_ids"]] or [int(i) for i in tokenizer("\n")["input_ids"]]
     if not start:
         raise ValueError("the tokenizer adds no BOS and has no line break to start samples from: give --text")
@@ -230,34 +278,46 @@ def _real_inputs(args: argparse.Namespace, model, tokenizer):
 
 def _run_roles(args: argparse.Namespace) -> int:
     from jetgraph.applications import roles
+    from jetgraph.applications.ngrams.readout import prediction_plan
     from jetgraph.applications.plots import plot_roles
     from jetgraph.applications.targets import target_tokens
+    from jetgraph.capture.loading import model_vocab_size
+    from jetgraph.cost import check_plan, format_plan
 
     model, tokenizer, _ = _load(args, text="a")
-    prog = _program(model)
-    vocab = int(prog.decoder.unembedding.shape[0])
+    prog = None if model_vocab_size(model) else _program(model)  # the vocabulary, before capture if it can
+    vocab = model_vocab_size(model) or int(prog.decoder.unembedding.shape[0])
     targets = target_tokens(args.targets, vocab, tokenizer)
-    rows = len(roles.source_rows(vocab, args.rows, args.seed))
-    units = len(roles.mlp_units(prog))
-    tokens = (args.windows if args.text_content is not None else args.samples) * args.length
-    verified = units + min(3, args.pairs * (args.pairs - 1) // 2)
-    if args.attention:
-        verified += len(roles.attention_units(prog))
-    plan = roles.role_plan(prog, rows, args.pairs, tokens, verified)
-    if args.text_content is None:  # sampling is latency-bound: timed, not counted in FLOPs
-        from dataclasses import replace
-
+    text, sampling = None, None
+    if args.text_content is not None:  # checked before any work: a text without targets stops here
+        text = _text_windows(args, tokenizer)
+        targets_at = roles.check_text(text[0], text[1], targets)
+        windows = text[0].shape[0]
+    else:  # sampling is latency-bound: timed, not counted in FLOPs
         from jetgraph.applications.sketch import sampling_rate
 
-        plan = replace(plan, what="component roles (with sampling the text)",
-                       seconds=plan.seconds + tokens * sampling_rate(model, tokenizer))
+        targets_at, windows, sampling = None, args.samples, sampling_rate(model, tokenizer)
+    prog = prog or _program(model)
+    convention = _convention(args, tokenizer, vocab)
+    rows = min(args.rows or roles.default_rows(vocab), vocab)
+    phases = [prediction_plan(prog, convention, args.chunk),  # the sources: the tokens it predicts most
+              *roles.role_plan(prog, rows, args.pairs, windows, args.length, targets_at=targets_at,
+                               attention=args.attention, chunk=args.chunk, start=args.start,
+                               sampling=sampling, prefix_length=len(convention.prefix) or 1)]
     print(f"targets: {targets.describe(tokenizer)}")
-    print(plan.describe())
+    print(format_plan(phases, args.max_time))
     if args.dry_run:
         return 0
-    plan.check(args.max_time, "--max-time")
-    ids, mask, source = _real_inputs(args, model, tokenizer)
-    report = roles.unit_roles(prog, targets, args.rows, args.pairs, args.seed, args.chunk, start=args.start)
+    check_plan(phases, args.max_time, "--max-time", what="component roles")
+    if text is None:
+        text = _sampled_texts(args, model, tokenizer)
+        roles.check_text(text[0], text[1], targets)  # before the ranking: sampled text may lack targets
+    ids, mask, source = text
+    from jetgraph.applications.ngrams import common_tokens
+
+    sources = common_tokens(prog, rows, convention, tokenizer, args.chunk)  # those the model predicts most
+    report = roles.unit_roles(prog, targets, sources, args.pairs, args.seed, args.chunk, start=args.start,
+                              convention=convention)
     roles.verify_roles(prog, report, ids, mask, attention=args.attention)
     print(f"text: {source}")
     if report.positions < FEW_POSITIONS:
@@ -274,8 +334,10 @@ def _run_curves(args: argparse.Namespace) -> int:
 
     programs = [load_checkpoint(folder) for folder in args.folders]
     vocab = int(programs[-1].decoder.unembedding.shape[0])
-    curves = checkpoint_curves(programs, args.path, args.top, _rows(args, vocab), args.average,
-                               labels=[str(f) for f in args.folders], chunk=args.chunk)
+    convention = _convention(args, _folder_tokenizer(args.folders[-1]), vocab)
+    rows = _rows(args, programs[-1], convention, _folder_tokenizer(args.folders[-1]))
+    curves = checkpoint_curves(programs, args.path, args.top, rows, args.average,
+                               labels=[str(f) for f in args.folders], chunk=args.chunk, convention=convention)
     print(curves.table())
     args.written = [curves.write_csv(args.csv), curves.plot(args.out)]
     print(f"wrote {', '.join(map(str, args.written))}")
@@ -291,8 +353,10 @@ def _run_diff(args: argparse.Namespace) -> int:
     model_b, _, _ = _load(argparse.Namespace(**{**vars(load), "model": args.model_b}), text="a")
     prog_a, prog_b = _program(model_a), _program(model_b)
     vocab = int(prog_a.decoder.unembedding.shape[0])
-    diff = model_diff(prog_a, prog_b, args.path, args.top, _rows(args, vocab), args.average, args.rank,
-                      args.min_prob, args.chunk, names=(args.model_a, args.model_b))
+    convention = _convention(args, tokenizer, vocab)
+    diff = model_diff(prog_a, prog_b, args.path, args.top, _rows(args, prog_a, convention, tokenizer),
+                      args.average, args.rank, args.min_prob, args.chunk, names=(args.model_a, args.model_b),
+                      convention=convention)
     print(diff.table(tokenizer))
     args.written = [diff.write_csv(args.csv, tokenizer), plot_diff(diff, args.out, tokenizer)]
     print(f"wrote {', '.join(map(str, args.written))}")
@@ -321,9 +385,11 @@ def _run_masses(args: argparse.Namespace) -> int:
         tokenizer = tokenizer or tok
         programs[name] = _program(model)
     ids, label = _keyword_ids(args.keywords, tokenizer)
-    vocab = int(next(iter(programs.values())).decoder.unembedding.shape[0])
-    rows = keyword_masses(programs, ids, args.path, _rows(args, vocab), args.average, args.controls,
-                          seed=args.seed, chunk=args.chunk, label=label)
+    reference = next(iter(programs.values()))
+    convention = _convention(args, tokenizer, int(reference.decoder.unembedding.shape[0]))
+    sources = _rows(args, reference, convention, tokenizer)
+    rows = keyword_masses(programs, ids, args.path, sources, args.average, args.controls, seed=args.seed,
+                          chunk=args.chunk, label=label, convention=convention)
     print(masses_table(rows))
     import csv
     import io

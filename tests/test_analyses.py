@@ -14,6 +14,7 @@ from jetgraph.applications.diffs import corpus_diff, model_diff, precision_at
 from jetgraph.applications.groundtruth import TinyConfig, tiny_gpt2
 from jetgraph.applications.groundtruth.planted import planted_rule_model
 from jetgraph.applications.masses import keyword_masses, matched_controls
+from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.ngrams.readout import bigram_readout
 from jetgraph.applications.roles import (
     control_positions,
@@ -141,6 +142,95 @@ def test_ablation_delta_logit_two_ways_agree(planted):
         assert report.effect(("mlp0", "mlp2"), "term").mean == pytest.approx(removed.mean().item(), abs=1e-4)
 
 
+def _unstreamed(prog, report, text, rows, positions, next_ids, edits, with_terms):
+    """The interventions as computed before they streamed (the reference): each batch's picked
+    [positions, V] float64 logits whole, and every unit set's path-removed copy held at once."""
+    from jetgraph.applications.roles import path_logits
+
+    out = {"run": ([], []), **{s: ([], []) for s in with_terms}}
+    visited = []
+    for start in range(0, text.shape[0], 8):
+        chosen = (rows >= start) & (rows < start + 8)
+        if not chosen.any():
+            continue
+        visited.append(chosen.nonzero()[:, 0])
+        part = text[start:start + 8]
+        picked = prog.intervene(part, edits)[rows[chosen] - start, positions[chosen]].double()
+        targets = next_ids[chosen][:, None]
+        sources = part[rows[chosen] - start, positions[chosen]]
+        variants = [("run", picked)] + [(s, picked - sum(path_logits(prog, path, sources)
+                                                         for path in report.paths_inside(s)))
+                                        for s in with_terms]
+        for key, values in variants:
+            out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
+            out[key][1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
+    order = torch.cat(visited).argsort()
+    return {key: (torch.cat(c)[order], torch.cat(lp)[order]) for key, (c, lp) in out.items()}
+
+
+def test_streamed_interventions_equal_the_unstreamed_computation(planted, monkeypatch):
+    """verify_roles holds one block of positions' logits and one unit set's at a time; its
+    effects are exactly those of the old computation that held them all (blocks of 7 positions
+    here, so that every batch is cut in several)."""
+    from jetgraph.applications import roles
+    from jetgraph.applications.statistics import bootstrap_mean
+
+    _, prog, rule, text = planted
+    monkeypatch.setattr(roles, "LOGITS_PER_CALL", 48 * 7)
+    assert roles.block_rows(48) == 7
+    sets = [("mlp1",), ("mlp0", "mlp2")]
+    report = verify_roles(prog, unit_roles(prog, [rule.target], pairs=3, progress=False), text, units=sets,
+                          progress=False)
+    rows, positions = target_positions(text, None, [rule.target])
+    at = rows.numel()
+    other_rows, other_positions = control_positions(text, None, [rule.target])
+    rows, positions = torch.cat([rows, other_rows]), torch.cat([positions, other_positions])
+    next_ids = text[rows, positions + 1]
+    with torch.no_grad():
+        clean = _unstreamed(prog, report, text, rows, positions, next_ids, {}, sets)
+        means = unit_means(prog, ["mlp0", "mlp1", "mlp2"], text, None)
+        edited = {(s, "term"): clean[s] for s in sets}
+        for s in sets:
+            edited[s, "zero"] = _unstreamed(prog, report, text, rows, positions, next_ids,
+                                            {u: torch.zeros_like for u in s}, [])["run"]
+            edited[s, "mean"] = _unstreamed(prog, report, text, rows, positions, next_ids,
+                                            {u: (lambda x, m=means[u]: m.expand_as(x)) for u in s}, [])["run"]
+    for (units, method), (centred, logprob) in edited.items():
+        delta = centred - clean["run"][0]
+        stats = bootstrap_mean(delta[:at], 1000)
+        effect = report.effect(units, method)
+        assert (effect.mean, effect.low, effect.high) == (stats["mean"], stats["low"], stats["high"])
+        assert effect.others == float(delta[at:].mean())
+        assert effect.logprob == float((logprob - clean["run"][1])[:at].mean())
+
+
+def test_roles_refuses_text_without_targets_before_any_work(tmp_path, capsys, monkeypatch):
+    """The text is checked right after tokenizing: no capture, no ranking, one line."""
+    import jetgraph
+    from jetgraph.applications import roles
+    from jetgraph.applications.roles import check_text
+    from tests.conftest import require_tinystories
+
+    folder = require_tinystories()
+    text = tmp_path / "plain.txt"
+    text.write_text("The cat sat on the mat. The dog sat on the log. " * 20)
+
+    def refuse(*_, **__):
+        raise AssertionError("work started before the text was checked")
+
+    monkeypatch.setattr(jetgraph, "capture", refuse)
+    monkeypatch.setattr(roles, "unit_roles", refuse)
+    assert main(["roles", str(folder), "--targets", "ing", "--text", str(text), "--length", "16",
+                 "--out", str(tmp_path / "r.png"), "--csv", str(tmp_path / "r.csv")]) == 1
+    err = capsys.readouterr().err.strip()  # (after transformers' own progress bar)
+    assert "the text has no position followed by a target (ing)" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert check_text(torch.tensor([[5, 7, 5, 7]]), None, [7]) == 2
+    for ids, message in (([[5, 5, 5]], "no position followed by a target"), ([[7]], "1 token long")):
+        with pytest.raises(ValueError, match=message):
+            check_text(torch.tensor(ids), None, [7])
+
+
 def test_attention_units_are_ablated_but_not_ranked(planted, tmp_path):
     """attention=True ablates every attention unit (zero, mean; no path term), and its ΔLogit
     equals a forward hook on the attention's output projection in the transformers model."""
@@ -246,8 +336,9 @@ def test_checkpoint_curves_match_hand_computation(series, tmp_path):
         assert row["top_k_mass"] == pytest.approx(top.values.sum().item(), rel=1e-5)
         assert row["final_top_k_mass"] == pytest.approx(table[sorted(final)].sum().item(), rel=1e-5)
     assert [r["step"] for r in curves.rows] == [0, 10, 60] and curves.rows[-1]["hit_ratio"] == 1.0
-    default = checkpoint_curves(programs[1:], k=10, first_tokens=2, progress=False)
-    dense = [bigram_readout(p, 2).exp().flatten() for p in programs[1:]]
+    none = InputConvention()  # a chain model: trained on windows of a stream, no start token
+    default = checkpoint_curves(programs[1:], k=10, first_tokens=2, progress=False, convention=none)
+    dense = [bigram_readout(p, 2, convention=none).exp().flatten() for p in programs[1:]]
     assert default.rows[0]["top_k_mass"] == pytest.approx(dense[0].topk(10).values.sum().item(), rel=1e-5)
     assert curves.plot(tmp_path / "c.png").stat().st_size > 0
     assert "hit_ratio" in curves.write_csv(tmp_path / "c.csv").read_text()

@@ -168,7 +168,15 @@ def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -
     monkeypatch.setattr(jetgraph.applications, "ngram_table", interrupted)
     resume = tmp_path / "ckpt"
     assert main(["ngrams", str(path), "--resume", str(resume), "--out", str(tmp_path / "t.csv")]) == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert f"no checkpoint was written yet in {resume}" in capsys.readouterr().err  # none is promised
+    resume.mkdir(exist_ok=True)
+    (resume / "ngrams-0.pt").write_bytes(b"partial")
+    assert main(["ngrams", str(path), "--resume", str(resume), "--out", str(tmp_path / "t.csv")]) == 130
+    assert "rerun the same command to resume from the checkpoints in" in capsys.readouterr().err
+    file_name = str(tmp_path / "state.pt")
+    assert main(["ngrams", str(path), "--resume", file_name, "--out", str(tmp_path / "t.csv")]) == 2
+    _one_line_error(capsys, "--resume takes a folder")
+    assert not (tmp_path / "state.pt").exists()
     assert main(["ngrams", str(path), "--out", str(tmp_path / "t.csv")]) == 130
     assert "no output was written; add --resume DIR" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
@@ -389,41 +397,73 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     _one_line_error(capsys, "holds token id 99999, outside the model's vocabulary of 2048")
 
 
-def test_ngrams_default_readout_is_the_model_averaged_over_first_tokens(tmp_path, capsys,
-                                                                       monkeypatch) -> None:
-    """The default table: each row is the model's next-token distribution after the token,
-    averaged over the first tokens it expects most (their weights: its mean one-token prediction
-    over the rows), checked against the transformers model run directly; --average 0 reads the
-    token alone; --average with a path that reads its own tokens is a usage error before loading."""
+def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """The default table reads each token the way the tokenizer builds text: TinyStories' tokenizer
+    adds BOS, so a row is the model's distribution on (BOS, token); --average M mixes over
+    (BOS, a, token) for the M tokens the model expects after BOS; --prefix none mixes over the
+    first tokens of its mean one-token prediction over the whole vocabulary (fixed per model, not
+    per row set). --first N rows are the N tokens the model predicts most, special tokens left
+    out. Each is checked against the transformers model run directly."""
     import json
 
     import jetgraph
 
     path = require_tinystories()
-    model, _ = jetgraph.load_model(path)
+    model, tokenizer = jetgraph.load_model(path)
+    bos = tokenizer("a")["input_ids"][0]
+    assert bos == tokenizer.bos_token_id  # this tokenizer adds its BOS
     out = tmp_path / "default.json"
     head = ["ngrams", str(path), "--top", "4", "--first", "300"]
-    assert main([*head, "--average", "5", "--out", str(out)]) == 0
-    assert "averaged over the first tokens the model expects most (--average 5)" in capsys.readouterr().out
+
+    def model_probs(contexts: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=contexts).logits[:, -1].double().softmax(-1)
+
+    vocab = model.config.vocab_size
+    everything = torch.arange(vocab).view(-1, 1)
+    mean = model_probs(torch.cat([torch.full_like(everything, bos), everything], 1)).mean(0)
+    mean[torch.tensor(tokenizer.all_special_ids)] = -1
+    common = sorted(mean.topk(300).indices.tolist())
+
+    assert main([*head, "--out", str(out)]) == 0
+    assert "each token read after '<|start_story|>'" in capsys.readouterr().out
     written = json.loads(out.read_text())
-    rows = torch.arange(300)
-    with torch.no_grad():
-        alone = model(input_ids=rows.view(-1, 1)).logits[:, 0].double().softmax(-1).mean(0)
-        weights, first = alone.topk(5)
-        weights = weights / weights.sum()
-        assert written["averaged_over"][0] == first.tolist()
-        assert written["averaged_over"][1] == pytest.approx(weights.tolist(), abs=1e-6)
-        best = written["top"][0]
-        context, token = int(best["context_ids"]), int(best["next_id"])
-        pairs = torch.stack([first, torch.full((5,), context)], 1)
-        mixture = (weights[:, None] * model(input_ids=pairs).logits[:, -1].double().softmax(-1)).sum(0)
+    assert written["averaged_over"] == [[[bos]], [1.0]]
+    best = written["top"][0]
+    context, token = int(best["context_ids"]), int(best["next_id"])
+    assert context in common and not set(tokenizer.all_special_ids) & {context}
+    expected = model_probs(torch.tensor([[bos, context]]))[0, token]
+    assert best["prob"] == pytest.approx(float(expected), abs=1e-5)
+
+    assert main([*head, "--average", "5", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    weights, first = model_probs(torch.tensor([[bos]]))[0].topk(5)
+    weights = weights / weights.sum()
+    assert written["averaged_over"][0] == [[bos, a] for a in first.tolist()]
+    assert written["averaged_over"][1] == pytest.approx(weights.tolist(), abs=1e-6)
+    best = written["top"][0]
+    context, token = int(best["context_ids"]), int(best["next_id"])
+    contexts = torch.stack([torch.full((5,), bos), first, torch.full((5,), context)], 1)
+    mixture = (weights[:, None] * model_probs(contexts)).sum(0)
     assert best["prob"] == pytest.approx(float(mixture[token]), abs=1e-5)
-    assert main([*head, "--average", "0", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["averaged_over"] is None
+
+    assert main([*head, "--prefix", "none", "--average", "5", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    alone = model_probs(everything).mean(0)  # every token: the vocabulary is below the sample size
+    weights, first = alone.topk(5)
+    assert written["averaged_over"][0] == [[a] for a in first.tolist()]
+    assert written["averaged_over"][1] == pytest.approx((weights / weights.sum()).tolist(), abs=1e-6)
     capsys.readouterr()
     _no_model_loading(monkeypatch)
     assert main(["ngrams", str(path), "--paths", "E→U", "--average", "4", "--out", str(out)]) == 2
     _one_line_error(capsys, "--average applies to paths from the model's stream")
+    assert main(["ngrams", str(path), "--paths", "E→U", "--prefix", "1", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--prefix applies to read-outs of the model's stream")
+    assert main(["ngrams", str(path), "--prefix", "x1", "--out", str(out)]) == 2
+    assert 'expected "none" or comma-separated token ids' in capsys.readouterr().err
+    assert main(["ngrams", str(path), "--id-range", "0:99999", "--out", str(out)]) == 2
+    _one_line_error(capsys, "reaches past the vocabulary of 2,048 tokens")
 
 
 def test_ngrams_plan_and_refusal(tmp_path, capsys, monkeypatch) -> None:

@@ -45,21 +45,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from jetgraph.applications.ngrams.convention import InputConvention, input_convention
+from jetgraph.applications.ngrams.readout import readout_prefixes
 from jetgraph.applications.ngrams.sweep import full_table
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.applications.targets import TargetSet, token_label
-from jetgraph.cost import Plan, gemm_rate
+from jetgraph.cost import Plan, estimate_seconds, gemm_rate
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 
 METHODS = ("zero", "mean", "term")
 METHOD_NAMES = {"zero": "zero-ablation", "mean": "mean-ablation", "term": "path terms removed"}
 STARTS = ("embedding", "stream")
-Prefix = tuple[list[int], list[float]] | None  # first tokens put before each source, and their weights
+Prefix = tuple[list[tuple[int, ...]], list[float]] | None  # token sequences put before each source, weights
 FOCUS = 16  # source tokens a path's score averages over: those it writes the targets after most
 SAMPLED_ROWS = 4096  # source tokens scored when the vocabulary is larger than FULL_ROWS
 FULL_ROWS = 8192
 CONTROLS = 1024  # other positions of the text where each intervention is measured too
+LOGITS_PER_CALL = 1 << 24  # [rows, V] logits one path call (and one block of positions) holds at most
+LOGITS_PER_BATCH = 1 << 26  # [batch, length, V] logits one forward of the interventions returns at most
 
 
 @dataclass
@@ -101,7 +105,7 @@ class RoleReport:
     positions: int = 0  # target positions in the verification text
     controls: int = 0  # other positions the interventions were measured at (Effect.others)
     start: str = "embedding"  # where the paths begin: the token embedding E, or the unit's own input state
-    prefix: Prefix = None  # first tokens the stream-start paths are averaged over
+    prefix: Prefix = None  # what the stream-start paths read before each source (input convention)
 
     def paths_inside(self, units: Sequence[str]) -> list[str]:
         """The ranked paths inside a unit set: each unit's own, and for a pair the path through both."""
@@ -239,11 +243,16 @@ def mlp_units(prog: ResidualProgram) -> list[str]:
     return units
 
 
+def default_rows(vocab: int) -> int:
+    """How many source tokens scores average over by default: every token up to 8192, else 4096."""
+    return vocab if vocab <= FULL_ROWS else SAMPLED_ROWS
+
+
 def source_rows(vocab: int, rows: int | Sequence[int] | None = None, seed: int = 0) -> torch.Tensor:
     """The source tokens scores average over: every token (vocabularies up to 8192), else a
     seeded sample of 4096; an int asks for that many sampled, a sequence for those ids."""
     if rows is None:
-        rows = vocab if vocab <= FULL_ROWS else SAMPLED_ROWS
+        rows = default_rows(vocab)
     if isinstance(rows, int):
         if rows < 1:
             raise ValueError(f"rows must be at least 1, got {rows}")
@@ -256,43 +265,122 @@ def source_rows(vocab: int, rows: int | Sequence[int] | None = None, seed: int =
     return ids
 
 
-def role_plan(prog: ResidualProgram, rows: int, pairs: int, tokens: int = 0, verified: int = 0) -> Plan:
-    """The cost of :func:`unit_roles` (``rows`` source tokens, ``pairs`` units paired) and of
-    :func:`verify_roles` over ``tokens`` text tokens with ``verified`` ablated unit sets."""
+def role_plan(prog: ResidualProgram, rows: int, pairs: int = 6, windows: int = 0, length: int = 0, *,
+              targets_at: int | None = None, attention: bool = False, methods: Sequence[str] = METHODS,
+              batch: int = 8, chunk: int = 1024, start: str = "embedding", prefixes: int = 1,
+              prefix_length: int = 1, samples: int = 1000, sampling: float | None = None) -> list[Plan]:
+    """The phases of :func:`unit_roles` and :func:`verify_roles` with these arguments, each an
+    upper bound of its time and of its peak memory above the loaded model (print them with
+    :func:`jetgraph.cost.format_plan`):
+
+    - sampling the text, when ``sampling`` (seconds per sampled token, measured) is given:
+      ``windows`` texts of ``length`` tokens, 64 at a time (a key-value cache and [64, V] logits);
+    - ranking the paths over ``rows`` source tokens, [block, V] float64 logits at a time (a
+      stream-start path reads ``prefixes`` sequences of ``prefix_length`` tokens before each);
+    - the interventions on ``windows`` sequences of ``length`` tokens: one forward per unit
+      set and method (and a clean one, and one for the means), each holding a batch's
+      [batch, length, V] logits and one block of positions' float64 logits (for "term", the
+      block's path logits too), then the bootstrap's [samples, targets] draws. ``targets_at``:
+      the text's target positions when known (else every position may be one).
+    """
     view = prog.at("sublayer")
-    vocab, d = prog.decoder.unembedding.shape
+    vocab, d = (int(n) for n in prog.decoder.unembedding.shape)
     units = mlp_units(prog)
-    per_unit = 2.0 * max(u.num_parameters for u in view.units if u.kind == "mlp")
-    paths = len(units) + 1 + math.comb(min(pairs, len(units)), 2)
+    mlp = max(u.num_parameters for u in view.units if u.kind == "mlp")
+    attn = [u for u in view.units if u.kind == "attn"]
+    attn_width = max((u.num_parameters for u in attn), default=0) / d  # ≥ heads × head size
+    width = max(mlp / d, attn_width, d)  # the widest activation per token
     decode = 2.0 * vocab * d
-    flops = paths * rows * (decode + 2 * per_unit)
-    model_flops = 2.0 * sum(u.num_parameters for u in view.units) + decode
-    forwards = 1 + 2 * verified
-    flops += forwards * tokens * model_flops
-    rate = gemm_rate(prog.decoder.unembedding.dtype, prog.decoder.unembedding.device)
-    peak = 3 * min(rows, 1024) * vocab * 4 + 2 * min(tokens, 4096) * vocab * 4
-    return Plan(what="component roles", items=paths * rows + forwards * tokens,
-                item_name="path rows and tokens", flops=flops, peak_bytes=peak,
-                seconds=flops / rate + 0.02 * (paths + forwards), gemm_rate=rate)
+    mixing = 4.0 * length * attn_width * len(attn)  # attention scores and their weighted sum
+    per_token = 2.0 * sum(u.num_parameters for u in view.units) + decode + mixing
+    dtype, device = prog.decoder.unembedding.dtype, prog.decoder.unembedding.device
+    rate = gemm_rate(dtype, device)
+    step = block_rows(vocab, chunk)
+    stream = start == "stream"
+    context = prefix_length + 1 if stream else 1
+    # one path row: its units (at most two) and the decoder; from a stream state, the whole
+    # model on the context first, for every prefix
+    path_row = (max(1, prefixes) * (context * (per_token - decode) + decode) if stream
+                else decode + 2 * 2.0 * mlp)
+    # small ops dispatched (what a tiny model's time is made of): a forward runs every unit's
+    # graph and the decoder's; a path call a schedule and its units (from a stream state, the
+    # model before them) and the decoder
+    forward_ops = sum(u.op_count for u in view.units) + prog.decoder.op_count + 10
+    mlp_ops = max(u.op_count for u in view.units if u.kind == "mlp")
+    path_ops = 50 + prog.decoder.op_count + (2 * forward_ops if stream else 2 * mlp_ops)
+    phases = []
+
+    if sampling is not None and windows:
+        at_once = min(windows, 64)
+        cache = at_once * length * len(attn) * 2 * attn_width * 4
+        peak = cache + at_once * vocab * 4 * 8 + at_once * width * 4 * 8
+        phases.append(Plan("sampling the text", windows * length, "sampled tokens",
+                           windows * length * per_token, peak, windows * length * sampling, rate))
+
+    paths = len(units) + 1 + math.comb(min(pairs, len(units)), 2)
+    blocks = paths * math.ceil(rows / step) * max(1, prefixes if stream else 1)
+    held = min(step, rows)  # source rows whose logits are held at once
+    ranking_peak = held * vocab * (48 if stream else 24) + held * context * width * 4 * 4
+    phases.append(Plan(f"ranking {paths} paths", paths * rows, "path rows", paths * rows * path_row,
+                       ranking_peak, estimate_seconds(paths * rows * path_row, paths * rows * vocab * 6.0,
+                                                      dtype=dtype, device=device, ops=blocks * path_ops),
+                       rate, paths * rows * vocab * 6.0))
+
+    if windows and length >= 2:
+        every = windows * (length - 1)
+        targets = every if targets_at is None else min(targets_at, every)
+        measured = min(every, targets + CONTROLS)
+        pair_sets = min(3, math.comb(min(pairs, len(units)), 2))
+        sets = len(units) + pair_sets + (len(attn) if attention else 0)
+        ablations = [m for m in methods if m != "term"]
+        term = "term" in methods
+        forwards = 1 + ("mean" in methods) + sets * len(ablations)
+        with_terms = (len(units) + pair_sets) if term else 0
+        term_paths = (len(units) + 3 * pair_sets) if term else 0
+        tokens = windows * length
+        flops = forwards * tokens * per_token + measured * term_paths * path_row
+        effects = sets * len(ablations) + with_terms
+        elements = (forwards * tokens * vocab * 2.0 + forwards * measured * vocab * 8.0
+                    + measured * (term_paths * 4.0 + with_terms * 8.0) * vocab
+                    + effects * samples * targets * 4.0)
+        fitting = forward_batch(batch, length, vocab)
+        batches = math.ceil(windows / fitting)
+        blocks = batches * math.ceil(measured / batches / step + 1)  # of positions, per forward
+        ops = (forwards * (batches * forward_ops + blocks * 10) + blocks * term_paths * path_ops
+               + effects * 20)
+        logits = fitting * length * vocab * 4.0
+        activations = fitting * length * (width * 4 * 8 + length * attn_width / 8 * 4 * 3)
+        block = min(step, fitting * (length - 1), measured) * vocab * (40 if term else 16)
+        peak = max(2 * logits + activations, logits + block, 16.0 * samples * targets)
+        phases.append(Plan(f"interventions ({forwards} forward passes)", forwards * tokens, "token passes",
+                           flops, peak, estimate_seconds(flops, elements, 0.0, dtype, device, ops), rate,
+                           elements))
+    return phases
+
+
+def block_rows(vocab: int, chunk: int = 1024) -> int:
+    """Rows of a path's [rows, V] logits computed (and reduced) at once: at most ``chunk`` and
+    at most 16M logits."""
+    return max(1, min(chunk, LOGITS_PER_CALL // vocab))
 
 
 @torch.no_grad()
 def path_logits(prog: ResidualProgram, path: str, sources: torch.Tensor, prefix: Prefix = None,
                 chunk: int = 1024) -> torch.Tensor:
-    """A path's logits [n, V] (float64) on each source token: read alone, or (``prefix``: first
-    tokens and weights, for a path from a stream state) averaged over those first tokens put
-    before it."""
+    """A path's logits [n, V] (float64) on each source token: read alone, or (``prefix``: token
+    sequences and weights, for a path from a stream state) read after each sequence, the logits
+    averaged with the weights."""
     sources = sources.view(-1, 1)
     vocab = int(prog.decoder.unembedding.shape[0])
-    step = max(1, min(chunk, (1 << 24) // vocab))  # at most 16M logits per call
+    step = block_rows(vocab, chunk)  # at most 16M logits per call
     if len(sources) > step:
         return torch.cat([path_logits(prog, path, sources[i:i + step], prefix, step)
                           for i in range(0, len(sources), step)])
     if not prefix:
         return full_table(prog, path, contexts=sources, chunk=step).double()
     total = None
-    for a, w in zip(*prefix, strict=True):
-        contexts = torch.cat([torch.full_like(sources, a), sources], 1)
+    for sequence, w in zip(*prefix, strict=True):
+        contexts = torch.cat([torch.tensor(sequence, dtype=torch.long).expand(len(sources), -1), sources], 1)
         part = w * full_table(prog, path, contexts=contexts, chunk=step).double()
         total = part if total is None else total + part
     return total
@@ -305,8 +393,9 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
     writes the targets after most; ``mean``: over all ``rows``) and its best entries."""
     target_index = torch.as_tensor(list(targets), dtype=torch.long)
     per_row, best_v, best_i = [], torch.empty(0), torch.empty(0, dtype=torch.long)
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+    step = block_rows(int(prog.decoder.unembedding.shape[0]), chunk)  # [step, V] float64 at a time
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
         logits = path_logits(prog, path, part, prefix, chunk)
         centred = logits[:, target_index] - logits.mean(-1, keepdim=True)
         per_row.append(centred.mean(-1))
@@ -325,14 +414,16 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
 def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
                rows: int | Sequence[int] | None = None, pairs: int = 6, seed: int = 0,
                chunk: int = 1024, progress: bool = True, start: str = "embedding",
-               first_tokens: int = 0) -> RoleReport:
+               first_tokens: int = 0,
+               convention: InputConvention | Sequence[int] | None = None) -> RoleReport:
     """Rank every MLP unit (and every pair among the ``pairs`` best) by its bigram path's score
     for ``targets`` (module docstring). Data-free: reads the weights only.
 
     ``start="embedding"``: the paper's bigram paths E→u→U. ``start="stream"``: each unit read at
     its own input state on a one-token context, h_k→u→U (k: the state u reads), which sees what
-    the units before u wrote; with ``first_tokens`` M > 0 the context is (a, z), averaged over
-    the M first tokens a the model expects most (as the default bigram read-out does)."""
+    the units before u wrote, read after the input ``convention``'s prefix (its BOS; required for
+    this start, :mod:`jetgraph.applications.ngrams.convention`); with ``first_tokens`` M > 0 also
+    after each of the M first tokens a the model expects most, the logits averaged."""
     if start not in STARTS:
         raise ValueError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
     if not isinstance(targets, TargetSet):
@@ -348,10 +439,8 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
                disable=not progress, leave=False)
 
     prefix: Prefix = None
-    if start == "stream" and first_tokens:
-        from jetgraph.applications.ngrams.readout import expected_first_tokens
-
-        prefix = expected_first_tokens(prog, first_tokens, sources.tolist(), chunk)
+    if start == "stream":
+        prefix = readout_prefixes(prog, input_convention(convention, None, vocab), first_tokens, chunk)
     reads = {u.name: u.reads for u in prog.at("sublayer").units}
 
     def begin(unit: str) -> str:
@@ -386,6 +475,25 @@ def target_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     is_target = torch.isin(ids[:, 1:], torch.as_tensor(list(targets)))
     hit = is_target & mask[:, 1:] & mask[:, :-1]
     return hit.nonzero(as_tuple=True)
+
+
+def check_text(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               targets: TargetSet | Sequence[int]) -> int:
+    """The number of positions of the text followed by a target; a one-line ValueError when
+    there is none. Cheap: call it right after tokenizing, before :func:`unit_roles` (the CLI
+    does; :func:`verify_roles` checks it again before any forward)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids
+    spec = targets.spec if isinstance(targets, TargetSet) else ", ".join(map(str, targets))
+    ids_of = targets.ids if isinstance(targets, TargetSet) else list(targets)
+    if ids.shape[1] < 2:
+        raise ValueError(f"the text is {ids.shape[1]} token long: it needs a position followed by a target "
+                         f"({spec})")
+    count = int(target_positions(ids, attention_mask, ids_of)[0].numel())
+    if count == 0:
+        raise ValueError(f"the text has no position followed by a target ({spec}): give text in which the "
+                         "targets occur")
+    return count
 
 
 def control_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: Sequence[int],
@@ -442,17 +550,18 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     pairs; with ``attention``, every attention unit too). A set with an attention unit has no
     bigram path, so it gets no "term" effect. Each intervention is measured at the target
     positions and at up to 1,024 other positions (``Effect.others``: what it costs every token).
-    Fills ``report.effects`` and returns the report."""
+    Fills ``report.effects`` and returns the report. The text is checked first
+    (:func:`check_text`). Memory stays O(batch × V): ``batch`` sequences per forward (fewer when
+    their logits would pass 256 MB, :func:`forward_batch`) and one block of positions' float64
+    logits at a time (:func:`block_rows`); its cost is :func:`role_plan`'s last phase."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown intervention {unknown[0]!r}; choose from {', '.join(METHODS)}")
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     ids = ids.view(1, -1) if ids.dim() == 1 else ids
     mask = attention_mask
+    check_text(ids, mask, report.targets)
     rows, positions = target_positions(ids, mask, report.targets.ids)
-    if rows.numel() == 0:
-        raise ValueError(f"the text has no position followed by a target ({report.targets.spec}): give text "
-                         "in which the targets occur")
     targets_at = rows.numel()
     other_rows, other_positions = control_positions(ids, mask, report.targets.ids)
     rows, positions = torch.cat([rows, other_rows]), torch.cat([positions, other_positions])
@@ -472,12 +581,16 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             report.paths_inside(unit_set)  # refuses a pair whose path was not ranked
     with_terms = [s for s in sets if set(s) <= ranked]
     ablated = sorted({u for s in sets for u in s})
+    vocab = int(prog.decoder.unembedding.shape[0])
+    batch = forward_batch(batch, ids.shape[1], vocab)
+    step = block_rows(vocab)  # positions whose [step, V] float64 logits are reduced at once
     means = unit_means(prog, ablated, ids, mask, batch) if "mean" in methods else {}
 
     def measured(edits_of, terms: bool = False):
         """Centred logits and log-probs of the next token at the target positions, then at the
         control positions, batch by batch; with ``terms``, also those with each unit set's bigram
-        path terms removed."""
+        path terms removed. Streams: a batch's logits and one block of positions' float64
+        logits (one unit set's at a time) are all it holds, never a [positions, V] tensor."""
         out: dict = {"run": ([], []), **{s: ([], []) for s in (with_terms if terms else [])}}
         visited = []  # indices into rows, in the order the batches reach them
         for start in range(0, ids.shape[0], batch):
@@ -488,18 +601,22 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
             part = ids[start:start + batch]
             part_mask = None if mask is None else mask[start:start + batch]
             logits = prog.intervene(part, edits_of(), part_mask)
-            picked = logits[rows[chosen] - start, positions[chosen]].double()
+            at_rows, at_positions = rows[chosen] - start, positions[chosen]
             targets = next_ids[chosen][:, None]
-            variants = [("run", picked)]
-            if terms:
-                sources = part[rows[chosen] - start, positions[chosen]].view(-1, 1)
-                for unit_set in with_terms:
-                    removed = sum(path_logits(prog, path, sources, None if path.startswith("E")
-                                              else report.prefix) for path in report.paths_inside(unit_set))
-                    variants.append((unit_set, picked - removed))
-            for key, values in variants:
-                out[key][0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
-                out[key][1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
+            for begin in range(0, len(at_rows), step):
+                block = slice(begin, begin + step)
+                picked = logits[at_rows[block], at_positions[block]].double()
+                _reduce(out["run"], picked, targets[block])
+                if terms:
+                    sources = part[at_rows[block], at_positions[block]].view(-1, 1)
+                    for unit_set in with_terms:
+                        removed = sum(path_logits(prog, path, sources,
+                                                  None if path.startswith("E") else report.prefix)
+                                      for path in report.paths_inside(unit_set))
+                        _reduce(out[unit_set], picked - removed, targets[block])
+                        del removed
+                del picked
+            del logits
         order = torch.cat(visited).argsort()  # back to the order of rows: targets first, then controls
         return {key: (torch.cat(c)[order], torch.cat(lp)[order]) for key, (c, lp) in out.items()}
 
@@ -530,6 +647,19 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
     report.positions = targets_at
     report.controls = int(rows.numel()) - targets_at
     return report
+
+
+def _reduce(into: tuple[list, list], values: torch.Tensor, targets: torch.Tensor) -> None:
+    """Append the centred logit and the log-probability of ``targets`` [n, 1] under ``values``
+    [n, V] to ``into`` (the two lists)."""
+    into[0].append(values.gather(-1, targets)[:, 0] - values.mean(-1))
+    into[1].append(values.log_softmax(-1).gather(-1, targets)[:, 0])
+
+
+def forward_batch(batch: int, length: int, vocab: int) -> int:
+    """Sequences per forward of the interventions: at most ``batch``, and few enough that their
+    [batch, length, V] float32 logits stay within 64M entries (256 MB)."""
+    return max(1, min(batch, LOGITS_PER_BATCH // max(1, length * vocab)))
 
 
 def _effect(units: tuple[str, ...], method: str, delta: torch.Tensor, delta_lp: torch.Tensor, targets_at: int,

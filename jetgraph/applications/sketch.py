@@ -4,12 +4,25 @@ The paper calls reading n-gram tables off the weights "sketching" the model; thi
 quantitative. Three data-free tables are read from a captured model:
 
 - **bigram**: the default read-out (:mod:`jetgraph.applications.ngrams.readout`), the model's own
-  next-token distribution after each token, averaged over the first tokens it expects, [V, V];
+  next-token distribution after each token, averaged over the first tokens it expects; each row
+  kept sparse, as its top ``bigram_top`` tokens (:class:`SparseRows`), the rest of its mass
+  backing off to the unigram;
 - **trigram** (when affordable): the model's prediction for every token pair (a, b), kept as each
-  row's top ``k`` tokens; the rest of a row's mass backs off to the bigram;
-- **unigram**: the bigram table's rows averaged (what follows a token drawn uniformly), so no
+  row's top ``top`` tokens; the rest of a row's mass backs off to the bigram;
+- **unigram**: the exact bigram rows averaged (what follows a token drawn uniformly), so no
   corpus enters the tables. (The table's stationary distribution, π = π B, scored worse: on
   TinyStories-656K the sketch's perplexity was 608 with it against 598.)
+
+The sparse rows and their back-offs, with q_b the exact read-out row of b, I_b its top K tokens,
+u the unigram, t_ab the exact pair row and T_ab its top tokens:
+
+    p₂(c | b)    = q_b(c)                                      if c ∈ I_b
+                 = r_b · u(c) / Σ_{j ∉ I_b} u(j),               r_b = 1 − Σ_{j ∈ I_b} q_b(j), otherwise
+    p₃(c | a, b) = t_ab(c)                                     if c ∈ T_ab
+                 = r_ab · p₂(c | b) / Σ_{j ∉ T_ab} p₂(j | b),   r_ab = 1 − Σ_{j ∈ T_ab} t_ab(j), otherwise
+
+so kept probabilities are exact and every row sums to 1; K = V is the dense table. Memory is
+O(V·K) (O(V²·K) with the trigram), and rows are read in chunks.
 
 p(c | a, b) = λ₃ p₃(c | a, b) + λ₂ p₂(c | b) + λ₁ p₁(c), each part normalised, so the mixture is
 a distribution. The λ are the only numbers fitted to text: on a development split, never on the
@@ -24,44 +37,80 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from jetgraph.applications.ngrams import full_table, ngram_table
-from jetgraph.applications.ngrams.readout import (
-    DEFAULT_FIRST_TOKENS,
-    DEFAULT_READOUT,
-    bigram_readout,
-    expected_first_tokens,
-)
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
+from jetgraph.cost import available_memory
 from jetgraph.errors import CostError
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 
 WEIGHT_STEP = 0.05
 PLAN_ROWS = 1024
+DEFAULT_BIGRAM_TOP = 128
+TRIGRAM_MAX_BYTES = 2e9
+CHECKPOINT_SECONDS = 60.0
+LOOKUP_ENTRIES = 1 << 22  # sparse look-ups per batch while scoring: [tokens, K] at a time
+LOGIT_ENTRIES = 1 << 24  # logits per batch of the model's own perplexity
 TABLES_FILE = "sketch.safetensors"
 META_FILE = "sketch.json"
+
+
+@dataclass
+class SparseRows:
+    """Next-token distributions kept sparse: row r's ``top`` most probable tokens ``index`` [R, K]
+    (ascending ids, int32) and their exact probabilities ``prob`` [R, K]. The rest of each row,
+    1 − Σ prob, is for a back-off to spread (see the module docstring)."""
+
+    index: torch.Tensor
+    prob: torch.Tensor
+
+    @classmethod
+    def dense(cls, probs: torch.Tensor) -> SparseRows:
+        """A dense [R, V] table as rows keeping every token (K = V)."""
+        index = torch.arange(probs.shape[1], dtype=torch.int32).expand(probs.shape[0], -1).contiguous()
+        return cls(index, probs)
+
+    @property
+    def top(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes + self.prob.nbytes
+
+    def rest(self, rows: torch.Tensor) -> torch.Tensor:
+        """1 − Σ kept probability of ``rows`` (float64; never below 0)."""
+        return (1 - self.prob[rows].double().sum(-1)).clamp_min(0)
+
+    def find(self, rows: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether each of ``tokens`` [n, m] is kept in its row of ``rows`` [n], and its kept
+        probability (float64; 0 where not kept)."""
+        index = self.index[rows].long()
+        pos = torch.searchsorted(index, tokens.contiguous()).clamp_max(self.top - 1)
+        hit = index.gather(1, pos) == tokens
+        return hit, torch.where(hit, self.prob[rows].double().gather(1, pos), 0.0)
 
 
 @dataclass
 class SketchLM:
     """The tables and interpolation weights of a jet n-gram LM over a vocabulary of ``vocab``.
 
-    ``bigram`` [V, V] and ``unigram`` [V] are probabilities (float64); ``trigram_index`` / ``trigram_prob``
-    [V·V, k] hold row a·V + b's top tokens and their probabilities (None without a trigram);
-    ``weights`` are (λ₃, λ₂, λ₁); ``first_tokens`` the tokens the bigram read-out was averaged
-    over."""
+    ``unigram`` [V] holds probabilities (float64); ``bigram`` the sparse rows of every token
+    (float64 probabilities), ``trigram`` those of every pair, row a·V + b (float32; None
+    without a trigram); ``weights`` are (λ₃, λ₂, λ₁); ``first_tokens`` the tokens the bigram
+    read-out was averaged over."""
 
     unigram: torch.Tensor
-    bigram: torch.Tensor
-    trigram_index: torch.Tensor | None = None
-    trigram_prob: torch.Tensor | None = None
+    bigram: SparseRows
+    trigram: SparseRows | None = None
     weights: tuple[float, float, float] = (0.0, 0.9, 0.1)
     first_tokens: list[int] = field(default_factory=list)
+    _scale: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def vocab(self) -> int:
@@ -69,7 +118,12 @@ class SketchLM:
 
     @property
     def has_trigram(self) -> bool:
-        return self.trigram_index is not None
+        return self.trigram is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tables held: O(V·K), O(V²·K) with the trigram."""
+        return self.unigram.nbytes + self.bigram.nbytes + (self.trigram.nbytes if self.has_trigram else 0)
 
     # ------------------------------------------------------------------ probabilities
     def parts(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,25 +132,52 @@ class SketchLM:
         windows = windows.long()
         prev, nxt = windows[:, :-1], windows[:, 1:]
         p1 = self.unigram.double()[nxt]
-        p2 = self.bigram.double()[prev, nxt]
+        p2 = self.bigram_probs(prev, nxt)
         p3 = p2.clone()
         if self.has_trigram and windows.shape[1] > 2:
-            p3[:, 1:] = self._trigram(windows[:, :-2], windows[:, 1:-1], windows[:, 2:])
+            p3[:, 1:] = self.trigram_probs(windows[:, :-2], windows[:, 1:-1], windows[:, 2:])
         return {"unigram": p1, "bigram": p2, "trigram": p3}
 
+    def bigram_probs(self, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """p₂(c | b) for tokens ``b`` and ``c`` of one shape (float64): the kept probability, or
+        the row's rest spread by the unigram over the tokens it does not keep."""
+        flat_b, flat_c = b.reshape(-1).long(), c.reshape(-1, 1).long()
+        step = max(1, LOOKUP_ENTRIES // self.bigram.top)
+        out = [self._bigram(flat_b[i:i + step], flat_c[i:i + step])[:, 0]
+               for i in range(0, len(flat_b), step)]
+        return (torch.cat(out) if out else torch.zeros(0, dtype=torch.double)).view(c.shape)
+
+    def trigram_probs(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """p₃(c | a, b) for tokens of one shape (float64): the kept probability when c is among row
+        (a, b)'s top tokens, else the row's rest spread over the other tokens by p₂(· | b)."""
+        flat = [t.reshape(-1).long() for t in (a, b, c)]
+        step = max(1, LOOKUP_ENTRIES // (self.trigram.top + self.bigram.top))
+        out = [self._trigram(*(t[i:i + step] for t in flat)) for i in range(0, len(flat[0]), step)]
+        return (torch.cat(out) if out else torch.zeros(0, dtype=torch.double)).view(c.shape)
+
+    def _bigram(self, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """p₂(c | b) for rows ``b`` [n] and tokens ``c`` [n, m]."""
+        hit, kept = self.bigram.find(b, c)
+        return torch.where(hit, kept, self._backoff_scale()[b, None] * self.unigram.double()[c])
+
     def _trigram(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """p₃(c | a, b): the kept probability when c is among row (a, b)'s top tokens, else the
-        row's remaining mass spread over the other tokens in proportion to the bigram p₂(· | b)."""
-        rows = (a * self.vocab + b).reshape(-1)
-        index, prob = self.trigram_index[rows].long(), self.trigram_prob[rows].double()
-        flat_c = c.reshape(-1)
-        hit = index == flat_c[:, None]
-        kept = (prob * hit).sum(-1)
-        bigram_b = self.bigram.double()[b.reshape(-1)]
-        covered = bigram_b.gather(1, index).sum(-1)
-        rest = (1 - prob.sum(-1)).clamp_min(0) * bigram_b.gather(1, flat_c[:, None])[:, 0] \
-            / (1 - covered).clamp_min(1e-12)
-        return torch.where(hit.any(-1), kept, rest).view(c.shape)
+        """p₃(c | a, b) for [n] tokens each."""
+        rows = a * self.vocab + b
+        hit, kept = self.trigram.find(rows, c[:, None])
+        covered = self._bigram(b, self.trigram.index[rows].long()).sum(-1)
+        rest = self.trigram.rest(rows) * self._bigram(b, c[:, None])[:, 0] / (1 - covered).clamp_min(1e-12)
+        return torch.where(hit[:, 0], kept[:, 0], rest)
+
+    def _backoff_scale(self) -> torch.Tensor:
+        """r_b / Σ_{j ∉ I_b} u(j) of every row b [V] (0 for a row that keeps every token)."""
+        if self._scale is None:
+            unigram = self.unigram.double()
+            rows = torch.arange(self.vocab)
+            left = unigram.sum() - unigram[self.bigram.index.long()].sum(-1)
+            scale = self.bigram.rest(rows) / left.clamp_min(1e-300)
+            keeps_all = self.bigram.top >= self.vocab
+            self._scale = torch.zeros_like(scale) if keeps_all else torch.where(left > 0, scale, 0.0)
+        return self._scale
 
     def mix(self, parts: dict[str, torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
         """The interpolated probability of every scored token, from :meth:`parts`."""
@@ -111,9 +192,8 @@ class SketchLM:
         history = [int(t) for t in history]
         if not history:
             raise ValueError("the sketch LM conditions on at least one token")
-        candidates = torch.arange(self.vocab)
-        tail = history[-2:]
-        windows = torch.tensor([[*tail, c] for c in candidates.tolist()])
+        tail = torch.tensor(history[-2:]).expand(self.vocab, -1)
+        windows = torch.cat([tail, torch.arange(self.vocab)[:, None]], 1)
         probs = self.mix(self.parts(windows))
         return probs[:, -1]
 
@@ -142,80 +222,147 @@ class SketchLM:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"unigram": self.unigram.double().contiguous(), "bigram": self.bigram.double().contiguous()}
+        tensors = {"unigram": self.unigram.double().contiguous(),
+                   "bigram_index": self.bigram.index.int().contiguous(),
+                   "bigram_prob": self.bigram.prob.double().contiguous()}
         if self.has_trigram:
-            tensors["trigram_index"] = self.trigram_index.int().contiguous()
-            tensors["trigram_prob"] = self.trigram_prob.float().contiguous()
+            tensors["trigram_index"] = self.trigram.index.int().contiguous()
+            tensors["trigram_prob"] = self.trigram.prob.float().contiguous()
         atomic_write(folder / TABLES_FILE, lambda temporary: save_file(tensors, temporary))
         info = {"weights": list(self.weights), "first_tokens": self.first_tokens, "vocab": self.vocab,
-                "trigram_top": int(self.trigram_index.shape[1]) if self.has_trigram else 0} | (meta or {})
+                "bigram_top": self.bigram.top, "trigram_top": self.trigram.top if self.has_trigram else 0
+                } | (meta or {})
         atomic_write(folder / META_FILE, json.dumps(info, indent=1, ensure_ascii=False) + "\n")
         return folder / TABLES_FILE
 
     @classmethod
     def load(cls, folder: str | Path) -> SketchLM:
+        """A saved sketch (a dense ``bigram`` table of earlier files is read as K = V)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         tensors = load_file(str(folder / TABLES_FILE))
         info = json.loads((folder / META_FILE).read_text())
-        return cls(tensors["unigram"], tensors["bigram"], tensors.get("trigram_index"),
-                   tensors.get("trigram_prob"), tuple(info["weights"]), list(info["first_tokens"]))
+        bigram = (SparseRows.dense(tensors["bigram"]) if "bigram" in tensors
+                  else SparseRows(tensors["bigram_index"], tensors["bigram_prob"]))
+        trigram = (SparseRows(tensors["trigram_index"], tensors["trigram_prob"]) if "trigram_index" in tensors
+                   else None)
+        return cls(tensors["unigram"], bigram, trigram, tuple(info["weights"]), list(info["first_tokens"]))
+
+
+# ---------------------------------------------------------------------- the read-out
+# The only calls into jetgraph.applications.ngrams (readout, convention): the tables, the plan's
+# timing and the reads it counts all go through these, so the read-out's input convention
+# reaches every one of them.
+Convention = object  # an InputConvention, a sequence of prefix ids, or None (the tokenizer's)
+
+
+def _reader(prog: ResidualProgram, count: int | None, convention: Convention, chunk: int) -> RowReader:
+    """The read-out the tables are made of: the model after each context, read after the
+    convention's prefix and mixed over ``count`` first tokens it expects (None: the read-out's
+    default; 0: the context alone, as for the trigram's pairs and the plan's timing)."""
+    return RowReader(prog, DEFAULT_READOUT, count, convention=convention, chunk=chunk)
+
+
+def _reads_per_row(vocab: int, count: int | None, convention: Convention) -> tuple[int, bool]:
+    """Model reads per row of the read-out, and whether it mixes over expected first tokens
+    (which are found by a pass of its own first); both known without computing anything."""
+    from jetgraph.applications.ngrams.convention import input_convention
+    from jetgraph.applications.ngrams.readout import placeholder_prefixes
+
+    resolved = input_convention(convention, None, vocab)
+    prefixes = placeholder_prefixes(vocab, resolved, count)
+    if prefixes is None:
+        return 1, False
+    return len(prefixes[0]), len(prefixes[0][0]) > len(resolved.prefix)
+
+
+def _convention(convention: Convention, tokenizer: object) -> Convention:
+    """``convention`` as given, else the tokenizer's (the tokens it puts before a text)."""
+    from jetgraph.applications.ngrams.convention import input_convention
+
+    return input_convention(convention, tokenizer)
 
 
 # ---------------------------------------------------------------------- reading the tables
+
+
 @dataclass(frozen=True)
 class SketchPlan:
-    """What reading the tables costs: rows, FLOPs and seconds of each table and the trigram's
-    memory; ``trigram`` says whether it is read."""
+    """What reading the tables costs, as upper bounds at the rate measured here: seconds of each
+    table (every read charged as a full pair row with its top-k selection), the tables' bytes,
+    and ``peak_bytes``: tables plus the largest working set of any phase (reading a chunk,
+    sampling, scoring), above the loaded model. ``trigram`` says whether it is read."""
 
     vocab: int
+    bigram_top: int
     bigram_seconds: float
+    bigram_bytes: int
     trigram_rows: int
+    trigram_top: int
     trigram_seconds: float
     trigram_bytes: int
     trigram: bool
+    peak_bytes: float
     reason: str = ""
     sampled_tokens: int = 0
     sampling_seconds: float = 0.0
+    scored_tokens: int = 0
+    scoring_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
-        return self.bigram_seconds + self.sampling_seconds + (self.trigram_seconds if self.trigram else 0.0)
+        return (self.bigram_seconds + self.sampling_seconds + self.scoring_seconds
+                + (self.trigram_seconds if self.trigram else 0.0))
 
     def describe(self) -> str:
         from jetgraph.cost import format_bytes, format_count, format_duration
 
-        tri = (f"trigram: {format_count(self.trigram_rows)} pairs, ~{format_duration(self.trigram_seconds)}, "
-               f"{format_bytes(self.trigram_bytes)}" + ("" if self.trigram else f" - skipped: {self.reason}"))
+        tri = (f"trigram: {format_count(self.trigram_rows)} pairs × top {self.trigram_top}, "
+               f"~{format_duration(self.trigram_seconds)}, {format_bytes(self.trigram_bytes)}"
+               + ("" if self.trigram else f" - skipped: {self.reason}"))
         sampling = (f"sampling up to {format_count(self.sampled_tokens)} tokens from the model, at most "
                     f"~{format_duration(self.sampling_seconds)}; " if self.sampled_tokens else "")
-        return (f"{sampling}bigram: {format_count(self.vocab)} tokens, "
-                f"~{format_duration(self.bigram_seconds)}; {tri}; total ~{format_duration(self.seconds)}")
+        scoring = (f"; scoring up to {format_count(self.scored_tokens)} test tokens with the model, "
+                   f"~{format_duration(self.scoring_seconds)}" if self.scored_tokens else "")
+        return (f"{sampling}bigram: {format_count(self.vocab)} tokens × top {self.bigram_top}, "
+                f"~{format_duration(self.bigram_seconds)}, {format_bytes(self.bigram_bytes)}; "
+                f"{tri}{scoring}; "
+                f"total ≤ ~{format_duration(self.seconds)}, peak memory ≤ {format_bytes(self.peak_bytes)} "
+                "above the model")
 
 
-def plan_sketch(prog: ResidualProgram, first_tokens: int = DEFAULT_FIRST_TOKENS, trigram: str = "auto",
-                top: int = 16,
-                max_seconds: float | None = 900.0, max_bytes: float = 2e9, sampled_tokens: int = 0,
-                seconds_per_sampled_token: float = 0.0) -> SketchPlan:
-    """Cost the tables before computing any (two chunks of pairs timed here), and the sampling
-    of ``sampled_tokens`` at ``seconds_per_sampled_token`` (timed by :func:`sampling_rate`).
+def plan_sketch(prog: ResidualProgram, first_tokens: int | None = None, trigram: str = "auto",
+                top: int = 16, max_seconds: float | None = 900.0, max_bytes: float = TRIGRAM_MAX_BYTES,
+                sampled_tokens: int = 0, seconds_per_sampled_token: float = 0.0, *,
+                bigram_top: int = DEFAULT_BIGRAM_TOP, chunk: int = 1024, sample_batch: int = 64,
+                sample_length: int = 256, max_memory: float | None = None,
+                convention: Convention = None, scored_tokens: int = 0) -> SketchPlan:
+    """Cost the tables before computing any (two chunks of pairs read and reduced here), and the
+    sampling of ``sampled_tokens`` at ``seconds_per_sampled_token`` (timed by
+    :func:`sampling_rate`, in batches of ``sample_batch`` texts of ``sample_length``).
     ``trigram``: ``"auto"`` reads it when it fits ``max_seconds`` and ``max_bytes``, ``"on"``
     refuses (:class:`CostError`) when it does not, ``"off"`` never reads it. Everything together
-    past ``max_seconds`` is refused."""
+    past ``max_seconds``, or a peak past ``max_memory`` (default: the memory available now), is
+    refused, naming the option that lifts it. ``scored_tokens``: tokens of test text the model
+    itself scores, each charged as a pair row. ``first_tokens`` and ``convention``: as for
+    :func:`read_sketch`."""
+    from jetgraph.cost import format_bytes
+
     if trigram not in ("auto", "on", "off"):
         raise ValueError(f"trigram must be 'auto', 'on' or 'off', got {trigram!r}")
+    if bigram_top < 1 or top < 1:
+        raise ValueError(f"tokens kept per row must be at least 1, got {min(bigram_top, top)}")
     vocab = int(prog.decoder.unembedding.shape[0])
-    dense = vocab * vocab * 8
-    if dense > max_bytes:
-        raise CostError(f"the bigram table has {vocab:,}² entries ({dense / 1e9:.1f} GB), more than "
-                        f"{max_bytes / 1e9:.1f} GB: the sketch LM holds it dense; use jetgraph ngrams "
-                        "for top entries of large vocabularies")
+    bigram_top, top = min(bigram_top, vocab), min(top, vocab)
     pair_rows = vocab * vocab
-    per_row = _seconds_per_row(prog, _pair_contexts(vocab, 0, min(pair_rows, 2 * PLAN_ROWS)))
-    bigram_seconds = per_row * vocab * (first_tokens + 1)  # the expected first tokens, then the mixture
+    reader = _reader(prog, 0, convention, chunk)
+    per_row = _seconds_per_row(reader, top, min(pair_rows, 2 * min(reader.chunk, PLAN_ROWS)))
+    reads, mixes = _reads_per_row(vocab, first_tokens, convention)
+    bigram_seconds = per_row * vocab * (reads + mixes)  # finding the first tokens: at most V rows
+    bigram_bytes = vocab * (bigram_top * 12 + 16)  # int32 ids, float64 probabilities; unigram, column sums
     seconds = per_row * pair_rows
-    memory = pair_rows * top * 12  # indices (long) and logits (float32) while sweeping
+    memory = pair_rows * top * 8  # int32 ids, float32 probabilities
     reason = ""
     if trigram == "off":
         reason = "--trigram off"
@@ -226,45 +373,154 @@ def plan_sketch(prog: ResidualProgram, first_tokens: int = DEFAULT_FIRST_TOKENS,
     if reason and trigram == "on":
         raise CostError(f"refusing the trigram table of {pair_rows:,} pairs: {reason}; use --trigram auto "
                         "or off, or raise --max-time")
-    sampling = sampled_tokens * seconds_per_sampled_token
-    plan = SketchPlan(vocab, bigram_seconds, pair_rows, seconds, memory, not reason, reason, sampled_tokens,
-                      sampling)
+    working = max(_chunk_bytes(prog, reader.chunk), _sampling_bytes(prog, sample_batch, sample_length)
+                  if sampled_tokens else 0.0, _scoring_bytes(prog, bigram_top, top))
+    peak = bigram_bytes + (memory if not reason else 0) + working
+    plan = SketchPlan(vocab, bigram_top, bigram_seconds, bigram_bytes, pair_rows, top, seconds, memory,
+                      not reason, peak, reason, sampled_tokens, sampled_tokens * seconds_per_sampled_token,
+                      scored_tokens, scored_tokens * per_row)
     if max_seconds is not None and plan.seconds > max_seconds:
         raise CostError(f"refusing the sketch: {plan.describe()}; more than the {max_seconds:,.0f} s allowed "
-                        "(sample fewer texts, --trigram off, or raise --max-time)")
+                        "(sample fewer texts, a smaller --average, --trigram off, or raise --max-time)")
+    limit = available_memory() if max_memory is None else max_memory
+    if limit is not None and peak > limit:
+        raise CostError(f"refusing the sketch: {plan.describe()}; more than the {format_bytes(limit)} of "
+                        f"memory available (lower --bigram-top from {bigram_top}, or --trigram off)")
     return plan
 
 
 @torch.no_grad()
-def read_sketch(prog: ResidualProgram, first_tokens: int = DEFAULT_FIRST_TOKENS,
+def read_sketch(prog: ResidualProgram, first_tokens: int | None = None,
                 plan: SketchPlan | None = None, top: int = 16, chunk: int = 1024, progress: bool = True,
-                resume: str | Path | None = None) -> SketchLM:
-    """The tables of the sketch LM, read from ``prog`` (the trigram only when ``plan`` says so).
-    ``resume``: a checkpoint file for the trigram sweep (an interrupted run continues)."""
+                resume: str | Path | None = None, bigram_top: int = DEFAULT_BIGRAM_TOP,
+                convention: Convention = None) -> SketchLM:
+    """The tables of the sketch LM, read from ``prog`` in chunks of rows (the trigram only when
+    ``plan`` says so): each bigram row's top tokens, each trigram row's, as many as ``plan``
+    says (without a plan: ``bigram_top``, no trigram), and the unigram from the exact rows.
+    ``convention``: the tokens put before every context (an ``InputConvention`` or ids; see
+    :mod:`jetgraph.applications.ngrams.convention`); ``first_tokens``: how many tokens the model
+    expects first each bigram row is mixed over (None: none after a prefix, 16 without one).
+    ``resume``: a folder for the sweeps' checkpoints (``bigram.ckpt``, ``trigram.ckpt``; an
+    interrupted run continues)."""
+    plan = plan or plan_sketch(prog, first_tokens, "off", top, max_seconds=None, bigram_top=bigram_top,
+                               chunk=chunk, max_memory=math.inf, convention=convention)
     vocab = int(prog.decoder.unembedding.shape[0])
-    plan = plan or plan_sketch(prog, first_tokens, "off", max_seconds=None)
-    bigram = bigram_readout(prog, first_tokens, chunk=chunk).exp()  # float64: rows sum to 1 to rounding
-    first = expected_first_tokens(prog, first_tokens, chunk=chunk)[0] if first_tokens else []
-    unigram = bigram.mean(0)  # every token equally likely as the context
-    index = prob = None
+    folder = Path(resume) if resume is not None else None
+    reader = _reader(prog, first_tokens, convention, chunk)
+    bigram, columns = _sweep(reader, lambda start, end: torch.arange(start, end)[:, None], vocab,
+                             plan.bigram_top, torch.float64, columns=True, progress=progress,
+                             desc="bigram rows", checkpoint=folder / "bigram.ckpt" if folder else None)
+    unigram = columns / vocab  # every token equally likely as the context
+    trigram = None
     if plan.trigram:
-        pairs = _pair_contexts(vocab, 0, vocab * vocab)
-        table = ngram_table(prog, DEFAULT_READOUT, contexts=pairs, top=1, row_top=top, normalise=True,
-                            chunk=chunk, progress=progress, resume=resume, max_seconds=None, shard=None)
-        row_max, log_sum = table.row_max.double()[:, None], table.log_sum.double()[:, None]
-        log_q = (table.row_values.double() - row_max) - log_sum
-        index, prob = table.row_index.int(), log_q.exp().float()
-    return SketchLM(unigram, bigram, index, prob, (0.0, 0.9, 0.1), first)
+        pairs = _reader(prog, 0, convention, chunk)
+        trigram, _ = _sweep(pairs, lambda start, end: _pair_contexts(vocab, start, end), vocab * vocab,
+                            plan.trigram_top, torch.float32, columns=False, progress=progress,
+                            desc="trigram pairs", checkpoint=folder / "trigram.ckpt" if folder else None)
+    return SketchLM(unigram, bigram, trigram, (0.0, 0.9, 0.1), list(reader.first))
 
 
-def _seconds_per_row(prog: ResidualProgram, rows: torch.Tensor) -> float:
-    """Seconds per context row of the read-out, timed here on the second of two chunks (the
-    first warms up), so the estimate is this machine's, under its present load."""
-    half = max(1, len(rows) // 2)
-    full_table(prog, DEFAULT_READOUT, contexts=rows[:half], chunk=half)
+def _keep_top(log_probs: torch.Tensor, top: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``top`` most probable tokens (ascending ids, int32) and their probabilities."""
+    values, index = log_probs.topk(top, -1)
+    index, order = index.sort(-1)
+    return index.int(), values.gather(-1, order).exp().to(dtype)
+
+
+def _sweep(reader: Callable[[torch.Tensor], torch.Tensor], contexts: Callable[[int, int], torch.Tensor],
+           rows: int, top: int, dtype: torch.dtype, *, columns: bool, progress: bool, desc: str,
+           checkpoint: Path | None = None) -> tuple[SparseRows, torch.Tensor | None]:
+    """Read ``rows`` contexts (``contexts(start, end)``) in the reader's chunks, keeping each row's
+    top ``top`` tokens, and (``columns``) the sum of the exact rows. Memory: the kept rows and one
+    chunk. ``checkpoint``: a file written at most every minute and when interrupted; a run
+    with the same reader, rows and ``top`` continues from it."""
+    from tqdm.auto import tqdm
+
+    vocab = int(reader.vocab)
+    top = min(top, vocab)
+    key = {"rows": rows, "top": top, "vocab": vocab, "dtype": str(dtype), "reader": reader.describe()}
+    state = _load_checkpoint(checkpoint, key)
+    if state is None:
+        state = {"key": key, "done": 0, "index": torch.zeros(rows, top, dtype=torch.int32),
+                 "prob": torch.zeros(rows, top, dtype=dtype),
+                 "columns": torch.zeros(vocab if columns else 0, dtype=torch.double)}
+    step = int(reader.chunk)
+    begun, saved = state["done"], time.monotonic()
+    try:
+        for start in tqdm(range(begun, rows, step), desc=desc, disable=not progress, leave=False):
+            end = min(start + step, rows)
+            log_probs = reader(contexts(start, end))
+            state["index"][start:end], state["prob"][start:end] = _keep_top(log_probs, top, dtype)
+            if columns:
+                state["columns"] += log_probs.exp_().sum(0)  # in place: no second [chunk, V] tensor
+            state["done"] = end
+            if checkpoint is not None and time.monotonic() - saved > CHECKPOINT_SECONDS:
+                _save_checkpoint(checkpoint, state)
+                saved = time.monotonic()
+    except BaseException:
+        if checkpoint is not None and state["done"] > begun:
+            _save_checkpoint(checkpoint, state)
+        raise
+    return SparseRows(state["index"], state["prob"]), state["columns"] if columns else None
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def _load_checkpoint(path: Path | None, key: dict) -> dict | None:
+    """The sweep's saved state when ``path`` holds one for the same ``key``, else None."""
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # a damaged or foreign file: start over (it is overwritten)
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
+def _seconds_per_row(reader: RowReader, top: int, rows: int) -> float:
+    """Seconds per pair row, read and reduced to its top tokens, timed here on the second of two
+    chunks (the first warms up), so the estimate is this machine's, under its present load."""
+    vocab = int(reader.vocab)
+    half = max(1, rows // 2)
+    _keep_top(reader(_pair_contexts(vocab, 0, half)), min(top, vocab), torch.float64)
     start = time.perf_counter()
-    full_table(prog, DEFAULT_READOUT, contexts=rows[half:], chunk=half)
-    return (time.perf_counter() - start) / max(1, len(rows) - half)
+    log_probs = reader(_pair_contexts(vocab, half, max(rows, half + 1)))
+    _keep_top(log_probs, min(top, vocab), torch.float64)
+    log_probs.exp_().sum(0)
+    return (time.perf_counter() - start) / max(1, rows - half)
+
+
+def _dims(prog: ResidualProgram) -> tuple[int, int, int, int]:
+    """Vocabulary, hidden width, residual units and the largest unit's parameters."""
+    vocab, hidden = prog.decoder.unembedding.shape
+    return int(vocab), int(hidden), len(prog.units), max((u.num_parameters for u in prog.units), default=0)
+
+
+def _chunk_bytes(prog: ResidualProgram, rows: int, positions: int = 3) -> float:
+    """Bound on the working memory of one chunk of ``rows`` contexts of up to ``positions``
+    tokens (a BOS, a first token, the context): six float64 [rows, V] tensors (the read-out,
+    its mixture, softmax, exp and top-k), float32 logits at every position, and activations of
+    width unit parameters / hidden + 8·hidden, twice."""
+    vocab, hidden, _, params = _dims(prog)
+    return rows * vocab * (6 * 8 + positions * 4) + rows * positions * (params / hidden + 8 * hidden) * 4 * 2
+
+
+def _sampling_bytes(prog: ResidualProgram, batch: int, length: int) -> float:
+    """Bound on sampling's working memory: a key-value cache of hidden width per unit (twice, as
+    the cache grows by copies) and a few float32 [batch, V] logits."""
+    vocab, hidden, units, _ = _dims(prog)
+    return 2 * units * batch * length * hidden * 4 * 2 + batch * vocab * 4 * 4
+
+
+def _scoring_bytes(prog: ResidualProgram, bigram_top: int, trigram_top: int) -> float:
+    """Bound on scoring's working memory: the model's own log-probabilities (float32 logits, two
+    float64 copies of a batch of ``LOGIT_ENTRIES``), the sparse look-ups (ids, probabilities,
+    positions and hits of ``LOOKUP_ENTRIES`` kept entries, three times for the trigram's), and
+    the back-off scales."""
+    vocab, *_ = _dims(prog)
+    return max(LOGIT_ENTRIES * 20, LOOKUP_ENTRIES * 40 * 3) + vocab * bigram_top * 8
 
 
 def _pair_contexts(vocab: int, start: int, end: int) -> torch.Tensor:
@@ -366,26 +622,37 @@ def sample_texts(model, count: int, length: int, start: Sequence[int], end: int 
 class CountLM:
     """A count-based LM of training text: add-one unigram, and the bigram interpolated with it
     (Jelinek–Mercer; ``bigram_weight`` fitted on a development split; an unseen context backs
-    off to the unigram)."""
+    off to the unigram). Only the pairs seen are stored (``pair_keys`` a·V + b, sorted, and their
+    ``pair_counts``), so memory grows with the text, not with V²."""
 
     unigram: torch.Tensor
-    bigram_counts: torch.Tensor
+    pair_keys: torch.Tensor
+    pair_counts: torch.Tensor
+    context_totals: torch.Tensor
     bigram_weight: float = 0.9
+
+    @property
+    def vocab(self) -> int:
+        return int(self.unigram.shape[0])
 
     @classmethod
     def train(cls, text: Windows, vocab: int) -> CountLM:
         ids = text.ids
         tokens = ids[text.mask]
         unigram = (torch.bincount(tokens, minlength=vocab).double() + 1) / (tokens.numel() + vocab)
-        pairs = (ids[:, :-1] * vocab + ids[:, 1:])[text.scored]
-        counts = torch.bincount(pairs, minlength=vocab * vocab).view(vocab, vocab).double()
-        return cls(unigram, counts)
+        prev = ids[:, :-1][text.scored]
+        keys, counts = torch.unique(prev * vocab + ids[:, 1:][text.scored], sorted=True, return_counts=True)
+        return cls(unigram, keys, counts.double(), torch.bincount(prev, minlength=vocab).double())
 
     def parts(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         prev, nxt = windows[:, :-1].long(), windows[:, 1:].long()
-        totals = self.bigram_counts.sum(-1)
-        bigram = self.bigram_counts[prev, nxt] / totals[prev].clamp_min(1)
-        return {"unigram": self.unigram[nxt], "bigram": bigram, "seen": totals[prev] > 0}
+        keys = prev * self.vocab + nxt
+        count = torch.zeros(keys.shape, dtype=torch.double)
+        if len(self.pair_keys):
+            pos = torch.searchsorted(self.pair_keys, keys).clamp_max(len(self.pair_keys) - 1)
+            count = torch.where(self.pair_keys[pos] == keys, self.pair_counts[pos], 0.0)
+        totals = self.context_totals[prev]
+        return {"unigram": self.unigram[nxt], "bigram": count / totals.clamp_min(1), "seen": totals > 0}
 
     def bigram_probs(self, parts: dict[str, torch.Tensor], weight: float | None = None) -> torch.Tensor:
         w = self.bigram_weight if weight is None else weight
@@ -403,7 +670,10 @@ class CountLM:
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def model_log_probs(model, windows: Windows, batch: int = 32) -> torch.Tensor:
-    """log p(x_t | x_<t) of the model itself at positions 1.. of every window, [n, L − 1]."""
+    """log p(x_t | x_<t) of the model itself at positions 1.. of every window, [n, L − 1], in
+    batches of at most ``batch`` windows and ``LOGIT_ENTRIES`` logits."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    batch = max(1, min(batch, LOGIT_ENTRIES // max(1, windows.ids.shape[1] * vocab)))
     out = []
     for start in range(0, len(windows), batch):
         part = windows.rows(start, start + batch)
@@ -482,23 +752,28 @@ def text_windows(model, tokenizer, text: str | None, samples: int, length: int, 
 
 
 def sketch_model(model, tokenizer, prog: ResidualProgram, *, text: str | None = None, samples: int = 1024,
-                 length: int = 256, first_tokens: int = DEFAULT_FIRST_TOKENS, trigram: str = "auto",
+                 length: int = 256, first_tokens: int | None = None, trigram: str = "auto",
                  top: int = 16, max_seconds: float | None = 900.0, seed: int = 0,
-                 out: str | Path | None = None, progress: bool = True, on_plan=None) -> SketchReport:
+                 out: str | Path | None = None, progress: bool = True, on_plan=None,
+                 bigram_top: int = DEFAULT_BIGRAM_TOP, convention: Convention = None) -> SketchReport:
     """Read the sketch LM's tables from ``prog`` (the captured ``model``), fit its weights on a
     development split and measure every LM's perplexity on the test split. ``on_plan(plan)`` is
     called before any table is read (the CLI prints it there, and stops for a dry run by
     raising). With ``out``, the tables, ``sketch.json`` and ``perplexities.csv`` are written
-    there (the trigram sweep checkpoints to ``out/trigram.ckpt`` and resumes from it)."""
+    there (the sweeps checkpoint to ``out/bigram.ckpt`` and ``out/trigram.ckpt`` and resume
+    from them). ``bigram_top`` / ``top``: tokens kept per bigram / trigram row; ``convention``:
+    the tokens put before every context (default: what the tokenizer puts before a text)."""
+    convention = _convention(convention, tokenizer)
     sampled = 0 if text is not None else samples * length
     rate = sampling_rate(model, tokenizer) if sampled else 0.0
+    total = samples * length if text is None else len(tokenizer(text, add_special_tokens=False)["input_ids"])
     plan = plan_sketch(prog, first_tokens, trigram, top, max_seconds, sampled_tokens=sampled,
-                       seconds_per_sampled_token=rate)
+                       seconds_per_sampled_token=rate, bigram_top=bigram_top, sample_length=length,
+                       convention=convention, scored_tokens=total // 10 + length)
     if on_plan is not None:
         on_plan(plan)
     train, dev, test, data = text_windows(model, tokenizer, text, samples, length, seed, progress)
-    resume = Path(out) / "trigram.ckpt" if out is not None and plan.trigram else None
-    lm = read_sketch(prog, first_tokens, plan, top=top, progress=progress, resume=resume)
+    lm = read_sketch(prog, first_tokens, plan, progress=progress, resume=out, convention=convention)
     lm.fit_weights(dev)
     counts = CountLM.train(train, lm.vocab)
     counts.fit(dev)
@@ -509,11 +784,12 @@ def sketch_model(model, tokenizer, prog: ResidualProgram, *, text: str | None = 
     if out is not None:
         folder = Path(out)
         decoded = [tokenizer.decode([a]) for a in lm.first_tokens]
-        meta = {"first_tokens_text": decoded, "data": data, "perplexities": scores}
+        meta = {"prefix": list(convention.prefix), "first_tokens_text": decoded, "data": data,
+                "perplexities": scores}
         report.files.append(lm.save(folder, meta))
         report.files.append(folder / META_FILE)
         rows = "lm,perplexity\n" + "".join(f"\"{name}\",{value:.6g}\n" for name, value in scores.items())
         report.files.append(atomic_write(folder / "perplexities.csv", rows))
-        if resume is not None and resume.exists():
-            resume.unlink()
+        for name in ("bigram.ckpt", "trigram.ckpt"):
+            (folder / name).unlink(missing_ok=True)
     return report
