@@ -801,13 +801,11 @@ def _run_emit(args: argparse.Namespace) -> int:
 
 def _stop_at_plan(args: argparse.Namespace, plans, memory_option: str) -> bool:
     """Print the plans for --dry-run (True: stop), else refuse those past --max-time."""
+    from jetgraph.cost import format_plan
     from jetgraph.errors import CostError
 
     if args.dry_run:
-        for plan in plans:
-            print(plan.describe())
-        if len(plans) > 1:
-            print(f"total: estimated {sum(p.seconds for p in plans):.3g} s")
+        print(format_plan(plans, args.max_time))
         return True
     for plan in plans:
         plan.check(args.max_time, "--max-time SECONDS (or --max-time none)",
@@ -829,6 +827,7 @@ def _run_lens(args: argparse.Namespace) -> int:
     from jetgraph.applications import iterative_lenses, joint_lens, write_lens_csv
     from jetgraph.applications.lens import LensSeriesDivergenceWarning, LensSizes, lens_plan
     from jetgraph.applications.plots import plot_lens
+    from jetgraph.cost import format_plan
 
     if args.prompts is not None:
         return _run_lens_over_prompts(args)
@@ -837,7 +836,8 @@ def _run_lens(args: argparse.Namespace) -> int:
     orders = range(args.order + 1)
     plan = lens_plan(LensSizes.of(prog, orders), [ids.shape[1]], 1)
     if args.dry_run:
-        print(plan.describe() + (" (the joint lens's fit not included)" if args.joint else ""))
+        print(format_plan([plan], args.max_time, max_bytes=args.max_memory)
+              + ("\n  (the joint lens's fit is not included)" if args.joint else ""))
         return 0
     plan.check(args.max_time, "--max-time SECONDS (or --max-time none)", max_bytes=args.max_memory,
                memory_option="shorten the text, lower --order, or raise --max-memory")
@@ -889,11 +889,13 @@ def _run_lens_over_prompts(args: argparse.Namespace) -> int:
     )
     from jetgraph.applications.plots import plot_lens_average
     from jetgraph.capture.loading import encode
+    from jetgraph.cost import format_plan
     from jetgraph.errors import CostError
 
     early = _lens_plan_before_loading(args)
     if early is not None and args.dry_run:
-        print(early.describe() + " (from config.json, before loading the model)")
+        print(format_plan([early], args.max_time, max_bytes=args.max_memory)
+              + "\n  (from config.json and the tokenizer, before loading the model)")
         return 0
     if early is not None and args.max_time is not None and early.seconds > args.max_time:
         raise CostError(f"refusing {early.describe()}: more than the limit of --max-time {args.max_time:g} s "
@@ -907,7 +909,7 @@ def _run_lens_over_prompts(args: argparse.Namespace) -> int:
     batch = lens_batch_size(sizes, lengths, args.max_memory, args.batch_size)  # refuses what cannot fit
     plan = lens_plan(sizes, lengths, batch)
     if args.dry_run:
-        print(plan.describe())
+        print(format_plan([plan], args.max_time, max_bytes=args.max_memory))
         return 0
     plan.check(args.max_time, "--max-time SECONDS (or --max-time none)", max_bytes=float("inf"))
     side = getattr(tokenizer, "padding_side", "left") if prog.reads_mask else "right"

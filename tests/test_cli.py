@@ -471,7 +471,8 @@ def test_ngrams_plan_and_refusal(tmp_path, capsys, monkeypatch) -> None:
     out = tmp_path / "pairs.csv"
     assert main(["ngrams", str(path), "--paths", "E→attn0→U", "--dry-run", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "4,194,304 contexts" in printed and "FLOP" in printed and "estimated" in printed
+    assert "4,194,304 contexts" in printed and "FLOP" in printed and "total: ≈" in printed
+    assert "--max-time 60 min (the default)" in printed  # the dry run says what a run would meet
     _no_model_loading(monkeypatch)  # 4.2e6 pairs · 2·V·d > 1 s here: refused from the config alone
     start = time.perf_counter()
     assert main(["ngrams", str(path), "--paths", "E→U", "E→attn0→U", "--max-time", "1",

@@ -432,7 +432,9 @@ def test_lens_prompts_dry_run_and_max_time_before_loading(tmp_path, capsys, monk
     dry = ["lens", model, "--prompts", str(prompts), "--order", "2", "--out", str(png), "--dry-run"]
     assert main(dry) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("the order-2 lens at 5 states over 3 prompts") and "peak memory" in printed
+    assert printed.startswith("plan (upper bounds")
+    assert "the order-2 lens at 5 states over 3 prompts" in printed
+    assert "peak ≈" in printed and "--max-time 60 min (the default) lets it run" in printed
     assert "before loading the model" in printed and not png.exists()
     assert main(["lens", model, "--prompts", str(prompts), "--out", str(png), "--max-time", "1e-6"]) == 1
     error = capsys.readouterr().err.strip()
