@@ -1047,14 +1047,18 @@ class _PlanShown(Exception):
 
 def _run_sketch(args: argparse.Namespace) -> int:
     from jetgraph.applications.sketch import sketch_model
+    from jetgraph.cost import check_plan, format_plan
 
     model, tokenizer, ids = _load(args, text="a")
     prog = _capture(model, ids)
 
-    def show(plan) -> None:
-        print(plan.describe())
+    def show(plan) -> None:  # plan_sketch has refused what is past --max-time or memory already
+        phases = plan.phases()
+        print(format_plan(phases, args.max_time) + ("\n" + plan.skipped() if plan.skipped() else ""))
         if args.dry_run:
             raise _PlanShown
+        check_plan(phases, args.max_time, "--max-time SECONDS (or --max-time none)", what="the sketch",
+                   memory_option=f"lower --bigram-top from {plan.bigram_top}, or --trigram off")
 
     try:
         report = sketch_model(model, tokenizer, prog, text=args.text_content, samples=args.samples,

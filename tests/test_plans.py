@@ -113,15 +113,25 @@ def assert_within_plan(measured: dict) -> None:
 def wide(tmp_path_factory) -> Path:
     """A random 2-layer Llama with a 32,768-token vocabulary (d = 64) and TinyStories' tokenizer
     (its 2,048 ids fit): a model whose vocabulary-sized buffers are most of every run's memory."""
+    return _random_llama(tmp_path_factory.mktemp("wide"), WIDE_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def half_wide(tmp_path_factory) -> Path:
+    """The wide model with half its vocabulary (16,384 tokens): read-outs call it on as many
+    logits at a time (16M), so the same vocabulary-sized buffers, for a quarter of the V² work."""
+    return _random_llama(tmp_path_factory.mktemp("half-wide"), WIDE_VOCAB // 2)
+
+
+def _random_llama(folder: Path, vocab: int) -> Path:
     import shutil
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     source = require_tinystories()
-    folder = tmp_path_factory.mktemp("wide")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=WIDE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -171,6 +181,18 @@ def test_emit_plan_bounds_the_run(wide, tmp_path) -> None:
 @pytest.mark.slow
 def test_ngrams_plan_bounds_the_run(wide, tmp_path) -> None:
     measured = measure(["ngrams", str(wide), "--first", "300", "--out", "t.csv"], tmp_path)
+    assert_within_plan(measured)
+
+
+def test_sketch_plan_bounds_the_run(half_wide, story, tmp_path) -> None:
+    """The sketch's phases (the bigram table; fitting, scoring and writing) on a model whose
+    vocabulary-sized buffers dominate: 16,384 rows of 16,384 read-out entries read after the
+    tokenizer's BOS in chunks of 1,024 rows, each row's top 32 kept."""
+    measured = measure(["sketch", str(half_wide), "--text", str(story), "--length", "16", "--bigram-top",
+                        "32", "--trigram", "off", "--out", "s"], tmp_path)
+    printed = measured["stdout"]
+    assert "bigram table, 16,384 tokens × top 32" in printed and "skipped: --trigram off" in printed
+    assert "--max-time 60 min (the default) lets it run" in printed and "perplexity" in printed
     assert_within_plan(measured)
 
 

@@ -298,7 +298,7 @@ def test_sketch_command_samples_and_plans(tiny_text_model, tmp_path, capsys) -> 
     assert "sampled from the model itself" in printed and "skipped: --trigram off" in printed
     assert main(["sketch", str(tiny_text_model), "--dry-run", "--out", str(tmp_path / "dry")]) == 0
     printed = capsys.readouterr().out
-    assert "trigram: 90,000 pairs" in printed and "bigram: 300 tokens × top 128" in printed
+    assert "trigram table, 90,000 pairs" in printed and "bigram table, 300 tokens × top 128" in printed
     assert not (tmp_path / "dry").exists()
 
 

@@ -33,6 +33,7 @@ parts alone.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
-from jetgraph.cost import available_memory
+from jetgraph.cost import Plan, available_memory, gemm_rate
 from jetgraph.errors import CostError
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
@@ -291,8 +292,8 @@ def _convention(convention: Convention, tokenizer: object) -> Convention:
 class SketchPlan:
     """What reading the tables costs, as upper bounds at the rate measured here: seconds of each
     table (every read charged as a full pair row with its top-k selection), the tables' bytes,
-    and ``peak_bytes``: tables plus the largest working set of any phase (reading a chunk,
-    sampling, scoring), above the loaded model. ``trigram`` says whether it is read."""
+    and ``peak_bytes``: the largest of the phases' peaks (:meth:`phases`), above the loaded
+    model. ``trigram`` says whether it is read."""
 
     vocab: int
     bigram_top: int
@@ -309,11 +310,58 @@ class SketchPlan:
     sampling_seconds: float = 0.0
     scored_tokens: int = 0
     scoring_seconds: float = 0.0
+    chunk_bytes: float = 0.0  # working memory of reading one chunk of rows
+    sampling_bytes: float = 0.0  # of sampling the text
+    scoring_bytes: float = 0.0  # of scoring the test text
+    reads: int = 0  # model reads of the bigram table (rows × prefixes, and the first tokens' pass)
+    row_flops: float = 0.0  # matmul FLOPs of one row read
+    token_flops: float = 0.0  # of one token through the model (sampling, scoring)
+    gemm_rate: float = 1.0
 
     @property
     def seconds(self) -> float:
         return (self.bigram_seconds + self.sampling_seconds + self.scoring_seconds
                 + (self.trigram_seconds if self.trigram else 0.0))
+
+    @property
+    def tables_bytes(self) -> float:
+        return self.bigram_bytes + (self.trigram_bytes if self.trigram else 0)
+
+    def phases(self) -> list[Plan]:
+        """The run as :class:`jetgraph.cost.Plan` phases, one after another, for
+        :func:`jetgraph.cost.format_plan` and :func:`jetgraph.cost.check_plan`: sampling the
+        text (when sampled), the bigram table, the trigram table (when read), then fitting the
+        weights, scoring the test text and writing the tables. Each phase's peak counts the
+        tables read before it; writing holds a serialised copy of the tables."""
+        from jetgraph.cost import format_count
+
+        out = []
+        if self.sampled_tokens:
+            out.append(Plan(f"sampling the text (up to {format_count(self.sampled_tokens)} tokens)",
+                            self.sampled_tokens, "sampled tokens", self.sampled_tokens * self.token_flops,
+                            self.sampling_bytes, self.sampling_seconds, self.gemm_rate))
+        bigram = f"bigram table, {format_count(self.vocab)} tokens × top {self.bigram_top}"
+        out.append(Plan(bigram, self.reads, "row reads", self.reads * self.row_flops,
+                        self.bigram_bytes + self.chunk_bytes, self.bigram_seconds, self.gemm_rate))
+        if self.trigram:
+            trigram = f"trigram table, {format_count(self.trigram_rows)} pairs × top {self.trigram_top}"
+            out.append(Plan(trigram, self.trigram_rows, "pair rows", self.trigram_rows * self.row_flops,
+                            self.tables_bytes + self.chunk_bytes, self.trigram_seconds, self.gemm_rate))
+        out.append(Plan(f"fitting, scoring up to {format_count(self.scored_tokens)} test tokens, writing",
+                        self.scored_tokens, "test tokens", self.scored_tokens * self.token_flops,
+                        self.tables_bytes + max(self.scoring_bytes, self.tables_bytes), self.scoring_seconds,
+                        self.gemm_rate))
+        return out
+
+    def skipped(self) -> str:
+        """A line for the printed plan when the trigram table is not read ("" when it is)."""
+        from jetgraph.cost import format_bytes, format_count, format_duration
+
+        if self.trigram:
+            return ""
+        return (f"  trigram table skipped: {self.reason} ({format_count(self.trigram_rows)} pairs × top "
+                f"{self.trigram_top} would take ≈ {format_duration(self.trigram_seconds)} and "
+                f"{format_bytes(self.trigram_bytes)})")
 
     def describe(self) -> str:
         from jetgraph.cost import format_bytes, format_count, format_duration
@@ -373,12 +421,16 @@ def plan_sketch(prog: ResidualProgram, first_tokens: int | None = None, trigram:
     if reason and trigram == "on":
         raise CostError(f"refusing the trigram table of {pair_rows:,} pairs: {reason}; use --trigram auto "
                         "or off, or raise --max-time")
-    working = max(_chunk_bytes(prog, reader.chunk), _sampling_bytes(prog, sample_batch, sample_length)
-                  if sampled_tokens else 0.0, _scoring_bytes(prog, bigram_top, top))
-    peak = bigram_bytes + (memory if not reason else 0) + working
+    chunk_bytes = _chunk_bytes(prog, reader.chunk)
+    sampling_bytes = _sampling_bytes(prog, sample_batch, sample_length) if sampled_tokens else 0.0
+    scoring_bytes = _scoring_bytes(prog, bigram_top, top)
+    row_flops, token_flops = _flops(prog, len(reader.prefixes[0][0]) + 2 if reader.prefixes else 2)
     plan = SketchPlan(vocab, bigram_top, bigram_seconds, bigram_bytes, pair_rows, top, seconds, memory,
-                      not reason, peak, reason, sampled_tokens, sampled_tokens * seconds_per_sampled_token,
-                      scored_tokens, scored_tokens * per_row)
+                      not reason, 0.0, reason, sampled_tokens, sampled_tokens * seconds_per_sampled_token,
+                      scored_tokens, scored_tokens * per_row, chunk_bytes, sampling_bytes, scoring_bytes,
+                      vocab * (reads + mixes), row_flops, token_flops, gemm_rate())
+    plan = dataclasses.replace(plan, peak_bytes=max(p.peak_bytes for p in plan.phases()))
+    peak = plan.peak_bytes
     if max_seconds is not None and plan.seconds > max_seconds:
         raise CostError(f"refusing the sketch: {plan.describe()}; more than the {max_seconds:,.0f} s allowed "
                         "(sample fewer texts, a smaller --average, --trigram off, or raise --max-time)")
@@ -496,6 +548,15 @@ def _dims(prog: ResidualProgram) -> tuple[int, int, int, int]:
     """Vocabulary, hidden width, residual units and the largest unit's parameters."""
     vocab, hidden = prog.decoder.unembedding.shape
     return int(vocab), int(hidden), len(prog.units), max((u.num_parameters for u in prog.units), default=0)
+
+
+def _flops(prog: ResidualProgram, positions: int) -> tuple[float, float]:
+    """Matmul FLOPs of one row read (every unit at ``positions`` tokens: the prefix, a first
+    token and the context; the decoder at the last) and of one token through the model (every
+    unit and the decoder)."""
+    vocab, hidden, _, _ = _dims(prog)
+    units = 2.0 * sum(u.num_parameters for u in prog.units)
+    return units * positions + 2.0 * vocab * hidden, units + 2.0 * vocab * hidden
 
 
 def _chunk_bytes(prog: ResidualProgram, rows: int, positions: int = 3) -> float:
