@@ -374,11 +374,23 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
 
     path = require_tinystories()
     out = tmp_path / "first.csv"
-    assert main(["ngrams", str(path), "--paths", "E→U", "--first", "10", "--top", "30",
+    assert main(["ngrams", str(path), "--paths", "E→U", "--id-range", "0:10", "--top", "30",
                  "--out", str(out)]) == 0
     assert "of 10 contexts" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 30 and all(int(r["context_ids"]) < 10 for r in rows)
+    assert main(["ngrams", str(path), "--paths", "E→U", "--first", "10", "--top", "30",
+                 "--out", str(out)]) == 0  # the 10 tokens the model predicts most, after its BOS
+    assert "of 10 contexts" in capsys.readouterr().out
+    import jetgraph
+    from jetgraph.applications.ngrams import InputConvention, common_tokens
+
+    model, tokenizer = jetgraph.load_model(path)
+    convention = InputConvention.from_tokenizer(tokenizer)
+    expected = common_tokens(jetgraph.capture(model), 10, convention, tokenizer)
+    rows = list(csv.DictReader(out.open()))
+    assert {int(r["context_ids"]) for r in rows} <= set(expected)
+    assert not set(expected) & set(tokenizer.all_special_ids)
     contexts = tmp_path / "contexts.txt"
     contexts.write_text("5\n17\n# a comment\n99\n")
     assert main(["ngrams", str(path), "--contexts", str(contexts), "--top", "5", "--out", str(out)]) == 0

@@ -61,4 +61,4 @@ def test_text_keeps_the_tokenizers_bos(tmp_path, capsys) -> None:
     lens = jetgraph.lens(model, "Once upon a time", orders=(0,), tokenizer=tokenizer)[0]
     assert lens.logits.shape[2] == ids.shape[1]
     assert main(["capture", str(path), "--text", "Once upon a time"]) == 0
-    assert f"({ids.shape[1]} tokens)" in capsys.readouterr().out
+    assert f"({ids.shape[1]} tokens;" in capsys.readouterr().out
