@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
+from jetgraph.capture.shared import streamed_forward
 from jetgraph.cost import Plan, available_memory, gemm_rate
 from jetgraph.errors import CostError
 from jetgraph.files import atomic_write
@@ -824,6 +825,15 @@ def sketch_model(model, tokenizer, prog: ResidualProgram, *, text: str | None = 
     there (the sweeps checkpoint to ``out/bigram.ckpt`` and ``out/trigram.ckpt`` and resume
     from them). ``bigram_top`` / ``top``: tokens kept per bigram / trigram row; ``convention``:
     the tokens put before every context (default: what the tokenizer puts before a text)."""
+    with streamed_forward(model):  # a lazily read model samples and scores block by block
+        return _sketch_model(model, tokenizer, prog, text, samples, length, first_tokens, trigram, top,
+                             max_seconds, seed, out, progress, on_plan, bigram_top, convention)
+
+
+def _sketch_model(model, tokenizer, prog: ResidualProgram, text: str | None, samples: int, length: int,
+                  first_tokens: int | None, trigram: str, top: int, max_seconds: float | None, seed: int,
+                  out: str | Path | None, progress: bool, on_plan, bigram_top: int,
+                  convention: Convention) -> SketchReport:
     convention = _convention(convention, tokenizer)
     sampled = 0 if text is not None else samples * length
     rate = sampling_rate(model, tokenizer) if sampled else 0.0

@@ -24,7 +24,7 @@ from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model, 
 from jetgraph.capture.lazy import LazyWeights, lazy_weights, load_lazy
 from jetgraph.capture.lift import lift as _lift
 from jetgraph.capture.loading import load_model
-from jetgraph.capture.shared import capture_shared
+from jetgraph.capture.shared import capture_shared, streamed_forward
 from jetgraph.errors import CaptureError
 from jetgraph.ir import Granularity, ResidualProgram, check_granularity
 
@@ -71,6 +71,15 @@ class _CallablePackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallablePackage
 
-__all__ = ["CapturedGraph", "LazyWeights", "LogitsWrapper", "capture", "export_model", "lazy_weights",
-           "load_lazy", "load_model",
-           "synthetic_input_ids"]
+__all__ = [
+    "CapturedGraph",
+    "LazyWeights",
+    "LogitsWrapper",
+    "capture",
+    "export_model",
+    "lazy_weights",
+    "load_lazy",
+    "load_model",
+    "streamed_forward",
+    "synthetic_input_ids",
+]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jetgraph.capture.checkpoint_names import CheckpointMap
 from jetgraph.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +44,7 @@ class LazyWeights:
         self.folder = Path(folder)
         self.dtype = dtype
         self.files = _weight_files(self.folder)
+        self.checkpoint = CheckpointMap(model, self.files)  # transformers' renamings and merges
         _make_absent(model)
         self.tensors: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         aliases: dict[int, list[str]] = {}
@@ -50,7 +52,7 @@ class LazyWeights:
             aliases.setdefault(id(parameter), []).append(name)
         self.aliases = aliases
         self.counts: dict[int, int] = {}
-        missing = [names[0] for names in aliases.values() if not any(n in self.files for n in names)]
+        missing = [names[0] for names in aliases.values() if not any(n in self.checkpoint for n in names)]
         if missing:
             raise ModelLoadError(f"{self.folder}: the safetensors files hold no tensor for "
                                  f"{len(missing)} parameters (first: {missing[0]})")
@@ -134,12 +136,16 @@ class LazyWeights:
                 parameter.data = _absent(parameter.shape, parameter.dtype)
 
     def _read(self, key: int) -> torch.Tensor:
+        name = next(n for n in self.aliases[key] if n in self.checkpoint)
+        tensor = self.checkpoint.read(name, self._stored)
+        return tensor if self.dtype is None or tensor.dtype == self.dtype else tensor.to(self.dtype)
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """One tensor of the safetensors files, memory-mapped: pages are read when touched."""
         from safetensors import safe_open
 
-        name = next(n for n in self.aliases[key] if n in self.files)
         with safe_open(self.files[name], framework="pt") as handle:
-            tensor = handle.get_tensor(name)  # memory-mapped: pages are read when touched
-        return tensor if self.dtype is None or tensor.dtype == self.dtype else tensor.to(self.dtype)
+            return handle.get_tensor(name)
 
 
 def _absent(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

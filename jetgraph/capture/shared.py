@@ -140,6 +140,17 @@ def structure_keys(blocks: nn.ModuleList, per_layer: list[PerLayerEntry]) -> lis
     return keys
 
 
+def streamed_forward(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """A context in which ``model``'s own forward runs right when it was read lazily
+    (:func:`~jetgraph.capture.lazy.load_lazy`): its block stack streams one block at a time and
+    the rest stays in memory. For a model in memory, nothing to do."""
+    weights = lazy_weights(model)
+    if weights is None:
+        return contextlib.nullcontext()
+    stack = find_block_stack(model, per_block=True)
+    return weights.streaming(model, stack.blocks if stack is not None else [])
+
+
 def find_block_stack(model: nn.Module, *, per_block: bool = False) -> BlockStack | None:
     """The ``nn.ModuleList`` of one module class with the most parameters, grouped by structure
     (:func:`structure_keys`), or with one group per block when ``per_block``; None when there is

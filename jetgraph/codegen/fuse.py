@@ -112,12 +112,14 @@ def _fuse_layer_norm(graph: fx.Graph, root: fx.Node) -> bool:
         return False
     last, weight, bias = root, None, None
     users = list(last.users)
+    dtype = _dtype(x)  # an affine weight of another dtype (a bf16 model's upcast norm) stays unfused:
+    # native_layer_norm takes no mixed dtypes on CPU
     if len(users) == 1 and _call(users[0], aten.mul.Tensor) and _is_vector(users[0].args[1], width) \
-            and users[0].args[0] is last:
+            and users[0].args[0] is last and _dtype(users[0].args[1]) == dtype:
         last, weight = users[0], users[0].args[1]
         users = list(last.users)
         if len(users) == 1 and _call(users[0], aten.add.Tensor) and users[0].args[0] is last \
-                and _is_vector(users[0].args[1], width):
+                and _is_vector(users[0].args[1], width) and _dtype(users[0].args[1]) == dtype:
             last, bias = users[0], users[0].args[1]
     with graph.inserting_before(last):
         norm = graph.call_function(aten.native_layer_norm.default,
@@ -133,6 +135,20 @@ def _last_dim(mean: fx.Node) -> bool:
     return list(dims or []) == [-1] and bool(keep)
 
 
+def _value(node: fx.Node) -> object:
+    """The node's example value: its traced ``val``, or for a constant the tensor itself."""
+    value = node.meta.get("val")
+    if value is None and node.op == "get_attr":
+        module = node.graph.owning_module
+        value = getattr(module, node.target, None) if module is not None else None
+    return value
+
+
+def _dtype(node: object) -> torch.dtype | None:
+    value = _value(node) if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
 def _width(node: fx.Node) -> int | None:
     value = node.meta.get("val")
     if isinstance(value, torch.Tensor) and value.dim() >= 1:
@@ -144,10 +160,7 @@ def _is_vector(node: object, width: int) -> bool:
     """A constant (get_attr) of shape [width]: an affine LayerNorm parameter."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return False
-    value = node.meta.get("val")
-    if value is None:
-        module = node.graph.owning_module
-        value = getattr(module, node.target, None) if module is not None else None
+    value = _value(node)
     return isinstance(value, torch.Tensor) and tuple(value.shape) == (width,)
 
 

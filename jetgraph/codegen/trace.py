@@ -26,7 +26,7 @@ from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
 from jetgraph.codegen.schedule import Step, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, expansion_plan
-from jetgraph.ir import ResidualProgram, as_input_ids, parameter_name
+from jetgraph.ir import ResidualProgram, ResidualUnit, as_input_ids, parameter_name
 from jetgraph.passes.expansion import Expansion
 
 RESERVED = ("target", "remainder")
@@ -114,7 +114,8 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     example = _symbolic_example(ids, prog.max_positions) if dynamic else ids
     # Index tables are made inside the trace (none is cached under it). The fake-tensor cache
     # costs more than it saves here (most ops are traced once): without it tracing is 2x faster.
-    with torch.no_grad(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+    with torch.no_grad(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False), \
+            prog.resident(_traced_units(expansion, remainder)):
         traced = make_fx(forward, tracing_mode="symbolic" if dynamic else "real",
                          _allow_non_fake_inputs=True)(example, torch.ones_like(example))
     _label_steps(traced.graph, marks)
@@ -131,6 +132,20 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     module.has_remainder = remainder
     module.schedule_summary = [step.label for step in schedule.steps]  # one line per batched step
     return module
+
+
+def _traced_units(expansion: Expansion, remainder: bool) -> list[ResidualUnit]:
+    """The units whose weights the trace reads: every unit when it runs the model's own forward
+    (the target, or the stream a jet of order ≥ 1 or a stream term reads), else the terms' own.
+    A lazily read program holds them in memory for the whole trace: the emitted module keeps
+    them as buffers, and weights cannot be swapped in and out while make_fx traces."""
+    prog = expansion.prog
+    reads_stream = remainder or any(t.kind == "stream" or (t.kind != "source" and t.order >= 1)
+                                    for t in expansion.nodes)
+    if reads_stream:
+        return list(prog.units)
+    units = {id(t.unit): t.unit for t in expansion.nodes if isinstance(t.unit, ResidualUnit)}
+    return list(units.values())
 
 
 def _example_ids(prog: ResidualProgram, input_ids: torch.Tensor | None) -> torch.Tensor:

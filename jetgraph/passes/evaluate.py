@@ -127,18 +127,21 @@ def unit_jet(unit: Unit, order: int, centers: torch.Tensor, inputs: RunInputs,
              directions: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Every coefficient of ``unit``'s order-``order`` jet at each of ``centers`` [n, batch, seq,
     d], in one Taylor-mode pass on the centres stacked along the batch: [size·n, batch, seq, w],
-    coefficient-major. Along h − c (h: the state the unit reads), or along ``directions``."""
+    coefficient-major. Along h − c (h: the state the unit reads), or along ``directions``. A
+    lazily read program holds the unit's weights only while its jet runs."""
     count = centers.shape[0]
     flat = (count * inputs.batch, inputs.seq, centers.shape[-1])
     stacked = centers.reshape(flat)
     side = inputs.side_for(count)
     if directions:
         along = [d.expand(centers.shape).reshape(flat) for d in directions]
-        coefficients = jet(unit, stacked, order=order, directions=along, side=side).coefficients
+        variate = None
     else:  # at order 0 the variate is not read: the centres stand in for it
+        along = None
         variate = stacked if order == 0 else \
             inputs.variate(unit).expand(count, *inputs.variate(unit).shape).reshape(flat)
-        coefficients = jet(unit, stacked, variate, order=order, side=side).coefficients
+    with inputs.prog.resident([] if isinstance(unit, Decoder) else [unit]):
+        coefficients = jet(unit, stacked, variate, order=order, directions=along, side=side).coefficients
     return coefficients.reshape(coefficients.shape[0] * count, inputs.batch, inputs.seq,
                                 coefficients.shape[-1])
 

@@ -483,6 +483,36 @@ def _grouped_mm(x: Series, weight: Any, offsets: torch.Tensor) -> Series:
 LIBRARY_RULES["transformers::grouped_mm_fallback"] = _grouped_mm
 
 
+def _aten_grouped_mm(x: Series, weight: Any, offs: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> Series:
+    """torch's grouped matmul (MoE experts in bf16): linear in the rows for a constant weight, so
+    each coefficient is one call."""
+    if is_series(weight) or bias is not None:
+        raise NotImplementedError("a grouped matmul with a series weight or a bias has no Taylor rule")
+    return x.with_coeffs(torch.stack([_grouped_matmul(c, weight, offs, out_dtype) for c in x.coeffs]))
+
+
+def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None,
+                    out_dtype: torch.dtype | None) -> torch.Tensor:
+    """aten._grouped_mm, or for dtypes its kernels do not take (the float64 oracle) the same
+    product group by group: rows[offs[g-1]:offs[g]] @ weight[g]."""
+    if rows.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.dtype == rows.dtype:
+        return aten._grouped_mm.default(rows, weight, offs, None, out_dtype)
+    if rows.dim() != 2 or weight.dim() != 3 or offs is None:
+        raise NotImplementedError(f"grouped matmul of {rows.dim()}-d rows and a {weight.dim()}-d weight in "
+                                  f"{rows.dtype}: only 2-d rows and 3-d weights with offsets have a rule")
+    ends = offs.tolist()
+    starts = [0, *ends[:-1]]
+    out = rows.new_zeros(rows.shape[0], weight.shape[-1])
+    for group, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        out[start:end] = rows[start:end] @ weight[group].to(rows.dtype)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+if hasattr(aten, "_grouped_mm"):
+    RULES[aten._grouped_mm.default] = _aten_grouped_mm
+
+
 def rule_for(op: Any) -> Rule | None:
     """The rule for ``op``: :data:`RULES`, else :data:`LIBRARY_RULES` by the op's name."""
     rule = RULES.get(op)
