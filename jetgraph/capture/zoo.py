@@ -2,7 +2,9 @@
 
 All configs share a tiny size (d=32, 2 layers, vocab 128) so a capture takes a few seconds.
 ``ResidualMLP`` is a plain torch residual network, not from transformers, to show that capture
-needs no Hugging Face structure.
+needs no Hugging Face structure. :mod:`.conformance_zoo` adds families built to break
+assumptions (a BOS-adding tokenizer, mixed sliding/full attention, MoE, a large sparse
+vocabulary), each saved with its tokenizer, for the conformance matrix (docs/conformance.md).
 """
 
 from __future__ import annotations
