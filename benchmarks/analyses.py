@@ -34,7 +34,7 @@ from jetgraph.applications.groundtruth import TinyConfig, bpe_corpus, pydoc_text
 from jetgraph.applications.groundtruth.planted import planted_rule_model
 from jetgraph.applications.groundtruth.training import window_batches
 from jetgraph.applications.masses import keyword_masses, masses_table
-from jetgraph.applications.ngrams import keyword_ids, load_keywords
+from jetgraph.applications.ngrams import InputConvention, keyword_ids, load_keywords
 from jetgraph.applications.plots import plot_diff, plot_masses, plot_roles
 from jetgraph.applications.roles import attention_units, unit_roles, verify_roles
 from jetgraph.applications.sketch import sample_texts
@@ -72,7 +72,8 @@ def planted_study(seeds: int) -> dict:
             others = {"+".join(u): report.effect(u, "zero").others
                       for u in [s.units for s in report.singles] + report.unranked()}
             specific = {u: (zero | attention_zero)[u] - others[u] for u in others}
-            stream = unit_roles(prog, [rule.target], progress=False, start="stream")
+            stream = unit_roles(prog, [rule.target], progress=False, start="stream",
+                                convention=InputConvention())  # trained without a start token
             runs.append({"seed": seed, "planted_in": rule.unit, "ranked_first": report.best().units[0],
                          "ranked_first_stream_start": stream.best().units[0],
                          "scores_stream_start": {s.units[0]: s.score for s in stream.singles},
@@ -123,7 +124,7 @@ def smollm2_roles() -> dict:
     starts = sorted({max(0, min(int(h) - 64, ids.numel() - 128)) // 64 * 64 for h in hits})[:48]
     windows = torch.stack([ids[s:s + 128] for s in starts])
     start = time.perf_counter()
-    report = unit_roles(prog, targets, rows=4096, pairs=6)
+    report = unit_roles(prog, targets, rows=4096, pairs=6, tokenizer=tokenizer)  # the 4096 it predicts most
     ranked = time.perf_counter() - start
     verify_roles(prog, report, windows, units=[s.units for s in report.singles[:8]] +
                  [s.units for s in report.singles[-3:]] + [p.units for p in report.pairs[:3]])
@@ -171,6 +172,7 @@ def diff_study(model, tokenizer, models_dir: Path, steps: int) -> dict:
     base_ids = base_samples.ids[base_samples.mask]
     reference = corpus_diff(base_ids, train_ids, 2048, top=500, min_count=5)
     prog_a, prog_b = capture(model), capture(tuned)
+    convention = InputConvention.from_tokenizer(tokenizer)  # TinyStories' BOS, before every context
     result = {"fine_tune": {"text": source, "train_tokens": int(train_ids.numel()), "steps": steps,
                             "batch": "16 x 128 tokens", "lr": 1e-3, "seconds": round(tune_seconds, 1),
                             "first_loss": losses[0], "last_loss": sum(losses[-20:]) / 20, **losses_out},
@@ -182,7 +184,7 @@ def diff_study(model, tokenizer, models_dir: Path, steps: int) -> dict:
         for rank in ("prob", "log_ratio"):
             start = time.perf_counter()
             diff = model_diff(prog_a, prog_b, path, top=50, rank=rank, names=("TinyStories-656K", "+pydoc"),
-                              progress=False)
+                              progress=False, convention=convention)
             precision = precision_at(diff.pairs("increase"), reference, 50)
             result["diffs"][f"{path} / {rank}"] = {
                 "precision_at_50": precision, "seconds": round(time.perf_counter() - start, 1),
@@ -199,7 +201,7 @@ def diff_study(model, tokenizer, models_dir: Path, steps: int) -> dict:
     masses = {}
     for label, words in (("python words", PYTHON_WORDS), ("toxic", load_keywords("toxic"))):
         ids_k = keyword_ids(tokenizer, words)
-        rows = keyword_masses(programs, ids_k, label=f"{label} ({len(ids_k)} tokens)")
+        rows = keyword_masses(programs, ids_k, label=f"{label} ({len(ids_k)} tokens)", convention=convention)
         print(masses_table(rows))
         masses[label] = rows
         if label == "python words":
@@ -207,7 +209,8 @@ def diff_study(model, tokenizer, models_dir: Path, steps: int) -> dict:
     result["masses"] = masses
     steps_sorted = sorted(snapshots)
     curves = checkpoint_curves([capture(snapshots[s]) for s in steps_sorted], k=100,
-                               labels=[f"step{s}" for s in steps_sorted], steps=steps_sorted, progress=False)
+                               labels=[f"step{s}" for s in steps_sorted], steps=steps_sorted, progress=False,
+                               convention=convention)
     curves.plot(IMG / "analyses_curves_finetune.png", "TinyStories-656K fine-tuned on pydoc: top-100 bigrams")
     print(curves.table())
     result["finetune_curves"] = curves.rows
@@ -229,7 +232,8 @@ def text_run_curves(models_dir: Path, steps: int) -> dict:
     out = {}
     for path in ("h_last→U", "E→U"):
         curves = checkpoint_curves([capture(snapshots[s]) for s in at], path, k=100,
-                                   labels=[f"step{s}" for s in at], steps=list(at), progress=False)
+                                   labels=[f"step{s}" for s in at], steps=list(at), progress=False,
+                                   convention=InputConvention())  # trained without a start token
         print(curves.table())
         out[path] = curves.rows
         if path == "h_last→U":

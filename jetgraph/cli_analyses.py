@@ -313,11 +313,9 @@ def _run_roles(args: argparse.Namespace) -> int:
         text = _sampled_texts(args, model, tokenizer)
         roles.check_text(text[0], text[1], targets)  # before the ranking: sampled text may lack targets
     ids, mask, source = text
-    from jetgraph.applications.ngrams import common_tokens
-
-    sources = common_tokens(prog, rows, convention, tokenizer, args.chunk)  # those the model predicts most
-    report = roles.unit_roles(prog, targets, sources, args.pairs, args.seed, args.chunk, start=args.start,
-                              convention=convention)
+    # rows: the tokens the model predicts most (every token when rows is the vocabulary)
+    report = roles.unit_roles(prog, targets, rows, args.pairs, args.chunk, start=args.start,
+                              convention=convention, tokenizer=tokenizer)
     roles.verify_roles(prog, report, ids, mask, attention=args.attention)
     print(f"text: {source}")
     if report.positions < FEW_POSITIONS:

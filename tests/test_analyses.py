@@ -18,6 +18,7 @@ from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.ngrams.readout import bigram_readout
 from jetgraph.applications.roles import (
     control_positions,
+    source_rows,
     target_positions,
     unit_means,
     unit_roles,
@@ -87,6 +88,22 @@ def test_path_scores_match_the_path_composed_by_hand(planted):
         by_unit = {s.units[0]: s.score for s in report.singles}
         joint = report.pairs[0].score + by_unit[first] + by_unit[second]
         assert report.pairs[0].joint == pytest.approx(joint)
+
+
+def test_source_rows_are_the_tokens_the_model_predicts_most(planted):
+    """A count below the vocabulary means the tokens of the model's mean next-token prediction
+    (computed here by hand from the model run on every one-token context), never a random draw;
+    without a convention or tokenizer it is refused with what to pass."""
+    model, prog, _, _ = planted
+    with pytest.raises(ValueError, match="tokenizer="):
+        source_rows(prog, 10)
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(48)[:, None]).logits[:, -1].double()
+    by_hand = logits.softmax(-1).mean(0).topk(10).indices.sort().values
+    rows = source_rows(prog, 10, convention=InputConvention())
+    assert rows.tolist() == by_hand.tolist()
+    assert source_rows(prog, 48).tolist() == list(range(48))
+    assert source_rows(prog, [5, 3]).tolist() == [5, 3]
 
 
 def test_ablation_delta_logit_two_ways_agree(planted):

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.convention import InputConvention, input_convention
 from jetgraph.applications.ngrams.readout import readout_prefixes
+from jetgraph.applications.ngrams.sources import common_tokens
 from jetgraph.applications.ngrams.sweep import full_table
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.applications.targets import TargetSet, token_label
@@ -248,9 +249,14 @@ def default_rows(vocab: int) -> int:
     return vocab if vocab <= FULL_ROWS else SAMPLED_ROWS
 
 
-def source_rows(vocab: int, rows: int | Sequence[int] | None = None, seed: int = 0) -> torch.Tensor:
-    """The source tokens scores average over: every token (vocabularies up to 8192), else a
-    seeded sample of 4096; an int asks for that many sampled, a sequence for those ids."""
+def source_rows(prog: ResidualProgram, rows: int | Sequence[int] | None = None, *,
+                convention: InputConvention | Sequence[int] | None = None, tokenizer: object = None,
+                chunk: int = 1024) -> torch.Tensor:
+    """The source tokens scores average over: every token (vocabularies up to 8192), else the 4096
+    the model itself predicts most (:func:`~jetgraph.applications.ngrams.common_tokens`: its mean
+    next-token prediction under the input convention, without special, unused and byte tokens);
+    an int asks for that many, a sequence for those ids."""
+    vocab = int(prog.decoder.unembedding.shape[0])
     if rows is None:
         rows = default_rows(vocab)
     if isinstance(rows, int):
@@ -258,7 +264,8 @@ def source_rows(vocab: int, rows: int | Sequence[int] | None = None, seed: int =
             raise ValueError(f"rows must be at least 1, got {rows}")
         if rows >= vocab:
             return torch.arange(vocab)
-        return torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+        resolved = input_convention(convention, tokenizer, vocab)
+        return torch.tensor(common_tokens(prog, rows, resolved, tokenizer, chunk), dtype=torch.long)
     ids = torch.as_tensor(list(rows), dtype=torch.long)
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"source rows must be token ids in [0, {vocab}), at least one")
@@ -412,10 +419,11 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
 
 
 def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
-               rows: int | Sequence[int] | None = None, pairs: int = 6, seed: int = 0,
+               rows: int | Sequence[int] | None = None, pairs: int = 6,
                chunk: int = 1024, progress: bool = True, start: str = "embedding",
                first_tokens: int = 0,
-               convention: InputConvention | Sequence[int] | None = None) -> RoleReport:
+               convention: InputConvention | Sequence[int] | None = None,
+               tokenizer: object = None) -> RoleReport:
     """Rank every MLP unit (and every pair among the ``pairs`` best) by its bigram path's score
     for ``targets`` (module docstring). Data-free: reads the weights only.
 
@@ -423,7 +431,10 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
     its own input state on a one-token context, h_k→u→U (k: the state u reads), which sees what
     the units before u wrote, read after the input ``convention``'s prefix (its BOS; required for
     this start, :mod:`jetgraph.applications.ngrams.convention`); with ``first_tokens`` M > 0 also
-    after each of the M first tokens a the model expects most, the logits averaged."""
+    after each of the M first tokens a the model expects most, the logits averaged.
+
+    ``rows``: the source tokens (:func:`source_rows`); a count below the vocabulary means the
+    tokens the model predicts most, read under ``convention`` (or ``tokenizer``'s)."""
     if start not in STARTS:
         raise ValueError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
     if not isinstance(targets, TargetSet):
@@ -434,13 +445,13 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
     if max(targets.ids) >= vocab or min(targets.ids) < 0:
         raise ValueError(f"target ids must lie in [0, {vocab})")
     units = mlp_units(prog)
-    sources = source_rows(vocab, rows, seed)
+    sources = source_rows(prog, rows, convention=convention, tokenizer=tokenizer, chunk=chunk)
     bar = tqdm(total=len(units) + 1 + math.comb(min(pairs, len(units)), 2), desc="roles: paths",
                disable=not progress, leave=False)
 
     prefix: Prefix = None
     if start == "stream":
-        prefix = readout_prefixes(prog, input_convention(convention, None, vocab), first_tokens, chunk)
+        prefix = readout_prefixes(prog, input_convention(convention, tokenizer, vocab), first_tokens, chunk)
     reads = {u.name: u.reads for u in prog.at("sublayer").units}
 
     def begin(unit: str) -> str:
