@@ -68,8 +68,11 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     middle = len(results[0].labels) // 2
     state = f"{results[0].labels[middle]} (after {results[0].written_by[middle]})"
     cos = {k: results[k].metrics["cosine"][middle].mean().item() for k in range(3)}
+    diverging = {k: int(results[k].divergent[middle].sum()) for k in range(3)}  # positions, of the text's
+    shown = {k: f"{cos[k]:.3f}" + (f" (diverging series at {diverging[k]} of {ids.shape[1]} positions)"
+                                   if diverging[k] else "") for k in range(3)}
     log.step(f"jet lens, orders 0-2 (one Taylor pass): cosine at {state} = "
-             + ", ".join(f"{cos[k]:.3f} (order {k})" for k in range(3)) + " -> lens.png, lens.csv")
+             + ", ".join(f"{shown[k]} (order {k})" for k in range(3)) + " -> lens.png, lens.csv")
 
     keywords = keyword_ids(tokenizer, load_keywords("toxic"))
     found: list[str] = []
@@ -120,7 +123,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",
         f"- capture: {len(prog.sublayers)} residual units, logits reproduced to {error:.1e}",
         f"- lens: cosine to the logits at {state}: "
-        + ", ".join(f"order {k} {cos[k]:.3f}" for k in range(3)),
+        + ", ".join(f"order {k} {shown[k]}" for k in range(3)),
         *(f"- {line}" for line in found),
         f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
         f"- outputs in {out}/: program.txt/svg, lens.png, lens.csv, bigrams_readout.csv, bigrams_*.csv, "
