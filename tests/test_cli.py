@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jetgraph.cli import main
-from tests.conftest import require_tinystories
+from tests.conftest import require_gpt2_tokenizer, require_tinystories
 
 
 def _no_model_loading(monkeypatch) -> None:
@@ -57,9 +57,9 @@ def test_no_command_prints_help_and_returns_2(capsys) -> None:
 
 
 def test_one_default_granularity() -> None:
-    from jetgraph.cli import _parser
+    from jetgraph.cli import build_parser
 
-    parser = _parser()
+    parser = build_parser()
     commands = (("capture", []), ("lens", ["t"]), ("paths", []), ("emit", ["-o", "x.py"]))
     defaults = {name: parser.parse_args([name, "m", *extra]).granularity for name, extra in commands}
     assert set(defaults.values()) == {"sublayer"}, defaults
@@ -511,12 +511,8 @@ def test_paths_command(tmp_path, capsys) -> None:
 
 
 def test_mismatched_tokenizer_and_long_text(capsys) -> None:
-    from tests.conftest import SHARED_MODELS
-
     path = require_tinystories()
-    gpt2_tokenizer = SHARED_MODELS / "gpt2-tokenizer" / "tokenizer.json"
-    if not gpt2_tokenizer.is_file():
-        pytest.skip("shared/models/gpt2-tokenizer is absent")
+    gpt2_tokenizer = require_gpt2_tokenizer()
     assert main(["lens", str(path), "Hello there", "--tokenizer", str(gpt2_tokenizer)]) == 1
     _one_line_error(capsys, "do not belong together")
     assert main(["lens", str(path), "Hello there", "--tokenizer", str(path / "config.json")]) == 1

@@ -25,6 +25,7 @@ ones above it.)
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ LAYERS = {
     # precision, attention masks
     "errors": 0, "files": 0, "_version": 0, "cost": 0, "data": 0, "precision": 0, "padding": 0,
     "ir": 1, "taylor": 2, "capture": 3, "passes": 4, "codegen": 5, "applications": 6,
-    "viz": 7, "cli": 7, "cli_analyses": 7, "demo": 7, "__main__": 7,
+    "viz": 7, "cli": 7, "demo": 7, "__main__": 7,
 }
 TOP = max(LAYERS.values())  # the package namespace (jetgraph/__init__.py) re-exports the faces
 
@@ -174,3 +175,36 @@ def test_the_taylor_layer_knows_nothing_of_capture() -> None:
              for target in imported_modules(module_name(p), p.read_text(), p.name == "__init__.py")
              if target.startswith("jetgraph.capture")]
     assert not found, "\n".join(found)
+
+
+def _documented_layers() -> dict[int, tuple[set[str], str]]:
+    """The layer table of docs/architecture.md: layer -> (its `LAYERS` names, its modules cell)."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = text.split("| layer | `LAYERS` names | modules | job |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        layer = int(cells[0].split()[0])
+        rows[layer] = (set(re.findall(r"`([^`]+)`", cells[1])), cells[2])
+    return rows
+
+
+def test_the_documented_layer_table_matches_the_code() -> None:
+    """docs/architecture.md's layer table names every layer of LAYERS with its names, and every
+    module of the package in its layer's row (by file name, or by its subpackage's folder)."""
+    documented = _documented_layers()
+    expected: dict[int, set[str]] = {}
+    for name, layer in LAYERS.items():
+        expected.setdefault(layer, set()).add(name)
+    assert {layer: names for layer, (names, _) in documented.items()} == expected
+    missing = []
+    for path in modules():
+        relative = path.relative_to(PACKAGE)
+        if relative.name == "__init__.py":  # the package itself: its layer's name
+            continue
+        cell = documented[LAYERS[relative.parts[0].removesuffix(".py")]][1]
+        folder = f"{relative.parent.name}/" if len(relative.parts) > 2 else None
+        if f"`{relative.name}`" not in cell and relative.name not in re.findall(r"[\w.]+\.py", cell) \
+                and not (folder and f"`{folder}`" in cell) and f"`{relative}`" not in cell:
+            missing.append(str(relative))
+    assert not missing, f"modules missing from docs/architecture.md's layer table: {missing}"

@@ -364,6 +364,7 @@ MEMORY_FLOOR = 20e6  # bytes the interpreter may allocate beside the lens (impor
 TIME_FLOOR = 2.0  # seconds of thread-pool start-up and first-call warm-up no plan counts
 
 
+@pytest.mark.serial
 def test_lens_plan_bounds_a_measured_run() -> None:
     """A lens over 10 prompts of a tiny Llama with a 16k vocabulary, run in a child process: its
     time and peak RSS above the loaded model stay under 1.5× what the plan said before the run
@@ -455,7 +456,7 @@ def test_lens_prompts_dry_run_and_max_time_after_loading(tmp_path, capsys, monke
 
     model = str(require_tinystories())
     prompts, png = _prompt_file(tmp_path), tmp_path / "lens.png"
-    monkeypatch.setattr(cli, "_config_dims", lambda _: {})
+    monkeypatch.setattr(cli.lens, "folder_facts", lambda _: {})  # no config.json to plan from
     monkeypatch.setattr(lens_module, "iterative_lenses", no_work)
     assert cli.main(["lens", model, "--prompts", str(prompts), "--out", str(png), "--dry-run"]) == 0
     printed = capsys.readouterr().out

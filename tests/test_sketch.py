@@ -147,7 +147,7 @@ def test_tables_match_the_model_itself() -> None:
     assert float(lm.distribution([4, 7]).sum()) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(CostError, match="refusing the trigram table of 100 pairs"):
         plan_sketch(prog, 3, "on", max_seconds=1e-9, convention=())
-    with pytest.raises(CostError, match=r"memory available \(lower --bigram-top from 10"):
+    with pytest.raises(CostError, match=r"memory available \(lower bigram_top from 10"):
         plan_sketch(prog, 3, "off", max_seconds=None, convention=(), max_memory=1000)
 
 

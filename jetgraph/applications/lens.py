@@ -493,7 +493,7 @@ def lens_batch_size(sizes: LensSizes, lengths: Sequence[int], budget: float | No
     raise CostError(f"refusing the order-{max(sizes.orders)} lens at {sizes.states} states: one prompt of "
                     f"{max(lengths)} tokens needs ≈ {format_bytes(needed)}, more than the memory budget of "
                     f"{format_bytes(budget)}; shorten the prompts, decode fewer states or a lower order, "
-                    "or raise the budget (max_memory, --max-memory)")
+                    "or raise max_memory")
 
 
 def pad_batch(prompts: Sequence[Sequence[int] | torch.Tensor], side: str = "left", pad_id: int = 0

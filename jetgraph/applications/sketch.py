@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, RowReader
+from jetgraph.capture.config_facts import context_length
 from jetgraph.capture.shared import streamed_forward
 from jetgraph.cost import Plan, available_memory, gemm_rate
 from jetgraph.errors import CostError
@@ -414,14 +415,14 @@ def plan_sketch(prog: ResidualProgram, first_tokens: int | None = None, trigram:
     memory = pair_rows * top * 8  # int32 ids, float32 probabilities
     reason = ""
     if trigram == "off":
-        reason = "--trigram off"
+        reason = 'trigram="off"'
     elif max_seconds is not None and seconds > max_seconds:
         reason = f"estimated {seconds:,.0f} s, more than the {max_seconds:,.0f} s allowed"
     elif memory > max_bytes:
         reason = f"needs {memory / 1e9:.1f} GB, more than {max_bytes / 1e9:.1f} GB"
     if reason and trigram == "on":
-        raise CostError(f"refusing the trigram table of {pair_rows:,} pairs: {reason}; use --trigram auto "
-                        "or off, or raise --max-time")
+        raise CostError(f"refusing the trigram table of {pair_rows:,} pairs: {reason}; use trigram=\"auto\" "
+                        "or trigram=\"off\", or raise max_seconds")
     chunk_bytes = _chunk_bytes(prog, reader.chunk)
     sampling_bytes = _sampling_bytes(prog, sample_batch, sample_length) if sampled_tokens else 0.0
     scoring_bytes = _scoring_bytes(prog, bigram_top, top)
@@ -434,11 +435,11 @@ def plan_sketch(prog: ResidualProgram, first_tokens: int | None = None, trigram:
     peak = plan.peak_bytes
     if max_seconds is not None and plan.seconds > max_seconds:
         raise CostError(f"refusing the sketch: {plan.describe()}; more than the {max_seconds:,.0f} s allowed "
-                        "(sample fewer texts, a smaller --average, --trigram off, or raise --max-time)")
+                        "(fewer samples, fewer first_tokens, trigram=\"off\", or raise max_seconds)")
     limit = available_memory() if max_memory is None else max_memory
     if limit is not None and peak > limit:
         raise CostError(f"refusing the sketch: {plan.describe()}; more than the {format_bytes(limit)} of "
-                        f"memory available (lower --bigram-top from {bigram_top}, or --trigram off)")
+                        f"memory available (lower bigram_top from {bigram_top}, or trigram=\"off\")")
     return plan
 
 
@@ -782,31 +783,26 @@ class SketchReport:
     files: list[Path] = field(default_factory=list)
 
 
-def model_context(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def text_windows(model, tokenizer, text: str | None, samples: int, length: int, seed: int,
                  progress: bool) -> tuple[Windows, Windows, Windows, dict]:
     """Training text, development and test windows: the given ``text`` (tokenised, split in
     order 80/10/10) or ``samples`` texts sampled from the model itself (split 80/10/10 by text)."""
-    context = model_context(model)
+    context = context_length(model)
     if context is not None and length > context:
-        raise ValueError(f"--length {length} is longer than the model's context of {context} tokens")
+        raise ValueError(f"length {length} is longer than the model's context of {context} tokens")
     if text is not None:
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         train, dev, test = split_stream(ids, length)
         return train, dev, test, {"source": "given text", "tokens": int(ids.numel()), "window": length}
     start = [int(i) for i in tokenizer("")["input_ids"]] or [int(i) for i in tokenizer("\n")["input_ids"]]
     if not start:
-        raise ValueError("the tokenizer adds no BOS and has no line break to start samples from: give --text")
+        raise ValueError("the tokenizer adds no BOS and has no line break to start samples from: give a text")
     end = getattr(tokenizer, "eos_token_id", None)
     pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
     windows = sample_texts(model, samples, length, start, end, pad=pad, seed=seed, progress=progress)
     cut_dev, cut_test = int(0.8 * samples), int(0.9 * samples)
     if cut_dev == 0 or cut_test == cut_dev or cut_test == samples:
-        raise ValueError(f"--samples {samples} is too few to split 80/10/10: give at least 10")
+        raise ValueError(f"samples={samples} is too few to split 80/10/10: give at least 10")
     data = {"source": "sampled from the model itself (temperature 1, from its BOS, stopping at its "
                       "end-of-text token)", "texts": samples, "max_length": length, "seed": seed,
             "tokens": windows.tokens}

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from jetgraph.capture.config_facts import context_length
 from jetgraph.errors import CaptureError
 from jetgraph.ir import MODULE_SCOPE
 from jetgraph.padding import as_attention_mask, full_mask, positions_from_mask
@@ -181,17 +182,6 @@ def synthetic_input_ids(model: nn.Module, length: int = SYNTHETIC_LENGTH) -> tor
     ids = torch.randint(vocab, (1, length), generator=generator)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return ids.to(device)
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The longest input the model's config allows (``max_position_embeddings``, ``n_positions``
-    or ``n_ctx``), or None when it names none."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        limit = getattr(config, name, None)
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    return None
 
 
 def _check_input_ids(ids: torch.Tensor, model_class: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The CLI's analysis commands: ``roles``, ``curves``, ``diff`` and ``masses`` (the paper's
-tables: component roles, training dynamics, fine-tuning diffs, keyword masses)."""
+"""The paper's tables: ``roles``, ``curves``, ``diff`` and ``masses`` (component roles, training
+dynamics, fine-tuning diffs, keyword masses).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from jetgraph.cli import (
+from jetgraph.capture.config_facts import folder_facts
+from jetgraph.cli.exits import UsageError
+from jetgraph.cli.options import (
     DTYPES,
-    UsageError,
-    _check_output,
-    _config_dims,
-    _cost_arguments,
-    _id_range,
-    _load,
-    _model_argument,
-    _non_negative,
-    _positive,
-    _prefix_argument,
+    check_output,
+    cost_arguments,
+    id_range,
+    load,
+    model_argument,
+    non_negative,
+    positive,
+    prefix_argument,
     read_text_option,
 )
 
@@ -37,7 +38,7 @@ def add_commands(command) -> None:
                     "targets (data-free), then measure the target's ΔLogit on real text under zero-ablation, "
                     "mean-ablation and removal of the unit's path terms, with 95%% bootstrap intervals.\n"
                     "Writes a PNG and a CSV. Without --text the text is sampled from the model itself.")
-    _model_argument(roles)
+    model_argument(roles)
     roles.add_argument("--targets", nargs="+", required=True, metavar="SPEC",
                        help='target tokens: "ing" (that piece, with or without a leading space), '
                             '"suffix:ing", '
@@ -45,29 +46,29 @@ def add_commands(command) -> None:
     roles.add_argument("--text", type=Path, metavar="FILE",
                        help="UTF-8 text the interventions run on, cut in windows of --length tokens "
                             "(default: --samples texts sampled from the model)")
-    roles.add_argument("--samples", type=_positive, default=64,
+    roles.add_argument("--samples", type=positive, default=64,
                        help="texts to sample when no --text is given")
-    roles.add_argument("--length", type=_positive, default=128, help="tokens per window or sampled text")
-    roles.add_argument("--windows", type=_positive, default=256, help="at most this many windows of --text")
-    roles.add_argument("--rows", type=_positive, default=None,
+    roles.add_argument("--length", type=positive, default=128, help="tokens per window or sampled text")
+    roles.add_argument("--windows", type=positive, default=256, help="at most this many windows of --text")
+    roles.add_argument("--rows", type=positive, default=None,
                        help="source tokens the path scores average over: the N tokens the model predicts "
                             "most, without special, unused and byte tokens (default: every such token up "
                             "to 8192, else the 4096 it predicts most)")
-    roles.add_argument("--pairs", type=_non_negative, default=6,
+    roles.add_argument("--pairs", type=non_negative, default=6,
                        help="pair the best M units (paths E→i→j→U); 0: no pairs")
     roles.add_argument("--start", choices=("embedding", "stream"), default="embedding",
                        help="where the ranked paths begin: the token embedding (E→u→U, the paper's bigram "
                             "paths) or each unit's own input state on a one-token context (h_k→u→U)")
-    _prefix_argument(roles)
+    prefix_argument(roles)
     roles.add_argument("--attention", action="store_true",
                        help="also ablate every attention unit (zero and mean; bigram paths avoid attention, "
                             "so these are not ranked)")
-    roles.add_argument("--seed", type=_non_negative, default=0, help="seed of the sampling")
-    roles.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
+    roles.add_argument("--seed", type=non_negative, default=0, help="seed of the sampling")
+    roles.add_argument("--chunk", type=positive, default=1024, help="source tokens per batched call")
     roles.add_argument("--out", type=Path, default=Path("roles.png"), help="PNG to write")
     roles.add_argument("--csv", type=Path, default=Path("roles.csv"), help="CSV to write")
-    _cost_arguments(roles)
-    roles.set_defaults(run=_run_roles, check=_check_roles)
+    cost_arguments(roles)
+    roles.set_defaults(run=run_roles, check=check_roles)
 
     curves = command("curves", "how a bigram table forms over training checkpoints: hit ratio and top-k mass",
                      "For every checkpoint folder (in training order; the last is the final model): the "
@@ -75,10 +76,10 @@ def add_commands(command) -> None:
                      "probability of its own top-K and the probability it gives the final top-K.")
     curves.add_argument("folders", nargs="+", type=Path, help="Hugging Face checkpoint folders, oldest first")
     _readout_arguments(curves)
-    curves.add_argument("--top", type=_positive, default=100, help="K, entries of the top-K table")
+    curves.add_argument("--top", type=positive, default=100, help="K, entries of the top-K table")
     curves.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
     curves.add_argument("--csv", type=Path, default=Path("curves.csv"), help="CSV to write")
-    curves.set_defaults(run=_run_curves, check=_check_curves)
+    curves.set_defaults(run=run_curves, check=check_curves)
 
     diff = command("diff", "how a bigram read-out changes from model A to model B (same vocabulary)",
                    "Read the same bigram read-out from both models over the same source tokens and rank the "
@@ -87,15 +88,15 @@ def add_commands(command) -> None:
     diff.add_argument("model_a", help="the base model (as for the other commands)")
     diff.add_argument("model_b", help="the changed model, with the same vocabulary")
     diff.add_argument("--tokenizer", help="a tokenizer folder (default: model A's)")
-    _dtype_argument(diff)
+    dtype_argument(diff)
     _readout_arguments(diff)
-    diff.add_argument("--top", type=_positive, default=50, help="entries per direction")
+    diff.add_argument("--top", type=positive, default=50, help="entries per direction")
     diff.add_argument("--rank", choices=("prob", "log_ratio"), default="prob",
                       help="rank by p_B − p_A or by log p_B − log p_A")
     diff.add_argument("--min-prob", type=float, default=1e-3, help="probability floor of --rank log_ratio")
     diff.add_argument("--out", type=Path, default=Path("diff.png"), help="PNG to write")
     diff.add_argument("--csv", type=Path, default=Path("diff.csv"), help="CSV to write")
-    diff.set_defaults(run=_run_diff, check=_check_diff)
+    diff.set_defaults(run=run_diff, check=check_diff)
 
     masses = command("masses", "keyword masses of models: the paper's mean mass and a calibrated lift",
                      "For every model: the mean over source tokens of the read-out's probability on the "
@@ -107,34 +108,34 @@ def add_commands(command) -> None:
     masses.add_argument("--keywords", required=True,
                         help='"toxic", "refusal", a file (one word per line) or comma-separated words')
     masses.add_argument("--tokenizer", help="a tokenizer folder (default: the first model's)")
-    _dtype_argument(masses)
+    dtype_argument(masses)
     _readout_arguments(masses)
-    masses.add_argument("--controls", type=_positive, default=20, help="matched control sets")
-    masses.add_argument("--seed", type=_non_negative, default=0,
+    masses.add_argument("--controls", type=positive, default=20, help="matched control sets")
+    masses.add_argument("--seed", type=non_negative, default=0,
                         help="seed of the control sets and bootstrap")
     masses.add_argument("--out", type=Path, default=Path("masses.png"), help="PNG to write")
     masses.add_argument("--csv", type=Path, default=Path("masses.csv"), help="CSV to write")
-    masses.set_defaults(run=_run_masses, check=_check_masses)
+    masses.set_defaults(run=run_masses, check=check_masses)
 
 
-def _dtype_argument(parser: argparse.ArgumentParser) -> None:
+def dtype_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="load the weights in this dtype")
     parser.set_defaults(lazy=False)
 
 
 def _readout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", default="h_last→U", help=READOUT_HELP)
-    parser.add_argument("--average", type=_non_negative, default=None, metavar="M",
+    parser.add_argument("--average", type=non_negative, default=None, metavar="M",
                         help="first tokens h_last→U is averaged over, after the prefix (default: 0 when the "
                              "tokenizer adds a BOS, else 16)")
-    _prefix_argument(parser)
+    prefix_argument(parser)
     sources = parser.add_mutually_exclusive_group()
-    sources.add_argument("--first", type=_positive, default=None, metavar="N",
+    sources.add_argument("--first", type=positive, default=None, metavar="N",
                          help="only the N tokens the model predicts most (without special, unused and byte "
                               "tokens) as source tokens (default: every token)")
-    sources.add_argument("--id-range", type=_id_range, default=None, metavar="START:END",
+    sources.add_argument("--id-range", type=id_range, default=None, metavar="START:END",
                          help="only token ids START..END-1 as source tokens")
-    parser.add_argument("--chunk", type=_positive, default=1024, help="source tokens per batched call")
+    parser.add_argument("--chunk", type=positive, default=1024, help="source tokens per batched call")
 
 
 # ----------------------------------------------------------------------- checks before work
@@ -151,11 +152,11 @@ def _check_bigram_path(args: argparse.Namespace) -> None:
 
 
 def _check_pngs(args: argparse.Namespace) -> None:
-    _check_output(args.out, (".png",), "--out")
-    _check_output(args.csv, (".csv",), "--csv")
+    check_output(args.out, (".png",), "--out")
+    check_output(args.csv, (".csv",), "--csv")
 
 
-def _check_roles(args: argparse.Namespace) -> None:
+def check_roles(args: argparse.Namespace) -> None:
     from jetgraph.applications.targets import check_target_specs
 
     _check_pngs(args)
@@ -164,14 +165,14 @@ def _check_roles(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise UsageError(f"--targets: {exc}") from None
     args.text_content = read_text_option(args.text)
-    context = _config_dims(args.model).get("context")
+    context = folder_facts(args.model).get("context")
     if context is not None and args.length > context:
         raise UsageError(f"--length {args.length} is longer than the model's context of {context} tokens")
     if args.length < 2:
         raise UsageError("--length must be at least 2 tokens (a token and the one after it)")
 
 
-def _check_curves(args: argparse.Namespace) -> None:
+def check_curves(args: argparse.Namespace) -> None:
     _check_bigram_path(args)
     _check_pngs(args)
     if len(args.folders) < 2:
@@ -181,23 +182,23 @@ def _check_curves(args: argparse.Namespace) -> None:
             raise UsageError(f"{str(folder)!r} is not a model folder (no config.json)")
 
 
-def _check_diff(args: argparse.Namespace) -> None:
+def check_diff(args: argparse.Namespace) -> None:
     _check_bigram_path(args)
     _check_pngs(args)
     if not 0 < args.min_prob < 1:
         raise UsageError(f"--min-prob must lie in (0, 1), got {args.min_prob}")
-    dims = [_config_dims(m).get("vocab") for m in (args.model_a, args.model_b)]
+    dims = [folder_facts(m).get("vocab") for m in (args.model_a, args.model_b)]
     if None not in dims and dims[0] != dims[1]:
         raise UsageError(f"the models' vocabularies differ ({dims[0]:,} vs {dims[1]:,} tokens): a diff needs "
                          "the same vocabulary")
 
 
-def _check_masses(args: argparse.Namespace) -> None:
+def check_masses(args: argparse.Namespace) -> None:
     _check_bigram_path(args)
     _check_pngs(args)
     if not args.keywords.strip(" ,"):
         raise UsageError('--keywords is empty: give "toxic", "refusal", a file or comma-separated words')
-    vocabs = {m: _config_dims(m).get("vocab") for m in args.models}
+    vocabs = {m: folder_facts(m).get("vocab") for m in args.models}
     known = {v for v in vocabs.values() if v is not None}
     if len(known) > 1:
         sizes = ", ".join(f"{m}: {v}" for m, v in vocabs.items())
@@ -276,7 +277,7 @@ def _sampled_texts(args: argparse.Namespace, model, tokenizer):
     return windows.ids, windows.mask.long(), f"{args.samples} texts sampled from the model"
 
 
-def _run_roles(args: argparse.Namespace) -> int:
+def run_roles(args: argparse.Namespace) -> int:
     from jetgraph.applications import roles
     from jetgraph.applications.ngrams.readout import prediction_plan
     from jetgraph.applications.plots import plot_roles
@@ -284,7 +285,7 @@ def _run_roles(args: argparse.Namespace) -> int:
     from jetgraph.capture.loading import model_vocab_size
     from jetgraph.cost import check_plan, format_plan
 
-    model, tokenizer, _ = _load(args, text="a")
+    model, tokenizer, _ = load(args, text="a")
     prog = None if model_vocab_size(model) else _program(model)  # the vocabulary, before capture if it can
     vocab = model_vocab_size(model) or int(prog.decoder.unembedding.shape[0])
     targets = target_tokens(args.targets, vocab, tokenizer)
@@ -327,7 +328,7 @@ def _run_roles(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_curves(args: argparse.Namespace) -> int:
+def run_curves(args: argparse.Namespace) -> int:
     from jetgraph.applications.curves import checkpoint_curves, load_checkpoint
 
     programs = [load_checkpoint(folder) for folder in args.folders]
@@ -342,13 +343,13 @@ def _run_curves(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_diff(args: argparse.Namespace) -> int:
+def run_diff(args: argparse.Namespace) -> int:
     from jetgraph.applications.diffs import model_diff
     from jetgraph.applications.plots import plot_diff
 
-    load = argparse.Namespace(**{**vars(args), "model": args.model_a})
-    model_a, tokenizer, _ = _load(load, text="a")
-    model_b, _, _ = _load(argparse.Namespace(**{**vars(load), "model": args.model_b}), text="a")
+    args_a = argparse.Namespace(**{**vars(args), "model": args.model_a})
+    model_a, tokenizer, _ = load(args_a, text="a")
+    model_b, _, _ = load(argparse.Namespace(**{**vars(args_a), "model": args.model_b}), text="a")
     prog_a, prog_b = _program(model_a), _program(model_b)
     vocab = int(prog_a.decoder.unembedding.shape[0])
     convention = _convention(args, tokenizer, vocab)
@@ -373,13 +374,13 @@ def _keyword_ids(spec: str, tokenizer) -> tuple[list[int], str]:
     return keyword_ids(tokenizer, words), label
 
 
-def _run_masses(args: argparse.Namespace) -> int:
+def run_masses(args: argparse.Namespace) -> int:
     from jetgraph.applications.masses import keyword_masses, masses_table
     from jetgraph.applications.plots import plot_masses
 
     programs, tokenizer = {}, None
     for name in args.models:
-        model, tok, _ = _load(argparse.Namespace(**{**vars(args), "model": name}), text="a")
+        model, tok, _ = load(argparse.Namespace(**{**vars(args), "model": name}), text="a")
         tokenizer = tokenizer or tok
         programs[name] = _program(model)
     ids, label = _keyword_ids(args.keywords, tokenizer)
