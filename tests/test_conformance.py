@@ -885,8 +885,8 @@ def cells(families=tuple(FAMILIES), features=FEATURES, modes=MODES) -> list[tupl
 def _param(cell: tuple[str, str, str]) -> object:
     reason = known_failure(*cell)
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    if not fast(*cell):
-        marks.append(pytest.mark.slow)
+    if not fast(*cell):  # run with --full-matrix (and by benchmarks/conformance.py)
+        marks += [pytest.mark.slow, pytest.mark.matrix_beyond_ci]
     return pytest.param(*cell, id="-".join(cell), marks=marks)
 
 

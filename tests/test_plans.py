@@ -85,6 +85,8 @@ def measure(argv: list[str], cwd: Path) -> dict:
     """Run ``jetgraph ARGV`` in a child; its plan (the checks made together before the work: time
     summed, peak the largest) and what it measured above the model after the plan."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # beside another worker: one thread, planned and run alike
+        env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     lines = [line for line in done.stderr.splitlines() if line.startswith("@@measured ")]
@@ -148,6 +150,7 @@ def story(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.serial
 def test_roles_plan_bounds_the_run(wide, story, tmp_path) -> None:
     measured = measure(["roles", str(wide), "--targets", "re:ing.*", "--text", str(story), "--length", "32",
                         "--windows", "4", "--rows", "1024", "--pairs", "2", "--out", "r.png",
@@ -157,6 +160,7 @@ def test_roles_plan_bounds_the_run(wide, story, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_roles_plan_with_sampled_text_bounds_the_run(tmp_path) -> None:
     """Without --text the plan has a sampling phase, timed from the model's own sampling rate."""
     folder = require_tinystories()
@@ -166,12 +170,14 @@ def test_roles_plan_with_sampled_text_bounds_the_run(tmp_path) -> None:
     assert_within_plan(measured)
 
 
+@pytest.mark.serial
 def test_paths_plan_bounds_the_run(wide, tmp_path) -> None:
     measured = measure(["paths", str(wide), "--text", "Once upon a time there was", "--order", "1",
                         "--render", "p.dot"], tmp_path)
     assert_within_plan(measured)
 
 
+@pytest.mark.serial
 def test_emit_plan_bounds_the_run(wide, tmp_path) -> None:
     measured = measure(["emit", str(wide), "-o", "emitted.py", "--text", "Once upon a time", "--order", "1",
                         "--exclude", "attn"], tmp_path)
@@ -179,11 +185,13 @@ def test_emit_plan_bounds_the_run(wide, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_ngrams_plan_bounds_the_run(wide, tmp_path) -> None:
     measured = measure(["ngrams", str(wide), "--first", "300", "--out", "t.csv"], tmp_path)
     assert_within_plan(measured)
 
 
+@pytest.mark.serial
 def test_sketch_plan_bounds_the_run(half_wide, story, tmp_path) -> None:
     """The sketch's phases (the bigram table; fitting, scoring and writing) on a model whose
     vocabulary-sized buffers dominate: 16,384 rows of 16,384 read-out entries read after the

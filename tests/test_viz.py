@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -52,3 +53,15 @@ def test_dot_text_and_errors(tmp_path, monkeypatch) -> None:
         render(program_graph(prog), tmp_path / "nodot.svg")
     assert (tmp_path / "nodot.dot").read_text().startswith("digraph")
     assert not (tmp_path / "nodot.svg").exists()
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_collapsed_node_counts_terms_not_drawn(with_input: bool) -> None:
+    _, prog = captured("residual_mlp")
+    expansion = expand_paths(prog).expansion()
+    graph = expansion_graph(expansion, random_ids(1, 4) if with_input else None, max_nodes=6)
+    drawn = sum(1 for term in expansion.terms if re.search(rf"^\s*{term.uid} \[", graph.source, re.M))
+    count = re.search(r"… (\d+) more terms \((smaller norms|not drawn)\) …", graph.source)
+    assert count is not None and 0 < drawn < len(expansion)
+    assert int(count.group(1)) == len(expansion) - drawn
+    assert count.group(2) == ("smaller norms" if with_input else "not drawn")

@@ -197,9 +197,15 @@ def _dequantise(gguf: Path, target: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if _converted(target):  # another process (a parallel test worker) finished first: keep its copy
+            return target
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            shutil.rmtree(target)  # an incomplete copy
+        try:
+            staging.rename(target)
+        except OSError:  # another process renamed its copy in between
+            if not _converted(target):
+                raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
