@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
-from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords, ngram_plan, ngram_table
-from jetgraph.applications.ngrams.convention import InputConvention, input_convention
-from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, placeholder_prefixes, readout_prefixes
-from jetgraph.applications.ngrams.sources import common_tokens
+from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords
+from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.readout import DEFAULT_READOUT
+from jetgraph.applications.ngrams.tables import RUN_OPTIONS, TableSet
 from jetgraph.capture import capture
-from jetgraph.cost import DEFAULT_MAX_SECONDS
+from jetgraph.cost import DEFAULT_MAX_SECONDS, check_plan
 from jetgraph.ir import ResidualProgram, as_input_ids
-from jetgraph.passes.paths import path_term, reads_whole_context
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -90,32 +89,17 @@ def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec |
     if unknown:
         raise TypeError(f"ngrams() got unknown option(s) {unknown}; it takes {sorted(TABLE_OPTIONS)}")
     prog = _program(model_or_program, None)
-    vocab = int(prog.decoder.unembedding.shape[0])
-    ids = None
-    if keywords is not None:
-        ids = _keyword_ids(keywords, tokenizer)
+    ids = _keyword_ids(keywords, tokenizer) if keywords is not None else None
     spec = path.name if isinstance(path, PathSpec) else path
-    whole_context = reads_whole_context(path_term(prog, spec))
-    resolved = None
-    if whole_context or isinstance(first, int):
-        resolved = input_convention(convention, tokenizer, vocab)
-    if isinstance(first, int) and not isinstance(first, bool):
-        first = common_tokens(prog, first, resolved, tokenizer)  # type: ignore[arg-type]
-    if whole_context and "average" not in options:
-        placeholder = placeholder_prefixes(vocab, resolved, first_tokens)  # type: ignore[arg-type]
-        if placeholder is not None:
-            kept = ("contexts", "row_top", "last_top", "chunk")
-            plan_options = {k: options[k] for k in kept if k in options}
-            limit = options.get("max_seconds", DEFAULT_MAX_SECONDS)
-            plan = ngram_plan(prog, spec, top=top, keywords=ids, rank=rank, first=first, average=placeholder,
-                              **plan_options)
-            plan.check(limit, "max_seconds (None: no limit)")  # refused before the first pass
-            options["average"] = readout_prefixes(prog, resolved, first_tokens)  # type: ignore[arg-type]
-    elif first_tokens:
-        raise ValueError(f"first_tokens applies to read-outs of the model's stream (h_last→U, hN→U); "
-                         f"{spec} reads exactly its own tokens")
-    return ngram_table(prog, spec, top=top, rank=rank, keywords=ids, first=first,  # type: ignore[arg-type]
-                       **options)
+    run = {k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}
+    tables = TableSet(prog, [spec], tokenizer=tokenizer, convention=convention, first=first,  # type: ignore[list-item]
+                      contexts=options.pop("contexts", None), first_tokens=first_tokens,  # type: ignore[arg-type]
+                      average=options.pop("average", None), top=top, rank=rank, keywords=ids,  # type: ignore[arg-type]
+                      **options)
+    if not tables.ready:  # model passes come first: refuse what is past the limit before them
+        check_plan(tables.plans(), run.get("max_seconds", DEFAULT_MAX_SECONDS),  # type: ignore[arg-type]
+                   "max_seconds (None: no limit)")
+    return tables.table(0, **run)
 
 
 TABLE_OPTIONS = frozenset({"order", "contexts", "row_top", "last_top", "normalise", "chunk", "resume",

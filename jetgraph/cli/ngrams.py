@@ -174,16 +174,10 @@ def run(args: argparse.Namespace) -> int:
         return launch_ranks(args)
     import torch
 
-    from jetgraph.applications import keyword_ids, ngram_table
-    from jetgraph.applications.ngrams import common_tokens, current_shard, input_convention, ngram_plan
-    from jetgraph.applications.ngrams.readout import (
-        describe_prefixes,
-        placeholder_prefixes,
-        prediction_plan,
-        readout_prefixes,
-    )
+    from jetgraph.applications import keyword_ids
+    from jetgraph.applications.ngrams import current_shard
+    from jetgraph.applications.ngrams.tables import TableSet
     from jetgraph.errors import CostError
-    from jetgraph.passes.pathspec import starts_at_model_state
 
     shard = current_shard()  # under torchrun: this rank's place; else None
     main_rank = shard is None or shard.is_main
@@ -193,51 +187,30 @@ def run(args: argparse.Namespace) -> int:
     if device.type != "cpu":
         prog.to(device)
     keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
-    contexts = torch.tensor(args.context_rows) if args.contexts is not None else None
-    vocab = int(prog.decoder.unembedding.shape[0])
-    mixing = any(starts_at_model_state(spec) for spec in args.paths)
-    convention = None
-    if mixing or args.first is not None:
-        convention = input_convention(args.prefix, tokenizer, vocab)
-    options = dict(top=args.top, keywords=keywords, normalise=True, rank=args.rank, chunk=args.chunk,
-                   last_top=args.last_top)
-    prefixes = placeholder_prefixes(vocab, convention, args.average) if mixing else None  # plan first
-
-    def rows_of(spec: str, first) -> dict:
-        """Contexts of one path; a path from the model's stream is read after the prefixes."""
-        return dict(contexts=contexts, first=first, average=prefixes if starts_at_model_state(spec) else None)
-
-    placeholder_first = None if args.first is None else range(min(args.first, vocab))
-    first = args.id_range if args.id_range is not None else placeholder_first
     ranks = shard.world if shard else (args.nproc or 1)
-    plans = [ngram_plan(prog, spec, ranks=ranks, **rows_of(spec, first), **options) for spec in args.paths]
-    model_pass = convention is not None and (args.first is not None or (
-        prefixes is not None and not convention.prefix and len(prefixes[0]) > 1))
-    if model_pass:  # the model's mean prediction: the expected first tokens, the sources of --first
-        plans.insert(0, prediction_plan(prog, convention, args.chunk))
+    tables = TableSet(prog, args.paths, tokenizer=tokenizer, convention=args.prefix,
+                      first=args.id_range if args.id_range is not None else args.first,
+                      contexts=torch.tensor(args.context_rows) if args.contexts is not None else None,
+                      first_tokens=args.average, ranks=ranks, top=args.top, keywords=keywords, normalise=True,
+                      rank=args.rank, chunk=args.chunk, last_top=args.last_top)
     printing = main_rank
     if args.dry_run and not main_rank:  # rank 0 prints the plan
         return 0
     try:
-        if stop_at_plan(args, plans, "lower --chunk, or fewer --keywords"):
+        if stop_at_plan(args, tables.plans(), "lower --chunk, or fewer --keywords"):
             return 0
     except CostError as exc:
-        if prefixes is None or len(prefixes[0]) == 1:
+        if tables.mixture_size == 1:
             raise
-        raise CostError(f"{exc} (the default read-out runs the model {len(prefixes[0])} times per row: "
+        raise CostError(f"{exc} (the default read-out runs the model {tables.mixture_size} times per row: "
                         "--average M with a smaller M, or --first N, shrinks it)") from None
-    if args.first is not None:
-        first = common_tokens(prog, args.first, convention, tokenizer, args.chunk)
-    if mixing:
-        prefixes = readout_prefixes(prog, convention, args.average, args.chunk)
-        if printing:
-            print(f"input convention: {convention.describe(tokenizer)}; "
-                  f"{describe_prefixes(prefixes, tokenizer)}")
+    tables.prepare()
+    if printing and any(tables.from_stream):
+        print(tables.describe())
     outputs = ngram_outputs(args)
-    for index, (spec, out) in enumerate(zip(args.paths, outputs, strict=True)):
+    for index, out in enumerate(outputs):
         resume = args.resume / f"ngrams-{index}.pt" if args.resume else None
-        table = ngram_table(prog, spec, resume=resume, max_seconds=None, shard=shard,
-                            progress=printing, **rows_of(spec, first), **options)
+        table = tables.table(index, resume=resume, max_seconds=None, shard=shard, progress=printing)
         if not printing:
             continue
         table.export(out, tokenizer)

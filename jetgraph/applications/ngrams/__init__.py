@@ -18,7 +18,9 @@ trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pat
   tokenizer's BOS, or averaged over the first tokens it expects when there is none);
 - :mod:`.sources`: rows chosen by the model (the tokens it predicts most), not by id order;
 - :mod:`.mixture`: a path's next-token distribution averaged over first tokens (the sweep's
-  evaluator for the default read-out).
+  evaluator for the default read-out);
+- :mod:`.tables`: several tables read the same way, planned before the model passes their rows
+  and prefixes need (what ``jetgraph.ngrams`` and ``jetgraph ngrams`` share).
 """
 
 from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tables
@@ -30,6 +32,7 @@ from jetgraph.applications.ngrams.shard import Shard, ShardError, current_shard
 from jetgraph.applications.ngrams.sources import common_tokens
 from jetgraph.applications.ngrams.sweep import full_table, ngram_plan, ngram_table
 from jetgraph.applications.ngrams.table import NgramTable
+from jetgraph.applications.ngrams.tables import TableSet
 
 __all__ = [
            "DEFAULT_READOUT",
@@ -38,6 +41,7 @@ __all__ = [
            "NgramTable",
            "Shard",
            "ShardError",
+           "TableSet",
            "all_contexts",
            "bigram_readout",
            "common_tokens",
