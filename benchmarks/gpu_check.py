@@ -75,8 +75,8 @@ def check_capture_lens(name: str, dtype: torch.dtype, device: torch.device, refe
     tolerance = capture_tolerance(dtype)
     errors = {"logits": relative(logits, reference["logits"]),
               "lens_cosine": float((cosine.cpu() - reference["cosine"]).abs().max())}
-    return {"status": "pass" if max(errors.values()) <= 10 * tolerance else "fail",
-            "tolerance": 10 * tolerance, "errors": errors, "device_seconds":
+    return {"status": "pass" if max(errors.values()) <= tolerance else "fail",  # capture's own bound
+            "tolerance": tolerance, "errors": errors, "device_seconds":
             {"capture": round(capture_seconds, 2), "lens": round(lens_seconds, 2)},
             "cpu_seconds": reference["seconds"]}
 
