@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -159,3 +161,26 @@ def test_h_last_is_the_model_itself_on_any_context() -> None:
         full_table(prog, "E→U", contexts=random_ids(5, 3))
     with pytest.raises(ValueError, match="hN \\(a stream state\\) or h_last"):
         parse_path("hlast→U")
+
+
+def test_a_command_parses_each_path_text_once(monkeypatch, tmp_path, capsys) -> None:
+    """``jetgraph ngrams`` checks its paths before loading, plans them, binds and sweeps them: the
+    parser itself runs once per distinct path text (one immutable PathSpec is shared)."""
+    from jetgraph.cli import main
+    from jetgraph.passes import pathspec
+    from tests.conftest import require_tinystories
+
+    model = str(require_tinystories())
+    parsed: list[str] = []
+    original = pathspec._parse_text.__wrapped__
+
+    def counting(text: str) -> PathSpec:
+        parsed.append(text)
+        return original(text)
+
+    monkeypatch.setattr(pathspec, "_parse_text", functools.lru_cache(maxsize=1024)(counting))
+    paths = ["E→U", "E→MLP_last→U"]
+    assert main(["ngrams", model, "--paths", *paths, "--id-range", "0:64", "--top", "5",
+                 "--out", str(tmp_path / "t.csv")]) == 0
+    capsys.readouterr()
+    assert sorted(parsed) == sorted(paths), parsed

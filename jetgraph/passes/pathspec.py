@@ -27,6 +27,7 @@ This module knows the syntax only; binding names to a model's units is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,13 @@ def parse_path(text: str) -> PathSpec:
     such as ``MLP_last`` included); :func:`jetgraph.passes.paths.path_term` binds them."""
     if not isinstance(text, str):
         raise ValueError(f"a path is text such as 'E→mlp0→U', got {type(text).__name__}")
+    return _parse_text(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(text: str) -> PathSpec:
+    """The parser itself, once per distinct text: a PathSpec is immutable, so every layer that
+    takes a path as text (the CLI's checks, plans, sweeps, readers) shares one parse."""
     steps = [s.strip() for s in text.replace("->", ARROW).split(ARROW)]
     if len(steps) < 2:
         raise ValueError(f"path {text!r} needs at least a source and the decoder, e.g. 'E→U'")
