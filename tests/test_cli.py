@@ -157,15 +157,15 @@ def test_disk_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
 
 
 def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -> None:
-    import jetgraph.applications
+    import jetgraph.applications.ngrams.tables as tables  # where the command's tables are read
 
     path = require_tinystories()
-    real = jetgraph.applications.ngram_table
+    real = tables.ngram_table
 
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jetgraph.applications, "ngram_table", interrupted)
+    monkeypatch.setattr(tables, "ngram_table", interrupted)
     resume = tmp_path / "ckpt"
     assert main(["ngrams", str(path), "--resume", str(resume), "--out", str(tmp_path / "t.csv")]) == 130
     assert f"no checkpoint was written yet in {resume}" in capsys.readouterr().err  # none is promised
@@ -188,7 +188,7 @@ def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch) -
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jetgraph.applications, "ngram_table", second_interrupted)
+    monkeypatch.setattr(tables, "ngram_table", second_interrupted)
     out = tmp_path / "two.csv"
     assert main(["ngrams", str(path), "--paths", "E→U", "E→mlp0→U", "--top", "3",
                  "--out", str(out)]) == 130
