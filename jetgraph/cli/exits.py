@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-OK = 0
 ERROR = 1
 USAGE = 2
 INTERRUPTED = 130
