@@ -105,7 +105,7 @@ def smollm2(first: int) -> dict:
     prog = jetgraph.capture(model, tokenizer("The capital of France is", return_tensors="pt").input_ids)
     vocab, d = prog.decoder.unembedding.shape
     result = {"vocab": vocab, "d": d}
-    issue = ngram_plan(prog, "E→attn0→U", first=range(4096), rank="logit")
+    issue = ngram_plan(prog, "E→attn0→U", sources=range(4096), rank="logit")
     full = ngram_plan(prog, "E→attn0→U", rank="logit")
     for name, plan in (("first_4096", issue), ("full", full)):
         gpu = plan.seconds_at(GPU_FLOPS, GPU_ELEMENTS)
@@ -116,7 +116,7 @@ def smollm2(first: int) -> dict:
               f"{GPU_ELEMENTS:.0e} elements/s: {gpu / 3600:.3g} GPU-hours")
     if first:
         rate = readout_rate(d, vocab, 1024, repeats=3)
-        table, seconds, peak = timed_table(prog, "E→attn0→U", first=range(first), rank="logit", top=100)
+        table, seconds, peak = timed_table(prog, "E→attn0→U", sources=range(first), rank="logit", top=100)
         floor = first * vocab * 2 * d * vocab / rate
         top = table.entries(tokenizer)[0]
         result["subset"] = {"first_tokens": first, "contexts": first * vocab, "seconds": round(seconds, 1),
@@ -133,9 +133,9 @@ def chunk_ratios(prog, path: str, chunk: int, count: int = 40) -> dict:
     (each chunk a different row block): the median ratio and its spread."""
     import statistics
 
-    from jetgraph.applications.ngrams import sweep
+    from jetgraph.applications.ngrams import NgramQuery, sweep
 
-    job = sweep._job(prog, path, None, None, None, 100, 0, 0, None, False, "logit", chunk)
+    job = NgramQuery(path).bind(prog, chunk)
     evaluator = job.evaluator()
     evaluator.verify(job.probe())
     split_modes, whole_modes = evaluator.modes, evaluator._choose_modes(split=False)
@@ -160,7 +160,7 @@ def split_comparison(prog, first_tokens: int | None, chunk: int, repeats: int = 
     """The full tables with the attention unit split by position (the first token's work once
     per row block) and whole, alternated in one process: times, FLOPs and whether they agree;
     and the per-chunk ratio over many alternated chunks (the full tables vary by ±20% here)."""
-    from jetgraph.applications.ngrams import sweep
+    from jetgraph.applications.ngrams import NgramQuery, sweep
     from jetgraph.applications.ngrams.evaluator import PathEvaluator
 
     vocab = prog.decoder.unembedding.shape[0]
@@ -174,9 +174,9 @@ def split_comparison(prog, first_tokens: int | None, chunk: int, repeats: int = 
         for _ in range(repeats):
             for split in (False, True):
                 PathEvaluator.split_positions = split
-                job = sweep._job(prog, path, None, None, first, 100, 0, 0, None, False, "logit", chunk)
+                job = NgramQuery(path, sources=first).bind(prog, chunk)
                 flops[split] = sweep._plan(job, job.evaluator()).flops
-                tables[split], seconds, _ = timed_table(prog, path, first=first, chunk=chunk, top=100,
+                tables[split], seconds, _ = timed_table(prog, path, sources=first, chunk=chunk, top=100,
                                                         rank="logit")
                 times[split].append(seconds)
                 print(f"{path} split={split}: {seconds:.1f} s", flush=True)
@@ -222,7 +222,7 @@ def main() -> None:
     rate_before = readout_rate(d, vocab, args.chunk)
     rows = []
     for path in PATHS:
-        _, seconds, peak = timed_table(prog, path, first=first, chunk=args.chunk, top=100, rank="logit")
+        _, seconds, peak = timed_table(prog, path, sources=first, chunk=args.chunk, top=100, rank="logit")
         rows.append({"path": path, "contexts": contexts, "options": "top 100 by logit", "ranks": "-",
                      "seconds": round(seconds, 1), "peak_rss_above_model_gb": round(peak.above_start_gb, 3)})
         print(json.dumps(rows[-1], ensure_ascii=False))

@@ -104,7 +104,7 @@ def check_bigram_table(reference: dict, device: torch.device, top: int) -> dict:
     entries = table.entries()
     rows = sorted({int(e["context_ids"].split()[-1]) for e in entries})
     cpu_table, cpu_seconds = timed(lambda: jetgraph.ngrams(prog.to("cpu"), tokenizer=tokenizer, top=top,
-                                                           first=rows, max_seconds=None, progress=False),
+                                                           sources=rows, max_seconds=None, progress=False),
                                    torch.device("cpu"))
     cpu_entries = cpu_table.entries()
     same = [(e["context_ids"], e["next_id"]) for e in entries] == \

@@ -16,6 +16,7 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 
 from jetgraph._version import __version__ as __version__
 from jetgraph.applications.entry_points import lens, ngrams
+from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.capture import load_lazy, load_model
 from jetgraph.codegen import emit, emit_source
@@ -41,13 +42,17 @@ __all__ = [
     "Decoder",
     "Encoder",
     "Expansion",
+    "FirstTokens",
     "InputConvention",
     "Jet",
     "JetRuleError",
     "JetgraphError",
     "ModelLoadError",
+    "NgramQuery",
+    "PathReader",
     "ResidualProgram",
     "ResidualUnit",
+    "RunOptions",
     "Term",
     "capture",
     "count_paths",

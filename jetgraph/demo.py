@@ -91,7 +91,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     found.append(f"default read-out {DEFAULT_READOUT}: {probes}; toxic-word mass {mass['mean']:.2e} "
                  f"[{mass['low']:.2e}, {mass['high']:.2e}]")
     log.step(f"bigram table of the default read-out ({DEFAULT_READOUT}: the model after each token, "
-             f"{describe_prefixes(table.average, tokenizer)}) over {len(rows):,} "
+             f"{describe_prefixes(table.first_tokens, tokenizer)}) over {len(rows):,} "
              f"tokens (the {READOUT_TOKENS} the model predicts most and the probe words) -> {path.name}")
     for index, spec in enumerate(DEMO_PATHS):
         table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)

@@ -65,6 +65,26 @@ def test_one_default_granularity() -> None:
     assert set(defaults.values()) == {"sublayer"}, defaults
 
 
+def test_the_renamed_flags_still_parse_with_a_note(capsys) -> None:
+    from jetgraph.cli import build_parser
+
+    parser = build_parser()
+    for command in ("ngrams", "sketch", "diff", "masses"):
+        extra = {"diff": ["m2"], "masses": ["--keywords", "a,b"]}.get(command, [])
+        if command in ("sketch",):
+            args = parser.parse_args([command, "m", "--average", "3"])
+            assert args.first_tokens == 3
+            assert "--average is deprecated and goes in 0.9: use --first-tokens" in capsys.readouterr().err
+            continue
+        args = parser.parse_args([command, "m", *extra, "--first", "7", "--average", "2"])
+        assert (args.sources, args.first_tokens) == (7, 2)
+        err = capsys.readouterr().err
+        assert "--first is deprecated and goes in 0.9: use --sources" in err
+        assert "--average is deprecated and goes in 0.9: use --first-tokens" in err
+        args = parser.parse_args([command, "m", *extra, "--sources", "7", "--first-tokens", "2"])
+        assert (args.sources, args.first_tokens) == (7, 2) and capsys.readouterr().err == ""
+
+
 def test_parse_errors_exit_2(capsys, monkeypatch) -> None:
     _no_model_loading(monkeypatch)
     assert main(["lens", "m", "text", "--order", "x"]) == 2
@@ -79,7 +99,7 @@ def test_parse_errors_exit_2(capsys, monkeypatch) -> None:
     assert "positive integer" in capsys.readouterr().err
     assert main(["paths", "m", "--granularity", "layer"]) == 2
     assert "invalid choice: 'layer'" in capsys.readouterr().err
-    assert main(["ngrams", "m", "--first", "3", "--contexts", "c.txt"]) == 2
+    assert main(["ngrams", "m", "--sources", "3", "--contexts", "c.txt"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
 
 
@@ -332,7 +352,7 @@ def test_ngrams_nproc_gives_the_single_process_files(tmp_path, capsys) -> None:
     """``--nproc 2`` runs the table in two processes (torchrun's launcher, gloo): the CSVs,
     the per-last-token summary included, are the single process's, byte for byte."""
     path = require_tinystories()
-    args = ["ngrams", str(path), "--paths", "E→attn0→U", "--first", "6", "--top", "25", "--last-top", "2"]
+    args = ["ngrams", str(path), "--paths", "E→attn0→U", "--sources", "6", "--top", "25", "--last-top", "2"]
     assert main([*args, "--out", str(tmp_path / "one.csv")]) == 0
     assert main([*args, "--out", str(tmp_path / "two.csv"), "--nproc", "2",
                  "--resume", str(tmp_path / "ckpt")]) == 0
@@ -379,7 +399,7 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
     assert "of 10 contexts" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 30 and all(int(r["context_ids"]) < 10 for r in rows)
-    assert main(["ngrams", str(path), "--paths", "E→U", "--first", "10", "--top", "30",
+    assert main(["ngrams", str(path), "--paths", "E→U", "--sources", "10", "--top", "30",
                  "--out", str(out)]) == 0  # the 10 tokens the model predicts most, after its BOS
     assert "of 10 contexts" in capsys.readouterr().out
     import jetgraph
@@ -412,10 +432,10 @@ def test_ngrams_source_subsets_work_for_every_path(tmp_path, capsys) -> None:
 def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path, capsys,
                                                                          monkeypatch) -> None:
     """The default table reads each token the way the tokenizer builds text: TinyStories' tokenizer
-    adds BOS, so a row is the model's distribution on (BOS, token); --average M mixes over
+    adds BOS, so a row is the model's distribution on (BOS, token); --first-tokens M mixes over
     (BOS, a, token) for the M tokens the model expects after BOS; --prefix none mixes over the
     first tokens of its mean one-token prediction over the whole vocabulary (fixed per model, not
-    per row set). --first N rows are the N tokens the model predicts most, special tokens left
+    per row set). --sources N rows are the N tokens the model predicts most, special tokens left
     out. Each is checked against the transformers model run directly."""
     import json
 
@@ -426,7 +446,7 @@ def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path
     bos = tokenizer("a")["input_ids"][0]
     assert bos == tokenizer.bos_token_id  # this tokenizer adds its BOS
     out = tmp_path / "default.json"
-    head = ["ngrams", str(path), "--top", "4", "--first", "300"]
+    head = ["ngrams", str(path), "--top", "4", "--sources", "300"]
 
     def model_probs(contexts: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -448,7 +468,7 @@ def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path
     expected = model_probs(torch.tensor([[bos, context]]))[0, token]
     assert best["prob"] == pytest.approx(float(expected), abs=1e-5)
 
-    assert main([*head, "--average", "5", "--out", str(out)]) == 0
+    assert main([*head, "--first-tokens", "5", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     weights, first = model_probs(torch.tensor([[bos]]))[0].topk(5)
     weights = weights / weights.sum()
@@ -460,7 +480,7 @@ def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path
     mixture = (weights[:, None] * model_probs(contexts)).sum(0)
     assert best["prob"] == pytest.approx(float(mixture[token]), abs=1e-5)
 
-    assert main([*head, "--prefix", "none", "--average", "5", "--out", str(out)]) == 0
+    assert main([*head, "--prefix", "none", "--first-tokens", "5", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     alone = model_probs(everything).mean(0)  # every token: the vocabulary is below the sample size
     weights, first = alone.topk(5)
@@ -468,8 +488,8 @@ def test_ngrams_default_readout_follows_the_tokenizers_input_convention(tmp_path
     assert written["averaged_over"][1] == pytest.approx((weights / weights.sum()).tolist(), abs=1e-6)
     capsys.readouterr()
     _no_model_loading(monkeypatch)
-    assert main(["ngrams", str(path), "--paths", "E→U", "--average", "4", "--out", str(out)]) == 2
-    _one_line_error(capsys, "--average applies to paths from the model's stream")
+    assert main(["ngrams", str(path), "--paths", "E→U", "--first-tokens", "4", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--first-tokens applies to paths from the model's stream")
     assert main(["ngrams", str(path), "--paths", "E→U", "--prefix", "1", "--out", str(out)]) == 2
     _one_line_error(capsys, "--prefix applies to read-outs of the model's stream")
     assert main(["ngrams", str(path), "--prefix", "x1", "--out", str(out)]) == 2

@@ -449,16 +449,16 @@ FIRST, TOP = 20, 10
 
 
 def _library_table(subject: Subject, mode: str) -> object:
-    """``jetgraph.ngrams(prog, tokenizer=tok, first=20, top=10)``: the default read-out's table, once
+    """``jetgraph.ngrams(prog, tokenizer=tok, sources=20, top=10)``: the default read-out's table, once
     per subject and mode (the ngrams cell and the CLI's cell compare with it)."""
     if ("ngrams", mode) not in subject._cache:
         subject._cache["ngrams", mode] = jetgraph.ngrams(subject.program(mode), tokenizer=subject.tokenizer,
-                                                         first=FIRST, top=TOP, progress=False)
+                                                         sources=FIRST, top=TOP, progress=False)
     return subject._cache["ngrams", mode]
 
 
 def check_ngrams(subject: Subject, mode: str, tmp: Path) -> float:
-    """``jetgraph.ngrams(prog, tokenizer=tok, first=20)``: the rows are the 20 tokens the Hugging
+    """``jetgraph.ngrams(prog, tokenizer=tok, sources=20)``: the rows are the 20 tokens the Hugging
     Face model predicts most (its mean prediction after the prefix) without special, unused and
     byte tokens; every top entry's probability is the model's on the context the tokenizer builds."""
     dtype = DTYPES[mode]
@@ -486,7 +486,7 @@ def check_path_table(subject: Subject, mode: str, tmp: Path) -> float:
     model = subject.reference(mode)
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = torch.arange(min(vocab, 512))
-    table = jetgraph.ngrams(prog, "E→U", first=range(len(rows)), top=TOP, progress=False)
+    table = jetgraph.ngrams(prog, "E→U", sources=range(len(rows)), top=TOP, progress=False)
     by_hand = _decode_by_hand(model, _embedding(model, rows)).double()
     log_probs = by_hand.log_softmax(-1)
     entries = table.entries()
@@ -590,11 +590,11 @@ def check_cli_lens(subject: Subject, mode: str, tmp: Path) -> float:
 
 
 def check_cli_ngrams(subject: Subject, mode: str, tmp: Path) -> float:
-    """``jetgraph ngrams --first 20 --top 10``: exit 0; the CSV's entries are the library table's
-    (``jetgraph.ngrams(prog, tokenizer=tok, first=20)``) and their probabilities the Hugging Face
+    """``jetgraph ngrams --sources 20 --top 10``: exit 0; the CSV's entries are the library table's
+    (``jetgraph.ngrams(prog, tokenizer=tok, sources=20)``) and their probabilities the Hugging Face
     model's on the contexts the tokenizer builds."""
     out = tmp / "table.csv"
-    _ok(["ngrams", subject.cli_model(mode), "--first", str(FIRST), "--top", str(TOP), "--out", str(out),
+    _ok(["ngrams", subject.cli_model(mode), "--sources", str(FIRST), "--top", str(TOP), "--out", str(out),
          *FLAGS[mode]])
     rows = _csv_rows(out)
     dtype = DTYPES[mode]

@@ -105,17 +105,17 @@ def test_ties_are_broken_by_ids() -> None:
 def test_first_restricts_the_source_of_every_path() -> None:
     prog = sharp_program()
     first = [2, 9, 4]
-    single = ngram_table(prog, "E→mlp0→U", first=first, top=5, progress=False)
+    single = ngram_table(prog, "E→mlp0→U", sources=first, top=5, progress=False)
     assert single.contexts.tensor().flatten().tolist() == first
     full = full_table(prog, "E→mlp0→U")[first]
     assert single.top_index.tolist() == full.flatten().topk(5).indices.tolist()
-    pairs = ngram_table(prog, "E→attn0→U", first=[1, 7], top=5, progress=False)
+    pairs = ngram_table(prog, "E→attn0→U", sources=[1, 7], top=5, progress=False)
     assert len(pairs.contexts) == 2 * VOCAB
     assert sorted({int(c[0]) for c in pairs.contexts.tensor()}) == [1, 7]
     with pytest.raises(ValueError, match="first token ids must lie in"):
-        ngram_table(prog, "E→U", first=[VOCAB], progress=False)
-    with pytest.raises(ValueError, match="contexts or first, not both"):
-        ngram_table(prog, "E→U", first=[1], contexts=torch.ones(1, 1, dtype=torch.long), progress=False)
+        ngram_table(prog, "E→U", sources=[VOCAB], progress=False)
+    with pytest.raises(ValueError, match="contexts or sources, not both"):
+        ngram_table(prog, "E→U", sources=[1], contexts=torch.ones(1, 1, dtype=torch.long), progress=False)
 
 
 def test_context_grid_is_lazy_and_ordered() -> None:

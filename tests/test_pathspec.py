@@ -101,7 +101,7 @@ def test_renamed_units_keep_their_kind() -> None:
     unit.name = "mixer0"
     term = path_term(prog, "E→mixer0→U")
     assert context_length(term) == 2
-    table = jetgraph.ngrams(prog, "E→mixer0→U", first=range(2), top=3, progress=False)
+    table = jetgraph.ngrams(prog, "E→mixer0→U", sources=range(2), top=3, progress=False)
     assert table.contexts.length == 2
 
 

@@ -187,7 +187,7 @@ def test_emit_plan_bounds_the_run(wide, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.serial
 def test_ngrams_plan_bounds_the_run(wide, tmp_path) -> None:
-    measured = measure(["ngrams", str(wide), "--first", "300", "--out", "t.csv"], tmp_path)
+    measured = measure(["ngrams", str(wide), "--sources", "300", "--out", "t.csv"], tmp_path)
     assert_within_plan(measured)
 
 

@@ -3,6 +3,8 @@ per-last-token summary against the full table computed independently."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import captured, require_tinystories
@@ -10,13 +12,21 @@ from conftest import captured, require_tinystories
 import jetgraph
 from jetgraph.applications import ngram_table
 from jetgraph.applications.ngrams import evaluator as evaluator_module
-from jetgraph.applications.ngrams import full_table
-from jetgraph.applications.ngrams.evaluator import evaluate_path
-from jetgraph.applications.ngrams.sweep import _job
+from jetgraph.applications.ngrams.evaluator import evaluate_path, path_schedule
+from jetgraph.applications.ngrams.query import NgramQuery
+
+
+def plain_table(prog, path: str, contexts: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The path's logits on ``contexts`` from the plain schedule (every step on every position, no
+    shortcut): the reference the sweep and :class:`PathReader` are held to."""
+    term = jetgraph.path_term(prog, path)
+    view = prog.at("sublayer")
+    schedule = path_schedule(view, term)
+    return torch.cat([evaluate_path(schedule, contexts[i:i + chunk]) for i in range(0, len(contexts), chunk)])
 
 
 def _evaluator(prog, path: str, first=range(5)):
-    job = _job(prog, path, None, None, first, 10, 0, 0, None, False, "logit", 64)
+    job = NgramQuery(path, sources=first, top=10).bind(prog, 64)
     evaluator = job.evaluator()
     evaluator.verify(job.probe())
     return job, evaluator
@@ -65,7 +75,12 @@ def test_a_group_that_is_not_one_falls_back_to_the_whole_unit(monkeypatch) -> No
     plain = evaluate_path(evaluator.schedule, ids)
     wrong = evaluator_module.Groups(torch.zeros(1, dtype=torch.long), torch.zeros(len(ids), dtype=torch.long))
     monkeypatch.setattr(evaluator_module.Groups, "of", classmethod(lambda cls, ids, copies=1: wrong))
-    torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(evaluator_module, "_TOLD", set())
+    with pytest.warns(evaluator_module.ShortcutFallback, match="attn0 ran on every position.*differ at earlier"):
+        torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per path and reason, not per chunk
+        evaluator(ids)
 
 
 def test_gpt2_position_embeddings_stay_right_in_the_shared_prefix() -> None:
@@ -79,17 +94,22 @@ def test_gpt2_position_embeddings_stay_right_in_the_shared_prefix() -> None:
 def test_a_failed_probe_falls_back_to_the_plain_schedule(monkeypatch) -> None:
     _, prog = captured("llama")
     monkeypatch.setattr(evaluator_module, "PROBE_TOLERANCE", {torch.float32: -1.0})
-    _, evaluator = _evaluator(prog, "E→mlp0→attn1→U")
+    monkeypatch.setattr(evaluator_module, "_TOLD", set())
+    with pytest.warns(evaluator_module.ShortcutFallback) as told:
+        _, evaluator = _evaluator(prog, "E→mlp0→attn1→U")
     assert not evaluator.last_position_only and evaluator.shared_steps == 0
+    reasons = [str(w.message) for w in told]
+    assert any("every step runs on every position" in r and "differ from the plain schedule" in r
+               for r in reasons), reasons
 
 
 def test_the_per_last_token_summary_is_the_best_of_the_rows_ending_in_each_token() -> None:
     _, prog = captured("llama")
     first = range(0, 128, 3)
-    table = ngram_table(prog, "E→attn0→U", first=first, top=50, last_top=4, rank="prob", chunk=100,
+    table = ngram_table(prog, "E→attn0→U", sources=first, top=50, last_top=4, rank="prob", chunk=100,
                         progress=False, shard=None)
     contexts = torch.tensor([[a, b] for a in first for b in range(128)])
-    logits = full_table(prog, "E→attn0→U", contexts).double()  # the plain schedule, all at once
+    logits = plain_table(prog, "E→attn0→U", contexts).double()  # the plain schedule, no shortcut
     log_p = logits.log_softmax(-1)
     for token in (0, 17, 127):
         rows = (contexts[:, 1] == token).nonzero().squeeze(1)
@@ -112,9 +132,9 @@ def test_tinystories_trigrams_match_the_full_table() -> None:
     prog = jetgraph.capture(model)
     first = [1, 2, 400]
     for path in ("E→attn0→U", "E→attn0→mlp0→U"):
-        table = ngram_table(prog, path, first=first, top=30, rank="logit", chunk=1024, progress=False,
+        table = ngram_table(prog, path, sources=first, top=30, rank="logit", chunk=1024, progress=False,
                             shard=None)
-        logits = full_table(prog, path, torch.tensor([[a, b] for a in first for b in range(2048)]))
+        logits = plain_table(prog, path, torch.tensor([[a, b] for a in first for b in range(2048)]))
         best = logits.reshape(-1).topk(30)
         assert table.top_index.tolist() == best.indices.tolist()
         torch.testing.assert_close(table.top_values, best.values, rtol=1e-6, atol=1e-5)
@@ -141,9 +161,9 @@ import psutil, jetgraph
 from jetgraph.applications import ngram_table
 from transformers import AutoModelForCausalLM
 prog = jetgraph.capture(AutoModelForCausalLM.from_pretrained({str(require_tinystories())!r}))
-ngram_table(prog, "E→attn0→U", first=range(4), rank="prob", progress=False, shard=None)
+ngram_table(prog, "E→attn0→U", sources=range(4), rank="prob", progress=False, shard=None)
 before = psutil.Process().memory_info().rss
-table = ngram_table(prog, "E→attn0→U", first=range(64), rank="prob", progress=False, shard=None)
+table = ngram_table(prog, "E→attn0→U", sources=range(64), rank="prob", progress=False, shard=None)
 assert table.log_sum.shape == (64 * 2048,)
 print(psutil.Process().memory_info().rss - before)
 """

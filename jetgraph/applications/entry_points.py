@@ -4,6 +4,7 @@ read-outs on one model, capture it once and pass the program."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords
 from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.ngrams.mixture import FirstTokens
+from jetgraph.applications.ngrams.query import RENAMED
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT
 from jetgraph.applications.ngrams.tables import RUN_OPTIONS, TableSet
 from jetgraph.capture import capture
@@ -65,26 +68,40 @@ def _texts(values: Sequence[object], tokenizer: object) -> list[str]:
 def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec | Term = DEFAULT_READOUT, *,
            tokenizer: object = None, convention: InputConvention | Sequence[int] | None = None,
            keywords: str | Sequence[str] | Sequence[int] | None = None, top: int = 100, rank: str = "prob",
-           first: int | Sequence[int] | None = None, first_tokens: int | None = None,
+           sources: int | Sequence[int] | None = None, first_tokens: int | FirstTokens | None = None,
            **options: object) -> NgramTable:
     """The n-gram table of one path of a model or program, streamed over every context.
 
     The default, ``"h_last→U"``, is the model's own next-token distribution after each token,
     read the way the tokenizer builds text (:mod:`jetgraph.applications.ngrams.convention`):
     after the tokenizer's BOS when it adds one, else averaged over the ``first_tokens`` tokens
-    the model expects most before it (default 16; with a BOS, default 0: BOS alone). It needs the
-    ``tokenizer`` or an explicit ``convention`` (``InputConvention((bos_id,))``, or
-    ``InputConvention()`` for a model trained without a start token). Paths such as ``"E→U"``,
-    ``"E→MLP_last→U"``, ``"E→attn0→U"`` (:mod:`jetgraph.passes.pathspec`) read their own tokens only.
+    the model expects most before it (default 16; with a BOS, default 0: BOS alone; or a
+    :class:`~jetgraph.applications.ngrams.FirstTokens` value). It needs the ``tokenizer`` or an
+    explicit ``convention`` (``InputConvention((bos_id,))``, or ``InputConvention()`` for a
+    model trained without a start token). Paths such as ``"E→U"``, ``"E→MLP_last→U"``,
+    ``"E→attn0→U"`` (:mod:`jetgraph.passes.pathspec`) read their own tokens only.
 
-    ``first``: the rows (first context tokens): an int N means the N tokens the model itself
+    ``sources``: the rows (first context tokens): an int N means the N tokens the model itself
     predicts most, without the tokenizer's special, unused and byte tokens
     (:func:`~jetgraph.applications.ngrams.sources.common_tokens`); a sequence gives ids.
     ``keywords``: token ids, a list of words, or a shipped list name (``"toxic"``, ``"refusal"``)
-    or file; words need the ``tokenizer``. Every other option is
-    :func:`~jetgraph.applications.ngrams.ngram_table`'s (``contexts``, ``row_top``, ``chunk``,
-    ``resume``, ``max_seconds``, …); an unknown one is refused. The cost is planned before any work.
+    or file; words need the ``tokenizer``. Every other option is a field of
+    :class:`~jetgraph.applications.ngrams.NgramQuery` (``contexts``, ``row_top``, ``last_top``,
+    ``normalise``, ``order``) or :class:`~jetgraph.applications.ngrams.RunOptions` (``chunk``,
+    ``resume``, ``max_seconds``, ``progress``, ``shard``, …); an unknown one is refused by name.
+    The cost is planned before any work.
     """
+    for old, new in RENAMED.items():
+        if old in options:
+            if (sources if new == "sources" else first_tokens) is not None:
+                raise TypeError(f"ngrams() got both {old}= and {new}=: give {new}= only")
+            warnings.warn(f"ngrams({old}=…) is deprecated and goes in 0.9: use {new}=", DeprecationWarning,
+                          stacklevel=2)
+            value = options.pop(old)
+            if new == "sources":
+                sources = value  # type: ignore[assignment]
+            else:
+                first_tokens = value if isinstance(value, FirstTokens) else FirstTokens.of(*value)  # type: ignore[misc]
     unknown = sorted(set(options) - TABLE_OPTIONS)
     if unknown:
         raise TypeError(f"ngrams() got unknown option(s) {unknown}; it takes {sorted(TABLE_OPTIONS)}")
@@ -92,19 +109,16 @@ def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec |
     ids = _keyword_ids(keywords, tokenizer) if keywords is not None else None
     spec = path.name if isinstance(path, PathSpec) else path
     run = {k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}
-    tables = TableSet(prog, [spec], tokenizer=tokenizer, convention=convention, first=first,  # type: ignore[list-item]
+    tables = TableSet(prog, [spec], tokenizer=tokenizer, convention=convention, sources=sources,  # type: ignore[list-item]
                       contexts=options.pop("contexts", None), first_tokens=first_tokens,  # type: ignore[arg-type]
-                      average=options.pop("average", None), top=top, rank=rank, keywords=ids,  # type: ignore[arg-type]
-                      **options)
+                      top=top, rank=rank, keywords=ids, **options)
     if not tables.ready:  # model passes come first: refuse what is past the limit before them
         check_plan(tables.plans(), run.get("max_seconds", DEFAULT_MAX_SECONDS),  # type: ignore[arg-type]
                    "max_seconds (None: no limit)")
     return tables.table(0, **run)
 
 
-TABLE_OPTIONS = frozenset({"order", "contexts", "row_top", "last_top", "normalise", "chunk", "resume",
-                           "progress", "max_seconds", "shard", "checkpoint_seconds", "stall_seconds",
-                           "average"})
+TABLE_OPTIONS = frozenset({"order", "contexts", "row_top", "last_top", "normalise", "chunk"}) | RUN_OPTIONS
 
 
 def _program(model_or_program: nn.Module | ResidualProgram, granularity: str | None) -> ResidualProgram:

@@ -46,19 +46,20 @@ import torch
 from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.convention import InputConvention, input_convention
+from jetgraph.applications.ngrams.mixture import FirstTokens
+from jetgraph.applications.ngrams.reader import path_reader
 from jetgraph.applications.ngrams.readout import readout_prefixes
 from jetgraph.applications.ngrams.sources import common_tokens
-from jetgraph.applications.ngrams.sweep import full_table
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.applications.targets import TargetSet, token_label
 from jetgraph.cost import Plan, estimate_seconds, gemm_rate
 from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
+from jetgraph.passes.pathspec import format_path, parse_path
 
 METHODS = ("zero", "mean", "term")
 METHOD_NAMES = {"zero": "zero-ablation", "mean": "mean-ablation", "term": "path terms removed"}
 STARTS = ("embedding", "stream")
-Prefix = tuple[list[tuple[int, ...]], list[float]] | None  # token sequences put before each source, weights
 FOCUS = 16  # source tokens a path's score averages over: those it writes the targets after most
 SAMPLED_ROWS = 4096  # source tokens scored when the vocabulary is larger than FULL_ROWS
 FULL_ROWS = 8192
@@ -106,7 +107,7 @@ class RoleReport:
     positions: int = 0  # target positions in the verification text
     controls: int = 0  # other positions the interventions were measured at (Effect.others)
     start: str = "embedding"  # where the paths begin: the token embedding E, or the unit's own input state
-    prefix: Prefix = None  # what the stream-start paths read before each source (input convention)
+    first_tokens: FirstTokens | None = None  # what the stream-start paths read before each source
 
     def paths_inside(self, units: Sequence[str]) -> list[str]:
         """The ranked paths inside a unit set: each unit's own, and for a pair the path through both."""
@@ -372,29 +373,19 @@ def block_rows(vocab: int, chunk: int = 1024) -> int:
 
 
 @torch.no_grad()
-def path_logits(prog: ResidualProgram, path: str, sources: torch.Tensor, prefix: Prefix = None,
-                chunk: int = 1024) -> torch.Tensor:
-    """A path's logits [n, V] (float64) on each source token: read alone, or (``prefix``: token
-    sequences and weights, for a path from a stream state) read after each sequence, the logits
-    averaged with the weights."""
+def path_logits(prog: ResidualProgram, path: str, sources: torch.Tensor,
+                first_tokens: FirstTokens | None = None, chunk: int = 1024) -> torch.Tensor:
+    """A path's logits [n, V] (float64) on each source token: read alone, or (``first_tokens``,
+    for a path from a stream state) read after each sequence, the *logits* averaged with the
+    weights (:meth:`~jetgraph.applications.ngrams.reader.PathReader.mean_logits`)."""
     sources = sources.view(-1, 1)
-    vocab = int(prog.decoder.unembedding.shape[0])
-    step = block_rows(vocab, chunk)  # at most 16M logits per call
-    if len(sources) > step:
-        return torch.cat([path_logits(prog, path, sources[i:i + step], prefix, step)
-                          for i in range(0, len(sources), step)])
-    if not prefix:
-        return full_table(prog, path, contexts=sources, chunk=step).double()
-    total = None
-    for sequence, w in zip(*prefix, strict=True):
-        contexts = torch.cat([torch.tensor(sequence, dtype=torch.long).expand(len(sources), -1), sources], 1)
-        part = w * full_table(prog, path, contexts=contexts, chunk=step).double()
-        total = part if total is None else total + part
-    return total
+    reader = path_reader(prog, path, first_tokens)
+    step = block_rows(reader.vocab, chunk)  # at most 16M logits per call
+    return torch.cat([reader.mean_logits(sources[i:i + step]) for i in range(0, len(sources), step)])
 
 
 def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int], rows: torch.Tensor,
-                       chunk: int = 1024, top: int = 5, prefix: Prefix = None,
+                       chunk: int = 1024, top: int = 5, first_tokens: FirstTokens | None = None,
                        focus: int = FOCUS) -> PathScore:
     """One path's score (its centred target logit averaged over the ``focus`` source tokens it
     writes the targets after most; ``mean``: over all ``rows``) and its best entries."""
@@ -403,7 +394,7 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
     step = block_rows(int(prog.decoder.unembedding.shape[0]), chunk)  # [step, V] float64 at a time
     for start in range(0, len(rows), step):
         part = rows[start:start + step]
-        logits = path_logits(prog, path, part, prefix, chunk)
+        logits = path_logits(prog, path, part, first_tokens, chunk)
         centred = logits[:, target_index] - logits.mean(-1, keepdim=True)
         per_row.append(centred.mean(-1))
         values, flat = centred.flatten().topk(min(top, centred.numel()))
@@ -412,7 +403,7 @@ def path_target_scores(prog: ResidualProgram, path: str, targets: Sequence[int],
         best_v, best_i = best_v[keep], best_i[keep]
     entries = [(int(rows[f // len(target_index)]), int(target_index[f % len(target_index)]), float(v))
                for v, f in zip(best_v.tolist(), best_i.tolist(), strict=True)]
-    units = tuple(step for step in path.split("→")[1:-1])
+    units = parse_path(path).units
     rows_score = torch.cat(per_row)
     focused = rows_score.topk(min(focus, len(rows_score))).values.mean()
     return PathScore(path, units, float(focused), entries, mean=float(rows_score.mean()))
@@ -449,7 +440,7 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
     bar = tqdm(total=len(units) + 1 + math.comb(min(pairs, len(units)), 2), desc="roles: paths",
                disable=not progress, leave=False)
 
-    prefix: Prefix = None
+    prefix: FirstTokens | None = None
     if start == "stream":
         prefix = readout_prefixes(prog, input_convention(convention, tokenizer, vocab), first_tokens, chunk)
     reads = {u.name: u.reads for u in prog.at("sublayer").units}
@@ -459,22 +450,23 @@ def unit_roles(prog: ResidualProgram, targets: TargetSet | Sequence[int],
 
     def score(path: str) -> PathScore:
         result = path_target_scores(prog, path, targets.ids, sources, chunk,
-                                    prefix=None if path.startswith("E") else prefix)
+                                    first_tokens=None if path.startswith("E") else prefix)
         bar.update()
         return result
 
     reference = score("E→U")
-    singles = sorted((score(f"{begin(u)}→{u}→U") for u in units), key=lambda s: -s.score)
+    singles = sorted((score(format_path([begin(u), u, "U"])) for u in units), key=lambda s: -s.score)
     by_unit = {s.units[0]: s for s in singles}
     paired = sorted((s.units[0] for s in singles[:pairs]), key=units.index)
     pair_scores = []
     for first, second in itertools.combinations(paired, 2):
-        s = score(f"{begin(first)}→{first}→{second}→U")
+        s = score(format_path([begin(first), first, second, "U"]))
         s.joint = s.score + by_unit[first].score + by_unit[second].score
         pair_scores.append(s)
     bar.close()
     pair_scores.sort(key=lambda s: -s.score)
-    return RoleReport(targets, len(sources), singles, pair_scores, reference, start=start, prefix=prefix)
+    return RoleReport(targets, len(sources), singles, pair_scores, reference, start=start,
+                      first_tokens=prefix)
 
 
 # ------------------------------------------------------------------ interventions on real text
@@ -622,7 +614,7 @@ def verify_roles(prog: ResidualProgram, report: RoleReport, input_ids: torch.Ten
                     sources = part[at_rows[block], at_positions[block]].view(-1, 1)
                     for unit_set in with_terms:
                         removed = sum(path_logits(prog, path, sources,
-                                                  None if path.startswith("E") else report.prefix)
+                                                  None if path.startswith("E") else report.first_tokens)
                                       for path in report.paths_inside(unit_set))
                         _reduce(out[unit_set], picked - removed, targets[block])
                         del removed

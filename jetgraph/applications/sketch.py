@@ -277,7 +277,7 @@ def _reads_per_row(vocab: int, count: int | None, convention: Convention) -> tup
     prefixes = placeholder_prefixes(vocab, resolved, count)
     if prefixes is None:
         return 1, False
-    return len(prefixes[0]), len(prefixes[0][0]) > len(resolved.prefix)
+    return len(prefixes), prefixes.length > len(resolved.prefix)
 
 
 def _convention(convention: Convention, tokenizer: object) -> Convention:
@@ -426,7 +426,7 @@ def plan_sketch(prog: ResidualProgram, first_tokens: int | None = None, trigram:
     chunk_bytes = _chunk_bytes(prog, reader.chunk)
     sampling_bytes = _sampling_bytes(prog, sample_batch, sample_length) if sampled_tokens else 0.0
     scoring_bytes = _scoring_bytes(prog, bigram_top, top)
-    row_flops, token_flops = _flops(prog, len(reader.prefixes[0][0]) + 2 if reader.prefixes else 2)
+    row_flops, token_flops = _flops(prog, reader.first_tokens.length + 2 if reader.first_tokens else 2)
     plan = SketchPlan(vocab, bigram_top, bigram_seconds, bigram_bytes, pair_rows, top, seconds, memory,
                       not reason, 0.0, reason, sampled_tokens, sampled_tokens * seconds_per_sampled_token,
                       scored_tokens, scored_tokens * per_row, chunk_bytes, sampling_bytes, scoring_bytes,

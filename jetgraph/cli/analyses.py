@@ -14,6 +14,7 @@ from jetgraph.cli.options import (
     DTYPES,
     check_output,
     cost_arguments,
+    first_tokens_argument,
     id_range,
     load,
     model_argument,
@@ -21,12 +22,13 @@ from jetgraph.cli.options import (
     positive,
     prefix_argument,
     read_text_option,
+    sources_argument,
 )
 
 FEW_POSITIONS = 20  # fewer target positions than this: say that the intervals will be wide
 READOUT_HELP = ('read-out: "h_last→U" (the default: the model after each token, read after the tokenizer\'s '
-                'BOS, or averaged over --average first tokens when it adds none) or a bigram path such as '
-                '"E→U", "E→MLP_last→U"')
+                'BOS, or averaged over --first-tokens first tokens when it adds none) or a bigram path '
+                'such as "E→U", "E→MLP_last→U"')
 
 
 def add_commands(command) -> None:
@@ -125,14 +127,10 @@ def dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 def _readout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", default="h_last→U", help=READOUT_HELP)
-    parser.add_argument("--average", type=non_negative, default=None, metavar="M",
-                        help="first tokens h_last→U is averaged over, after the prefix (default: 0 when the "
-                             "tokenizer adds a BOS, else 16)")
+    first_tokens_argument(parser, "mix h_last→U's rows over")
     prefix_argument(parser)
     sources = parser.add_mutually_exclusive_group()
-    sources.add_argument("--first", type=positive, default=None, metavar="N",
-                         help="only the N tokens the model predicts most (without special, unused and byte "
-                              "tokens) as source tokens (default: every token)")
+    sources_argument(sources, "source tokens")
     sources.add_argument("--id-range", type=id_range, default=None, metavar="START:END",
                          help="only token ids START..END-1 as source tokens")
     parser.add_argument("--chunk", type=positive, default=1024, help="source tokens per batched call")
@@ -223,14 +221,14 @@ def _convention(args: argparse.Namespace, tokenizer, vocab: int):
 
 
 def _rows(args: argparse.Namespace, prog, convention, tokenizer):
-    """The source tokens: --id-range, the --first N the model predicts most, or every token."""
+    """The source tokens: --id-range, the --sources N the model predicts most, or every token."""
     from jetgraph.applications.ngrams import common_tokens
 
     if getattr(args, "id_range", None) is not None:
         return list(args.id_range)
-    if args.first is None:
+    if args.sources is None:
         return None
-    return common_tokens(prog, args.first, convention, tokenizer, args.chunk)
+    return common_tokens(prog, args.sources, convention, tokenizer, args.chunk)
 
 
 def _folder_tokenizer(folder: Path):
@@ -335,7 +333,7 @@ def run_curves(args: argparse.Namespace) -> int:
     vocab = int(programs[-1].decoder.unembedding.shape[0])
     convention = _convention(args, _folder_tokenizer(args.folders[-1]), vocab)
     rows = _rows(args, programs[-1], convention, _folder_tokenizer(args.folders[-1]))
-    curves = checkpoint_curves(programs, args.path, args.top, rows, args.average,
+    curves = checkpoint_curves(programs, args.path, args.top, rows, args.first_tokens,
                                labels=[str(f) for f in args.folders], chunk=args.chunk, convention=convention)
     print(curves.table())
     args.written = [curves.write_csv(args.csv), curves.plot(args.out)]
@@ -354,8 +352,8 @@ def run_diff(args: argparse.Namespace) -> int:
     vocab = int(prog_a.decoder.unembedding.shape[0])
     convention = _convention(args, tokenizer, vocab)
     diff = model_diff(prog_a, prog_b, args.path, args.top, _rows(args, prog_a, convention, tokenizer),
-                      args.average, args.rank, args.min_prob, args.chunk, names=(args.model_a, args.model_b),
-                      convention=convention)
+                      args.first_tokens, args.rank, args.min_prob, args.chunk,
+                      names=(args.model_a, args.model_b), convention=convention)
     print(diff.table(tokenizer))
     args.written = [diff.write_csv(args.csv, tokenizer), plot_diff(diff, args.out, tokenizer)]
     print(f"wrote {', '.join(map(str, args.written))}")
@@ -387,7 +385,7 @@ def run_masses(args: argparse.Namespace) -> int:
     reference = next(iter(programs.values()))
     convention = _convention(args, tokenizer, int(reference.decoder.unembedding.shape[0]))
     sources = _rows(args, reference, convention, tokenizer)
-    rows = keyword_masses(programs, ids, args.path, sources, args.average, args.controls, seed=args.seed,
+    rows = keyword_masses(programs, ids, args.path, sources, args.first_tokens, args.controls, seed=args.seed,
                           chunk=args.chunk, label=label, convention=convention)
     print(masses_table(rows))
     import csv

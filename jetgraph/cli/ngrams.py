@@ -16,6 +16,7 @@ from jetgraph.cli.options import (
     check_path_specs,
     context_tokens,
     cost_arguments,
+    first_tokens_argument,
     id_range,
     load,
     model_argument,
@@ -23,6 +24,7 @@ from jetgraph.cli.options import (
     positive,
     prefix_argument,
     read_contexts,
+    sources_argument,
     stop_at_plan,
 )
 from jetgraph.files import check_writable
@@ -35,26 +37,21 @@ def add_parser(command) -> None:
                      "pair for paths through attention) and keep the global top-N.\nThe default, h_last→U, "
                      "is the model's own next-token distribution after each token, read the way the "
                      "tokenizer builds text: after its BOS when it adds one, else averaged over the "
-                     "--average tokens the model expects most before it: the read-out that recovers known "
-                     "bigrams best (docs/readouts.md).\nThe cost is planned first: "
+                     "--first-tokens tokens the model expects most before it: the read-out that recovers "
+                     "known bigrams best (docs/readouts.md).\nThe cost is planned first: "
                      "--dry-run prints it, and a table estimated past --max-time is refused.")
     model_argument(ngrams)
     ngrams.add_argument("--paths", nargs="+", default=["h_last→U"],
                         help='paths such as "h_last→U" (the default) "E→U" "E→MLP_last→U" "E→mlp3^1→U" '
                              '"E→attn0→U"')
-    ngrams.add_argument("--average", type=non_negative, default=None, metavar="M",
-                        help="for a path from the model's stream (h_last→U): average each row's "
-                             "distribution over the M first tokens the model expects most after the "
-                             "prefix (default: 0 when the tokenizer adds a BOS, else 16)")
+    first_tokens_argument(ngrams, "for a path from the model's stream (h_last→U): mix each row's "
+                                  "distribution over")
     prefix_argument(ngrams)
     ngrams.add_argument("--top", type=positive, default=100, help="global top-N entries")
     ngrams.add_argument("--keywords",
                         help='keyword list for probability masses: "toxic", "refusal" or a file')
     sources = ngrams.add_mutually_exclusive_group()
-    sources.add_argument("--first", type=positive, default=None, metavar="N",
-                         help="only the N tokens the model itself predicts most (data-free, without the "
-                              "tokenizer's special, unused and byte tokens) as the (first) context token "
-                              "(default: every token)")
+    sources_argument(sources, "the (first) context token")
     sources.add_argument("--id-range", type=id_range, default=None, metavar="START:END",
                          help="only token ids START..END-1 as the (first) context token")
     sources.add_argument("--contexts", type=Path, default=None,
@@ -86,13 +83,13 @@ def check(args: argparse.Namespace) -> None:
 
     dims = folder_facts(args.model)
     check_path_specs(args.paths, dims)
-    if args.average is not None and not any(starts_at_model_state(spec) for spec in args.paths):
-        raise UsageError("--average applies to paths from the model's stream (h_last→U, hN→U); "
+    if args.first_tokens is not None and not any(starts_at_model_state(spec) for spec in args.paths):
+        raise UsageError("--first-tokens applies to paths from the model's stream (h_last→U, hN→U); "
                          f"these read exactly their own tokens: {' '.join(args.paths)}")
     stream_paths = any(starts_at_model_state(spec) for spec in args.paths)
-    if args.prefix is not None and args.first is None and not stream_paths:
+    if args.prefix is not None and args.sources is None and not stream_paths:
         raise UsageError("--prefix applies to read-outs of the model's stream (h_last→U, hN→U) and to "
-                         f"--first N; these paths read exactly their own tokens: {' '.join(args.paths)}")
+                         f"--sources N; these paths read exactly their own tokens: {' '.join(args.paths)}")
     args.keyword_words = load_keywords(args.keywords) if args.keywords else None
     if args.id_range is not None and "vocab" in dims and args.id_range.stop > dims["vocab"]:
         raise UsageError(f"--id-range {args.id_range.start}:{args.id_range.stop} reaches past the "
@@ -134,7 +131,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         if args.contexts is not None:
             rows = len(args.context_rows)
         else:
-            given = args.first or (len(args.id_range) if args.id_range is not None else None)
+            given = args.sources or (len(args.id_range) if args.id_range is not None else None)
             rows = (min(given, vocab) if given else vocab) * (vocab if pairs else 1)
         flops = rows * 2.0 * vocab * hidden
         rate = gemm_rate(getattr(torch, args.dtype))
@@ -144,7 +141,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
                             f"{format_count(rows)} contexts need {format_flops(flops)} for the decoder "
                             f"matmul alone, at least {format_duration(seconds)} at {rate / 1e9:.3g} "
                             f"GFLOP/s ({args.dtype}) measured here, more than --max-time "
-                            f"{args.max_time:g} s; restrict the contexts (--first N, --contexts FILE) "
+                            f"{args.max_time:g} s; restrict the contexts (--sources N, --contexts FILE) "
                             "or raise --max-time (none: no limit)")
 
 
@@ -189,10 +186,10 @@ def run(args: argparse.Namespace) -> int:
     keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
     ranks = shard.world if shard else (args.nproc or 1)
     tables = TableSet(prog, args.paths, tokenizer=tokenizer, convention=args.prefix,
-                      first=args.id_range if args.id_range is not None else args.first,
+                      sources=args.id_range if args.id_range is not None else args.sources,
                       contexts=torch.tensor(args.context_rows) if args.contexts is not None else None,
-                      first_tokens=args.average, ranks=ranks, top=args.top, keywords=keywords, normalise=True,
-                      rank=args.rank, chunk=args.chunk, last_top=args.last_top)
+                      first_tokens=args.first_tokens, ranks=ranks, top=args.top, keywords=keywords,
+                      normalise=True, rank=args.rank, chunk=args.chunk, last_top=args.last_top)
     printing = main_rank
     if args.dry_run and not main_rank:  # rank 0 prints the plan
         return 0
@@ -203,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if tables.mixture_size == 1:
             raise
         raise CostError(f"{exc} (the default read-out runs the model {tables.mixture_size} times per row: "
-                        "--average M with a smaller M, or --first N, shrinks it)") from None
+                        "--first-tokens M with a smaller M, or --sources N, shrinks it)") from None
     tables.prepare()
     if printing and any(tables.from_stream):
         print(tables.describe())

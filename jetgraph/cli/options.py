@@ -5,6 +5,7 @@ of ``--text``/``--prompts``/``--contexts``, and loading and capturing the model.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jetgraph.cli.exits import UsageError
@@ -152,6 +153,34 @@ def cost_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the cost plan (items, FLOPs, memory, time) and stop")
     parser.add_argument("--max-time", type=seconds_type, default=DEFAULT_MAX_TIME,
                         help="refuse work estimated to take longer (seconds; 'none' for no limit)")
+
+
+class RenamedFlag(argparse.Action):
+    """An option whose 0.7 spelling (its second option string) still works for one release: that
+    spelling prints a deprecation note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string is not None and option_string != self.option_strings[0]:
+            print(f"jetgraph: {option_string} is deprecated and goes in 0.9: use {self.option_strings[0]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def first_tokens_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--first-tokens M`` (0.7: ``--average``): how many tokens the model expects first a
+    read-out of its stream mixes over."""
+    parser.add_argument("--first-tokens", "--average", type=non_negative, default=None, metavar="M",
+                        action=RenamedFlag, dest="first_tokens",
+                        help=f"{what} the M first tokens the model expects most, after the prefix "
+                             "(default: 0 when the tokenizer adds a BOS, else 16)")
+
+
+def sources_argument(group, what: str) -> None:
+    """``--sources N`` (0.7: ``--first``): the N tokens the model predicts most as rows."""
+    group.add_argument("--sources", "--first", type=positive, default=None, metavar="N", action=RenamedFlag,
+                       dest="sources",
+                       help="only the N tokens the model itself predicts most (data-free, without the "
+                            f"tokenizer's special, unused and byte tokens) as {what} (default: every token)")
 
 
 def prefix_argument(parser: argparse.ArgumentParser) -> None:

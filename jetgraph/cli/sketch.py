@@ -11,6 +11,7 @@ from jetgraph.cli.exits import UsageError, in_flags
 from jetgraph.cli.options import (
     capture_program,
     cost_arguments,
+    first_tokens_argument,
     load,
     model_argument,
     non_negative,
@@ -25,7 +26,7 @@ def add_parser(command) -> None:
     """Register the command with the CLI's ``command(name, help, description)``."""
     sketch = command("sketch", "a jet n-gram language model read from the model, scored by perplexity",
                      "Read a bigram table (the default read-out: the model after each token, read after "
-                     "the tokenizer's BOS or averaged over --average first tokens; each row's top "
+                     "the tokenizer's BOS or averaged over --first-tokens first tokens; each row's top "
                      "--bigram-top tokens, the rest backing off to the unigram), a trigram table "
                      "(the model on every token pair, each row's top tokens) when affordable, and a unigram "
                      "(the bigram read-out's rows averaged) from the model; interpolate them "
@@ -41,9 +42,7 @@ def add_parser(command) -> None:
     sketch.add_argument("--length", type=positive, default=None,
                         help="tokens per sampled text, and per scored window of --text (default: 256, or "
                              "the model's context if shorter)")
-    sketch.add_argument("--average", type=non_negative, default=None, metavar="M",
-                        help="first tokens the bigram read-out is averaged over, after the prefix "
-                             "(default: 0 when the tokenizer adds a BOS, else 16)")
+    first_tokens_argument(sketch, "mix the bigram read-out's rows over")
     prefix_argument(sketch)
     sketch.add_argument("--trigram", choices=("auto", "on", "off"), default="auto",
                         help="read the trigram table: auto when it fits --max-time and 2 GB, on (refuse "
@@ -79,7 +78,8 @@ class PlanShown(Exception):
 
 
 FLAGS = {'trigram="auto"': "--trigram auto", 'trigram="off"': "--trigram off", "max_seconds": "--max-time",
-         "bigram_top": "--bigram-top", "first_tokens": "--average", "fewer samples": "fewer --samples"}
+         "bigram_top": "--bigram-top", "first_tokens": "--first-tokens",
+         "fewer samples": "fewer --samples"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report = sketch_model(model, tokenizer, prog, text=args.text_content, samples=args.samples,
-                              length=args.length, first_tokens=args.average,
+                              length=args.length, first_tokens=args.first_tokens,
                               trigram=args.trigram, top=args.trigram_top, max_seconds=args.max_time,
                               seed=args.seed, out=args.out, on_plan=show, bigram_top=args.bigram_top,
                               convention=args.prefix)

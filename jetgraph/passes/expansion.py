@@ -23,6 +23,7 @@ from jetgraph.files import atomic_write
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.evaluate import RunInputs, evaluate_nodes
 from jetgraph.passes.metrics import summary_agreement
+from jetgraph.passes.pathspec import format_path
 from jetgraph.passes.terms import Space, Term, topological
 
 
@@ -140,7 +141,7 @@ class Expansion:
         if path.suffix not in (".csv", ".json"):
             raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
         norms = {t.uid: n for t, n in self.rank(input_ids)} if input_ids is not None else {}
-        rows = [{"name": t.name, "kind": t.kind, "path": "→".join(t.steps),
+        rows = [{"name": t.name, "kind": t.kind, "path": format_path(t.steps),
                  "unit": t.unit.name if t.unit is not None else "", "degree": t.degree, "order": t.order,
                  "space": t.space, "center": t.center.name if t.center is not None else "",
                  "weight": _describe(t.weight), "norm": norms.get(t.uid, "")} for t in self.terms]

@@ -32,6 +32,7 @@ from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.ngrams.readout import DEFAULT_FIRST_TOKENS, bigram_readout
 from jetgraph.ir import ResidualProgram
 from jetgraph.passes.paths import expand_paths
+from jetgraph.passes.pathspec import format_path, format_step, parse_path
 
 ONE_TOKEN = "h_last→U"
 SUM = "sum of attention-free paths"
@@ -55,16 +56,16 @@ def attention_free_paths(prog: ResidualProgram) -> list[str]:
     the decoder (2^M paths for M MLP units)."""
     mlps = [u.name for u in prog.at("sublayer").units if u.kind == "mlp"]
     subsets = itertools.chain.from_iterable(itertools.combinations(mlps, r) for r in range(len(mlps) + 1))
-    return ["→".join(("E", *subset, "U")) for subset in subsets]
+    return [format_path(["E", *subset, "U"]) for subset in subsets]
 
 
 def order1_paths(prog: ResidualProgram) -> list[str]:
     """The attention-free paths with exactly one step (a unit or the decoder) at order 1."""
     out = []
     for path in attention_free_paths(prog):
-        steps = path.split("→")
-        for i in range(1, len(steps)):
-            out.append("→".join(s + "^1" if j == i else s for j, s in enumerate(steps)))
+        steps = [*parse_path(path).units, "U"]
+        for i in range(len(steps)):  # each unit, then the decoder, at order 1
+            out.append(format_path(["E", *(format_step(s, int(j == i)) for j, s in enumerate(steps))]))
     return out
 
 

@@ -6,6 +6,8 @@ compositions. A path through one attention unit, evaluated on token pairs, is a 
 trigram table. Paths are written in the path language (:mod:`jetgraph.passes.pathspec`).
 
 - :mod:`.contexts`: the rows of a table (every token, every pair, or given), made lazily;
+- :mod:`.query`: what a table asks (:class:`NgramQuery`) and how it runs (:class:`RunOptions`);
+- :mod:`.reader`: one path's rows on any contexts, compiled once (:class:`PathReader`);
 - :mod:`.sweep`: the streamed sweep (chunks through the batched evaluator, global top-k, resume);
 - :mod:`.evaluator`: last-position logits of a path, sharing per-token prefixes;
 - :mod:`.state`: the reductions per chunk, their exact merge and checkpoints;
@@ -27,6 +29,9 @@ from jetgraph.applications.ngrams.compare import compare_to_reference, diff_tabl
 from jetgraph.applications.ngrams.contexts import Contexts, all_contexts
 from jetgraph.applications.ngrams.convention import InputConvention, input_convention
 from jetgraph.applications.ngrams.keywords import keyword_ids, load_keywords
+from jetgraph.applications.ngrams.mixture import FirstTokens
+from jetgraph.applications.ngrams.query import NgramQuery, RunOptions
+from jetgraph.applications.ngrams.reader import PathReader
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT, bigram_readout, expected_first_tokens
 from jetgraph.applications.ngrams.shard import Shard, ShardError, current_shard
 from jetgraph.applications.ngrams.sources import common_tokens
@@ -37,8 +42,12 @@ from jetgraph.applications.ngrams.tables import TableSet
 __all__ = [
            "DEFAULT_READOUT",
            "Contexts",
+           "FirstTokens",
            "InputConvention",
+           "NgramQuery",
            "NgramTable",
+           "PathReader",
+           "RunOptions",
            "Shard",
            "ShardError",
            "TableSet",

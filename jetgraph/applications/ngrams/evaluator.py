@@ -26,6 +26,7 @@ shortcut (the plain schedule).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -41,6 +42,19 @@ PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-
 (batch composition changes the rounding of a matmul, never more)."""
 
 TOKEN_BLOCK = 4096  # distinct tokens per call when the shared prefix is computed
+_TOLD: set[tuple[str, str, str]] = set()
+
+
+class ShortcutFallback(RuntimeWarning):
+    """A path evaluator dropped a shortcut (same numbers, slower): warned once per path and reason."""
+
+
+def fell_back(path: str, what: str, reason: str) -> None:
+    """Warn once per path, shortcut and reason that ``what`` was dropped, and why."""
+    if (path, what, reason) not in _TOLD:
+        _TOLD.add((path, what, reason))
+        warnings.warn(f"{path}: {what} ({reason}); the results are the same, computed more slowly",
+                      ShortcutFallback, stacklevel=3)
 
 
 def path_schedule(view: ResidualProgram, term: Term) -> Schedule:
@@ -56,14 +70,17 @@ def evaluate_path(schedule: Schedule, ids: torch.Tensor) -> torch.Tensor:
 
 class PathEvaluator:
     """``evaluator(ids)``: [rows, vocab] last-position logits of one path term on ``ids``
-    [rows, length], equal to :func:`evaluate_path` up to matmul rounding."""
+    [rows, length], equal to :func:`evaluate_path` up to matmul rounding. ``tokens``: every
+    token the contexts hold (for the per-token prefix); None when they are not known in
+    advance (no ``"shared"`` steps)."""
 
     split_positions = True
     """Whether position-mixing units may run split by position (a switch for comparisons)."""
 
-    def __init__(self, view: ResidualProgram, term: Term, length: int, tokens: torch.Tensor,
+    def __init__(self, view: ResidualProgram, term: Term, length: int, tokens: torch.Tensor | None,
                  vocab: int) -> None:
         self.view, self.length, self.vocab = view, length, vocab
+        self.name = term.name
         self.schedule = path_schedule(view, term)
         self.device = view.decoder.unembedding.device
         self.tokens = tokens
@@ -96,7 +113,7 @@ class PathEvaluator:
         steps = self.schedule.steps
         if not shortcuts or self.length < 2:
             return ["full"] * len(steps)
-        shared = _per_token_prefix(steps)
+        shared = _per_token_prefix(steps) if self.tokens is not None else 0
         readers: list[list[int]] = [[] for _ in steps]
         for index, step in enumerate(steps):
             for term in [*step.centers, *(d for ds in step.directions for d in ds)]:
@@ -118,8 +135,9 @@ class PathEvaluator:
                 try:
                     self._splitters[index] = LastPosition(step.unit.graph_module)
                     modes[index] = "split"
-                except PositionSplitError:
-                    pass
+                except PositionSplitError as error:
+                    fell_back(self.name, f"{step.unit.name} runs on every position, not split by position",
+                              str(error))
         return modes
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,8 @@ class PathEvaluator:
             values = (splitter if replay else splitter.interpret)(
                 centers.reshape(count * batch, seq, width), [side[name] for name in step.unit.side_inputs],
                 groups[count])
-        except PositionSplitError:
+        except PositionSplitError as error:
+            fell_back(self.name, f"{step.unit.name} ran on every position, not split by position", str(error))
             return run.compute(step)[:, :, -1:, :]
         return term_rows(step.terms, values.reshape(count, batch, 1, -1), count, step.center_of)
 
@@ -231,6 +250,7 @@ class PathEvaluator:
             per_token = counter.get_total_flops()
         return per_context * rows + per_group * groups + per_token * len(self.tokens)
 
+    @torch.no_grad()
     def verify(self, probe: torch.Tensor) -> None:
         """The shortcuts against the plain schedule on ``probe`` contexts and on the same
         contexts with their last tokens rotated (so that groups share earlier tokens); on a
@@ -245,14 +265,19 @@ class PathEvaluator:
         expected = evaluate_path(self.schedule, probe)
         dtype = self.view.decoder.unembedding.dtype
         tolerance = PROBE_TOLERANCE.get(dtype, 3e-2) * expected.abs().max().clamp_min(1e-6)
-        for fallback in ({"split": False}, {"shortcuts": False}):
+        for fallback, what in (({"split": False}, "attention is not split by position"),
+                               ({"shortcuts": False}, "every step runs on every position")):
             try:
                 fast = self(probe)
-                same = fast.shape == expected.shape and bool(((fast - expected).abs() <= tolerance).all())
-            except (RuntimeError, ValueError, IndexError):  # e.g. a decoder that cannot read one position
-                same = False
+                worst = float((fast - expected).abs().max()) if fast.shape == expected.shape else float("inf")
+                reason = f"the shortcuts differ from the plain schedule by {worst:.3g} on a probe"
+                same = worst <= float(tolerance)
+            except (RuntimeError, ValueError, IndexError) as error:  # e.g. a decoder reading one position
+                same, reason = False, f"the shortcuts fail on a probe: {type(error).__name__}: {error}"
             if same:
                 return
+            if "split" in self.modes or "shortcuts" in fallback:
+                fell_back(self.name, what, reason)
             self.modes = self._choose_modes(**fallback)
             if not self.shared_steps:
                 self._shared = None

@@ -1,5 +1,7 @@
 """A path's next-token distribution read after token sequences put before each context.
 
+:class:`FirstTokens` is that weighted set of token sequences (the *first tokens* of each row:
+a BOS alone, BOS and each token the model expects first, or those tokens alone).
 ``MixtureEvaluator`` evaluates a path on ``s ⊕ context`` for every prefix ``s`` of a small
 weighted set (all of one length) and returns log Σ_s w_s softmax(path(s ⊕ context)): a proper
 log-distribution, so the sweep's top-k, normalisers and keyword masses apply to it unchanged.
@@ -9,9 +11,94 @@ One prefix of weight 1 is the plain read after a BOS. The default bigram read-ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 from jetgraph.applications.ngrams.evaluator import PathEvaluator
+
+
+@dataclass(frozen=True)
+class FirstTokens:
+    """The token sequences read before each context of a path from the model's stream, and their
+    weights: each row's next-token distribution is ``Σ_i weights[i] · p(· | ids[i] ⊕ row)``.
+
+    ``ids``: one or more token sequences of one length >= 1 (a bare int is a one-token
+    sequence); ``weights``: one per sequence, non-negative, summing to 1 (default: uniform).
+    :meth:`expected` builds the default read-out's: the tokenizer's BOS, or the tokens the model
+    expects first when there is none."""
+
+    ids: tuple[tuple[int, ...], ...]
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            ids = tuple((int(s),) if isinstance(s, int) else tuple(int(t) for t in s) for s in self.ids)
+        except TypeError:
+            raise TypeError(f"FirstTokens ids are token sequences (or bare ids), got {self.ids!r}") from None
+        if not ids or len({len(s) for s in ids}) != 1 or not ids[0]:
+            raise ValueError("FirstTokens needs at least one token sequence, all of one length >= 1")
+        if min(min(s) for s in ids) < 0:
+            raise ValueError(f"FirstTokens ids must be token ids >= 0, got {[list(s) for s in ids]}")
+        weights = tuple(float(w) for w in self.weights) if self.weights else (1.0 / len(ids),) * len(ids)
+        if len(weights) != len(ids):
+            raise ValueError(f"FirstTokens needs one weight per sequence: {len(ids)} sequences, "
+                             f"{len(weights)} weights")
+        if min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
+            raise ValueError(f"FirstTokens weights must be non-negative and sum to 1, got sum {sum(weights)}")
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "weights", weights)
+
+    @classmethod
+    def of(cls, ids: Sequence[Sequence[int] | int], weights: Sequence[float] | None = None) -> FirstTokens:
+        """From any sequences (lists, tuples, a [n, length] tensor) and optional weights."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.view(len(ids), -1).tolist()
+        return cls(tuple(ids), tuple(weights) if weights is not None else ())  # type: ignore[arg-type]
+
+    @classmethod
+    def expected(cls, prog, count: int | None = None, *, convention=None, tokenizer: object = None,
+                 chunk: int = 1024) -> FirstTokens | None:
+        """What the default read-out reads before each row (:mod:`.readout`): the convention's
+        prefix (the tokenizer's BOS) then each of the ``count`` tokens the model expects first
+        (default: 0 with a BOS, 16 without), the prefix alone, or None (each row alone)."""
+        from jetgraph.applications.ngrams.convention import input_convention
+        from jetgraph.applications.ngrams.readout import readout_prefixes
+
+        vocab = int(prog.decoder.unembedding.shape[0])
+        return readout_prefixes(prog, input_convention(convention, tokenizer, vocab), count, chunk)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def length(self) -> int:
+        """Tokens per sequence (what each row is lengthened by)."""
+        return len(self.ids[0])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences as long [n, length] and the weights as float64 [n]."""
+        return torch.tensor(self.ids, dtype=torch.long), torch.tensor(self.weights, dtype=torch.double)
+
+    def check_vocabulary(self, vocab: int) -> FirstTokens:
+        if max(max(s) for s in self.ids) >= vocab:
+            raise ValueError(f"first_tokens' token ids must lie in [0, {vocab})")
+        return self
+
+    def as_lists(self) -> tuple[list[list[int]], list[float]]:
+        """``(sequences, weights)`` as plain lists (tables' metadata, JSON)."""
+        return [list(s) for s in self.ids], list(self.weights)
+
+    def describe(self, tokenizer: object = None) -> str:
+        """What each row is read after, in words (tables, file headers, CLI)."""
+        def show(sequence: Sequence[int]) -> str:
+            return repr(tokenizer.decode(list(sequence))) if tokenizer is not None else str(list(sequence))
+
+        if len(self.ids) == 1:
+            return f"each token read after {show(self.ids[0])}"
+        shown = ", ".join(f"{show(s)} {w:.2f}" for s, w in zip(self.ids, self.weights, strict=True))
+        return f"each row averaged over the {len(self.ids)} first tokens the model expects most: {shown}"
 
 
 class MixtureEvaluator:

@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import torch
 
 from jetgraph.applications.ngrams.convention import InputConvention, input_convention
+from jetgraph.applications.ngrams.mixture import FirstTokens
 
 DEFAULT_READOUT = "h_last→U"
 DEFAULT_FIRST_TOKENS = 16  # the mixture's size when the convention puts nothing before a context
 SAMPLE_TOKENS = 4096  # contexts the model's mean prediction is averaged over (evenly spaced ids)
 
-Prefixes = tuple[list[tuple[int, ...]], list[float]]  # token sequences put before a context, weights
 _MEAN_PREDICTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -122,39 +122,31 @@ def expected_first_tokens(prog, count: int, convention: InputConvention | Sequen
 
 
 def readout_prefixes(prog, convention: InputConvention, count: int | None = None,
-                     chunk: int = 1024) -> Prefixes | None:
+                     chunk: int = 1024) -> FirstTokens | None:
     """What the read-out puts before each context, with weights: the convention's prefix then each
     expected first token (a mixture), the prefix alone, or None (the context alone)."""
     count = first_token_count(convention, count)
     if count:
         first, weights = expected_first_tokens(prog, count, convention, chunk)
-        return [(*convention.prefix, a) for a in first], weights
-    return ([convention.prefix], [1.0]) if convention.prefix else None
+        return FirstTokens(tuple((*convention.prefix, a) for a in first), tuple(weights))
+    return FirstTokens((convention.prefix,)) if convention.prefix else None
 
 
 def placeholder_prefixes(vocab: int, convention: InputConvention,
-                         count: int | None = None) -> Prefixes | None:
-    """Prefixes of the right number and length, for planning: a mixture's cost does not depend on
-    which tokens it mixes, so a plan needs no pass over the vocabulary first."""
+                         count: int | None = None) -> FirstTokens | None:
+    """First tokens of the right number and length, for planning: a mixture's cost does not
+    depend on which tokens it mixes, so a plan needs no pass over the vocabulary first."""
     count = min(first_token_count(convention, count), vocab)
     if count:
-        return [(*convention.prefix, a) for a in range(count)], [1.0 / count] * count
-    return ([convention.prefix], [1.0]) if convention.prefix else None
+        return FirstTokens(tuple((*convention.prefix, a) for a in range(count)))
+    return FirstTokens((convention.prefix,)) if convention.prefix else None
 
 
-def describe_prefixes(prefixes: Prefixes | None, tokenizer: object = None) -> str:
+def describe_prefixes(first_tokens: FirstTokens | None, tokenizer: object = None) -> str:
     """What each row was read after, in words (tables, file headers, CLI)."""
-    if prefixes is None:
+    if first_tokens is None:
         return "each token alone at position 0"
-    sequences, weights = prefixes
-
-    def show(sequence: Sequence[int]) -> str:
-        return repr(tokenizer.decode(list(sequence))) if tokenizer is not None else str(list(sequence))
-
-    if len(sequences) == 1:
-        return f"each token read after {show(sequences[0])}"
-    shown = ", ".join(f"{show(s)} {w:.2f}" for s, w in zip(sequences, weights, strict=True))
-    return f"each row averaged over the {len(sequences)} first tokens the model expects most: {shown}"
+    return first_tokens.describe(tokenizer)
 
 
 @torch.no_grad()
@@ -175,54 +167,46 @@ class RowReader:
     rows (``"E→U"``, ``"E→attn0→U"`` on token pairs), or a read-out of the model's stream
     (the default) read after the input convention's prefix and mixed over ``count`` expected
     first tokens (fixed once per model, so every batch is read with the same mixture).
-    ``reader(contexts)`` with contexts [n, length] gives float64 [n, V]."""
+    ``reader(contexts)`` with contexts [n, length] gives float64 [n, V]: the default read-out's
+    :class:`~jetgraph.applications.ngrams.reader.PathReader` with its first tokens found."""
 
     def __init__(self, prog, path: str = DEFAULT_READOUT, count: int | None = None, *,
                  convention: InputConvention | Sequence[int] | None = None, tokenizer: object = None,
                  chunk: int = 1024) -> None:
-        from jetgraph.passes.paths import context_length, path_term, reads_whole_context
+        from jetgraph.applications.ngrams.reader import path_reader
 
         self.prog, self.path = prog, path
-        term = path_term(prog, path)
         self.vocab = _vocab(prog)
-        self.length = context_length(term)
         self.chunk = _rows_per_call(chunk, self.vocab)
         self.convention: InputConvention | None = None
-        self.prefixes: Prefixes | None = None
+        first_tokens = None
         self.first: list[int] = []  # the expected first tokens mixed over (empty: no mixture)
-        if reads_whole_context(term):
+        if path_reader(prog, path).whole_context:
             self.convention = input_convention(convention, tokenizer, self.vocab)
-            self.prefixes = readout_prefixes(prog, self.convention, count, chunk)
+            first_tokens = readout_prefixes(prog, self.convention, count, chunk)
             if first_token_count(self.convention, count):
-                self.first = [sequence[-1] for sequence in self.prefixes[0]]  # type: ignore[index]
+                self.first = [sequence[-1] for sequence in first_tokens.ids]  # type: ignore[union-attr]
+        self.reader = path_reader(prog, path, first_tokens)
+        self.length = self.reader.length or 1
+
+    @property
+    def first_tokens(self) -> FirstTokens | None:
+        """What each row is read after (None: each row alone)."""
+        return self.reader.first_tokens
 
     @torch.no_grad()
     def __call__(self, contexts: torch.Tensor) -> torch.Tensor:
-        from jetgraph.applications.ngrams.sweep import full_table
-
         contexts = torch.as_tensor(contexts, dtype=torch.long)
         contexts = contexts.view(-1, 1) if contexts.dim() == 1 else contexts
-
-        def read(rows: torch.Tensor) -> torch.Tensor:
-            return full_table(self.prog, self.path, contexts=rows, chunk=self.chunk).double()
-
-        if self.prefixes is None:
-            return read(contexts).log_softmax(-1)
-        sequences, weights = self.prefixes
-        if len(sequences) == 1:
-            head = torch.tensor(sequences[0], dtype=torch.long).expand(len(contexts), -1)
-            return read(torch.cat([head, contexts], 1)).log_softmax(-1)
-        total = torch.zeros(len(contexts), self.vocab, dtype=torch.double)
-        for sequence, w in zip(sequences, weights, strict=True):
-            head = torch.tensor(sequence, dtype=torch.long).expand(len(contexts), -1)
-            total += w * read(torch.cat([head, contexts], 1)).softmax(-1)
-        return total.log()
+        return torch.cat([self.reader.log_probs(contexts[i:i + self.chunk])
+                          for i in range(0, len(contexts), self.chunk)]) if len(contexts) else \
+            torch.empty(0, self.vocab, dtype=torch.double)
 
     def describe(self, tokenizer: object = None) -> str:
         """The read-out in words, for tables and file headers."""
         if self.convention is None:
             return self.path
-        return f"{self.path}, {describe_prefixes(self.prefixes, tokenizer)}"
+        return f"{self.path}, {describe_prefixes(self.first_tokens, tokenizer)}"
 
 
 def _vocab(prog) -> int:

@@ -6,12 +6,8 @@ out over the ranks of torch.distributed when the run has several (:mod:`.shard`)
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,148 +15,53 @@ from tqdm.auto import tqdm
 
 from jetgraph.applications.ngrams.contexts import Contexts
 from jetgraph.applications.ngrams.evaluator import PathEvaluator, evaluate_path, path_schedule
-from jetgraph.applications.ngrams.mixture import MIXTURE_BYTES_PER_ENTRY, MixtureEvaluator
-from jetgraph.applications.ngrams.shard import (
-    DEFAULT_STALL_SECONDS,
-    Shard,
-    ShardError,
-    chunk_share,
-    current_shard,
-)
+from jetgraph.applications.ngrams.mixture import MIXTURE_BYTES_PER_ENTRY, FirstTokens, MixtureEvaluator
+from jetgraph.applications.ngrams.query import NgramQuery, RunOptions, TableJob, split_options
+from jetgraph.applications.ngrams.reader import PathReader, path_reader
+from jetgraph.applications.ngrams.shard import Shard, ShardError, chunk_share, current_shard
 from jetgraph.applications.ngrams.state import (
-    CHECKPOINT_FORMAT,
     LastTokenTop,
     RowPool,
     TableState,
     TopEntries,
 )
-from jetgraph.applications.ngrams.table import NgramTable, Rank
-from jetgraph.cost import DEFAULT_MAX_SECONDS, Plan, estimate_seconds, gemm_rate
+from jetgraph.applications.ngrams.table import NgramTable
+from jetgraph.cost import Plan, estimate_seconds, gemm_rate
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.paths import context_length, path_term, reads_whole_context, view_of_term
+from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
-__all__ = ["evaluate_path", "full_table", "ngram_plan", "ngram_table", "path_schedule"]
-
-DEFAULT_CHECKPOINT_SECONDS = 60.0
-Average = tuple[Sequence[Sequence[int] | int], Sequence[float]]  # prefixes (or first tokens), weights
-PROBE_ROWS = 8
+__all__ = ["NgramQuery", "RunOptions", "evaluate_path", "full_table", "ngram_plan", "ngram_table",
+           "path_schedule"]
 
 
-@dataclass
-class _Job:
-    """One table's parsed arguments: the path, its contexts and reductions."""
 
-    term: Term
-    view: ResidualProgram
-    vocab: int
-    contexts: Contexts
-    keywords: list[int] | None
-    normalise: bool
-    top: int
-    row_top: int
-    last_top: int
-    rank: Rank
-    chunk: int
-    average: tuple[torch.Tensor, torch.Tensor] | None = None  # [prefixes, length] ids and their weights
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(len(self.contexts) / self.chunk)
-
-    def chunk_rows(self, index: int) -> tuple[int, int]:
-        return index * self.chunk, min((index + 1) * self.chunk, len(self.contexts))
-
-    def evaluator(self) -> PathEvaluator | MixtureEvaluator:
-        rows = self.contexts
-        if rows.explicit is not None:
-            tokens = torch.unique(rows.explicit)
-        else:
-            parts = [rows.first] + ([rows.second] if rows.second is not None else [])
-            tokens = torch.unique(torch.cat(parts))
-        if self.average is None:
-            return PathEvaluator(self.view, self.term, rows.length, tokens, self.vocab)
-        first, weights = self.average
-        tokens = torch.unique(torch.cat([tokens, first.flatten()]))
-        inner = PathEvaluator(self.view, self.term, rows.length + first.shape[1], tokens, self.vocab)
-        return MixtureEvaluator(inner, first, weights)
-
-    def probe(self) -> torch.Tensor:
-        """A few of the table's own contexts, spread over it."""
-        count = len(self.contexts)
-        picks = sorted({int(i) for i in torch.linspace(0, max(count - 1, 0), min(PROBE_ROWS, count))})
-        return torch.cat([self.contexts.rows(i, i + 1) for i in picks]) if picks else self.contexts.rows(0, 0)
-
-    def key(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(json.dumps([CHECKPOINT_FORMAT, self.term.name, self.top, self.row_top, self.last_top,
-                                  self.normalise, self.keywords, self.chunk, self.rank,
-                                  self.contexts.length]).encode())
-        if self.average is not None:
-            digest.update(self.average[0].numpy().tobytes() + self.average[1].double().numpy().tobytes())
-        self.contexts.fingerprint(digest)
-        return digest.hexdigest()
+def _query_and_run(prog_or_none, query, run, legacy: dict[str, object], caller: str
+                   ) -> tuple[NgramQuery, RunOptions]:
+    """``(query, run)`` as given, or built from 0.7-style keywords (the path, then options)."""
+    if isinstance(query, NgramQuery):
+        if legacy:
+            raise TypeError(f"{caller}() got keyword option(s) {sorted(legacy)} beside an NgramQuery: put "
+                            "them in the query (query.replace(...)) or in RunOptions")
+        return query, run if run is not None else RunOptions()
+    if run is not None and not isinstance(run, RunOptions):
+        raise TypeError(f"{caller}()'s third argument is a RunOptions, got {type(run).__name__}")
+    built, built_run = split_options(query, legacy, caller)
+    return built, run if run is not None else built_run
 
 
-def _job(prog: ResidualProgram, path: str | Term, order: int | None, contexts, first, top: int,
-         row_top: int, last_top: int, keywords, normalise: bool, rank: Rank, chunk: int,
-         average: Average | None = None) -> _Job:
-    """Validate every argument before any work (cheap: no tensors of table size)."""
-    if not isinstance(top, int) or not isinstance(chunk, int) or top < 1 or chunk < 1:
-        raise ValueError(f"top and chunk must be ints >= 1, got top={top!r}, chunk={chunk!r}")
-    for name, value in (("row_top", row_top), ("last_top", last_top)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if rank not in ("logit", "prob"):
-        raise ValueError(f"rank must be 'logit' or 'prob', got {rank!r}")
-    term = path_term(prog, path, order)
-    view = view_of_term(prog, term)
-    if view.decoder.unembedding is None:
-        raise ValueError("the decoder has no affine readout: cannot size the vocabulary")
-    vocab = int(view.decoder.unembedding.shape[0])
-    length = context_length(term)
-    if contexts is not None and first is not None:
-        raise ValueError("give contexts or first, not both")
-    any_length = reads_whole_context(term)
-    rows = (Contexts.grid(vocab, length, first) if contexts is None
-            else Contexts.of(contexts, length, vocab, any_length))
-    if keywords is not None:
-        keywords = sorted({int(k) for k in keywords})
-        if not keywords:
-            raise ValueError("the keyword list is empty: give at least one token id")
-        if keywords[0] < 0 or keywords[-1] >= vocab:
-            raise ValueError(f"keyword token ids must lie in [0, {vocab})")
-        normalise = True
-    normalise = normalise or rank == "prob"
-    mixture = None
-    if average is not None:
-        if not reads_whole_context(term):
-            raise ValueError("average mixes contexts of a path from the model's stream (h_last→U); "
-                             f"{term.name} reads exactly its own tokens")
-        sequences = [[p] if isinstance(p, int) else list(p) for p in average[0]]
-        if not sequences or len({len(s) for s in sequences}) != 1 or not sequences[0]:
-            raise ValueError("average's prefixes must be token sequences of one length >= 1, at least one")
-        first_ids = torch.as_tensor(sequences, dtype=torch.long)
-        if first_ids.min() < 0 or first_ids.max() >= vocab:
-            raise ValueError(f"average's token ids must lie in [0, {vocab})")
-        mixture = (first_ids, torch.as_tensor(list(average[1]), dtype=torch.double))
-    return _Job(term, view, vocab, rows, keywords, normalise, top, row_top, last_top, rank, chunk, mixture)
-
-
-def ngram_plan(prog: ResidualProgram, path: str | Term, *, order: int | None = None,
-               contexts: torch.Tensor | Contexts | None = None, first: Sequence[int] | None = None,
-               top: int = 100, row_top: int = 0, last_top: int = 0, keywords: Sequence[int] | None = None,
-               normalise: bool = False, rank: Rank = "logit", chunk: int = 1024, ranks: int = 1,
-               average: Average | None = None) -> Plan:
-    """What :func:`ngram_table` with these arguments will cost (contexts, FLOPs, peak memory above
-    the model, time here), from one evaluated context: nothing of table size is allocated.
-    ``ranks``: the time is one rank's share when the table is split over that many processes."""
-    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk,
-               average)
+def ngram_plan(prog: ResidualProgram, query: NgramQuery | str | PathSpec | Term,
+               run: RunOptions | None = None, *, ranks: int = 1, **options: object) -> Plan:
+    """What :func:`ngram_table` of ``query`` run with ``run`` will cost (contexts, FLOPs, peak
+    memory above the model, time here), from one evaluated context: nothing of table size is
+    allocated. ``ranks``: the time is one rank's share when the table is split over that many
+    processes. (0.7 form, still accepted: ``ngram_plan(prog, path, top=…, chunk=…)``.)"""
+    query, run = _query_and_run(prog, query, run, options, "ngram_plan")
+    job = query.bind(prog, run.chunk)
     return _plan(job, job.evaluator(), ranks)
 
 
-def _groups(job: _Job, rows: int) -> int:
+def _groups(job: TableJob, rows: int) -> int:
     """How many runs of contexts with the same earlier tokens ``rows`` of the table's contexts
     form, chunk by chunk (what a split position-mixing unit computes its earlier positions for)."""
     contexts, chunks = job.contexts, math.ceil(rows / job.chunk)
@@ -173,7 +74,7 @@ def _groups(job: _Job, rows: int) -> int:
     return min(rows, math.ceil(rows / len(contexts.second)) + chunks)
 
 
-def _plan(job: _Job, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
+def _plan(job: TableJob, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
     rows, vocab = len(job.contexts), job.vocab
     mine = math.ceil(rows / max(ranks, 1))
     flops = evaluator.flops(mine, _groups(job, mine))
@@ -195,65 +96,33 @@ def _plan(job: _Job, evaluator: PathEvaluator, ranks: int = 1) -> Plan:
 
 
 @torch.no_grad()
-def ngram_table(
-    prog: ResidualProgram,
-    path: str | Term,
-    *,
-    order: int | None = None,
-    contexts: torch.Tensor | Contexts | None = None,
-    first: Sequence[int] | None = None,
-    top: int = 100,
-    row_top: int = 0,
-    last_top: int = 0,
-    keywords: Sequence[int] | None = None,
-    normalise: bool = False,
-    rank: Rank = "logit",
-    chunk: int = 1024,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    max_seconds: float | None = DEFAULT_MAX_SECONDS,
-    shard: Shard | str | None = "auto",
-    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
-    stall_seconds: float = DEFAULT_STALL_SECONDS,
-    average: Average | None = None,
-) -> NgramTable:
-    """Evaluate one path (unit weights: its own logits) on every context — every token, or every
-    token pair for paths through attention, the first token restricted to ``first`` if given,
-    or the rows of ``contexts`` — in chunks, keeping the global top-``top``.
+def ngram_table(prog: ResidualProgram, query: NgramQuery | str | PathSpec | Term,
+                run: RunOptions | None = None, **options: object) -> NgramTable:
+    """Evaluate one path (unit weights: its own logits) on every row of ``query``
+    (:class:`NgramQuery`: every token, or every token pair for paths through attention, the
+    first token restricted to ``sources``, or given ``contexts``) in chunks, keeping its global
+    top entries and the per-row results it asks for. A path from the model's stream read after
+    ``first_tokens`` gives each row the log of the probability mixture over them (the default
+    read-out, :mod:`.readout`).
 
-    ``row_top``: also keep each row's top tokens. ``last_top``: for each last context token
-    (z2 of a pair), keep the ``last_top`` best (context → next) entries of the rows ending in
-    it. ``keywords``: token ids whose probability mass each row puts on them is recorded
-    (implies ``normalise``). ``normalise``: keep each row's normaliser, so probabilities can be
-    reported. ``rank``: order the top entries by ``"logit"`` (the paper's tables; one pass less)
-    or by conditional probability ``"prob"`` (implies ``normalise``).
-
-    ``average``: (prefixes, weights) for a path from the model's stream: each prefix is a token
-    sequence (all of one length; a bare int is a one-token prefix), each row's next-token
-    distribution is the weighted mean over ``s ⊕ context`` of the prefixes s, and its logits are
-    that mixture's log-probabilities (the default read-out, :mod:`.readout`: a BOS alone, or
-    BOS and the expected first tokens, or the first tokens alone).
-
-    ``resume``: a checkpoint file, written at most every ``checkpoint_seconds``, when the run
-    stops (an error or Ctrl-C) and at the end; a run with the same arguments continues from it.
-    ``shard``: ``"auto"`` splits the table over the ranks of torch.distributed when this process
-    runs under ``torchrun`` (see :mod:`.shard`; rank r > 0 checkpoints to ``NAME.rank{r}.pt``
-    beside ``resume``, and a run resumes with any world size); a :class:`Shard`; or None for
-    one process. Every rank returns the same global and per-last-token top entries; the per-row
-    results are gathered on rank 0 only. A rank that fails stops the others with
-    :class:`ShardError` within ``stall_seconds`` at most.
+    ``run`` (:class:`RunOptions`): chunking, checkpoints (a run of the same query with the same
+    ``resume`` continues), progress, the time limit and sharding. Under ``torchrun`` the table
+    is split over the ranks of torch.distributed (:mod:`.shard`; rank r > 0 checkpoints to
+    ``NAME.rank{r}.pt`` beside ``resume``, and a run resumes with any world size). Every rank
+    returns the same global and per-last-token top entries; the per-row results are gathered
+    on rank 0 only. A rank that fails stops the others with :class:`ShardError` within
+    ``stall_seconds`` at most.
 
     The cost is planned first (:func:`ngram_plan`): a table estimated to take longer than
-    ``max_seconds`` (None: no limit) or more memory than is available is refused before any work.
+    ``max_seconds`` or more memory than is available is refused before any work.
+    (0.7 form, still accepted: ``ngram_table(prog, path, top=…, sources=…, chunk=…)``; an
+    unknown keyword is refused by name.)
     """
-    job = _job(prog, path, order, contexts, first, top, row_top, last_top, keywords, normalise, rank, chunk,
-               average)
-    if shard == "auto":
-        shard = current_shard(stall_seconds)
-    elif shard is not None and not isinstance(shard, Shard):
-        raise ValueError(f"shard must be 'auto', a Shard or None, got {shard!r}")
+    query, run = _query_and_run(prog, query, run, options, "ngram_table")
+    job = query.bind(prog, run.chunk)
+    shard = current_shard(run.stall_seconds) if run.shard == "auto" else run.shard
     with _failures_told(shard):
-        return _sweep(job, shard, resume, progress, max_seconds, checkpoint_seconds)
+        return _sweep(job, shard, run.resume, run.progress, run.max_seconds, run.checkpoint_seconds)
 
 
 @contextlib.contextmanager
@@ -267,7 +136,7 @@ def _failures_told(shard: Shard | None):
         raise
 
 
-def _sweep(job: _Job, shard: Shard | None, resume, progress: bool, max_seconds: float | None,
+def _sweep(job: TableJob, shard: Shard | None, resume, progress: bool, max_seconds: float | None,
            checkpoint_seconds: float) -> NgramTable:
     world = shard.world if shard else 1
     evaluator = job.evaluator()
@@ -331,7 +200,7 @@ class _Checkpoints:
         self.rank, self.world = (shard.rank, shard.world) if shard else (0, 1)
         self.own = None if resume is None else rank_file(resume, self.rank)
 
-    def start(self, key: str, job: _Job) -> TableState:
+    def start(self, key: str, job: TableJob) -> TableState:
         state = TableState(key, last=LastTokenTop.empty(job.vocab, job.last_top) if job.last_top else None)
         if self.resume is None:
             return state
@@ -365,7 +234,7 @@ def rank_files(resume: Path) -> dict[int, Path]:
     return files
 
 
-def _merged(state: TableState, job: _Job, shard: Shard, prefix: str) -> TableState:
+def _merged(state: TableState, job: TableJob, shard: Shard, prefix: str) -> TableState:
     """Every rank's reductions merged: top entries on every rank, per-row results on rank 0."""
     shard.wait_for_all(prefix, "the merge")
     tops = shard.all_gather(state.top, "the global top-k")
@@ -381,7 +250,7 @@ def _merged(state: TableState, job: _Job, shard: Shard, prefix: str) -> TableSta
     return merged
 
 
-def _table(state: TableState, job: _Job) -> NgramTable:
+def _table(state: TableState, job: TableJob) -> NgramTable:
     rows = state.joined_rows(job.chunks) if state.done else {}  # rank > 0: per-row results are on rank 0
     last = state.last
     return NgramTable(
@@ -394,11 +263,11 @@ def _table(state: TableState, job: _Job) -> NgramTable:
         last_values=None if last is None else last.values,
         last_logits=None if last is None else last.logits,
         last_index=None if last is None else last.index,
-        average=None if job.average is None else (job.average[0].tolist(), job.average[1].tolist()),
+        first_tokens=None if job.mixture is None else FirstTokens.of(job.mixture[0], job.mixture[1].tolist()),
     )
 
 
-def _row_shapes(job: _Job) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _row_shapes(job: TableJob) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The per-row fields this table keeps: trailing shape and dtype."""
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     if job.row_top:
@@ -411,7 +280,7 @@ def _row_shapes(job: _Job) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return shapes
 
 
-def _reduce(state: TableState, job: _Job, index: int, logits: torch.Tensor,
+def _reduce(state: TableState, job: TableJob, index: int, logits: torch.Tensor,
             keyword_index: torch.Tensor | None, pool: RowPool) -> None:
     """Fold one chunk's [rows, vocab] logits into ``state``."""
     offset = job.chunk_rows(index)[0]
@@ -493,21 +362,16 @@ def _chunk_top(logits: torch.Tensor, row_best: torch.Tensor, top: int, threshold
 
 
 @torch.no_grad()
-def full_table(prog: ResidualProgram, path: str | Term, contexts: torch.Tensor | Contexts | None = None,
-               chunk: int = 1024, max_entries: int = 50_000_000) -> torch.Tensor:
+def full_table(prog: ResidualProgram, path: str | PathSpec | Term,
+               contexts: torch.Tensor | Contexts | None = None, chunk: int = 1024,
+               max_entries: int = 50_000_000) -> torch.Tensor:
     """The whole [contexts, vocab] logit table (only when asked: refuses more than ``max_entries``
-    before computing anything)."""
-    term = path_term(prog, path)
-    view = view_of_term(prog, term)
-    vocab = int(view.decoder.unembedding.shape[0])
-    length = context_length(term)
-    rows = (Contexts.grid(vocab, length) if contexts is None
-            else Contexts.of(contexts, length, vocab, reads_whole_context(term)))
-    if len(rows) * vocab > max_entries:
-        raise ValueError(f"the full table has {len(rows) * vocab:,} entries, more than max_entries "
+    before computing anything), read through the path's :class:`~.reader.PathReader`."""
+    reader = path_reader(prog, path) if not isinstance(path, Term) else PathReader(prog, path)
+    rows = (Contexts.grid(reader.vocab, reader.length or 1) if contexts is None
+            else Contexts.of(contexts, reader.length or 1, reader.vocab, reader.whole_context))
+    if len(rows) * reader.vocab > max_entries:
+        raise ValueError(f"the full table has {len(rows) * reader.vocab:,} entries, more than max_entries "
                          f"{max_entries:,}: stream it with ngram_table instead")
-    schedule = path_schedule(view, term)
-    device = view.decoder.unembedding.device
-    parts = [evaluate_path(schedule, rows.rows(i, min(i + chunk, len(rows))).to(device)).cpu()
-             for i in range(0, len(rows), chunk)]
-    return torch.cat(parts)
+    parts = [reader.logits(rows.rows(i, min(i + chunk, len(rows)))) for i in range(0, len(rows), chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, reader.vocab)

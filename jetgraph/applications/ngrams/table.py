@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Literal
 import torch
 
 from jetgraph.applications.ngrams.contexts import Contexts
+from jetgraph.applications.ngrams.mixture import FirstTokens
 from jetgraph.applications.statistics import bootstrap_mean
 from jetgraph.files import atomic_write
 
@@ -37,8 +39,8 @@ class NgramTable:
     keyword tokens, from which :meth:`keyword_mass` gives the probability on any subset.
     ``last_values``/``last_logits``/``last_index`` [vocab, m] hold, for each last context token
     (z2 of a pair table), the best ``m`` entries of the rows ending in it (:meth:`last_entries`).
-    ``average``: the prefixes (token sequences) and weights each row's distribution was read after, for
-    the default read-out (:mod:`.readout`).
+    ``first_tokens``: what each row's distribution was read after (token sequences and weights,
+    :class:`~.mixture.FirstTokens`), for the default read-out (:mod:`.readout`).
     In a distributed run only rank 0 holds the per-row results (``row_*``, ``log_sum``,
     ``keyword_logits``); every rank holds the top entries.
     """
@@ -59,7 +61,14 @@ class NgramTable:
     last_values: torch.Tensor | None = None  # [vocab, m]: per last context token, best entries
     last_logits: torch.Tensor | None = None
     last_index: torch.Tensor | None = None  # flat row * vocab + next token; -1: empty slot
-    average: tuple[list[list[int]], list[float]] | None = None  # prefixes read before each row, weights
+    first_tokens: FirstTokens | None = None  # what each row was read after
+
+    @property
+    def average(self) -> tuple[list[list[int]], list[float]] | None:
+        """Deprecated (goes in 0.9): ``first_tokens.as_lists()``."""
+        warnings.warn("NgramTable.average is deprecated and goes in 0.9: use NgramTable.first_tokens",
+                      DeprecationWarning, stacklevel=2)
+        return None if self.first_tokens is None else self.first_tokens.as_lists()
 
     @property
     def log_normaliser(self) -> torch.Tensor | None:
@@ -136,7 +145,8 @@ class NgramTable:
             raise ValueError(f"export writes .csv or .json, not {path.suffix!r}")
         rows = self.entries(tokenizer)
         if path.suffix == ".json":
-            payload = {"path": self.path, "weights": "unit", "rank": self.rank, "averaged_over": self.average,
+            payload = {"path": self.path, "weights": "unit", "rank": self.rank, "averaged_over":
+                       None if self.first_tokens is None else self.first_tokens.as_lists(),
                        "top": rows}
             text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
         else:
