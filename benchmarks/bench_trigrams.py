@@ -133,7 +133,7 @@ def chunk_ratios(prog, path: str, chunk: int, count: int = 40) -> dict:
     (each chunk a different row block): the median ratio and its spread."""
     import statistics
 
-    from jetgraph.applications.ngrams import NgramQuery, sweep
+    from jetgraph.applications.ngrams import NgramQuery
 
     job = NgramQuery(path).bind(prog, chunk)
     evaluator = job.evaluator()

@@ -76,7 +76,8 @@ def test_a_group_that_is_not_one_falls_back_to_the_whole_unit(monkeypatch) -> No
     wrong = evaluator_module.Groups(torch.zeros(1, dtype=torch.long), torch.zeros(len(ids), dtype=torch.long))
     monkeypatch.setattr(evaluator_module.Groups, "of", classmethod(lambda cls, ids, copies=1: wrong))
     monkeypatch.setattr(evaluator_module, "_TOLD", set())
-    with pytest.warns(evaluator_module.ShortcutFallback, match="attn0 ran on every position.*differ at earlier"):
+    told = "attn0 ran on every position.*differ at earlier"
+    with pytest.warns(evaluator_module.ShortcutFallback, match=told):
         torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per path and reason, not per chunk
