@@ -452,7 +452,8 @@ def test_analysis_commands_on_tinystories(tmp_path, capsys):
                  "--out", str(tmp_path / "d.png"), "--csv", str(tmp_path / "d.csv")]) == 0
     assert "largest increases" in capsys.readouterr().out
     assert main(["masses", str(folder), "--keywords", "dog,cat,ball", "--sources", "64",
-                 "--first-tokens", "2", "--out", str(tmp_path / "m.png"), "--csv", str(tmp_path / "m.csv")]) == 0
+                 "--first-tokens", "2", "--out", str(tmp_path / "m.png"),
+                 "--csv", str(tmp_path / "m.csv")]) == 0
     assert "lift" in capsys.readouterr().out
 
 
