@@ -69,7 +69,7 @@ def measure(name: str, repeats: int) -> dict[str, object]:
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     forward_mem = _status_gb()
-    first = jetgraph.capture(model, ids)
+    first = jetgraph.capture(model, ids, granularity="block")
     capture_mem = _status_gb()
     param_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     memory = {"param_gb": round(param_gb, 3), "anon_after_forward_gb": round(forward_mem["RssAnon"], 3),
@@ -82,11 +82,11 @@ def measure(name: str, repeats: int) -> dict[str, object]:
     for _ in range(repeats):  # alternate the two ways, so that machine noise hits both
         for way in ("shared", "full"):
             t0 = time.perf_counter()
-            prog = jetgraph.capture(model, ids, share_blocks=way == "shared")
+            prog = jetgraph.capture(model, ids, share_blocks=way == "shared", granularity="block")
             times[way].append(time.perf_counter() - t0)
             del prog
     with torch.no_grad():
-        prog = jetgraph.capture(model, ids)
+        prog = jetgraph.capture(model, ids, granularity="block")
         error = (prog(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item()
     stack = find_block_stack(model)  # the blocks capture exports; the others copy their graphs
     exported = len(stack.representatives) if stack is not None else len(prog.blocks)

@@ -83,7 +83,7 @@ def exhaustive(layers: int, seq: int, repeats: int, sample: int, device: str, ra
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(gpt2_small_config(layers)).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     expansion = jetgraph.expand_stream(prog, centers=[jetgraph.stream_term(prog, 0)], weights="unit")
     module, emit_s = emit_timed(expansion, ids, device)
     terms_only, _ = emit_timed(expansion, ids, device, remainder=False)  # what the baselines compute
@@ -147,7 +147,7 @@ def lens(order: int, tokens: int, repeats: int, device: str) -> dict:
     text = ("The quick brown fox jumps over the lazy dog, and then it runs back into the forest to find "
             "its friends")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
     expansion = jetgraph.expand(prog, "decoder", states, order=order, weights="unit")
     module, emit_s = emit_timed(expansion, ids, device)

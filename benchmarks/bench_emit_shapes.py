@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     states = [jetgraph.stream_term(prog, i) for i in range(len(prog.units) + 1)]
     lens = jetgraph.expand(prog, "decoder", states, order=1, weights="unit")
     inner = jetgraph.expand(prog, 2, [jetgraph.stream_term(prog, 2)], order=1)

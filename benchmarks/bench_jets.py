@@ -54,7 +54,7 @@ def blocks(device: str) -> dict[str, tuple[object, torch.Tensor]]:
     for name, model in configs.items():
         model.eval()
         ids = torch.randint(0, 512, (1, 64))
-        prog = jetgraph.capture(model, ids).to(device)
+        prog = jetgraph.capture(model, ids, granularity="block").to(device)
         h = prog.stream(ids.to(device))[0]
         out[name] = (prog.blocks[0], h)
     return out

@@ -109,7 +109,7 @@ def measure(folder: Path, chunk: int) -> dict:
     with PeakRSS() as peak:
         start = time.perf_counter()
         model = jetgraph.load_lazy(folder)
-        prog = jetgraph.capture(model, ids[:, :8])
+        prog = jetgraph.capture(model, ids[:, :8], granularity="block")
         seconds = time.perf_counter() - start
     store = model.jetgraph_weights
     result["capture"] = {"seconds": round(seconds, 1), "peak_rss_gb": round(peak.peak_gb, 2),

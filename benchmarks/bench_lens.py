@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.tokens]
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
 
     def forward() -> None:
         model(input_ids=ids, use_cache=False)

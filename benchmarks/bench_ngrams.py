@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     vocab, d = prog.decoder.unembedding.shape
     rate = readout_rate(d, vocab, args.chunk)
     mlp = prog.at("sublayer").units[-1]

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer(args.text, return_tensors="pt", add_special_tokens=False).input_ids
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     start = time.perf_counter()
     paths = expand_paths(prog, granularity="sublayer", exclude={"attn"}, max_length=2)

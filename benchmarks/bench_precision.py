@@ -38,7 +38,8 @@ def measure(name: str, dtype: torch.dtype, top: int) -> dict:
     half, _ = jetgraph.load_model(source, dtype=dtype)
     ids = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False).input_ids[:, :16]
     start = time.perf_counter()
-    prog32, prog16 = jetgraph.capture(reference, ids), jetgraph.capture(half, ids)
+    prog32 = jetgraph.capture(reference, ids, granularity="block")
+    prog16 = jetgraph.capture(half, ids, granularity="block")
     capture_s = time.perf_counter() - start
     with torch.no_grad():
         own = half(input_ids=ids, use_cache=False).logits

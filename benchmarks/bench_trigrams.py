@@ -49,7 +49,7 @@ def tinystories():
     import jetgraph
 
     model = AutoModelForCausalLM.from_pretrained(TINYSTORIES)
-    return jetgraph.capture(model)
+    return jetgraph.capture(model, granularity="block")
 
 
 def timed_table(prog, path: str, **options):
@@ -102,7 +102,8 @@ def smollm2(first: int) -> dict:
     from jetgraph.applications import ngram_plan
 
     model, tokenizer = jetgraph.load_model("smollm2")
-    prog = jetgraph.capture(model, tokenizer("The capital of France is", return_tensors="pt").input_ids)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    prog = jetgraph.capture(model, ids, granularity="block")
     vocab, d = prog.decoder.unembedding.shape
     result = {"vocab": vocab, "d": d}
     issue = ngram_plan(prog, "E→attn0→U", sources=range(4096), rank="logit")

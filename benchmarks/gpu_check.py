@@ -67,7 +67,8 @@ def check_capture_lens(name: str, dtype: torch.dtype, device: torch.device, refe
     model, tokenizer = jetgraph.load_model(name, dtype=dtype)
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     model.to(device)
-    prog, capture_seconds = timed(lambda: jetgraph.capture(model, ids.to(device)), device)
+    prog, capture_seconds = timed(lambda: jetgraph.capture(model, ids.to(device), granularity="block"),
+                                  device)
     with torch.no_grad():
         logits, _ = timed(lambda: prog(ids.to(device)), device)
         lens, lens_seconds = timed(lambda: jetgraph.lens(prog, ids.to(device), orders=(0, 1)), device)
@@ -85,7 +86,8 @@ def cpu_reference(name: str) -> dict:
     """The CPU float32 program's logits and lens cosines on TEXT, and their times."""
     model, tokenizer = jetgraph.load_model(name)
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
-    prog, capture_seconds = timed(lambda: jetgraph.capture(model, ids), torch.device("cpu"))
+    prog, capture_seconds = timed(lambda: jetgraph.capture(model, ids, granularity="block"),
+                                  torch.device("cpu"))
     with torch.no_grad():
         logits = prog(ids)
         lens, lens_seconds = timed(lambda: jetgraph.lens(prog, ids, orders=(0, 1)), torch.device("cpu"))

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     model, tokenizer = jetgraph.load_model(args.model)
-    prog = jetgraph.capture(model)
+    prog = jetgraph.capture(model, granularity="block")
     firsts = [tokenizer(a, add_special_tokens=False)["input_ids"] for a, _ in PAIRS]
     seconds = [tokenizer(b, add_special_tokens=False)["input_ids"] for _, b in PAIRS]
     keep = [i for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)) if len(a) == 1 and len(b) >= 1]

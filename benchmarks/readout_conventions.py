@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     model, tokenizer = jetgraph.load_model(args.model)
-    prog = jetgraph.capture(model)
+    prog = jetgraph.capture(model, granularity="block")
     bos = InputConvention.from_tokenizer(tokenizer)
     windows = sample_texts(model, args.stories, 128, list(bos.prefix) or [0], tokenizer.eos_token_id,
                            pad=0, seed=3)

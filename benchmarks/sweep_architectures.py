@@ -174,7 +174,7 @@ def run_one(model_type: str) -> dict[str, object]:
     vocab = int(getattr(config, "vocab_size", 256) or 256)
     start = time.perf_counter()
     try:
-        prog = jetgraph.capture(model, ids)
+        prog = jetgraph.capture(model, ids, granularity="block")
     except jetgraph.CaptureError as exc:
         return {**row, "outcome": "refused", "detail": _first_line(exc)}
     except Exception as exc:

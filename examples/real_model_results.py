@@ -49,7 +49,7 @@ def model_section(name: str, source: str) -> tuple[list[str], dict]:
     model, tokenizer = jetgraph.load_model(source)
     ids = encode(model, tokenizer, TEXTS[name])
     step(f"{name}: capturing ({ids.shape[1]} tokens)")
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     lines = [f"## {name}", "",
              f"Input: {TEXTS[name]!r} ({ids.shape[1]} tokens), {len(prog.blocks)} blocks.", ""]
     step(f"{name}: iterative lens, orders 0-2 (one Taylor pass)")

@@ -55,7 +55,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     ids = encode(model, tokenizer, text)
     log.step(f"loaded {model_name}: {type(model).__name__}, input {text!r} ({ids.shape[1]} tokens)")
 
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")  # the lens below: a state per layer
     error = (prog(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item()
     atomic_write(out / "program.txt", prog.at("sublayer").summary_table() + "\n")
     render(program_graph(prog.at("sublayer")), out / "program.svg")

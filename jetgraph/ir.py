@@ -15,11 +15,12 @@ an ``attention_mask`` (:mod:`jetgraph.padding`): a padded batch gives each promp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal, Protocol
 
 import networkx as nx
@@ -97,6 +98,10 @@ def check_granularity(granularity: object) -> Granularity:
 
 
 GRANULARITIES: tuple[str, ...] = ("block", "sublayer")
+DEFAULT_GRANULARITY: Granularity = "sublayer"
+"""The one default view, for the library and the CLI: attention and MLP units, the names of the
+path language (``E→mlp0→U``, ``--exclude attn``); ``prog.at("block")`` or ``granularity="block"``
+gives a unit (and a lens state) per layer."""
 
 
 def _parameter_count(graph_module: fx.GraphModule) -> int:
@@ -119,7 +124,7 @@ def _op_count(graph_module: fx.GraphModule) -> int:
     return sum(1 for node in graph_module.graph.nodes if node.op == "call_function")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class SideInputs:
     """Tensors that depend on positions and padding (masks, RoPE tables), computed from
     ``input_ids`` and ``attention_mask``.
@@ -154,7 +159,7 @@ class SideInputs:
         return self(torch.zeros(batch, seq, dtype=torch.long, device=device))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class StreamFunction:
     """A GraphModule ``(h, *side) -> tensor`` whose first argument is a residual stream."""
 
@@ -178,7 +183,7 @@ class StreamFunction:
         return _parameter_count(self.graph_module)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class ResidualUnit(StreamFunction):
     """One residual unit: the pure update γ(h) of ``h_next = h + γ(h)``.
 
@@ -208,7 +213,7 @@ class ResidualUnit(StreamFunction):
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class Encoder:
     """``(input_ids, attention_mask) -> h_0``; ``addends`` keeps token and positional embeddings
     separate (positions count real tokens only, so they follow the mask)."""
@@ -228,7 +233,7 @@ class Encoder:
         return dict(zip(self.addend_names, values, strict=True))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class Decoder(StreamFunction):
     """``h_L -> logits``: the final norm and the unembedding.
 
@@ -244,8 +249,10 @@ class Decoder(StreamFunction):
     kind: Literal["decoder"] = "decoder"
 
 
+@dataclass(eq=False, frozen=True)
 class ResidualProgram:
-    """A captured model as encoder, residual units and decoder.
+    """A captured model as encoder, residual units and decoder; immutable (:meth:`replace` makes
+    a changed copy that shares the graphs and weights).
 
     ``prog(input_ids)`` reproduces the model's logits; ``prog.stream(input_ids)`` returns the
     stream h_0..h_N around the units of this view; ``prog.at("sublayer")`` is the same program
@@ -253,38 +260,32 @@ class ResidualProgram:
     ``input_ids`` takes an ``attention_mask`` too ([batch, seq], 1 = real token, 0 = padding on
     either side; None: no padding). ``reads_mask`` is False for a model whose forward takes no
     mask: only right padding is exact for it, and other masks are refused. ``max_positions`` is
-    the model's context length (None when its config names none).
+    the model's context length (None when its config names none); ``weights`` the store of a
+    model read lazily (None: every weight is in memory); ``fixed_sizes`` the (batch, seq) the
+    export fixed (None where any size runs).
     """
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        blocks: Sequence[ResidualUnit],
-        decoder: Decoder,
-        side: SideInputs,
-        *,
-        granularity: Granularity = "block",
-        model_class: str = "",
-        dynamic: bool = True,
-        example_input_ids: torch.Tensor | None = None,
-        reads_mask: bool = True,
-        max_positions: int | None = None,
-        weights: WeightStore | None = None,
-        fixed_sizes: tuple[int | None, int | None] = (None, None),
-    ) -> None:
-        check_granularity(granularity)
-        self.encoder = encoder
-        self.blocks: tuple[ResidualUnit, ...] = tuple(blocks)
-        self.decoder = decoder
-        self.side = side
-        self.granularity: Granularity = granularity
-        self.model_class = model_class
-        self.dynamic = dynamic
-        self.example_input_ids = example_input_ids
-        self.reads_mask = reads_mask
-        self.max_positions = max_positions  # the model's context length, when its config names one
-        self.weights = weights  # None: every weight is in memory
-        self.fixed_sizes = fixed_sizes  # (batch, seq) the export fixed; None where any size runs
+    encoder: Encoder
+    blocks: tuple[ResidualUnit, ...]
+    decoder: Decoder
+    side: SideInputs
+    _: KW_ONLY
+    granularity: Granularity = DEFAULT_GRANULARITY
+    model_class: str = ""
+    dynamic: bool = True
+    example_input_ids: torch.Tensor | None = None
+    reads_mask: bool = True
+    max_positions: int | None = None
+    weights: WeightStore | None = None
+    fixed_sizes: tuple[int | None, int | None] = (None, None)
+
+    def __post_init__(self) -> None:
+        check_granularity(self.granularity)
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def replace(self, **changes: object) -> ResidualProgram:
+        """A copy with ``changes`` (e.g. ``weights=``), sharing everything else."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def resident(self, units: Iterable[ResidualUnit] = ()) -> AbstractContextManager[None]:
         """A context in which ``units``' weights are in memory (for a program whose weights are
@@ -310,21 +311,7 @@ class ResidualProgram:
         check_granularity(granularity)
         if granularity == self.granularity:
             return self
-        view = ResidualProgram(
-            self.encoder,
-            self.blocks,
-            self.decoder,
-            self.side,
-            granularity=granularity,
-            model_class=self.model_class,
-            dynamic=self.dynamic,
-            example_input_ids=self.example_input_ids,
-            reads_mask=self.reads_mask,
-            max_positions=self.max_positions,
-            weights=self.weights,
-            fixed_sizes=self.fixed_sizes,
-        )
-        return view
+        return self.replace(granularity=granularity)
 
     def __len__(self) -> int:
         return len(self.units)

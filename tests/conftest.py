@@ -25,7 +25,7 @@ def captured(family: str) -> tuple[torch.nn.Module, jetgraph.ResidualProgram]:
     if family not in _PROGRAMS:
         model = tiny_model(family)
         example = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-        _PROGRAMS[family] = (model, jetgraph.capture(model, example))
+        _PROGRAMS[family] = (model, jetgraph.capture(model, example, granularity="block"))
     return _PROGRAMS[family]
 
 

@@ -166,3 +166,19 @@ def test_program_rejects_bad_input_ids() -> None:
         prog(torch.randn(1, 4))
     with pytest.raises(ValueError, match="batch, seq"):
         prog(torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_a_program_is_immutable_and_replace_shares_its_graphs() -> None:
+    import dataclasses
+
+    _, prog = captured("llama")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prog.max_positions = 7  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prog.blocks[0].kind = "mlp"  # type: ignore[misc]
+    fixed = prog.replace(max_positions=7)
+    assert fixed.max_positions == 7 and prog.max_positions != 7
+    assert fixed.blocks is prog.blocks and fixed.decoder is prog.decoder
+    view = prog.at("sublayer")
+    assert view.blocks is prog.blocks and [u.name for u in view.units][:2] == ["attn0", "mlp0"]
+    assert [u.kind for u in view.units][:2] == ["attn", "mlp"]  # found at capture, never patched in

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import pytest
 import torch
 
+import jetgraph
 from jetgraph.cli import main
-from tests.conftest import require_gpt2_tokenizer, require_tinystories
+from jetgraph.ir import DEFAULT_GRANULARITY
+from tests.conftest import captured, require_gpt2_tokenizer, require_tinystories
 
 
 def _no_model_loading(monkeypatch) -> None:
@@ -62,7 +65,14 @@ def test_one_default_granularity() -> None:
     parser = build_parser()
     commands = (("capture", []), ("lens", ["t"]), ("paths", []), ("emit", ["-o", "x.py"]))
     defaults = {name: parser.parse_args([name, "m", *extra]).granularity for name, extra in commands}
-    assert set(defaults.values()) == {"sublayer"}, defaults
+    assert set(defaults.values()) == {jetgraph.ir.DEFAULT_GRANULARITY}, defaults  # the library's too
+    from jetgraph.capture import capture
+
+    assert inspect.signature(capture).parameters["granularity"].default == DEFAULT_GRANULARITY
+    model, prog = captured("llama")  # jetgraph.lens(model) and `jetgraph lens MODEL` read the same states
+    ids = torch.tensor([[1, 2, 3]])
+    assert jetgraph.lens(model, ids, orders=(0,))[0].labels == \
+        jetgraph.lens(prog.at(DEFAULT_GRANULARITY), ids, orders=(0,))[0].labels
 
 
 def test_the_renamed_flags_still_parse_with_a_note(capsys) -> None:

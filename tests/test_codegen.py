@@ -7,7 +7,6 @@ batches centres and fuses LayerNorm/GELU kernels at order 0, which changes float
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -172,8 +171,7 @@ def test_emitted_graph_runs_on_cuda() -> None:
 def test_code_of_a_fixed_shape_program_refuses_other_shapes() -> None:
     """A program whose export had to fix the shapes is traced on the example as it is."""
     _, prog = captured("gpt2")
-    static = copy.copy(prog)  # as if its export had fixed the shape at (1, 6)
-    static.dynamic, static.example_input_ids = False, random_ids(1, 6)
+    static = prog.replace(dynamic=False, example_input_ids=random_ids(1, 6))  # as if export fixed (1, 6)
     expansion = jetgraph.expand_paths(static, max_length=1).expansion()
     module = emit(expansion, random_ids(1, 6))
     assert not module.dynamic and module.input_shape == (1, 6)

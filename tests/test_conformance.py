@@ -416,7 +416,7 @@ def check_lens(subject: Subject, mode: str, tmp: Path) -> float:
     """The order-0 lens at every block state vs the Hugging Face model: lm_head(norm(hidden_states[ℓ]))
     for ℓ < L, its logits at h_L; and the program's states h_ℓ vs hidden_states[ℓ] (ℓ < L: the
     last entry is normed)."""
-    prog, dtype = subject.program(mode), DTYPES[mode]
+    prog, dtype = subject.program(mode).at("block"), DTYPES[mode]  # a state per layer, as Hugging Face's
     ids = subject.ids
     model = subject.reference(mode)
     with torch.no_grad():

@@ -131,8 +131,8 @@ class _Tokenizer:
 def test_lens_entry_point_from_a_model_or_a_program() -> None:
     model, prog = captured("gpt2")
     ids = random_ids(1, 6, seed=1)
-    from_model = jetgraph.lens(model, ids, orders=(0, 2))
-    from_program = jetgraph.lens(prog, ids, orders=(0, 2))
+    from_model = jetgraph.lens(model, ids, orders=(0, 2))  # captured at the one default granularity
+    from_program = jetgraph.lens(prog.at(jetgraph.ir.DEFAULT_GRANULARITY), ids, orders=(0, 2))
     assert list(from_model) == [0, 2]
     for order in (0, 2):
         torch.testing.assert_close(from_model[order].logits, from_program[order].logits, rtol=1e-5, atol=1e-5)

@@ -132,7 +132,7 @@ def test_tinystories_diverges_at_order_18() -> None:
     path = require_tinystories()
     model, tokenizer = jetgraph.load_model(str(path))
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    prog = jetgraph.capture(model, ids)
+    prog = jetgraph.capture(model, ids, granularity="block")
     below, caught = _lens(prog, ids, 16)
     assert caught == [] and torch.isfinite(below.metrics["cosine"]).all()
     above, caught = _lens(prog, ids, 18)

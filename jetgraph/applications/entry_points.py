@@ -19,7 +19,7 @@ from jetgraph.applications.ngrams.readout import DEFAULT_READOUT
 from jetgraph.applications.ngrams.tables import RUN_OPTIONS, TableSet
 from jetgraph.capture import capture
 from jetgraph.cost import DEFAULT_MAX_SECONDS, check_plan
-from jetgraph.ir import ResidualProgram, as_input_ids
+from jetgraph.ir import DEFAULT_GRANULARITY, ResidualProgram, as_input_ids
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -125,7 +125,7 @@ def _program(model_or_program: nn.Module | ResidualProgram, granularity: str | N
     if isinstance(model_or_program, ResidualProgram):
         return model_or_program
     if isinstance(model_or_program, nn.Module):
-        return capture(model_or_program, granularity=granularity or "block")
+        return capture(model_or_program, granularity=granularity or DEFAULT_GRANULARITY)
     raise TypeError(f"expected a model (torch.nn.Module) or a ResidualProgram, got "
                     f"{type(model_or_program).__name__}")
 

@@ -26,11 +26,11 @@ from jetgraph.capture.lift import lift as _lift
 from jetgraph.capture.loading import load_model
 from jetgraph.capture.shared import capture_shared, streamed_forward
 from jetgraph.errors import CaptureError
-from jetgraph.ir import Granularity, ResidualProgram, check_granularity
+from jetgraph.ir import DEFAULT_GRANULARITY, Granularity, ResidualProgram, check_granularity
 
 
 def capture(model: nn.Module, example_input_ids: torch.Tensor | None = None,
-            granularity: Granularity = "block", *,
+            granularity: Granularity = DEFAULT_GRANULARITY, *,
             attention_mask: torch.Tensor | None = None, share_blocks: bool = True) -> ResidualProgram:
     """Capture ``model`` (``input_ids -> logits``) and lift it into a residual program.
 

@@ -39,6 +39,7 @@ from jetgraph.ir import (
     ResidualUnit,
     SideInputs,
     StreamFunction,
+    UnitKind,
     module_scope,
     unit_name,
 )
@@ -127,7 +128,7 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
                               fixed_sizes=captured.fixed_sizes,
                               example_input_ids=captured.example_input_ids,
                               reads_mask=captured.reads_mask, max_positions=captured.max_positions)
-    assign_kinds(program, captured.example_input_ids)
+    program = assign_kinds(program, captured.example_input_ids)
     verify(program, captured)
     check_expandable(program, captured.example_input_ids, captured.example_attention_mask)
     return program.at(granularity)  # type: ignore[arg-type]
@@ -518,11 +519,12 @@ def _positions_only(side_module: fx.GraphModule, captured: CapturedGraph, any_si
     return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
-    """``attn`` if perturbing position 0 changes the update at later positions, else ``mlp``;
-    then name the units (:func:`name_units`)."""
+def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> ResidualProgram:
+    """``program`` with each leaf's kind found: ``attn`` if perturbing position 0 changes its
+    update at later positions, else ``mlp``; and the units named (:func:`name_units`)."""
     if ids.shape[1] < 2:
         ids = ids.repeat(1, 2)
+    kinds: list[UnitKind] = []
     with torch.no_grad():
         states = program.at("sublayer").stream(ids)
         side = program.side_inputs(ids)
@@ -536,25 +538,35 @@ def assign_kinds(program: ResidualProgram, ids: torch.Tensor) -> None:
             out_moved = leaf(moved, side)
             scale = out[:, 1:].abs().max().clamp_min(1e-12)
             mixes = (out_moved[:, 1:] - out[:, 1:]).abs().max() > 1e-5 * scale
-            leaf.kind = "attn" if mixes else "mlp"
-    name_units(program)
+            kinds.append("attn" if mixes else "mlp")
+    return name_units(program, kinds)
 
 
-def name_units(program: ResidualProgram) -> None:
-    """Name unnamed leaves by kind and layer (``attn3``; ``mlp3_2`` for a second MLP branch) and
-    give each block with children the kind ``attn`` if any child mixes positions."""
+def name_units(program: ResidualProgram, kinds: Sequence[UnitKind] | None = None) -> ResidualProgram:
+    """``program`` with its leaves of the given ``kinds`` (default: their own), the unnamed ones
+    named by kind and layer (``attn3``; ``mlp3_2`` for a second MLP branch), and each block with
+    children of kind ``attn`` if any child mixes positions. Units are made anew: never changed."""
+    leaves = program.sublayers
+    kinds = list(kinds) if kinds is not None else [leaf.kind for leaf in leaves]
     counts: dict[tuple[int, str], int] = {}
-    for leaf in program.sublayers:
-        counts[(leaf.layer, leaf.kind)] = counts.get((leaf.layer, leaf.kind), 0) + 1
+    for leaf, kind in zip(leaves, kinds, strict=True):
+        counts[(leaf.layer, kind)] = counts.get((leaf.layer, kind), 0) + 1
     seen: dict[tuple[int, str], int] = {}
-    for leaf in program.sublayers:
-        key = (leaf.layer, leaf.kind)
+    made: dict[int, ResidualUnit] = {}
+    for leaf, kind in zip(leaves, kinds, strict=True):
+        key = (leaf.layer, kind)
         seen[key] = seen.get(key, 0) + 1
-        if not leaf.name:
-            leaf.name = unit_name(leaf.kind, leaf.layer, None if counts[key] == 1 else seen[key])
+        name = leaf.name or unit_name(kind, leaf.layer, None if counts[key] == 1 else seen[key])
+        made[id(leaf)] = dataclasses.replace(leaf, kind=kind, name=name)
+    blocks = []
     for block in program.blocks:
-        if block.children:
-            block.kind = "attn" if any(c.kind == "attn" for c in block.children) else "mlp"
+        if not block.children:
+            blocks.append(made[id(block)])
+            continue
+        children = tuple(made[id(child)] for child in block.children)
+        kind: UnitKind = "attn" if any(c.kind == "attn" for c in children) else "mlp"
+        blocks.append(dataclasses.replace(block, children=children, kind=kind))
+    return program.replace(blocks=tuple(blocks))
 
 
 def verify(program: ResidualProgram, captured: CapturedGraph) -> None:

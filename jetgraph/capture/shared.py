@@ -257,11 +257,10 @@ def _capture_stack(model: nn.Module, stack: BlockStack, ids: torch.Tensor,
     if len(program.blocks) != len(stack.representatives):
         raise Mismatch(f"the exported stack of {len(stack.representatives)} blocks lifted into "
                        f"{len(program.blocks)} blocks", model_class=type(model).__name__)
-    full = _bind_blocks(program, stack, wrapper)
-    name_units(full)  # kinds are the representatives' (the same code)
+    full = name_units(_bind_blocks(program, stack, wrapper))  # kinds are the representatives' (same code)
     outside = _names_outside_blocks(full)
     if weights is not None:
-        full.weights = weights
+        full = full.replace(weights=weights)
     with weights.resident(outside) if weights is not None else contextlib.nullcontext():
         _check_whole(model, stack, full, captured)
     if weights is not None:  # the encoder, side inputs and decoder stay in memory
@@ -359,11 +358,7 @@ def _bind_blocks(program: ResidualProgram, stack: BlockStack, wrapper: nn.Module
                                    name=unit_name("block", layer), kind=source.kind, layer=layer,
                                    module_path=rename.path(source.module_path), index=layer, reads=layer,
                                    children=tuple(children), parallel=source.parallel))
-    return ResidualProgram(program.encoder, blocks, program.decoder, program.side, granularity="block",
-                           model_class=program.model_class, dynamic=program.dynamic,
-                           fixed_sizes=program.fixed_sizes,
-                           example_input_ids=program.example_input_ids, reads_mask=program.reads_mask,
-                           max_positions=program.max_positions)
+    return program.replace(blocks=tuple(blocks), granularity="block")
 
 
 def _attribute(root: nn.Module, target: str) -> object:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from jetgraph.cli.exits import UsageError
 from jetgraph.files import check_writable
+from jetgraph.ir import DEFAULT_GRANULARITY
 
 DEFAULT_TEXT = "The capital of France is"
-DEFAULT_GRANULARITY = "sublayer"  # the unit names of the path language (attn0, mlp0, …)
 DEFAULT_MAX_TIME = 3600.0
 SHRINK_SELECTION = "select fewer paths (--include, --exclude, --max-length) or a shorter --text"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -291,7 +291,7 @@ def load(args: argparse.Namespace, text: str | None = None):
     return model, tokenizer, ids
 
 
-def capture_program(model, ids, granularity: str = "block"):
+def capture_program(model, ids, granularity: str = DEFAULT_GRANULARITY):
     """The program of ``model``, exported on the first tokens of ``ids`` only (capture time does
     not depend on the length of the user's text); callers run it on the whole text."""
     import jetgraph
