@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import jetgraph
 from jetgraph.capture.zoo import ResidualMLP, tiny_model
-from jetgraph.passes import Expansion, PathSpec, context_length, parse_path, path_term
+from jetgraph.passes import Expansion, PathSpec, context_tokens, parse_path, path_term
 from jetgraph.passes.paths import bind_path
 from jetgraph.passes.pathspec import check_unit_names, reads_context
 from tests.conftest import captured, random_ids
@@ -87,10 +88,10 @@ def test_block_names_bind_in_the_block_view_and_kinds_decide_attention() -> None
     _, prog = captured("llama")
     term = path_term(prog, "E→block1→U")
     assert [u.name for u in term.units()] == ["block1", "unembed"]
-    assert term.units()[0] in prog.at("block").units and context_length(term) == 2
-    assert context_length(path_term(prog, "E→mlp0→U")) == 1
+    assert term.units()[0] in prog.at("block").units and context_tokens(term) == 2
+    assert context_tokens(path_term(prog, "E→mlp0→U")) == 1
     mlp_only = jetgraph.capture(ResidualMLP(layers=2), torch.randint(0, 50, (1, 4)))
-    assert context_length(path_term(mlp_only, "E→block1→U")) == 1  # a block without attention
+    assert context_tokens(path_term(mlp_only, "E→block1→U")) == 1  # a block without attention
 
 
 def test_renamed_units_keep_their_kind() -> None:
@@ -98,9 +99,12 @@ def test_renamed_units_keep_their_kind() -> None:
     prog = jetgraph.capture(tiny_model("llama"))
     unit = prog.at("sublayer").units[0]
     assert unit.kind == "attn"
-    unit.name = "mixer0"
+    block = prog.blocks[0]
+    mixer = dataclasses.replace(unit, name="mixer0")  # units are immutable: a renamed copy
+    renamed = dataclasses.replace(block, children=(mixer, *block.children[1:]))
+    prog = prog.replace(blocks=(renamed, *prog.blocks[1:]))
     term = path_term(prog, "E→mixer0→U")
-    assert context_length(term) == 2
+    assert context_tokens(term) == 2
     table = jetgraph.ngrams(prog, "E→mixer0→U", sources=range(2), top=3, progress=False)
     assert table.contexts.length == 2
 
@@ -141,8 +145,7 @@ def test_h_last_is_the_model_itself_on_any_context() -> None:
     """``h_last→U`` binds to the stream after the last unit, reads contexts of any length, and
     its table is the model's own last-position logits (the transformers model, run directly)."""
     from jetgraph.applications import full_table
-    from jetgraph.passes.paths import path_term, reads_whole_context
-    from jetgraph.passes.pathspec import starts_at_model_state
+    from jetgraph.passes.paths import path_term, starts_at_model_state
 
     model, prog = captured("gpt2")
     view = prog.at("sublayer")
@@ -150,8 +153,8 @@ def test_h_last_is_the_model_itself_on_any_context() -> None:
     assert parse_path("H_LAST->U").source == "h_last"
     assert starts_at_model_state("h_last→U") and starts_at_model_state("h2→U")
     assert not starts_at_model_state("E→mlp0→U") and not starts_at_model_state("h0→U")
-    assert reads_whole_context(path_term(prog, "h_last→U"))
-    assert not reads_whole_context(path_term(prog, "E→U"))
+    assert starts_at_model_state(path_term(prog, "h_last→U"))
+    assert not starts_at_model_state(path_term(prog, "E→U"))
     for length in (1, 3):
         rows = random_ids(5, length, seed=length)
         with torch.no_grad():
@@ -184,3 +187,19 @@ def test_a_command_parses_each_path_text_once(monkeypatch, tmp_path, capsys) -> 
                  "--out", str(tmp_path / "t.csv")]) == 0
     capsys.readouterr()
     assert sorted(parsed) == sorted(paths), parsed
+
+
+def test_one_name_for_one_question_before_and_after_capture() -> None:
+    from jetgraph.passes import context_length, context_tokens, starts_at_model_state
+
+    _, prog = captured("llama")
+    for text, tokens, from_state in (("E→U", 1, False), ("E→attn0→U", 2, False), ("h_last→U", 1, True),
+                                     ("h2→mlp1→U", 1, True), ("E→block0→U", None, False)):
+        spec = parse_path(text)
+        assert (context_tokens(text), context_tokens(spec)) == (tokens, tokens), text
+        assert starts_at_model_state(text) == starts_at_model_state(spec) == from_state, text
+        term = path_term(prog, spec)
+        assert starts_at_model_state(term) == from_state, text
+        assert context_tokens(term) == (tokens or 2), text  # a block of this model holds attention
+    with pytest.warns(DeprecationWarning, match="use context_tokens"):
+        assert context_length(path_term(prog, "E→attn0→U")) == 2

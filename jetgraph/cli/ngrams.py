@@ -14,7 +14,6 @@ from jetgraph.cli.options import (
     capture_program,
     check_output,
     check_path_specs,
-    context_tokens,
     cost_arguments,
     first_tokens_argument,
     id_range,
@@ -28,6 +27,7 @@ from jetgraph.cli.options import (
     stop_at_plan,
 )
 from jetgraph.files import check_writable
+from jetgraph.passes.paths import context_tokens
 
 
 def add_parser(command) -> None:
@@ -79,7 +79,7 @@ def add_parser(command) -> None:
 
 def check(args: argparse.Namespace) -> None:
     from jetgraph.applications.ngrams import load_keywords
-    from jetgraph.passes.pathspec import starts_at_model_state
+    from jetgraph.passes.paths import starts_at_model_state
 
     dims = folder_facts(args.model)
     check_path_specs(args.paths, dims)

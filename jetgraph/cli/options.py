@@ -259,15 +259,6 @@ def check_path_specs(specs: list[str] | None, dims: dict[str, int]) -> None:
             check_unit_names(spec, dims["layers"])
 
 
-def context_tokens(spec: str) -> int | None:
-    """Tokens of context a path reads, from its text (None: it passes a block, whose kind is
-    known only after capture)."""
-    from jetgraph.passes.pathspec import reads_context
-
-    mixes = reads_context(spec)
-    return None if mixes is None else 2 if mixes else 1
-
-
 def unit_names(text: str | None) -> set[str] | None:
     return None if text is None else {part.strip() for part in text.split(",") if part.strip()}
 

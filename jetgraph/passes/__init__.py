@@ -21,11 +21,13 @@ from jetgraph.passes.paths import (
     PathExpansion,
     closed_form,
     context_length,
+    context_tokens,
     count_paths,
     expand_paths,
     nested_paths,
     path_term,
     split_term_counts,
+    starts_at_model_state,
 )
 from jetgraph.passes.pathspec import PathSpec, format_path, parse_path
 from jetgraph.passes.rewrite import expand, expand_stream
@@ -41,6 +43,7 @@ __all__ = [
     "Term",
     "closed_form",
     "context_length",
+    "context_tokens",
     "count_paths",
     "evaluate_terms",
     "expand",
@@ -53,5 +56,6 @@ __all__ = [
     "path_term",
     "source_terms",
     "split_term_counts",
+    "starts_at_model_state",
     "stream_term",
 ]

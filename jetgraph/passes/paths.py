@@ -12,12 +12,14 @@ at most one branch per block, since the branches read the same stream.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 from jetgraph.errors import CostError
 from jetgraph.ir import ResidualProgram, ResidualUnit
 from jetgraph.passes.expansion import Expansion
-from jetgraph.passes.pathspec import LAST_OF_KIND, LAST_STATE, PathSpec, parse_path
+from jetgraph.passes.pathspec import LAST_OF_KIND, LAST_STATE, PathSpec, parse_path, reads_context
+from jetgraph.passes.pathspec import starts_at_model_state as spec_starts_at_model_state
 from jetgraph.passes.terms import Term, source_terms, stream_term
 from jetgraph.taylor import check_order
 
@@ -250,18 +252,32 @@ def view_of_term(prog: ResidualProgram, term: Term) -> ResidualProgram:
     raise ValueError(f"term {term.name!r} passes units that are not this program's")
 
 
+def starts_at_model_state(path: str | PathSpec | Term) -> bool:
+    """Whether a path starts at a stream state past the embedding (``h_last``, ``hN`` with
+    N ≥ 1): the model's own computation, which reads every position, so its contexts may have any
+    length (one token unless given). The same question before capture (text, a PathSpec) and after
+    (a bound term), under one name."""
+    if isinstance(path, Term):
+        source = path.chain()[0]
+        return source.kind == "stream" and (source.state or 0) >= 1
+    return spec_starts_at_model_state(path)
+
+
+def context_tokens(path: str | PathSpec | Term) -> int | None:
+    """Tokens of context a path reads: 2 if it passes a unit that mixes positions (attention),
+    else 1. A bound term answers exactly (its units' kinds); text or a PathSpec answers from the
+    unit names, None when the path passes a whole block (its kind is known after capture)."""
+    if isinstance(path, Term):
+        return 2 if any(unit.kind == "attn" for unit in path.units()) else 1
+    mixes = reads_context(path)
+    return None if mixes is None else 2 if mixes else 1
+
+
 def context_length(term: Term) -> int:
-    """Tokens of context a path term reads: 2 if it passes a unit of kind ``attn`` (which mixes
-    positions), else 1."""
-    return 2 if any(unit.kind == "attn" for unit in term.units()) else 1
-
-
-def reads_whole_context(term: Term) -> bool:
-    """Whether a path starts at a stream state h_N (N ≥ 1), such as ``h_last→U``: that source is
-    the model's own computation, which reads every position, so its contexts may have any length
-    (one token unless given)."""
-    source = term.chain()[0]
-    return source.kind == "stream" and (source.state or 0) >= 1
+    """Deprecated (goes in 0.9): :func:`context_tokens`."""
+    warnings.warn("context_length(term) is deprecated and goes in 0.9: use context_tokens",
+                  DeprecationWarning, stacklevel=2)
+    return context_tokens(term)  # type: ignore[return-value]
 
 
 def _source(prog: ResidualProgram, label: str) -> Term:

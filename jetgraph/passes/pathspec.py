@@ -174,21 +174,22 @@ def check_unit_names(text: str, layers: int) -> None:
                              f"({kind}0..{kind}{layers - 1})")
 
 
-def starts_at_model_state(text: str) -> bool:
+def starts_at_model_state(text: str | PathSpec) -> bool:
     """Whether a path starts at a stream state past the embedding (``h_last``, ``hN`` with
-    N ≥ 1): the model's own computation, which reads its whole context."""
-    source = parse_path(text).source
+    N ≥ 1): the model's own computation, which reads its whole context (from the text; a bound
+    term: :func:`jetgraph.passes.paths.starts_at_model_state`)."""
+    source = (text if isinstance(text, PathSpec) else parse_path(text)).source
     return source == LAST_STATE or (_is_state(source) and int(source[1:]) >= 1)
 
 
-def reads_context(text: str) -> bool | None:
+def reads_context(text: str | PathSpec) -> bool | None:
     """Whether a path mixes positions, from its text alone (before a model is loaded): True if
     it passes a unit named as attention (``attnI``, ``ATTN_last``, by capture's naming,
     :func:`jetgraph.ir.parse_unit_name`), False if every unit is named as an MLP, None if it
     passes a whole block (a block's kind is known only once the model is captured). With a
-    model, the units' own kinds decide (:func:`jetgraph.passes.paths.context_length`)."""
+    model, the units' own kinds decide (:func:`jetgraph.passes.paths.context_tokens`)."""
     unknown = False
-    for name in parse_path(text).units:
+    for name in (text if isinstance(text, PathSpec) else parse_path(text)).units:
         kind = LAST_OF_KIND.get(name.lower()) or (parse_unit_name(name) or ("", 0))[0]
         if kind == "attn":
             return True

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from jetgraph.applications.ngrams.contexts import all_contexts
 from jetgraph.applications.ngrams.sweep import evaluate_path, path_schedule
 from jetgraph.ir import ResidualProgram
-from jetgraph.passes.paths import context_length, path_term, view_of_term
+from jetgraph.passes.paths import context_tokens, path_term, view_of_term
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def diff_tables(prog_a: ResidualProgram, prog_b: ResidualProgram, path: str, top
         raise ValueError("diff_tables needs two models with the same vocabulary size "
                          f"({None if va is None else va.shape[0]} vs {None if vb is None else vb.shape[0]})")
     vocab = int(va.shape[0])
-    contexts = all_contexts(vocab, context_length(term_a)) if contexts is None else torch.as_tensor(contexts)
+    contexts = all_contexts(vocab, context_tokens(term_a)) if contexts is None else torch.as_tensor(contexts)
     schedules = [path_schedule(view_of_term(p, t), t) for p, t in ((prog_a, term_a), (prog_b, term_b))]
     best = {"increase": (torch.empty(0), torch.empty(0, dtype=torch.long)),
             "decrease": (torch.empty(0), torch.empty(0, dtype=torch.long))}

@@ -32,7 +32,7 @@ from jetgraph.applications.ngrams.state import CHECKPOINT_FORMAT
 from jetgraph.applications.ngrams.table import Rank
 from jetgraph.cost import DEFAULT_MAX_SECONDS
 from jetgraph.ir import ResidualProgram
-from jetgraph.passes.paths import context_length, path_term, reads_whole_context, view_of_term
+from jetgraph.passes.paths import context_tokens, path_term, starts_at_model_state, view_of_term
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -103,8 +103,8 @@ class NgramQuery:
         if view.decoder.unembedding is None:
             raise ValueError("the decoder has no affine readout: cannot size the vocabulary")
         vocab = int(view.decoder.unembedding.shape[0])
-        length = context_length(term)
-        whole = reads_whole_context(term)
+        length = context_tokens(term)
+        whole = starts_at_model_state(term)
         rows = (Contexts.grid(vocab, length, self.sources) if self.contexts is None
                 else Contexts.of(self.contexts, length, vocab, whole))
         keywords = list(self.keywords) if self.keywords is not None else None

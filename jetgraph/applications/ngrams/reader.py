@@ -24,7 +24,7 @@ import torch
 from jetgraph.applications.ngrams.evaluator import PathEvaluator
 from jetgraph.applications.ngrams.mixture import FirstTokens, MixtureEvaluator
 from jetgraph.ir import ResidualProgram, ResidualUnit
-from jetgraph.passes.paths import context_length, path_term, reads_whole_context, view_of_term
+from jetgraph.passes.paths import context_tokens, path_term, starts_at_model_state, view_of_term
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -47,8 +47,8 @@ class PathReader:
         if self.view.decoder.unembedding is None:
             raise ValueError("the decoder has no affine readout: cannot size the vocabulary")
         self.vocab = int(self.view.decoder.unembedding.shape[0])
-        self.whole_context = reads_whole_context(self.term)
-        self.length = None if self.whole_context else context_length(self.term)
+        self.whole_context = starts_at_model_state(self.term)
+        self.length = None if self.whole_context else context_tokens(self.term)
         if first_tokens is not None:
             if not self.whole_context:
                 raise ValueError("first_tokens applies to paths from the model's stream (h_last→U); "

@@ -30,7 +30,7 @@ from jetgraph.applications.ngrams.sweep import ngram_plan, ngram_table
 from jetgraph.applications.ngrams.table import NgramTable
 from jetgraph.cost import Plan
 from jetgraph.ir import ResidualProgram
-from jetgraph.passes.paths import path_term, reads_whole_context
+from jetgraph.passes.paths import path_term, starts_at_model_state
 
 PLAN_OPTIONS = frozenset({"order", "top", "row_top", "last_top", "keywords", "normalise", "rank", "chunk"})
 RUN_OPTIONS = RUN_FIELDS - {"chunk"}
@@ -59,7 +59,7 @@ class TableSet:
             raise TypeError(f"unknown table option(s) {unknown}; the options are {sorted(PLAN_OPTIONS)}")
         self.prog, self.paths, self.tokenizer = prog, list(paths), tokenizer
         self.vocab = int(prog.decoder.unembedding.shape[0])
-        self.from_stream = [reads_whole_context(path_term(prog, spec)) for spec in self.paths]
+        self.from_stream = [starts_at_model_state(path_term(prog, spec)) for spec in self.paths]
         counted = isinstance(sources, int) and not isinstance(sources, bool)
         if first_tokens and not any(self.from_stream):
             raise ValueError(f"first_tokens applies to read-outs of the model's stream (h_last→U, hN→U); "
