@@ -1,5 +1,5 @@
 """A unit's graph run at the last position with the earlier positions once per group
-(jetgraph.passes.positions), against the whole graph run on every context."""
+(jetgraph.codegen.positions), against the whole graph run on every context."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 import jetgraph
 from jetgraph.capture.zoo import FAMILIES, VOCAB, tiny_model
-from jetgraph.passes.positions import Groups, LastPosition, PositionSplitError
+from jetgraph.codegen.positions import Groups, LastPosition, PositionSplitError
 
 ATTENTION_FAMILIES = [f for f in FAMILIES if f != "residual_mlp"]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}

@@ -14,6 +14,8 @@ from jetgraph.applications import ngram_table
 from jetgraph.applications.ngrams import evaluator as evaluator_module
 from jetgraph.applications.ngrams.evaluator import evaluate_path, path_schedule
 from jetgraph.applications.ngrams.query import NgramQuery
+from jetgraph.codegen import modes as modes_module
+from jetgraph.codegen.positions import Groups
 
 
 def plain_table(prog, path: str, contexts: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -73,11 +75,11 @@ def test_a_group_that_is_not_one_falls_back_to_the_whole_unit(monkeypatch) -> No
     job, evaluator = _evaluator(prog, "E→attn0→mlp0→U")
     ids = job.contexts.rows(100, 400)  # crosses a row: two first tokens
     plain = evaluate_path(evaluator.schedule, ids)
-    wrong = evaluator_module.Groups(torch.zeros(1, dtype=torch.long), torch.zeros(len(ids), dtype=torch.long))
-    monkeypatch.setattr(evaluator_module.Groups, "of", classmethod(lambda cls, ids, copies=1: wrong))
-    monkeypatch.setattr(evaluator_module, "_TOLD", set())
+    wrong = Groups(torch.zeros(1, dtype=torch.long), torch.zeros(len(ids), dtype=torch.long))
+    monkeypatch.setattr(Groups, "of", classmethod(lambda cls, ids, copies=1: wrong))
+    monkeypatch.setattr(modes_module, "_TOLD", set())
     told = "attn0 ran on every position.*differ at earlier"
-    with pytest.warns(evaluator_module.ShortcutFallback, match=told):
+    with pytest.warns(modes_module.ShortcutFallback, match=told):
         torch.testing.assert_close(evaluator(ids), plain, rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per path and reason, not per chunk
@@ -95,8 +97,8 @@ def test_gpt2_position_embeddings_stay_right_in_the_shared_prefix() -> None:
 def test_a_failed_probe_falls_back_to_the_plain_schedule(monkeypatch) -> None:
     _, prog = captured("llama")
     monkeypatch.setattr(evaluator_module, "PROBE_TOLERANCE", {torch.float32: -1.0})
-    monkeypatch.setattr(evaluator_module, "_TOLD", set())
-    with pytest.warns(evaluator_module.ShortcutFallback) as told:
+    monkeypatch.setattr(modes_module, "_TOLD", set())
+    with pytest.warns(modes_module.ShortcutFallback) as told:
         _, evaluator = _evaluator(prog, "E→mlp0→attn1→U")
     assert not evaluator.last_position_only and evaluator.shared_steps == 0
     reasons = [str(w.message) for w in told]

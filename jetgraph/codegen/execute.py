@@ -10,13 +10,19 @@ batch dimension.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from jetgraph.codegen.positions import Groups, PositionSplitError
 from jetgraph.codegen.schedule import Schedule, Step
-from jetgraph.passes.evaluate import RunInputs, evaluate_terms
+from jetgraph.passes.evaluate import RunInputs, evaluate_terms, term_rows
 from jetgraph.passes.terms import Term
+
+if TYPE_CHECKING:
+    from jetgraph.codegen.modes import Modes
 
 
 class BatchedRun:
@@ -49,6 +55,57 @@ class BatchedRun:
         else:
             target = self.inputs.states[self.schedule.target_state]
         return outputs, target, target - outputs.sum(0)
+
+    def run_modes(self, modes: Modes, given: Callable[[int], torch.Tensor] | None = None,
+                  counts: list[float] | None = None) -> torch.Tensor:
+        """[outputs, batch, width]: the outputs at the last position, each step run in its mode
+        (:mod:`.modes`); ``given(index)`` supplies the ``"given"`` steps' buffers. With
+        ``counts``, each step's matmul FLOPs are appended to it, the given steps computed
+        plainly and counted as zero, and split units interpreted rather than replayed."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        last = RunInputs(self.prog, self.inputs.input_ids[:, -1:])
+        groups: dict[int, Groups] = {}
+        for index, step in enumerate(self.schedule.steps):
+            mode = modes.modes[index]
+            counter = FlopCounterMode(display=False) if counts is not None and mode != "given" else None
+            with counter if counter is not None else contextlib.nullcontext():
+                if mode == "given":
+                    buffer = given(index) if counts is None and given is not None else self.compute(step)
+                elif mode == "last":
+                    centers = self.gather(step.centers)[:, :, -1:, :] if step.centers else None
+                    buffer = evaluate_terms(step.terms, last, centers, step.center_of)
+                elif mode == "split":
+                    buffer = self._split(modes, index, step, groups, replay=counts is None)
+                else:
+                    buffer = self.compute(step)
+            self.buffers.append(buffer)
+            if counts is not None:
+                counts.append(counter.get_total_flops() if counter is not None else 0.0)
+        return self.gather(self.schedule.outputs)[:, :, -1, :]
+
+    def _split(self, modes: Modes, index: int, step: Step, groups: dict[int, Groups],
+               replay: bool = True) -> torch.Tensor:
+        """A position-mixing unit's order-0 jet at the last position, its earlier positions'
+        position-wise work once per group of inputs (the whole unit where that fails, with a
+        warning). ``replay=False`` interprets the graph instead of replaying its trace."""
+        from jetgraph.codegen.modes import fell_back
+
+        centers = self.gather(step.centers)
+        count, batch, seq, width = centers.shape
+        if count not in groups:
+            groups[count] = Groups.of(self.inputs.input_ids, copies=count)
+        side = self.inputs.side_for(count)
+        try:
+            splitter = modes.splitters[index]
+            values = (splitter if replay else splitter.interpret)(
+                centers.reshape(count * batch, seq, width), [side[name] for name in step.unit.side_inputs],
+                groups[count])
+        except PositionSplitError as error:
+            fell_back(modes.name, f"{step.unit.name} ran on every position, not split by position",
+                      str(error))
+            return self.compute(step)[:, :, -1:, :]
+        return term_rows(step.terms, values.reshape(count, batch, 1, -1), count, step.center_of)
 
     def gather(self, terms: Sequence[Term]) -> torch.Tensor:
         """The values of ``terms`` stacked: contiguous rows of one buffer are one slice."""

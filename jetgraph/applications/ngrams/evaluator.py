@@ -2,59 +2,37 @@
 
 A path's schedule (:func:`path_schedule`) computes every position of every context. An n-gram
 table reads the last position only, and a pair table's contexts share their tokens, so
-:class:`PathEvaluator` gives each step of the schedule one of four *modes*:
+:class:`PathEvaluator` runs the schedule in codegen's execution modes
+(:mod:`jetgraph.codegen.modes`: the decoder and trailing MLPs on the last position only,
+attention split by position) and adds one of its own, the ``"given"`` steps: leading steps
+whose value at a position depends on that position's token alone (the encoder's addends and
+order-0 jets of units that do not mix positions, up to the first unit that does) are computed
+once per distinct token of the table (at every position, so position-dependent addends stay
+right) and gathered per row.
 
-- ``"shared"``: per-token prefixes, once per table. Leading steps whose value at a position
-  depends on that position's token alone (the encoder's addends and order-0 jets of units that
-  do not mix positions, up to the first unit that does) are computed once per distinct token of
-  the table (at every position, so position-dependent addends stay right) and gathered per row.
-- ``"last"``: a step whose value is read at the last position only and that acts position by
-  position (the order-0 decoder: the final norm and the unembedding; an MLP after the last
-  attention unit) runs on the last position alone.
-- ``"split"``: an order-0 jet of a position-mixing unit whose value is read at the last position
-  only runs through :class:`~jetgraph.passes.positions.LastPosition`: its position-wise work on
-  the earlier positions (the first token's norm and key/value projections) once per group of
-  contexts with the same earlier tokens, its queries and outputs at the last position only.
-- ``"full"``: the plain schedule's step.
-
-Modes are chosen from the schedule (which step reads which) and the graphs' symbolic shapes,
-and checked on a probe of the table's own contexts (with shared first tokens) against the plain
-schedule at construction; where they differ the evaluator drops the split, then every
-shortcut (the plain schedule).
+The modes are checked on a probe of the table's own contexts (with shared first tokens) against
+the plain schedule at construction; where they differ the evaluator drops the split, then every
+shortcut (the plain schedule), and warns once with the reason
+(:class:`~jetgraph.codegen.modes.ShortcutFallback`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import torch
 
 from jetgraph.codegen import BatchedRun, Schedule, plan
-from jetgraph.ir import Decoder, ResidualProgram
-from jetgraph.passes.evaluate import RunInputs, evaluate_terms, term_rows
+from jetgraph.codegen.modes import Modes, ShortcutFallback, fell_back, last_position_modes, plain_modes
+from jetgraph.ir import ResidualProgram
 from jetgraph.passes.expansion import Expansion
-from jetgraph.passes.positions import Groups, LastPosition, PositionSplitError
 from jetgraph.passes.terms import Term
+
+__all__ = ["PathEvaluator", "ShortcutFallback", "evaluate_path", "path_schedule"]
 
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 """Largest probe difference, relative to the logits' scale, that counts as the same values
 (batch composition changes the rounding of a matmul, never more)."""
 
 TOKEN_BLOCK = 4096  # distinct tokens per call when the shared prefix is computed
-_TOLD: set[tuple[str, str, str]] = set()
-
-
-class ShortcutFallback(RuntimeWarning):
-    """A path evaluator dropped a shortcut (same numbers, slower): warned once per path and reason."""
-
-
-def fell_back(path: str, what: str, reason: str) -> None:
-    """Warn once per path, shortcut and reason that ``what`` was dropped, and why."""
-    if (path, what, reason) not in _TOLD:
-        _TOLD.add((path, what, reason))
-        warnings.warn(f"{path}: {what} ({reason}); the results are the same, computed more slowly",
-                      ShortcutFallback, stacklevel=3)
 
 
 def path_schedule(view: ResidualProgram, term: Term) -> Schedule:
@@ -72,7 +50,7 @@ class PathEvaluator:
     """``evaluator(ids)``: [rows, vocab] last-position logits of one path term on ``ids``
     [rows, length], equal to :func:`evaluate_path` up to matmul rounding. ``tokens``: every
     token the contexts hold (for the per-token prefix); None when they are not known in
-    advance (no ``"shared"`` steps)."""
+    advance (no ``"given"`` steps)."""
 
     split_positions = True
     """Whether position-mixing units may run split by position (a switch for comparisons)."""
@@ -86,14 +64,13 @@ class PathEvaluator:
         self.tokens = tokens
         self._shared: list[torch.Tensor] | None = None
         self._lookup: torch.Tensor | None = None
-        self._splitters: dict[int, LastPosition] = {}
         self.modes = self._choose_modes()
 
     # ------------------------------------------------------------------ modes
     @property
     def shared_steps(self) -> int:
-        """How many leading steps are computed once per token (mode ``"shared"``)."""
-        return sum(mode == "shared" for mode in self.modes)
+        """How many leading steps are computed once per token (mode ``"given"``)."""
+        return self.modes.count("given")
 
     @property
     def last_position_only(self) -> bool:
@@ -103,74 +80,29 @@ class PathEvaluator:
     @property
     def split_steps(self) -> list[str]:
         """Names of the position-mixing units run once per group of earlier tokens."""
-        return [step.unit.name for step, mode in zip(self.schedule.steps, self.modes, strict=True)
+        return [step.unit.name for step, mode in zip(self.schedule.steps, self.modes.modes, strict=True)
                 if mode == "split"]
 
-    def _choose_modes(self, split: bool = True, shortcuts: bool = True) -> list[str]:
-        """Each step's mode: walked from the decoder back, a step runs on the last position only
-        when everything that reads it does. ``split=False``: no position-mixing unit is split;
-        ``shortcuts=False``: the plain schedule."""
-        steps = self.schedule.steps
-        if not shortcuts or self.length < 2:
-            return ["full"] * len(steps)
-        shared = _per_token_prefix(steps) if self.tokens is not None else 0
-        readers: list[list[int]] = [[] for _ in steps]
-        for index, step in enumerate(steps):
-            for term in [*step.centers, *(d for ds in step.directions for d in ds)]:
-                readers[self.schedule.location[term.uid][0]].append(index)
-        modes = ["full"] * len(steps)
-        for index in range(len(steps) - 1, -1, -1):
-            step = steps[index]
-            if index < shared:
-                modes[index] = "shared"
-                continue
-            if not all(modes[r] == "last" for r in readers[index]) or step.kind in ("source", "stream") \
-                    or step.order != 0 or step.directions:
-                continue
-            kind = getattr(step.unit, "kind", None)
-            if step.kind == "identity" or isinstance(step.unit, Decoder) or \
-                    (kind == "mlp" and not step.unit.side_inputs):
-                modes[index] = "last"
-            elif split and self.split_positions and step.kind == "jet" and kind == "attn":
-                try:
-                    self._splitters[index] = LastPosition(step.unit.graph_module)
-                    modes[index] = "split"
-                except PositionSplitError as error:
-                    fell_back(self.name, f"{step.unit.name} runs on every position, not split by position",
-                              str(error))
-        return modes
+    def _choose_modes(self, split: bool = True, shortcuts: bool = True) -> Modes:
+        """Each step's mode (:func:`~jetgraph.codegen.modes.last_position_modes`), the leading
+        per-token steps given from the token table. ``split=False``: no position-mixing unit is
+        split; ``shortcuts=False``: the plain schedule."""
+        if not shortcuts:
+            return plain_modes(self.schedule, self.name)
+        given = _per_token_prefix(self.schedule.steps) if self.tokens is not None else 0
+        return last_position_modes(self.schedule, self.length, given=given,
+                                   split=split and self.split_positions, name=self.name)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device)
-        if all(mode == "full" for mode in self.modes):
+        if self.modes.plain:
             return evaluate_path(self.schedule, ids)
         return self._evaluate(ids)
 
     def _evaluate(self, ids: torch.Tensor, counts: list[float] | None = None) -> torch.Tensor:
-        """The steps in their modes; with ``counts``, each step's matmul FLOPs are appended to
-        it and shared steps are computed plainly (and counted as zero)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
+        """The steps in their modes (with ``counts``: each step's matmul FLOPs appended)."""
         run = BatchedRun(self.schedule, ids)
-        last = RunInputs(self.view, ids[:, -1:])
-        groups: dict[int, Groups] = {}
-        for index, step in enumerate(self.schedule.steps):
-            mode = self.modes[index]
-            counter = FlopCounterMode(display=False) if counts is not None and mode != "shared" else None
-            with counter if counter is not None else contextlib.nullcontext():
-                if mode == "shared":
-                    buffer = self._gathered(index, ids) if counts is None else run.compute(step)
-                elif mode == "last":
-                    centers = run.gather(step.centers)[:, :, -1:, :] if step.centers else None
-                    buffer = evaluate_terms(step.terms, last, centers, step.center_of)
-                elif mode == "split":
-                    buffer = self._split(index, step, run, ids, groups, replay=counts is None)
-                else:
-                    buffer = run.compute(step)
-            run.buffers.append(buffer)
-            if counts is not None:
-                counts.append(counter.get_total_flops() if counter is not None else 0.0)
-        return run.gather(self.schedule.outputs)[0, :, -1, :]
+        return run.run_modes(self.modes, lambda index: self._gathered(index, ids), counts)[0]
 
     @property
     def shared_bytes(self) -> int:
@@ -181,27 +113,7 @@ class PathEvaluator:
         rows = sum(len(s.terms) for s in self.schedule.steps[: self.shared_steps])
         return rows * len(self.tokens) * self.length * width * 4
 
-    # ------------------------------------------------------------------ the shortcuts
-    def _split(self, index: int, step, run: BatchedRun, ids: torch.Tensor,
-               groups: dict[int, Groups], replay: bool = True) -> torch.Tensor:
-        """A position-mixing unit's order-0 jet at the last position, its earlier positions'
-        position-wise work once per group of contexts (the whole unit where that fails).
-        ``replay=False`` interprets the graph instead of replaying its trace (to count FLOPs)."""
-        centers = run.gather(step.centers)
-        count, batch, seq, width = centers.shape
-        if count not in groups:
-            groups[count] = Groups.of(ids, copies=count)
-        side = run.inputs.side_for(count)
-        try:
-            splitter = self._splitters[index]
-            values = (splitter if replay else splitter.interpret)(
-                centers.reshape(count * batch, seq, width), [side[name] for name in step.unit.side_inputs],
-                groups[count])
-        except PositionSplitError as error:
-            fell_back(self.name, f"{step.unit.name} ran on every position, not split by position", str(error))
-            return run.compute(step)[:, :, -1:, :]
-        return term_rows(step.terms, values.reshape(count, batch, 1, -1), count, step.center_of)
-
+    # ------------------------------------------------------------------ the per-token steps
     def _gathered(self, index: int, ids: torch.Tensor) -> torch.Tensor:
         if self._shared is None:
             self._shared = self._prefix_table()
@@ -255,7 +167,7 @@ class PathEvaluator:
         """The shortcuts against the plain schedule on ``probe`` contexts and on the same
         contexts with their last tokens rotated (so that groups share earlier tokens); on a
         difference or a failure, first without the split, then the plain schedule."""
-        if all(mode == "full" for mode in self.modes) or not len(probe):
+        if self.modes.plain or not len(probe):
             return
         probe = probe.to(self.device)
         if self.length > 1:
@@ -276,7 +188,7 @@ class PathEvaluator:
                 same, reason = False, f"the shortcuts fail on a probe: {type(error).__name__}: {error}"
             if same:
                 return
-            if "split" in self.modes or "shortcuts" in fallback:
+            if "split" in self.modes.modes or "shortcuts" in fallback:
                 fell_back(self.name, what, reason)
             self.modes = self._choose_modes(**fallback)
             if not self.shared_steps:

@@ -24,12 +24,13 @@ raises it too: callers fall back to the whole graph.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sympy
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 aten = torch.ops.aten
@@ -94,6 +95,21 @@ class _Full:
     depends: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class _Arg:
+    """An argument as the interpreter holds it: the node it came from and its value. A pytree
+    leaf (argument trees are walked with :mod:`torch.utils._pytree`); unpacks as ``node, value``."""
+
+    node: fx.Node
+    value: Any
+
+    def __iter__(self):
+        return iter((self.node, self.value))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.node, self.value)[index]
+
+
 @dataclass(frozen=True)
 class _Sym:
     """A symbolic size (``sym_size`` of the input, and arithmetic on it)."""
@@ -135,6 +151,7 @@ class LastPosition:
         if not (isinstance(batch, sympy.Symbol) and isinstance(seq, sympy.Symbol)):
             raise PositionSplitError("the graph was captured at fixed sizes: positions cannot be told apart")
         self.batch, self.seq = batch, seq
+        self._stream = placeholders[0]
         self.shapes: dict[fx.Node, list[sympy.Expr] | None] = {}
         self._dims_of: dict[fx.Node, tuple[list[int], list[int], list[int]]] = {}
         self._sizes_of: dict[tuple[sympy.Expr, int, int], int] = {}
@@ -233,37 +250,34 @@ class LastPosition:
         self.contexts, self.length, self.groups = contexts, length, groups
         self._claims = claims
         self._parts_cache: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
-        env: dict[fx.Node, Any] = {}
-        inputs = iter([x, *side])
-        attrs = iter(weights) if weights is not None else None
-        output: Any = None
-        stream = _first_placeholder(self.nodes)
-        for node in self.nodes:
-            if node.op in ("call_function", "call_module") and not node.users:
-                continue  # unused (guards, asserts): the output does not depend on it
-            if node.op == "placeholder":
-                value = next(inputs)
-                env[node] = self._split_input(node, value) if node is stream else _Full(value)
-            elif node.op == "get_attr":
-                env[node] = next(attrs) if attrs is not None else _attr(self.graph_module, node.target)
-            elif node.op == "call_function":
-                try:
-                    env[node] = self._call(node, env)
-                except PositionSplitError:
-                    raise
-                except torch.OutOfMemoryError:
-                    raise
-                except (TypeError, IndexError, KeyError, ValueError, AttributeError, RuntimeError) as error:
-                    raise PositionSplitError(f"{node.name} ({node.target}): {error}") from error
-            elif node.op == "output":
-                output = fx.node.map_arg(node.args[0], lambda n: env[n])
-            else:
-                raise PositionSplitError(f"{node.op} nodes are not supported ({node.name})")
+        output = _SplitInterpreter(self, weights).run(x, *side, enable_io_processing=False)
         if isinstance(output, (tuple, list)):
             if len(output) != 1:
                 raise PositionSplitError("the unit returns more than one value")
             output, = output
         return self._last_of(output, _first_output_node(self.nodes))
+
+    def _run_node(self, node: fx.Node, env: dict[fx.Node, Any], inputs, attrs) -> Any:
+        """One node of the interpreted run (:class:`_SplitInterpreter`)."""
+        if node.op in ("call_function", "call_module") and not node.users:
+            return None  # unused (guards, asserts): the output does not depend on it
+        if node.op == "placeholder":
+            value = next(inputs)
+            return self._split_input(node, value) if node is self._stream else _Full(value)
+        if node.op == "get_attr":
+            return next(attrs) if attrs is not None else _attr(self.graph_module, node.target)
+        if node.op == "call_function":
+            try:
+                return self._call(node, env)
+            except PositionSplitError:
+                raise
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, IndexError, KeyError, ValueError, AttributeError, RuntimeError) as error:
+                raise PositionSplitError(f"{node.name} ({node.target}): {error}") from error
+        if node.op == "output":
+            return fx.node.map_arg(node.args[0], lambda n: env[n])
+        raise PositionSplitError(f"{node.op} nodes are not supported ({node.name})")
 
     def _claim(self, node: fx.Node, spread: torch.Tensor, value: torch.Tensor) -> None:
         """``spread`` (the group's representative, repeated) equals ``value``: checked now, or
@@ -376,8 +390,8 @@ class LastPosition:
 
     # ------------------------------------------------------------------ ops
     def _call(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-        args = fx.node.map_arg(node.args, lambda n: (n, env[n]))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: (n, env[n]))
+        args = fx.node.map_arg(node.args, lambda n: _Arg(n, env[n]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _Arg(n, env[n]))
         target = node.target
         if target is aten.sym_size.int:
             if isinstance(node.meta.get("val"), (torch.SymInt, int)):
@@ -387,7 +401,7 @@ class LastPosition:
                 raise PositionSplitError(f"{node.name}: the size of a value without a recorded shape")
             return _Sym(shape[node.args[1]])
         if target in _SYM_OPS:
-            values = [a[1] if isinstance(a, tuple) else a for a in node.args]
+            values = [a.value if isinstance(a, _Arg) else a for a in args]
             exprs = [v.expr if isinstance(v, _Sym) else v for v in values]
             value = sympy.floor(exprs[0] / exprs[1]) if target is operator.floordiv else target(*exprs)
             return _Sym(sympy.sympify(value))
@@ -506,9 +520,9 @@ class LastPosition:
     def _mixed_dims(self, node: fx.Node, target: Any, args: Any) -> dict[str, tuple[int, ...]]:
         """For each tensor operand, the dims ``target`` mixes (reduces, normalises, indexes)."""
         values = list(args)
-        first = values[0] if values and isinstance(values[0], tuple) else None
+        first = values[0] if values and isinstance(values[0], _Arg) else None
         if target in _CONCAT:
-            tensors = [t for t in values[0] if isinstance(t, tuple)]
+            tensors = [t for t in values[0] if isinstance(t, _Arg)]
             dim = values[1] if len(values) > 1 else node.kwargs.get("dim", 0)
             if target is aten.stack.default:  # a new dimension: nothing is mixed
                 return {}
@@ -581,24 +595,21 @@ class LastPosition:
         return {self.batch: self.contexts, self.seq: self.length}
 
     def _part_args(self, tree: Any, part: str) -> Any:
+        """``tree`` with each argument's value for ``part`` (its earlier or last positions)."""
         def convert(item: Any) -> Any:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node):
-                node, value = item
-                if isinstance(value, _Split):
-                    return value.prefix if part == "prefix" else value.last
-                if isinstance(value, _Full):
-                    if value.depends and not value.shared:
-                        raise _NotShared(f"{node.name} depends on the last position")
-                    prefix, last = self._parts(node, value.tensor, value.shared) \
-                        if self._unmerged(node)[0] else self._batch_parts(node, value.tensor)
-                    return prefix if part == "prefix" else last
-                return value
-            if isinstance(item, (list, tuple)):
-                return type(item)(convert(i) for i in item)
-            if isinstance(item, dict):
-                return {k: convert(v) for k, v in item.items()}
-            return item
-        return convert(tree)
+            if not isinstance(item, _Arg):
+                return item
+            node, value = item
+            if isinstance(value, _Split):
+                return value.prefix if part == "prefix" else value.last
+            if isinstance(value, _Full):
+                if value.depends and not value.shared:
+                    raise _NotShared(f"{node.name} depends on the last position")
+                prefix, last = self._parts(node, value.tensor, value.shared) \
+                    if self._unmerged(node)[0] else self._batch_parts(node, value.tensor)
+                return prefix if part == "prefix" else last
+            return value
+        return pytree.tree_map(convert, tree)
 
     def _batch_parts(self, node: fx.Node, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A value without positions (per context or shared): per group and per context."""
@@ -614,6 +625,8 @@ class LastPosition:
         key = (sizes[self.batch], sizes[self.seq])
 
         def concrete(item: Any) -> Any:
+            if isinstance(item, _Arg):
+                return pytree.tree_map(concrete, item.value)
             if isinstance(item, _Sym):
                 if (item.expr, *key) not in self._sizes_of:
                     value = item.expr.subs(sizes)
@@ -621,16 +634,11 @@ class LastPosition:
                         raise PositionSplitError(f"a size {item.expr} is not a whole number here")
                     self._sizes_of[(item.expr, *key)] = int(value)
                 return self._sizes_of[(item.expr, *key)]
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node):
-                return concrete(item[1])
             if isinstance(item, _Full):
                 return item.tensor
-            if isinstance(item, (list, tuple)):
-                return type(item)(concrete(i) for i in item)
-            if isinstance(item, dict):
-                return {k: concrete(v) for k, v in item.items()}
             return item
-        return target(*concrete(args), **concrete(kwargs))
+        args, kwargs = pytree.tree_map(concrete, (args, kwargs))
+        return target(*args, **kwargs)
 
     def _wrap(self, node: fx.Node, result: Any, shared: bool = False, depends: bool = False) -> Any:
         if isinstance(result, torch.Tensor):
@@ -694,50 +702,36 @@ def _is_layout_op(target: Any) -> bool:
                       aten.contiguous.default, aten.t.default)
 
 
-def _is_pair(item: Any) -> bool:
-    """An argument as the interpreter holds it: (the node it came from, its value)."""
-    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], fx.Node)
+class _SplitInterpreter(fx.Interpreter):
+    """The unit's graph run node by node on split values (:meth:`LastPosition._run_node`)."""
+
+    def __init__(self, owner: LastPosition, weights: Sequence[torch.Tensor] | None) -> None:
+        super().__init__(owner.graph_module, garbage_collect_values=True)
+        self.extra_traceback = False  # errors are PositionSplitErrors with their own message
+        self.owner = owner
+        self.attrs = iter(weights) if weights is not None else None
+
+    def run_node(self, n: fx.Node) -> Any:
+        return self.owner._run_node(n, self.env, self.args_iter, self.attrs)
 
 
-def _leaves(tree: Any) -> Iterator[Any]:
-    """The leaves of an argument tree; a (node, value) pair is one leaf."""
-    if _is_pair(tree):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _leaves(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _leaves(item)
-    else:
-        yield tree
-
-
-def _tensor_args(args: Any, kwargs: Any) -> list[tuple[fx.Node, Any]]:
-    return [leaf for leaf in (*_leaves(args), *_leaves(kwargs)) if _is_pair(leaf)]
+def _tensor_args(args: Any, kwargs: Any) -> list[_Arg]:
+    """The arguments that are values of nodes, in order."""
+    return [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, _Arg)]
 
 
 def _replace(tree: Any, replace: Mapping[int, Any]) -> Any:
-    if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], fx.Node):
-        return (tree[0], replace.get(id(tree[1]), tree[1]))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_replace(i, replace) for i in tree)
-    if isinstance(tree, dict):
-        return {k: _replace(v, replace) for k, v in tree.items()}
-    return tree
+    """``tree`` with each argument's value swapped where ``replace`` names it (by identity)."""
+    return pytree.tree_map(lambda item: _Arg(item.node, replace.get(id(item.value), item.value))
+                           if isinstance(item, _Arg) else item, tree)
 
 
 def _values(tree: Any) -> Any:
-    if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], fx.Node):
-        return tree[1]
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_values(i) for i in tree)
-    if isinstance(tree, dict):
-        return {k: _values(v) for k, v in tree.items()}
-    return tree
+    """``tree`` with each argument replaced by its value."""
+    return pytree.tree_map(lambda item: item.value if isinstance(item, _Arg) else item, tree)
 
 
 def _has_sizes(args: Any, kwargs: Any) -> bool:
     """Whether any argument is a symbolic size."""
-    return any(isinstance(leaf[1] if _is_pair(leaf) else leaf, _Sym)
-               for leaf in (*_leaves(args), *_leaves(kwargs)))
+    return any(isinstance(leaf.value if isinstance(leaf, _Arg) else leaf, _Sym)
+               for leaf in pytree.tree_leaves((args, kwargs)))
