@@ -17,16 +17,19 @@ from jetgraph.capture.zoo import VOCAB, tiny_model
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 TINYSTORIES = SHARED_MODELS / "tinystories-656k"
 
-_PROGRAMS: dict[str, tuple[torch.nn.Module, jetgraph.ResidualProgram]] = {}
+_PROGRAMS: dict[tuple[str, torch.dtype], tuple[torch.nn.Module, jetgraph.ResidualProgram]] = {}
 
 
-def captured(family: str) -> tuple[torch.nn.Module, jetgraph.ResidualProgram]:
-    """(model, program) for a tiny random model of ``family``, captured once per session."""
-    if family not in _PROGRAMS:
-        model = tiny_model(family)
-        example = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-        _PROGRAMS[family] = (model, jetgraph.capture(model, example, granularity="block"))
-    return _PROGRAMS[family]
+def captured(family: str, dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.nn.Module, jetgraph.ResidualProgram]:
+    """(model, program) for a tiny random model of ``family`` (seeded: the same weights in every
+    dtype) in ``dtype``, captured at block granularity on ``random_ids(1, 8, seed=1)``, once per
+    session: the one factory of the tests' captured programs (float64 ones are the oracles)."""
+    key = (family, dtype)
+    if key not in _PROGRAMS:
+        model = tiny_model(family).to(dtype)
+        _PROGRAMS[key] = (model, jetgraph.capture(model, random_ids(1, 8, seed=1), granularity="block"))
+    return _PROGRAMS[key]
 
 
 def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

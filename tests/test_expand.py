@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch import nn
@@ -27,10 +25,9 @@ FLOAT64_TOLERANCE = 1e-13  # float64 capture vs float64 oracle: ~450 float64 ulp
 FLOAT32_INSIDE = frozenset({"gpt_neo", "llama", "mistral", "qwen2", "gemma"})
 
 
-@functools.cache
 def _float64_program(family: str) -> jetgraph.ResidualProgram:
-    """The same tiny model (same seed) captured from a float64 copy, as in test_taylor_units."""
-    return jetgraph.capture(tiny_model(family).double(), random_ids(1, 8, seed=1), granularity="block")
+    """The same tiny model (same seed) in float64: the oracles' program (conftest's factory)."""
+    return captured(family, torch.float64)[1]
 
 
 def _assert_terms_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
@@ -271,7 +268,6 @@ def test_bad_input_errors() -> None:
 def test_remainders_have_order_k_plus_one(order: int) -> None:
     """For a real unit and the decoder (float64), remainder(c + t v) / t^(k+1) tends to a
     non-zero constant as t → 0."""
-    from jetgraph.capture.zoo import tiny_model
 
     # GPT-2: computed in float64 throughout (HF's Llama RMSNorm casts to float32 internally)
     prog = jetgraph.capture(tiny_model("gpt2").double(), random_ids(1, 6)).at("sublayer")

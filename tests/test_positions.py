@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import captured
 from torch import nn
 
 import jetgraph
 from jetgraph.capture.zoo import FAMILIES, VOCAB, tiny_model
 from jetgraph.codegen.positions import Groups, LastPosition, PositionSplitError
+from tests.conftest import captured
 
 ATTENTION_FAMILIES = [f for f in FAMILIES if f != "residual_mlp"]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}

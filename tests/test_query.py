@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import captured
 
 import jetgraph
 from jetgraph import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams import ngram_plan, ngram_table
 from jetgraph.applications.ngrams.evaluator import evaluate_path, path_schedule
 from jetgraph.applications.roles import path_logits
+from tests.conftest import captured
 
 
 def plain(prog, path: str, contexts: torch.Tensor) -> torch.Tensor:

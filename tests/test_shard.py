@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import captured
 
 from jetgraph.applications import ngram_table
 from jetgraph.applications.ngrams.shard import chunk_share
 from jetgraph.applications.ngrams.state import LastTokenTop, TopEntries, best_per_row
+from tests.conftest import captured
 
 WORKER = Path(__file__).with_name("shard_worker.py")
 FIELDS = ("top_values", "top_logits", "top_index", "row_values", "row_index", "row_max", "log_sum",

@@ -6,8 +6,6 @@ nested torch.func.jvp on the same decomposed graphs (captured from a float64 cop
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import transformers
@@ -15,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jetgraph
-from jetgraph.capture.zoo import FAMILIES, VOCAB, tiny_model
+from jetgraph.capture.zoo import FAMILIES, VOCAB
 from jetgraph.taylor import has_rule
 from tests.conftest import captured, random_ids, require_smollm2
 from tests.taylor_oracles import finite_difference_coefficients, nested_jvp_coefficients, relative_error
@@ -24,9 +22,9 @@ RELATIVE_TOLERANCE = 1e-5
 ORDER = 4
 
 
-@functools.cache
 def _float64_program(family: str) -> jetgraph.ResidualProgram:
-    return jetgraph.capture(tiny_model(family).double(), random_ids(1, 8, seed=1))
+    """The same tiny model (same seed) in float64: the oracles' program (conftest's factory)."""
+    return captured(family, torch.float64)[1]
 
 
 def _assert_jet_matches_oracle(f32, f64, center: torch.Tensor, scale: float,

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import captured, require_tinystories
 
 import jetgraph
 from jetgraph.applications import ngram_table
@@ -16,6 +15,7 @@ from jetgraph.applications.ngrams.evaluator import evaluate_path, path_schedule
 from jetgraph.applications.ngrams.query import NgramQuery
 from jetgraph.codegen import modes as modes_module
 from jetgraph.codegen.positions import Groups
+from tests.conftest import captured, require_tinystories
 
 
 def plain_table(prog, path: str, contexts: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
