@@ -82,11 +82,11 @@ def check(args: argparse.Namespace) -> None:
     from jetgraph.passes.paths import starts_at_model_state
 
     dims = folder_facts(args.model)
-    check_path_specs(args.paths, dims)
-    if args.first_tokens is not None and not any(starts_at_model_state(spec) for spec in args.paths):
+    args.specs = check_path_specs(args.paths, dims)  # parsed once, handed down as PathSpecs
+    if args.first_tokens is not None and not any(starts_at_model_state(spec) for spec in args.specs):
         raise UsageError("--first-tokens applies to paths from the model's stream (h_last→U, hN→U); "
                          f"these read exactly their own tokens: {' '.join(args.paths)}")
-    stream_paths = any(starts_at_model_state(spec) for spec in args.paths)
+    stream_paths = any(starts_at_model_state(spec) for spec in args.specs)
     if args.prefix is not None and args.sources is None and not stream_paths:
         raise UsageError("--prefix applies to read-outs of the model's stream (h_last→U, hN→U) and to "
                          f"--sources N; these paths read exactly their own tokens: {' '.join(args.paths)}")
@@ -126,7 +126,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
     if args.max_time is None or args.dry_run or "vocab" not in dims or "hidden" not in dims:
         return
     vocab, hidden = dims["vocab"], dims["hidden"]
-    for spec in args.paths:
+    for text, spec in zip(args.paths, args.specs, strict=True):
         pairs = context_tokens(spec) == 2  # a lower bound: a block path counts as one token
         if args.contexts is not None:
             rows = len(args.context_rows)
@@ -137,7 +137,7 @@ def _refuse_hopeless_tables(args: argparse.Namespace, dims: dict[str, int]) -> N
         rate = gemm_rate(getattr(torch, args.dtype))
         seconds = flops / rate
         if seconds > args.max_time:
-            raise CostError(f"refusing the n-gram table {spec} before loading the model: "
+            raise CostError(f"refusing the n-gram table {text} before loading the model: "
                             f"{format_count(rows)} contexts need {format_flops(flops)} for the decoder "
                             f"matmul alone, at least {format_duration(seconds)} at {rate / 1e9:.3g} "
                             f"GFLOP/s ({args.dtype}) measured here, more than --max-time "
@@ -149,10 +149,10 @@ def _check_context_rows(args: argparse.Namespace, vocab: int | None) -> None:
     """--contexts rows against every path (one id without attention, two through it) and the
     vocabulary of the model's config."""
     width = len(args.context_rows[0])
-    for spec in args.paths:
+    for text, spec in zip(args.paths, args.specs, strict=True):
         needed = context_tokens(spec)
         if needed is not None and width != needed:  # a block path is checked after capture
-            raise UsageError(f"--contexts {str(args.contexts)!r} has {width} id(s) per line, but {spec} "
+            raise UsageError(f"--contexts {str(args.contexts)!r} has {width} id(s) per line, but {text} "
                              f"reads {needed} token(s) of context")
     largest = max(max(row) for row in args.context_rows)
     if vocab is not None and largest >= vocab:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         prog.to(device)
     keywords = keyword_ids(tokenizer, args.keyword_words) if args.keyword_words else None
     ranks = shard.world if shard else (args.nproc or 1)
-    tables = TableSet(prog, args.paths, tokenizer=tokenizer, convention=args.prefix,
+    tables = TableSet(prog, args.specs, tokenizer=tokenizer, convention=args.prefix,
                       sources=args.id_range if args.id_range is not None else args.sources,
                       contexts=torch.tensor(args.context_rows) if args.contexts is not None else None,
                       first_tokens=args.first_tokens, ranks=ranks, top=args.top, keywords=keywords,

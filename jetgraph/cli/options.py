@@ -249,14 +249,17 @@ def read_contexts(path: Path) -> list[list[int]]:
     return rows
 
 
-def check_path_specs(specs: list[str] | None, dims: dict[str, int]) -> None:
-    """Path specs parsed, and their unit names checked against the config's layer count."""
+def check_path_specs(specs: list[str] | None, dims: dict[str, int]) -> list:
+    """Path specs parsed (once: the PathSpecs are what the command hands down), and their unit
+    names checked against the config's layer count."""
     from jetgraph.passes.pathspec import check_unit_names, parse_path
 
-    for spec in specs or ():
-        parse_path(spec)
+    parsed = []
+    for text in specs or ():
+        parsed.append(parse_path(text))
         if "layers" in dims:
-            check_unit_names(spec, dims["layers"])
+            check_unit_names(text, dims["layers"])
+    return parsed
 
 
 def unit_names(text: str | None) -> set[str] | None:
