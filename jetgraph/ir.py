@@ -278,6 +278,9 @@ class ResidualProgram:
     max_positions: int | None = None
     weights: WeightStore | None = None
     fixed_sizes: tuple[int | None, int | None] = (None, None)
+    memo: dict = field(default_factory=dict, init=False, repr=False)
+    """Values higher layers derive from this program once (compiled path readers); never part of
+    what the program is: :meth:`replace` and :meth:`at` start with an empty one."""
 
     def __post_init__(self) -> None:
         check_granularity(self.granularity)

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 python=.venv/bin/python
 if [ "${1:-}" = "fast" ]; then
   shift
-  exec "$python" -m pytest -q -rs -n 2 -m "not slow" --durations=25 "$@"
+  exec "$python" -m pytest -q -rs -n 2 --dist worksteal -m "not slow" --durations=25 "$@"
 fi
 # serial tests hold a child process's time against its plan: run them with nothing beside them
-"$python" -m pytest -q -rs -n 2 -m "not serial" --durations=25 "$@"
+"$python" -m pytest -q -rs -n 2 --dist worksteal -m "not serial" --durations=25 "$@"
 "$python" -m pytest -q -rs -m serial --durations=10 "$@"

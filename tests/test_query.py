@@ -107,3 +107,21 @@ def test_the_path_reader_refuses_bad_contexts_before_work() -> None:
         reader.logits(torch.tensor([[1, 128]]))
     with pytest.raises(ValueError, match="first_tokens applies to paths from the model's stream"):
         PathReader(prog, "E→U", FirstTokens.of([1]))
+
+
+def test_a_program_and_its_compiled_readers_are_freed_together() -> None:
+    import gc
+    import weakref
+
+    from jetgraph.applications.ngrams import full_table
+    from jetgraph.capture.zoo import tiny_model
+
+    prog = jetgraph.capture(tiny_model("llama"))  # the default view: a reader refers to it
+    full_table(prog, "E→attn0→U", contexts=torch.tensor([[1, 2]]))
+    full_table(prog, "E→attn0→U", contexts=torch.tensor([[3, 4]]))
+    assert len(prog.memo["path readers"]) == 1  # compiled once, read twice
+    assert prog.at("block").memo == {}  # a view starts with its own
+    alive = weakref.ref(prog)
+    del prog
+    gc.collect()
+    assert alive() is None

@@ -17,8 +17,6 @@ path scores, which are additive in logit space).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from jetgraph.applications.ngrams.evaluator import PathEvaluator
@@ -29,7 +27,6 @@ from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
 PROBE_ROWS = 8  # rows of the first batch the shortcuts are checked on
-_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PathReader:
@@ -144,8 +141,9 @@ class _Plain:
 
 def path_reader(prog: ResidualProgram, path: str | PathSpec, first_tokens: FirstTokens | None = None
                 ) -> PathReader:
-    """The reader of ``path`` on ``prog``, made once per program (kept while the program lives)."""
-    readers = _READERS.setdefault(prog, {})
+    """The reader of ``path`` on ``prog``, made once per program (in ``prog.memo``: it lives and
+    dies with the program, which a reader refers to)."""
+    readers = prog.memo.setdefault("path readers", {})
     key = (path.name if isinstance(path, PathSpec) else path, first_tokens)
     if key not in readers:
         readers[key] = PathReader(prog, path, first_tokens)
