@@ -17,12 +17,12 @@ from jetgraph.applications.sketch import (
     SketchLM,
     SparseRows,
     Windows,
-    _sweep,
     perplexity,
     plan_sketch,
     read_sketch,
     split_stream,
 )
+from jetgraph.applications.sketch.tables import _sweep
 from jetgraph.cli import main
 from jetgraph.errors import CostError
 
