@@ -193,7 +193,7 @@ def test_streamed_interventions_equal_the_unstreamed_computation(planted, monkey
     from jetgraph.applications.statistics import bootstrap_mean
 
     _, prog, rule, text = planted
-    monkeypatch.setattr(roles, "LOGITS_PER_CALL", 48 * 7)
+    monkeypatch.setattr(roles.ranking, "LOGITS_PER_CALL", 48 * 7)  # where block_rows reads it
     assert roles.block_rows(48) == 7
     sets = [("mlp1",), ("mlp0", "mlp2")]
     report = verify_roles(prog, unit_roles(prog, [rule.target], pairs=3, progress=False), text, units=sets,
