@@ -25,14 +25,13 @@ from jetgraph.applications import (
 from jetgraph.applications.lens import (
     CSV_COLUMNS,
     DIVERGENCE_REMAINDER,
-    METRICS,
     LensDivergenceWarning,
     LensResult,
     LensSeriesDivergenceWarning,
     divergent_series,
 )
 from jetgraph.capture.zoo import ResidualMLP, tiny_model
-from jetgraph.passes.metrics import per_center_agreement
+from jetgraph.passes.metrics import METRICS, per_center_agreement
 from tests.conftest import captured, random_ids, require_tinystories
 
 DIVERGES = 10  # first order at which h_0's jet overflows float32 in the model below
@@ -448,7 +447,7 @@ def test_lens_prompts_dry_run_and_max_time_before_loading(tmp_path, capsys, monk
 
 def test_lens_prompts_dry_run_and_max_time_after_loading(tmp_path, capsys, monkeypatch) -> None:
     """Without a config.json to plan from, the plan comes after capture, still before any work."""
-    import jetgraph.applications.lens as lens_module
+    import jetgraph.applications.lens.prompts as lens_module  # where lens_over_prompts finds it
     from jetgraph import cli
 
     def no_work(*_, **__):
