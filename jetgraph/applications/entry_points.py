@@ -4,7 +4,6 @@ read-outs on one model, capture it once and pass the program."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +13,7 @@ from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords
 from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.ngrams.mixture import FirstTokens
-from jetgraph.applications.ngrams.query import RENAMED
+from jetgraph.applications.ngrams.query import renamed_options
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT
 from jetgraph.applications.ngrams.tables import RUN_OPTIONS, TableSet
 from jetgraph.capture import capture
@@ -91,17 +90,8 @@ def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec |
     ``resume``, ``max_seconds``, ``progress``, ``shard``, …); an unknown one is refused by name.
     The cost is planned before any work.
     """
-    for old, new in RENAMED.items():
-        if old in options:
-            if (sources if new == "sources" else first_tokens) is not None:
-                raise TypeError(f"ngrams() got both {old}= and {new}=: give {new}= only")
-            warnings.warn(f"ngrams({old}=…) is deprecated and goes in 0.9: use {new}=", DeprecationWarning,
-                          stacklevel=2)
-            value = options.pop(old)
-            if new == "sources":
-                sources = value  # type: ignore[assignment]
-            else:
-                first_tokens = value if isinstance(value, FirstTokens) else FirstTokens.of(*value)  # type: ignore[misc]
+    options = renamed_options({**options, "sources": sources, "first_tokens": first_tokens}, "ngrams")
+    sources, first_tokens = options.pop("sources"), options.pop("first_tokens")  # type: ignore[assignment]
     unknown = sorted(set(options) - TABLE_OPTIONS)
     if unknown:
         raise TypeError(f"ngrams() got unknown option(s) {unknown}; it takes {sorted(TABLE_OPTIONS)}")

@@ -155,26 +155,35 @@ QUERY_FIELDS = frozenset(f.name for f in dataclasses.fields(NgramQuery)) - {"pat
 RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
 
 
+def renamed_options(options: dict[str, object], caller: str, stacklevel: int = 3) -> dict[str, object]:
+    """``options`` with the 0.7 keywords (``first``, ``average``) moved to their names
+    (``sources``, ``first_tokens``: an ``average=(prefixes, weights)`` becomes a
+    :class:`FirstTokens`), each with a DeprecationWarning; both spellings at once are refused."""
+    options = dict(options)
+    for old, new in RENAMED.items():
+        if old not in options:
+            continue
+        if options.get(new) is not None:
+            raise TypeError(f"{caller}() got both {old}= and {new}=: give {new}= only")
+        warnings.warn(f"{caller}({old}=…) is deprecated and goes in 0.9: use {new}=" +
+                      (" (a FirstTokens value)" if new == "first_tokens" else ""),
+                      DeprecationWarning, stacklevel=stacklevel + 1)
+        value = options.pop(old)
+        if old == "average" and value is not None and not isinstance(value, FirstTokens):
+            value = FirstTokens.of(*value)  # type: ignore[misc]  # (prefixes, weights)
+        options[new] = value
+    return options
+
+
 def split_options(path: str | PathSpec | Term, options: dict[str, object], caller: str
                   ) -> tuple[NgramQuery, RunOptions]:
     """A query and run options from 0.7-style keywords: unknown names refused by name, the
     renamed ones (``first``, ``average``) accepted with a DeprecationWarning."""
-    options = dict(options)
-    for old, new in RENAMED.items():
-        if old in options:
-            if new in options:
-                raise TypeError(f"{caller}() got both {old}= and {new}=: give {new}= only")
-            warnings.warn(f"{caller}({old}=…) is deprecated and goes in 0.9: use {new}=" +
-                          (" (a FirstTokens value)" if new == "first_tokens" else ""),
-                          DeprecationWarning, stacklevel=3)
-            options[new] = options.pop(old)
+    options = renamed_options(options, caller, stacklevel=4)
     unknown = sorted(set(options) - QUERY_FIELDS - RUN_FIELDS - {"ranks"})
     if unknown:
         raise TypeError(f"{caller}() got unknown option(s) {unknown}; a query takes {sorted(QUERY_FIELDS)} "
                         f"and a run {sorted(RUN_FIELDS)}")
-    first = options.get("first_tokens")
-    if first is not None and not isinstance(first, FirstTokens):
-        options["first_tokens"] = FirstTokens.of(*first)  # type: ignore[misc]  # (prefixes, weights)
     query = NgramQuery(path, **{k: v for k, v in options.items() if k in QUERY_FIELDS})  # type: ignore[arg-type]
     run = RunOptions(**{k: v for k, v in options.items() if k in RUN_FIELDS})  # type: ignore[arg-type]
     return query, run

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from jetgraph.applications.ngrams.evaluator import PathEvaluator
-from jetgraph.applications.ngrams.mixture import FirstTokens, MixtureEvaluator
+from jetgraph.applications.ngrams.mixture import FirstTokens
 from jetgraph.ir import ResidualProgram, ResidualUnit
 from jetgraph.passes.paths import context_tokens, path_term, starts_at_model_state, view_of_term
 from jetgraph.passes.pathspec import PathSpec
@@ -91,14 +91,15 @@ class PathReader:
 
     @torch.no_grad()
     def logits(self, contexts: torch.Tensor) -> torch.Tensor:
-        """[n, V] logits: the path's own, or with several first tokens the log of their
-        probability mixture (so a softmax gives the mixed distribution), float32."""
+        """[n, V] logits: the path's own (after the one first-token sequence, if given), or with
+        several first tokens the log of their probability mixture (so a softmax gives the mixed
+        distribution, as in the tables), float32 then."""
         ids = self.contexts(contexts)
         if self.first_tokens is None:
             return self._run(ids)
-        first, weights = self.first_tokens.tensors()
-        mixture = MixtureEvaluator(_Plain(self, first.shape[1] + ids.shape[1]), first, weights)
-        return mixture(ids)
+        if len(self.first_tokens) == 1:
+            return self._run(self._after(ids, self.first_tokens.ids[0])).float()
+        return self.log_probs(ids).float()
 
     @torch.no_grad()
     def log_probs(self, contexts: torch.Tensor) -> torch.Tensor:
@@ -125,18 +126,6 @@ class PathReader:
         for sequence, weight in zip(self.first_tokens.ids, self.first_tokens.weights, strict=True):
             total += weight * self._run(self._after(ids, sequence)).double()
         return total
-
-
-class _Plain:
-    """A reader seen as the inner evaluator of a :class:`MixtureEvaluator`."""
-
-    def __init__(self, reader: PathReader, length: int) -> None:
-        self.reader, self.length = reader, length
-        self.device = torch.device("cpu")
-        self.vocab = reader.vocab
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.reader._run(ids)
 
 
 def path_reader(prog: ResidualProgram, path: str | PathSpec, first_tokens: FirstTokens | None = None
