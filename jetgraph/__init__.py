@@ -5,6 +5,7 @@ One obvious name per job::
     prog = jetgraph.capture(model)                  # model -> residual program (IR)
     lens = jetgraph.lens(model, ids, orders=(0, 1, 2))  # the iterative jet lens, all orders
     table = jetgraph.ngrams(prog, "E→MLP_last→U")   # an n-gram table read from a path
+    why = jetgraph.explain(prog, ids, " Paris", tokenizer=tok)  # which paths give the logit
     paths = jetgraph.expand_paths(prog, exclude={"attn"}, max_length=1)
     jetgraph.emit_source(paths.expansion(), "bigrams.py")  # expanded model as code
 
@@ -15,7 +16,8 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 """
 
 from jetgraph._version import __version__ as __version__
-from jetgraph.applications.entry_points import lens, ngrams
+from jetgraph.applications.entry_points import explain, lens, ngrams
+from jetgraph.applications.explain import PathAttribution
 from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.capture import load_lazy, load_model
@@ -49,6 +51,7 @@ __all__ = [
     "JetgraphError",
     "ModelLoadError",
     "NgramQuery",
+    "PathAttribution",
     "PathReader",
     "ResidualProgram",
     "ResidualUnit",
@@ -61,6 +64,7 @@ __all__ = [
     "expand",
     "expand_paths",
     "expand_stream",
+    "explain",
     "jet",
     "lens",
     "load_lazy",

@@ -18,7 +18,8 @@ import contextlib
 import dataclasses
 import functools
 import operator
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal, Protocol
@@ -27,9 +28,10 @@ import networkx as nx
 import torch
 from torch import fx
 
+from jetgraph.heads import HeadsNotFound, split_heads
 from jetgraph.padding import as_attention_mask, mask_or_full
 
-Granularity = Literal["block", "sublayer"]
+Granularity = Literal["block", "sublayer", "head"]
 UnitKind = Literal["attn", "mlp"]
 UnitEdit = Callable[[torch.Tensor], torch.Tensor]  # a unit's update γ(h) -> the update used instead
 """A unit's kind: ``"attn"`` if its update mixes positions (found by perturbing one), else ``"mlp"``."""
@@ -54,9 +56,21 @@ def unit_name(kind: str, layer: int, branch: int | None = None) -> str:
     return f"{kind}{layer}" + (f"_{branch}" if branch is not None else "")
 
 
+def head_name(unit: str, head: int | None) -> str:
+    """The name of head ``head`` of attention unit ``unit`` (``attn3.h5``), or of the unit's
+    output bias when ``head`` is None (``attn3.bias``)."""
+    return f"{unit}.h{head}" if head is not None else f"{unit}.bias"
+
+
 def parse_unit_name(name: str) -> tuple[str, int] | None:
     """(kind, layer) of a name made by :func:`unit_name` (kind ``"block"``, ``"attn"`` or
-    ``"mlp"``), or None: what path specs are checked against before a model is loaded."""
+    ``"mlp"``) or :func:`head_name` (kind ``"attn"``), or None: what path specs are checked
+    against before a model is loaded."""
+    unit, dot, part = name.partition(".")
+    if dot:
+        parsed = parse_unit_name(unit)
+        is_head = part == "bias" or (part[:1] == "h" and part[1:].isdigit())
+        return parsed if parsed and parsed[0] == "attn" and is_head else None
     for kind in ("block", "attn", "mlp"):
         if name.startswith(kind):
             layer, _, branch = name[len(kind):].partition("_")
@@ -92,12 +106,12 @@ class WeightStore(Protocol):
 def check_granularity(granularity: object) -> Granularity:
     """``granularity`` if it is one jetgraph knows, else a ValueError naming the supported ones."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be 'block' (whole residual blocks) or 'sublayer' (attention "
-                         f"and MLP units), got {granularity!r}")
+        raise ValueError(f"granularity must be 'block' (whole residual blocks), 'sublayer' (attention "
+                         f"and MLP units) or 'head' (attention heads and MLP units), got {granularity!r}")
     return granularity  # type: ignore[return-value]
 
 
-GRANULARITIES: tuple[str, ...] = ("block", "sublayer")
+GRANULARITIES: tuple[str, ...] = ("block", "sublayer", "head")
 DEFAULT_GRANULARITY: Granularity = "sublayer"
 """The one default view, for the library and the CLI: attention and MLP units, the names of the
 path language (``E→mlp0→U``, ``--exclude attn``); ``prog.at("block")`` or ``granularity="block"``
@@ -306,7 +320,30 @@ class ResidualProgram:
         return tuple(leaf for block in self.blocks for leaf in (block.children or (block,)))
 
     @property
+    def heads(self) -> tuple[ResidualUnit, ...]:
+        """Units of the head view: each attention sublayer as its heads (``attn3.h0`` …, and
+        ``attn3.bias`` when its output map has an offset), which read the same stream state and
+        sum to the sublayer's update; MLP sublayers as they are. Found from the graph
+        (:mod:`jetgraph.heads`) once per program and shared by its views; a ValueError names the
+        attention unit whose heads cannot be found."""
+        cached = _HEAD_VIEWS.get(self.encoder)
+        if cached is None or cached[0] is not self.blocks:
+            cached = (self.blocks, _head_view(self.sublayers))
+            _HEAD_VIEWS[self.encoder] = cached
+        return cached[1]
+
+    def head_groups(self) -> dict[str, tuple[ResidualUnit, ...]]:
+        """Sublayer name -> its units in the head view (the heads and bias of an attention
+        sublayer; an MLP sublayer alone)."""
+        groups: dict[str, list[ResidualUnit]] = {}
+        for unit in self.heads:
+            groups.setdefault(unit.name.partition(".")[0], []).append(unit)
+        return {name: tuple(units) for name, units in groups.items()}
+
+    @property
     def units(self) -> tuple[ResidualUnit, ...]:
+        if self.granularity == "head":
+            return self.heads
         return self.blocks if self.granularity == "block" else self.sublayers
 
     def at(self, granularity: Granularity) -> ResidualProgram:
@@ -371,6 +408,8 @@ class ResidualProgram:
         [batch, seq, d] that returns the update to add instead (zeros: zero-ablation; a mean
         vector: mean-ablation). The rest of the model runs unchanged on the edited stream."""
         names = {u.name for u in self.blocks + self.sublayers}
+        if any("." in name for name in edits):
+            names |= {u.name for u in self.heads}
         unknown = sorted(set(edits) - names)
         if unknown:
             raise ValueError(f"no unit named {unknown[0]!r} to intervene on; units: "
@@ -402,21 +441,36 @@ class ResidualProgram:
         edits = edits or {}
         leaves = block.children or (block,)
         block_edit = edits.get(block.name) if block.children else None
+        by_head = keep == "head" or any("." in name for name in edits)
+        groups = self.head_groups() if by_head else {}
+        head_parts: list[torch.Tensor] = []  # the head view's updates, in order (keep="head")
 
         def update(leaf: ResidualUnit, state: torch.Tensor) -> torch.Tensor:
-            out = leaf(state, side)
-            return edits[leaf.name](out) if leaf.name in edits else out
+            group = groups.get(leaf.name, (leaf,))
+            if len(group) > 1:  # the sublayer as the sum of its heads (some of them edited)
+                parts = [edits[u.name](u(state, side)) if u.name in edits else u(state, side)
+                         for u in group]
+                out = functools.reduce(operator.add, parts)
+            else:
+                parts = [out := leaf(state, side)]
+            if leaf.name in edits:
+                if keep == "head" and len(group) > 1:
+                    raise ValueError(f"an edit of the whole {leaf.name} has no head states; edit its heads")
+                parts = [out := edits[leaf.name](out)]
+            head_parts.extend(parts)
+            return out
 
         if block_edit is not None:  # the whole block edited: its leaves' sum goes through the edit
             before = h
             for leaf in leaves:
                 h = h + leaf(before if block.parallel else h, side)
             h = before + block_edit(h - before)
-            if keep == "sublayer":
-                raise ValueError("a whole-block edit has no sublayer states; edit its sublayers instead")
+            if keep in ("sublayer", "head"):
+                raise ValueError(f"a whole-block edit has no {keep} states; edit its {keep}s instead")
             if keep == "block":
                 states.append(h)
             return h
+        before = h
         if block.parallel:
             outputs = [update(leaf, h) for leaf in leaves]
             partial = []
@@ -431,6 +485,10 @@ class ResidualProgram:
                 h = h + update(leaf, h)
                 if keep == "sublayer":
                     states.append(h)
+        if keep == "head":  # partial sums of the block's head-view updates; the last is h itself
+            for count in range(1, len(head_parts)):
+                states.append(before + functools.reduce(operator.add, head_parts[:count]))
+            states.append(h)
         if keep == "block":
             states.append(h)
         return h
@@ -442,7 +500,10 @@ class ResidualProgram:
                    self.decoder.graph_module]
         if self.decoder.norm is not None:
             modules.append(self.decoder.norm.graph_module)
-        return modules + [unit.graph_module for unit in self.blocks + self.sublayers]
+        cached = _HEAD_VIEWS.get(self.encoder)
+        heads = cached[1] if cached is not None and cached[0] is self.blocks else ()
+        units = dict.fromkeys(self.blocks + self.sublayers + heads)
+        return modules + [unit.graph_module for unit in units]
 
     def to(self, *args: object, **kwargs: object) -> ResidualProgram:
         """Move every graph's parameters and buffers (shared between views) in place."""
@@ -509,6 +570,39 @@ class ResidualProgram:
         )
 
 
+_HEAD_VIEWS: weakref.WeakKeyDictionary[Encoder, tuple[tuple[ResidualUnit, ...], tuple[ResidualUnit, ...]]] = (
+    weakref.WeakKeyDictionary())
+"""Per program (keyed by its encoder, shared by its views): its blocks and its head view."""
+
+
+def _head_view(sublayers: Sequence[ResidualUnit]) -> tuple[ResidualUnit, ...]:
+    """The head view's units, indexed: an attention sublayer's heads (and bias) each read the
+    state the sublayer read; their index runs on in execution order."""
+    groups: list[tuple[ResidualUnit, ...]] = []
+    for sub in sublayers:
+        if sub.kind != "attn":
+            groups.append((sub,))
+            continue
+        try:
+            split = split_heads(sub.graph_module, sub.name)
+        except HeadsNotFound as error:
+            raise ValueError(f"granularity 'head' is not available for this model: {error} "
+                             f"(module {sub.module_path or '?'}); use 'sublayer' or 'block'") from None
+        pieces = [(head_name(sub.name, i), module) for i, module in enumerate(split.heads)]
+        if split.bias is not None:
+            pieces.append((head_name(sub.name, None), split.bias))
+        groups.append(tuple(dataclasses.replace(sub, graph_module=module, name=name, children=())
+                            for name, module in pieces))
+    starts = [0]
+    for group in groups:
+        starts.append(starts[-1] + len(group))
+    units = []
+    for sub, group in zip(sublayers, groups, strict=True):
+        for unit in group:
+            units.append(dataclasses.replace(unit, index=len(units), reads=starts[sub.reads]))
+    return tuple(units)
+
+
 def as_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
     """Validate token ids: a non-empty integer tensor [batch, seq] (or [seq]) as int64 [batch, seq]."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -538,6 +632,7 @@ __all__ = [
     "StreamFunction",
     "as_input_ids",
     "check_granularity",
+    "head_name",
     "module_scope",
     "parameter_name",
     "parse_unit_name",

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from jetgraph.applications.explain import PathAttribution, check_explain_options, explain_program, token_id
+from jetgraph.applications.explain.compute import DEFAULT_BUDGET, DEFAULT_GOAL
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords
 from jetgraph.applications.ngrams.convention import InputConvention
@@ -16,9 +18,10 @@ from jetgraph.applications.ngrams.mixture import FirstTokens
 from jetgraph.applications.ngrams.query import renamed_options
 from jetgraph.applications.ngrams.readout import DEFAULT_READOUT
 from jetgraph.applications.ngrams.tables import RUN_OPTIONS, TableSet
+from jetgraph.applications.targets import token_label
 from jetgraph.capture import capture
 from jetgraph.cost import DEFAULT_MAX_SECONDS, check_plan
-from jetgraph.ir import DEFAULT_GRANULARITY, ResidualProgram, as_input_ids
+from jetgraph.ir import DEFAULT_GRANULARITY, ResidualProgram, as_input_ids, check_granularity
 from jetgraph.passes.pathspec import PathSpec
 from jetgraph.passes.terms import Term
 
@@ -109,6 +112,41 @@ def ngrams(model_or_program: nn.Module | ResidualProgram, path: str | PathSpec |
 
 
 TABLE_OPTIONS = frozenset({"order", "contexts", "row_top", "last_top", "normalise", "chunk"}) | RUN_OPTIONS
+
+
+def explain(model_or_program: nn.Module | ResidualProgram, input_ids_or_text: torch.Tensor | str,
+            target: int | str | None = None, contrast: int | str | None = None, position: int = -1, *,
+            tokenizer: object = None, granularity: str = "head", method: str = "frozen",
+            budget: int = DEFAULT_BUDGET, goal: float | None = DEFAULT_GOAL, max_seconds: float = 60.0,
+            order: int = 0, max_length: int = 2) -> PathAttribution:
+    """Which paths make the model predict ``target`` at ``position``: the target's logit (or the
+    logit difference ``target − contrast``) decomposed exactly into input-to-output paths over
+    attention heads and MLPs (:mod:`jetgraph.applications.explain`).
+
+    ``target``/``contrast``: a token id or a string of exactly one token (``" Paris"``); default
+    target: the model's own top token. ``granularity``: ``"head"`` (default), ``"sublayer"`` or
+    ``"block"``. ``method``: ``"frozen"`` (the best-first search of the frozen network, stopped
+    at ``goal`` of the value, ``budget`` expansions or ``max_seconds``) or ``"jet"`` (every path
+    of at most ``max_length`` units of the order-``order`` jet expansion). The parts are checked
+    to add up to the model's own value; ``result.table()`` prints the ranked paths.
+    """
+    check_explain_options(method, budget, goal, max_seconds, order, max_length)
+    check_granularity(granularity)
+    prog = _program(model_or_program, None)
+    ids = _input_ids(prog, input_ids_or_text, tokenizer)
+    vocab = prog.decoder.unembedding.shape[0] if prog.decoder.unembedding is not None else None
+    target_id = token_id(tokenizer, target, vocab, "target")
+    contrast_id = token_id(tokenizer, contrast, vocab, "contrast")
+    labels = {}
+    if tokenizer is not None:
+        wanted = set(ids[0].tolist()) | {t for t in (target_id, contrast_id) if t is not None}
+        labels = {t: token_label(tokenizer, t) for t in wanted}
+    result = explain_program(prog, ids, target_id, contrast_id, position, granularity=granularity,
+                             method=method, budget=budget, goal=goal, max_seconds=max_seconds,
+                             order=order, max_length=max_length, labels=labels)
+    if tokenizer is not None and result.target not in labels:
+        result.labels[result.target] = token_label(tokenizer, result.target)
+    return result
 
 
 def _program(model_or_program: nn.Module | ResidualProgram, granularity: str | None) -> ResidualProgram:

@@ -1,0 +1,184 @@
+"""A program frozen on one input: affine in its sources, with every gradient a search needs.
+
+On the input being explained, each unit ``u`` of the view is replaced by its frozen
+linearisation ``x ↦ A_u x + c_u`` (:func:`jetgraph.taylor.frozen.freeze`), which equals the unit
+there. The frozen network is then affine in its *sources*: the encoder's addends at each
+position (token and position embeddings) and each unit's constant ``c_u``. One forward and one
+backward pass give, for the target value ``T`` (a logit, or a logit difference):
+
+* ``G_s = ∂T/∂h_s``: the total of any vector placed in stream state ``s`` is ``G_s · v``;
+* ``B_u = A_u^T G_{u+1}``: the total of what unit ``u`` makes of a vector it reads is ``B_u · v``.
+
+Because ``G_s = G_N + Σ_{u reads ≥ s} B_u`` (a vector in state ``s`` reaches the decoder
+directly or through a first unit that reads it), splitting a group of paths into its direct
+path and its one-unit-longer groups conserves its total exactly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from jetgraph.ir import ResidualProgram, ResidualUnit, StreamFunction
+from jetgraph.taylor.frozen import FrozenGraph, freeze
+
+_FROZEN: weakref.WeakKeyDictionary[fx.GraphModule, FrozenGraph] = weakref.WeakKeyDictionary()
+
+
+def frozen(function: StreamFunction) -> FrozenGraph:
+    """The frozen linearisation of a unit's (or the decoder's) graph, made once per graph."""
+    graph_module = function.graph_module
+    if graph_module not in _FROZEN:
+        _FROZEN[graph_module] = freeze(graph_module)
+    return _FROZEN[graph_module]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where paths start: an encoder addend at a position (``embed.token`` at 3) or a unit's
+    constant (``mlp4`` with ``position=None``), whose vector lives in stream state ``state``."""
+
+    name: str
+    position: int | None
+    state: int
+    total: float
+
+
+class FrozenNetwork:
+    """``prog`` (one view) frozen on ``input_ids`` (one sequence) for the target
+    ``target(logits[position])`` (a scalar function of one position's logits)."""
+
+    def __init__(self, prog: ResidualProgram, input_ids: torch.Tensor, position: int,
+                 target: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.prog = prog
+        self.units: tuple[ResidualUnit, ...] = prog.units
+        self.position = position
+        ids, mask = prog.inputs(input_ids)
+        self.side = prog.side(ids, mask)
+        with torch.no_grad():
+            self.addends = {name: value[0] for name, value in prog.encoder.addends(ids, mask).items()}
+        with torch.enable_grad():  # callers may be inside torch.no_grad()
+            self._forward_backward(ids, mask, target)
+
+    # ---------------------------------------------------------------- passes
+    def _call(self, function: StreamFunction, x: torch.Tensor) -> torch.Tensor:
+        return frozen(function).values(x, *(self.side[name] for name in function.side_inputs))[0]
+
+    def _values(self, function: StreamFunction, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The function's value and its held values (for :meth:`apply`)."""
+        value, *held = frozen(function).values(x, *(self.side[name] for name in function.side_inputs))
+        return value, [h.detach() for h in held]
+
+    def _forward_backward(self, ids: torch.Tensor, mask: torch.Tensor,
+                          target: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        h0 = self.prog.encoder(ids, mask).detach()
+        shift = [torch.zeros_like(h0, requires_grad=True) for _ in range(len(self.units) + 1)]
+        inputs = [torch.zeros_like(h0, requires_grad=True) for _ in self.units]
+        states = [h0 + shift[0]]
+        outputs, reads = [], []
+        self.held: list[list[torch.Tensor]] = []
+        with self.prog.resident(self.units):
+            for unit, injected in zip(self.units, inputs, strict=True):
+                x = states[unit.reads]
+                reads.append(x.detach())
+                out, held = self._values(unit, x + injected)
+                self.held.append(held)
+                outputs.append(out.detach())
+                states.append(states[-1] + out + shift[len(states)])
+            logits = self._call(self.prog.decoder, states[-1])[0, self.position]
+            value = target(logits)
+            grads = torch.autograd.grad(value, shift + inputs, allow_unused=True, materialize_grads=True)
+        self.value = float(value.detach().double())
+        self.gradients = torch.stack([g[0] for g in grads[:len(shift)]])  # G_s: [states, seq, d]
+        self.unit_gradients = (torch.stack([g[0] for g in grads[len(shift):]]) if inputs
+                               else torch.zeros(0, *h0.shape[1:], dtype=h0.dtype))  # B_u: [units, seq, d]
+        self._flat_unit_gradients = self.unit_gradients.flatten(1).double()
+        self.unit_inputs = [x[0] for x in reads]
+        self.unit_outputs = [o[0] for o in outputs]
+        self.final = states[-1].detach()[0]
+        self.reads = torch.tensor([u.reads for u in self.units], dtype=torch.long)
+
+    # ---------------------------------------------------------------- totals
+    def total(self, state: int, vector: torch.Tensor) -> float:
+        """The total of ``vector`` placed in stream state ``state``: ``G_s · v``."""
+        return float(_dot(self.gradients[state], vector))
+
+    def direct(self, vector: torch.Tensor) -> float:
+        """What ``vector`` gives through the identity to the decoder: ``G_N · v``."""
+        return float(_dot(self.gradients[-1], vector))
+
+    def readers(self, state: int) -> torch.Tensor:
+        """Indices of the units that read stream state ``state`` or a later one."""
+        return torch.nonzero(self.reads >= state).flatten()
+
+    def through(self, units: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``B_u · v`` for each unit in ``units``: the totals of the groups one unit longer."""
+        return self._flat_unit_gradients[units] @ vector.flatten().double()
+
+    def sources(self) -> list[Source]:
+        """Every source with its total: each addend at each position, each unit's constant
+        (``G_{u+1}·out_u − B_u·x_u``) and the decoder's constant (``T − G_N·h_N``)."""
+        found = []
+        for name, value in self.addends.items():
+            per_position = (self.gradients[0].double() * value.double()).sum(-1)
+            found += [Source(f"embed.{name}", p, 0, float(t)) for p, t in enumerate(per_position)]
+        for unit, x, out, gradient_in in zip(self.units, self.unit_inputs, self.unit_outputs,
+                                              self.unit_gradients, strict=True):
+            total = _dot(self.gradients[unit.index + 1], out) - _dot(gradient_in, x)
+            found.append(Source(unit.name, None, unit.index + 1, float(total)))
+        return found
+
+    def decoder_constant(self) -> float:
+        """``T − G_N · h_N``: the part of the target the decoder adds by itself (a bias, the
+        held norm's offset)."""
+        return self.value - float(_dot(self.gradients[-1], self.final))
+
+    # ---------------------------------------------------------------- vectors
+    def source_vector(self, source: Source) -> torch.Tensor:
+        """The vector a source places in the stream ([seq, d])."""
+        if source.position is not None:
+            vector = torch.zeros_like(self.final)
+            vector[source.position] = self.addends[source.name.split(".", 1)[1]][source.position]
+            return vector
+        index = next(u.index for u in self.units if u.name == source.name)
+        return self.unit_outputs[index] - self.apply(index, self.unit_inputs[index])
+
+    def path_value(self, source: str, position: int | None, units: Sequence[str]) -> float:
+        """The contribution of one complete path (``"embed.token"`` at ``position``, or a unit's
+        constant with ``position=None``, then ``units`` by name), computed along it."""
+        index = {u.name: u.index for u in self.units}
+        unknown = [name for name in units if name not in index]
+        if unknown:
+            raise ValueError(f"no unit {unknown[0]!r} in this view; units: {', '.join(index)}")
+        state = 0 if position is not None else index[source] + 1
+        vector = self.source_vector(Source(source, position, state, 0.0))
+        for name in units:
+            unit = self.units[index[name]]
+            if unit.reads < state:
+                raise ValueError(f"{name} reads the stream before the path reaches it")
+            vector, state = self.apply(unit.index, vector), unit.index + 1
+        return self.direct(vector)
+
+    def apply(self, index: int, vector: torch.Tensor) -> torch.Tensor:
+        """``A_u v``: unit ``index``'s frozen linear map applied to ``vector`` ([seq, d]): plain
+        forward ops on the held values where the map could be built, else a jvp."""
+        unit = self.units[index]
+        linear = frozen(unit).linear
+        with self.prog.resident([unit]), torch.no_grad():
+            if linear is not None:
+                side = (self.side[name] for name in unit.side_inputs)
+                return linear(vector.unsqueeze(0), *side, *self.held[index])[0]
+            x = self.unit_inputs[index].unsqueeze(0)
+            _, tangent = torch.func.jvp(lambda h: self._call(unit, h), (x,), (vector.unsqueeze(0),))
+        return tangent[0].detach()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() * b.double()).sum()
+
+
+__all__ = ["FrozenNetwork", "Source", "frozen"]

@@ -1,0 +1,240 @@
+"""Head granularity and path attribution (``jetgraph.explain``): heads sum to their attention
+unit, the frozen linear maps agree with a jvp and with a Llama computed by hand from its weights
+and its own attention patterns, and every attribution adds up to the model's own value."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import fx
+
+from jetgraph.applications.explain import DecompositionError, FrozenNetwork, explain_program
+from jetgraph.applications.explain.network import frozen
+from jetgraph.capture.zoo import FAMILIES
+from jetgraph.cli import main
+from jetgraph.heads import HeadsNotFound, split_heads
+from jetgraph.ir import parse_unit_name
+from tests.conftest import captured, random_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_sum_to_their_attention_unit(family: str) -> None:
+    _, prog = captured(family)
+    ids = random_ids(2, 6, seed=1)
+    sub = prog.at("sublayer")
+    states, side = sub.stream_with_side_inputs(ids)
+    heads = prog.at("head")
+    groups = heads.head_groups()
+    attention = [u for u in sub.units if u.kind == "attn"]
+    for unit in attention:
+        update = unit(states[unit.reads], side)
+        parts = groups[unit.name]
+        assert len(parts) >= 2 and all(p.reads == parts[0].reads for p in parts)
+        total = sum(part(states[unit.reads], side) for part in parts)
+        assert ((total - update).abs().max() / update.abs().max()).item() <= 1e-5, unit.name
+    # the head view's stream ends where the model's does, and its names parse
+    assert torch.allclose(heads.stream(ids)[-1], states[-1], rtol=0, atol=1e-5)
+    assert len(heads.units) == sum(len(g) for g in groups.values())
+    assert all(parse_unit_name(u.name) is not None for u in heads.units)
+
+
+def test_a_head_edit_changes_only_that_head() -> None:
+    _, prog = captured("llama", torch.float64)
+    ids = random_ids(1, 5, seed=2)
+    head = prog.at("head").head_groups()["attn1"][2]
+    states, side = prog.at("head").stream_with_side_inputs(ids)
+    removed = prog.intervene(ids, {head.name: torch.zeros_like})
+    by_hand = prog.intervene(ids, {"attn1": lambda out: out - head(states[head.reads], side)})
+    assert torch.allclose(removed, by_hand, atol=1e-10)
+    assert not torch.allclose(removed, prog(ids))
+
+
+def test_a_graph_without_merged_heads_is_refused_by_construct() -> None:
+    class NoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten.mm.default(h, self.weight)
+
+    with pytest.raises(HeadsNotFound, match=r"merged into \[\.\.\., heads·head_dim\]"):
+        split_heads(fx.symbolic_trace(NoHeads()), "attn0")
+    with pytest.raises(ValueError, match="granularity must be"):
+        captured("gpt2")[1].at("heads")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_units_equal_the_units_and_their_linear_maps_equal_a_jvp(family: str) -> None:
+    _, prog = captured(family, torch.float64)
+    ids = random_ids(1, 6, seed=3)
+    view = prog.at("head")
+    states, side = view.stream_with_side_inputs(ids)
+    generator = torch.Generator().manual_seed(0)
+    for unit in [*view.units, view.decoder]:
+        x = states[-1] if unit is view.decoder else states[unit.reads]
+        args = [side[name] for name in unit.side_inputs]
+        piece = frozen(unit)
+        value, *held = piece.values(x, *args)
+        assert torch.allclose(value, unit(x, side), rtol=1e-12, atol=1e-12)
+        tangent = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        _, by_jvp = torch.func.jvp(lambda h, a=args, f=piece: f.values(h, *a)[0], (x,), (tangent,))
+        assert piece.linear is not None
+        assert torch.allclose(piece.linear(tangent, *args, *held), by_jvp, rtol=1e-10, atol=1e-12)
+
+
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_frozen_paths_equal_a_llama_computed_by_hand() -> None:
+    """The frozen map of each unit written out from the weights (RMSNorm scale, the model's own
+    attention pattern per query head, the SiLU gate held) composes into the same path values."""
+    model, prog = captured("llama", torch.float64)
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = "eager"
+    ids = random_ids(1, 6, seed=4)
+    torch.set_grad_enabled(False)
+    try:
+        _hand_computed_paths(model, prog, ids)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _hand_computed_paths(model, prog, ids) -> None:
+    out = model(input_ids=ids, output_hidden_states=True, output_attentions=True, use_cache=False)
+    eps = model.config.rms_norm_eps
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    dim = model.config.hidden_size // heads
+    layers = model.model.layers
+    maps = {}
+    for i, layer in enumerate(layers):
+        h = out.hidden_states[i][0]
+        attn = layer.self_attn
+        scale = _rms_scale(h, eps)
+        pattern = out.attentions[i][0]
+        for k in range(heads):
+            def head(v, k=k, attn=attn, scale=scale, pattern=pattern, layer=layer):
+                normed = layer.input_layernorm.weight * v * scale
+                values = normed @ attn.v_proj.weight.T  # [seq, kv * dim]
+                group = k // (heads // kv)
+                mixed = pattern[k] @ values[:, group * dim:(group + 1) * dim]
+                return mixed @ attn.o_proj.weight[:, k * dim:(k + 1) * dim].T
+            maps[f"attn{i}.h{k}"] = head
+        mid = h + sum(maps[f"attn{i}.h{k}"](h) for k in range(heads))
+        mlp, mid_scale = layer.mlp, _rms_scale(mid, eps)
+        gate = torch.nn.functional.silu((layer.post_attention_layernorm.weight * mid * mid_scale)
+                                        @ mlp.gate_proj.weight.T)
+
+        def mlp_map(v, mlp=mlp, gate=gate, mid_scale=mid_scale, layer=layer):
+            normed = layer.post_attention_layernorm.weight * v * mid_scale
+            return (gate * (normed @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+        maps[f"mlp{i}"] = mlp_map
+        last = mid + mlp_map(mid)  # the maps are exact at the model's own input
+        if i + 1 < len(layers):
+            assert torch.allclose(last, out.hidden_states[i + 1][0], atol=1e-8)
+    normed = model.model.norm.weight * last * _rms_scale(last, eps)  # HF's last hidden state is normed
+    assert torch.allclose(normed, out.hidden_states[-1][0], atol=1e-8)
+    target = int(out.logits[0, -1].argmax())
+    network = FrozenNetwork(prog.at("head"), ids, 5, lambda row: row[..., target])
+    readout = (model.model.norm.weight * model.lm_head.weight[target]) * _rms_scale(last, eps)[5]
+    embedding = model.model.embed_tokens.weight[ids[0]]
+    for units in [(), ("mlp0",), ("attn0.h1",), ("attn0.h3", "mlp1"), ("mlp0", "attn1.h2"),
+                  ("attn0.h0", "attn1.h1", "mlp1")]:
+        for position in (0, 3, 5):
+            v = torch.zeros_like(embedding)
+            v[position] = embedding[position]
+            for name in units:
+                v = maps[name](v)
+            by_hand = float(readout @ v[5])
+            # float64; HF's eager model and the captured graph differ by ~1e-9 in their states
+            value = network.path_value("embed.token", position, units)
+            assert value == pytest.approx(by_hand, abs=1e-9), units
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_attribution_adds_up_to_the_model(family: str, dtype: torch.dtype) -> None:
+    _, prog = captured(family, dtype)
+    ids = random_ids(1, 6, seed=5)
+    result = explain_program(prog, ids, budget=60)  # raises DecompositionError unless it adds up
+    logits = prog(ids)[0, -1]
+    assert result.value == pytest.approx(float(logits.max()), rel=1e-6)
+    parts = result.listed_total + result.unexpanded_total + result.remainder
+    assert parts == pytest.approx(result.value, abs=1e-9 * abs(result.value) + 1e-12)
+    scale = sum(abs(p.contribution) for p in result.paths) + abs(result.value)
+    exact = result.working_dtype == "float64"  # a float64 Llama still takes its norms in float32
+    if family in ("gpt2", "opt", "residual_mlp"):  # no casts inside: float64 throughout
+        assert exact == (dtype == torch.float64)
+    assert abs(result.remainder) <= (1e-10 if exact else 2e-5) * scale
+    # each listed path is the path computed along it again
+    network = FrozenNetwork(prog.at("head"), ids, 5, lambda row: row[..., result.target])
+    for path in [p for p in result.paths if p.position is not None][:5]:
+        again = network.path_value(path.source, path.position, path.units)
+        assert again == pytest.approx(path.contribution, rel=1e-5, abs=1e-7)
+
+
+def test_the_search_lists_every_path_when_the_budget_allows() -> None:
+    _, prog = captured("gpt2", torch.float64)
+    ids = random_ids(1, 3, seed=6)
+    result = explain_program(prog, ids, granularity="sublayer", budget=10_000, goal=None,
+                             contrast=7)
+    assert result.stopped.startswith("complete") and not result.groups and result.rest_count == 0
+    sources = [p for p in result.paths if p.position is not None and p.source == "embed.token"]
+    assert len(sources) == 3 * 2 ** 4  # every path of 4 sequential units from each token
+    assert result.completeness == pytest.approx(1.0, abs=1e-9)
+    logits = prog(ids)[0, -1]
+    assert result.value == pytest.approx(float(logits[result.target] - logits[7]), rel=1e-9)
+
+
+def test_the_jet_decomposition_adds_up_with_its_remainder() -> None:
+    _, prog = captured("llama", torch.float64)
+    ids = random_ids(1, 5, seed=7)
+    result = explain_program(prog, ids, method="jet", order=1, max_length=2, granularity="sublayer",
+                             budget=10_000)
+    assert result.groups == [] and result.paths
+    assert result.listed_total + result.remainder == pytest.approx(result.value, rel=1e-9)
+    with pytest.raises(ValueError, match="over the budget"):
+        explain_program(prog, ids, method="jet", order=1, max_length=4, budget=3)
+
+
+def test_bad_options_are_refused_in_one_line() -> None:
+    _, prog = captured("gpt2")
+    ids = random_ids(1, 4, seed=8)
+    cases = [({"position": 4}, "position 4 is past the input of 4"), ({"budget": 0}, "budget must"),
+             ({"goal": 0}, "goal must"), ({"method": "exact"}, "method must"),
+             ({"granularity": "layer"}, "granularity must"), ({"target": 10**9}, "outside the vocabulary")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            explain_program(prog, ids, **options)
+    with pytest.raises(ValueError, match="one sequence"):
+        explain_program(prog, random_ids(2, 4))
+    assert issubclass(DecompositionError, ArithmeticError)
+
+
+def test_the_result_writes_csv_json_and_a_picture(tmp_path) -> None:
+    from jetgraph.applications.explain.picture import attribution_graph
+
+    _, prog = captured("llama")
+    result = explain_program(prog, random_ids(1, 5, seed=9), budget=40, labels={})
+    rows = result.to_csv().splitlines()
+    assert rows[0].startswith("rank,position,token,path") and len(rows) == len(result.paths) + 1
+    data = json.loads(result.to_json())
+    assert data["value"] == result.value and len(data["paths"]) == len(result.paths)
+    source = attribution_graph(result, top=5).source
+    assert "target" in source and "unexpanded groups" in source and "remainder" in source
+    assert "embed.token→" in result.table(5)
+
+
+def test_cli_explain_errors_before_work(tmp_path, capsys) -> None:
+    assert main(["explain", "--help"]) == 0
+    assert main(["explain", "m", "text", "--budget", "0"]) == 2
+    assert main(["explain", "m", "text", "--granularity", "layer"]) == 2
+    assert main(["explain", "m", "  "]) == 2
+    assert main(["explain", "m", "text", "--csv", str(tmp_path / "x.txt")]) == 2
+    assert main(["explain", "m", "text", "--goal", "2"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    capsys.readouterr()
