@@ -35,7 +35,7 @@ LAYERS = {
     # leaves, importing at most each other: errors, file writing, version, cost estimates, data,
     # precision, attention masks
     "errors": 0, "files": 0, "_version": 0, "cost": 0, "data": 0, "precision": 0, "padding": 0,
-    "ir": 1, "taylor": 2, "capture": 3, "passes": 4, "codegen": 5, "applications": 6,
+    "ir": 1, "heads": 1, "taylor": 2, "capture": 3, "passes": 4, "codegen": 5, "applications": 6,
     "viz": 7, "cli": 7, "demo": 7, "__main__": 7,
 }
 TOP = max(LAYERS.values())  # the package namespace (jetgraph/__init__.py) re-exports the faces
