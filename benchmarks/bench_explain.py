@@ -81,7 +81,8 @@ def main() -> None:
         "peak RSS above start, first explain GB": first_peak.above_start_gb,
         "peak RSS above start, later explains GB (max; memory reused)": max(peaks),
         "peak RSS above start, forward+backward GB": forward_peak.above_start_gb,
-        "first call listed paths equal": [p.path for p in first.paths[:5]] == [p.path for p in result.paths[:5]],
+        "first call listed paths equal": [p.path for p in first.paths[:5]]
+        == [p.path for p in result.paths[:5]],
     }
     width = max(map(len, rows))
     for name, value in rows.items():

@@ -99,5 +99,5 @@ def test_granularity_is_checked_before_the_export(monkeypatch) -> None:
         raise AssertionError("exported before checking the granularity")
 
     monkeypatch.setattr(jetgraph.capture, "export_model", no_export)
-    with pytest.raises(ValueError, match=r"granularity must be 'block' .*'sublayer' .* or 'head' .*got 'layer'"):
+    with pytest.raises(ValueError, match=r"granularity must be 'block' .*'sublayer' .*'head' .*got 'layer'"):
         jetgraph.capture(tiny_model("llama"), torch.zeros(1, 4, dtype=torch.long), granularity="layer")

@@ -27,8 +27,14 @@ def _pair(family: str, dtype: torch.dtype):
     return jetgraph.capture(model, ids), jetgraph.capture(half, ids), half
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "residual_mlp"])
+# bf16 (what users load) on every family; fp16 (the same code with another rounding) on one family
+# per kind of block: learned positions, rotary, parallel attention+MLP, sequential NeoX
+FP16_FAMILIES = ("gpt2", "llama", "phi", "gpt_neox_sequential")
+HALF_CASES = [(f, torch.bfloat16) for f in FAMILIES if f != "residual_mlp"] + [
+    (f, torch.float16) for f in FP16_FAMILIES]
+
+
+@pytest.mark.parametrize(("family", "dtype"), HALF_CASES, ids=lambda v: str(v))
 def test_every_family_captures_in_half_precision(family: str, dtype: torch.dtype) -> None:
     _, prog, model = _pair(family, dtype)
     ids = random_ids(2, 7, seed=3)
