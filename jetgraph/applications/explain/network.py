@@ -100,6 +100,8 @@ class FrozenNetwork:
         self.unit_inputs = [x[0] for x in reads]
         self.unit_outputs = [o[0] for o in outputs]
         self.final = states[-1].detach()[0]
+        self.states = [s.detach()[0] for s in states]  # the model's own stream h_0 … h_N
+        self.target = target
         self.reads = torch.tensor([u.reads for u in self.units], dtype=torch.long)
 
     # ---------------------------------------------------------------- totals
@@ -150,6 +152,17 @@ class FrozenNetwork:
     def path_value(self, source: str, position: int | None, units: Sequence[str]) -> float:
         """The contribution of one complete path (``"embed.token"`` at ``position``, or a unit's
         constant with ``position=None``, then ``units`` by name), computed along it."""
+        vector, _ = self.prefix_vector(source, position, units)
+        return self.direct(vector)
+
+    def group_value(self, source: str, position: int | None, units: Sequence[str]) -> float:
+        """The total of every path that begins with this prefix: ``G_s · v``."""
+        vector, state = self.prefix_vector(source, position, units)
+        return self.total(state, vector)
+
+    def prefix_vector(self, source: str, position: int | None, units: Sequence[str]
+                      ) -> tuple[torch.Tensor, int]:
+        """The vector a prefix writes into the stream ([seq, d]) and the state it lives in."""
         index = {u.name: u.index for u in self.units}
         unknown = [name for name in units if name not in index]
         if unknown:
@@ -161,7 +174,7 @@ class FrozenNetwork:
             if unit.reads < state:
                 raise ValueError(f"{name} reads the stream before the path reaches it")
             vector, state = self.apply(unit.index, vector), unit.index + 1
-        return self.direct(vector)
+        return vector, state
 
     def apply(self, index: int, vector: torch.Tensor) -> torch.Tensor:
         """``A_u v``: unit ``index``'s frozen linear map applied to ``vector`` ([seq, d]): plain
