@@ -2,11 +2,12 @@
 prompts against the measured effect of removing each path.
 
 Part ``induction``: two-layer attention-only GPT-2s (their MLPs held at zero) trained on random
-token sequences whose second half repeats the first (after ``… A B … A`` comes ``B``). The truth
-comes from the model itself: the previous-token head of layer 0 and the induction head of layer
-1 (found from their attention patterns), and path patching — cutting the edge from that layer-0
-head into the induction head's input removes most of the in-context copying. Each decomposition
-is asked for its top multi-hop path of the copied token's logit.
+token sequences in which a segment of random length repeats (after ``… A B … A`` comes ``B``).
+The truth comes from the model's behaviour: the layer-1 head whose ablation costs the copied
+token's logit most, and the layer-0 head whose output, cut from that head's input alone (path
+patching), costs it most; the copying accuracy with that edge cut says how much of the copying
+it carries. The attention patterns (previous-token and induction scores) are recorded beside.
+Each decomposition is asked for its top path through two attention heads.
 
 Part ``rule``: the planted-rule model of the roles study (one MLP trained alone on a rule
 "trigger → target"): does the top path of the target's logit after a trigger pass that MLP?
@@ -88,7 +89,18 @@ def _heads_by_pattern(model, rows: torch.Tensor, lengths: torch.Tensor
     return int(previous.argmax()), int(induction.argmax()), previous.tolist(), induction.tolist()
 
 
+def _cut(network: FrozenNetwork, source: int, receiver: int):
+    """Unit ``receiver`` reading the stream without unit ``source``'s output (an edge cut)."""
+    def edit(unit, x):
+        return unit(x - network.unit_outputs[source].unsqueeze(0), network.side)
+    return edit
+
+
 def induction_run(seed: int, steps: int) -> dict:
+    """The truth from the model's behaviour: the layer-1 head whose ablation costs the copied
+    token's logit most (the copying head), and the layer-0 head whose output, cut from that head's
+    input alone, costs it most (the head it composes with); then each decomposition's top
+    multi-hop path against that edge."""
     start = time.perf_counter()
     vocab = 48
     model = attention_only_gpt2(vocab, seed)
@@ -98,49 +110,48 @@ def induction_run(seed: int, steps: int) -> dict:
     previous, induction, previous_scores, induction_scores = _heads_by_pattern(model, held_out, lengths)
     prog = jetgraph.capture(model, held_out[:1])
     view = prog.at("head")
-    edge = (f"attn0.h{previous}", f"attn1.h{induction}")
-    tops = {"frozen": [], "jet order 0": [], "jet order 1": []}
-    copied = cut_copied = 0
-    cut_drop = []
-    other_drops = []
+    names = [u.name for u in view.units]
+    cases = []
     for row, length in zip(held_out[:8], lengths[:8].tolist(), strict=True):
-        ids = row.unsqueeze(0)
         position = length + 3  # predicts the token at length + 4, a copy of the one at 4
         target = int(row[position + 1])
-        network = FrozenNetwork(view, ids, position, lambda logits, t=target: logits[..., t])
+        network = FrozenNetwork(view, row.unsqueeze(0), position, lambda logits, t=target: logits[..., t])
+        cases.append((row.unsqueeze(0), position, target, network))
+    ablation = {h: statistics.mean(n.value - remove_unit(n, f"attn1.h{h}") for *_, n in cases)
+                for h in range(4)}
+    copy_head = max(ablation, key=ablation.get)
+    receiver = names.index(f"attn1.h{copy_head}")
+    edge_cut = {g: statistics.mean(n.value - value_with(n, receiver, _cut(n, names.index(f"attn0.h{g}"),
+                                                                           receiver))
+                                   for *_, n in cases) for g in range(4)}
+    feed_head = max(edge_cut, key=edge_cut.get)
+    edge = (f"attn0.h{feed_head}", f"attn1.h{copy_head}")
+    copied = cut_copied = ablated_copied = 0
+    tops = {"frozen": [], "jet order 0": [], "jet order 1": []}
+    jet = {"method": "jet", "max_length": 2, "budget": 10**5}
+    for ids, position, target, network in cases:
         with torch.no_grad():
             copied += int(prog(ids)[0, position].argmax() == target)
-        names = [u.name for u in network.units]
-        source = names.index(edge[0])
-        receiver = names.index(edge[1])
-
-        def cut(x, unit, source=source, network=network):
-            return unit(x - network.unit_outputs[source].unsqueeze(0), network.side)
-
-        after = value_with(network, receiver, lambda unit, x, cut=cut: cut(x, unit))
-        cut_drop.append(network.value - after)
-        for other in range(4):  # the same cut from the other layer-0 heads, for scale
-            if other != previous:
-                index = names.index(f"attn0.h{other}")
-                other_drops.append(network.value - value_with(
-                    network, receiver, lambda unit, x, i=index, n=network: unit(
-                        x - n.unit_outputs[i].unsqueeze(0), n.side)))
-        logits = _logits_with(network, receiver, cut)
+        cut = _cut(network, names.index(edge[0]), receiver)
+        logits = _logits_with(network, receiver, lambda x, unit, c=cut: c(unit, x))
         cut_copied += int(logits.argmax() == target)
-        jet = {"method": "jet", "max_length": 2, "budget": 10**5}
+        ablated_copied += int(_logits_with(network, receiver, lambda x, unit: torch.zeros_like(x)).argmax()
+                              == target)
         for method, options in (("frozen", {"budget": 400}), ("jet order 0", {**jet, "order": 0}),
                                 ("jet order 1", {**jet, "order": 1})):
             result = explain_program(prog, ids, target, position=position, **options)
-            multi = [p for p in result.paths if len(p.units) >= 2]
+            multi = [p for p in result.paths if sum(u.startswith("attn") for u in p.units) >= 2]
             tops[method].append({"top": result.paths[0].path,
-                                 "top_multi_hop": multi[0].units if multi else None,
+                                 "top_multi_hop": list(multi[0].units) if multi else None,
                                  "edge_is_top_multi_hop": bool(multi) and tuple(multi[0].units[:2]) == edge})
     found = {m: sum(t["edge_is_top_multi_hop"] for t in runs) for m, runs in tops.items()}
-    return {"seed": seed, "previous_token_head": previous, "induction_head": induction,
+    return {"seed": seed, "copying_head": edge[1], "composes_with": edge[0],
+            "logit_drop_ablating_layer1_heads": ablation,
+            "logit_drop_cutting_layer0_heads_from_it": edge_cut,
+            "pattern_previous_token_head": previous, "pattern_induction_head": induction,
             "previous_scores": previous_scores, "induction_scores": induction_scores,
             "copying_accuracy": copied / 8, "copying_accuracy_with_edge_cut": cut_copied / 8,
-            "logit_drop_edge_cut": statistics.mean(cut_drop),
-            "logit_drop_other_layer0_heads_cut": statistics.mean(other_drops),
+            "copying_accuracy_with_copying_head_ablated": ablated_copied / 8,
             "edge_is_top_multi_hop_of_8": found, "examples": {m: runs[:2] for m, runs in tops.items()},
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -286,8 +297,10 @@ def main() -> None:
             runs.append(induction_run(seed, args.steps))
             r = runs[-1]
             print(f"induction seed {seed}: copying {r['copying_accuracy']:.2f} → "
-                  f"{r['copying_accuracy_with_edge_cut']:.2f} "
-                  f"with attn0.h{r['previous_token_head']}→attn1.h{r['induction_head']} cut; "
+                  f"{r['copying_accuracy_with_edge_cut']:.2f} with "
+                  f"{r['composes_with']}→{r['copying_head']} "
+                  f"cut ({r['copying_accuracy_with_copying_head_ablated']:.2f} with "
+                  f"{r['copying_head']} ablated); "
                   f"edge is the top multi-hop path in {r['edge_is_top_multi_hop_of_8']} of 8")
         results["induction"] = runs
     if "rule" in args.part:

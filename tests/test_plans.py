@@ -228,3 +228,11 @@ def test_format_plan_labels_every_phase_and_says_whether_max_time_refuses() -> N
         check_plan(phases, 10.0, max_bytes=1e12)
     with pytest.raises(CostError, match="needs more memory"):
         check_plan(phases, None, max_bytes=1e9)
+
+
+@pytest.mark.serial
+def test_explain_plan_bounds_the_run(wide, tmp_path) -> None:
+    measured = measure(["explain", str(wide), "Once upon a time there was a little", "--budget", "300",
+                        "--goal", "1", "--csv", "e.csv", "--json", "e.json", "--render", "e.dot"], tmp_path)
+    assert "completeness" in measured["stdout"]
+    assert_within_plan(measured)

@@ -30,6 +30,9 @@ from jetgraph.passes import count_paths, expand_paths, parse_path
 from jetgraph.precision import dtype_name
 
 METHODS = ("frozen", "jet")
+FREEZE_SECONDS = 0.02  # rewriting one unit's graph into its frozen maps, once per program (15 ms here)
+FROZEN_BYTES_PER_NODE = 15e3  # a node of a frozen unit's two graphs with its code (SmolLM2: ≈ 12 kB)
+EXPANSION_OPS = 50  # an expansion's bookkeeping (heap, sorting its children) in op dispatches
 DEFAULT_BUDGET = 2000
 DEFAULT_GOAL = 0.9
 
@@ -57,19 +60,23 @@ def explain_plan(prog: ResidualProgram, tokens: int, budget: int = DEFAULT_BUDGE
     """An upper bound on the frozen method's cost for ``tokens`` input tokens: one forward and
     one backward pass of the view (each unit of the head view runs its whole attention), then
     ``budget`` expansions, each one unit's frozen linear map and one product with every unit's
-    gradient; memory for the held values, the gradients (float64) and a vector per expansion."""
-    view = prog.at(check_granularity(granularity)) if granularity != prog.granularity else prog
-    units = len(view.sublayers) if granularity == "head" else len(view.units)
-    per_unit = sum(u.num_parameters for u in view.sublayers) / max(len(view.sublayers), 1)
-    heads = max(len(view.heads) if granularity == "head" else units, 1) if granularity == "head" else units
+    gradient; memory for the held values, the gradients (float64), a vector per expansion and
+    the frozen units' graphs (made once per program)."""
+    view = prog.at(check_granularity(granularity))
+    sublayers = max(len(view.sublayers), 1)
+    per_unit = sum(u.num_parameters for u in view.sublayers) / sublayers
+    units = len(view.units)  # at head granularity: finds the heads (cached for the explanation)
     vocab, hidden = view.decoder.unembedding.shape if view.decoder.unembedding is not None else (1, 1)
-    passes = 3 * 2.0 * tokens * (heads * per_unit + vocab * hidden)
-    expansions = budget * (2.0 * tokens * per_unit + 2.0 * heads * tokens * hidden)
+    passes = 3 * 2.0 * tokens * (units * per_unit + vocab * hidden)
+    expansions = budget * (2.0 * tokens * per_unit + 2.0 * units * tokens * hidden)
     dtype = view.decoder.unembedding.dtype if view.decoder.unembedding is not None else torch.float32
-    peak = 8.0 * tokens * hidden * (3 * heads + budget) + 4.0 * heads * tokens * (tokens * 16 + 4 * hidden)
-    ops = (heads + 1) * 3 * sum(u.op_count for u in view.sublayers) / max(units, 1) + budget * 40
-    seconds = estimate_seconds(passes + expansions, overhead=0.5, dtype=dtype, ops=ops)
-    return Plan(f"explain ({granularity} granularity, {heads} units, {tokens} tokens)", budget,
+    mean_ops = sum(u.op_count for u in view.sublayers) / sublayers
+    peak = (8.0 * tokens * hidden * (3 * units + budget) + 4.0 * units * tokens * (tokens * 16 + 4 * hidden)
+            + FROZEN_BYTES_PER_NODE * 2 * units * mean_ops)
+    ops = 3 * (units + 1) * mean_ops + budget * (mean_ops + EXPANSION_OPS)
+    seconds = estimate_seconds(passes + expansions, overhead=0.5 + FREEZE_SECONDS * units, dtype=dtype,
+                               ops=ops)
+    return Plan(f"explain ({granularity} granularity, {units} units, {tokens} tokens)", budget,
                 "expansions at most", passes + expansions, peak, seconds, gemm_rate(dtype))
 
 
