@@ -297,3 +297,18 @@ def test_cli_explain_on_tinystories(tmp_path, capsys) -> None:
         assert main(["explain", model, "Once upon a time", *bad, "--csv", str(tmp_path / "q.csv")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "q.csv").exists()
+
+
+def test_cli_target_without_its_leading_space_gets_a_note(capsys) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from jetgraph.cli.explain import _token
+    from tests.conftest import GPT2_TOKENIZER, missing
+
+    if not GPT2_TOKENIZER.is_file():
+        missing(f"the GPT-2 tokenizer is not at {GPT2_TOKENIZER}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
+    assert _token(tokenizer, " Paris", 50257, "target") == tokenizer(" Paris").input_ids[0]
+    assert "note" not in capsys.readouterr().err
+    assert _token(tokenizer, "Paris", 50257, "target") == tokenizer("Paris").input_ids[0]
+    assert "without a leading space" in capsys.readouterr().err

@@ -4,6 +4,7 @@ and a picture."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jetgraph.cli.exits import UsageError
@@ -87,9 +88,16 @@ def _token(tokenizer, value: str | None, vocab: int, what: str) -> int | None:
             raise UsageError(f"--{what} id {index} is outside the vocabulary of {vocab}")
         return index
     try:
-        return token_id(tokenizer, value, vocab, f"--{what}")
+        index = token_id(tokenizer, value, vocab, f"--{what}")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not value[:1].isspace():  # "Paris" is a word-start token too in most tokenizers: say which
+        spaced = tokenizer(" " + value, add_special_tokens=False).input_ids
+        if len(spaced) == 1 and spaced[0] != index:
+            print(f"note: --{what} {value!r} is token {index}, without a leading space; after a word the "
+                  f"model writes {' ' + value!r} (token {spaced[0]}): give --{what} {' ' + value!r} for that",
+                  file=sys.stderr)
+    return index
 
 
 def run(args: argparse.Namespace) -> int:
