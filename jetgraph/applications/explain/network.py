@@ -97,6 +97,7 @@ class FrozenNetwork:
         self.unit_gradients = (torch.stack([g[0] for g in grads[len(shift):]]) if inputs
                                else torch.zeros(0, *h0.shape[1:], dtype=h0.dtype))  # B_u: [units, seq, d]
         self._flat_unit_gradients = self.unit_gradients.flatten(1).double()
+        self._batches: dict[int, bool] = {}  # units whose linear graph refused a batch
         self.unit_inputs = [x[0] for x in reads]
         self.unit_outputs = [o[0] for o in outputs]
         self.final = states[-1].detach()[0]
@@ -120,6 +121,14 @@ class FrozenNetwork:
     def through(self, units: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """``B_u · v`` for each unit in ``units``: the totals of the groups one unit longer."""
         return self._flat_unit_gradients[units] @ vector.flatten().double()
+
+    def through_many(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``B_u · v_k`` for every unit and every vector of ``vectors`` [k, seq, d]: [units, k]."""
+        return self._flat_unit_gradients @ vectors.flatten(1).double().T
+
+    def direct_many(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``G_N · v_k`` for every vector of ``vectors`` [k, seq, d]."""
+        return vectors.flatten(1).double() @ self.gradients[-1].flatten().double()
 
     def sources(self) -> list[Source]:
         """Every source with its total: each addend at each position, each unit's constant
@@ -175,6 +184,29 @@ class FrozenNetwork:
                 raise ValueError(f"{name} reads the stream before the path reaches it")
             vector, state = self.apply(unit.index, vector), unit.index + 1
         return vector, state
+
+    def apply_many(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        """``A_u v`` for each of ``vectors`` [k, seq, d] in one call where the unit's linear graph
+        takes a batch (the held values broadcast; checked against one vector alone the first
+        time), else one at a time."""
+        linear = frozen(self.units[index]).linear
+        if linear is not None and len(vectors) > 1 and self._batches.get(index) is not False:
+            side = [self.side[name] for name in self.units[index].side_inputs]
+            try:
+                with self.prog.resident([self.units[index]]), torch.no_grad():
+                    out = linear(vectors, *side, *self.held[index])
+                checked = index in self._batches or self._agrees(index, vectors[0], out[0])
+                if out.shape == vectors.shape and checked:
+                    self._batches[index] = True
+                    return out
+            except RuntimeError:  # an op fixed to the input's batch (a bmm over batch × heads)
+                pass
+            self._batches[index] = False
+        return torch.stack([self.apply(index, v) for v in vectors])
+
+    def _agrees(self, index: int, vector: torch.Tensor, batched: torch.Tensor) -> bool:
+        alone = self.apply(index, vector)
+        return torch.allclose(batched, alone, rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
 
     def apply(self, index: int, vector: torch.Tensor) -> torch.Tensor:
         """``A_u v``: unit ``index``'s frozen linear map applied to ``vector`` ([seq, d]): plain

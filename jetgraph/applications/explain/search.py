@@ -8,7 +8,9 @@ unit that can come next — whose totals sum to its own. The search expands the 
 and exact decomposition of the target.
 
 Children are kept per parent in order of |total| and only the best not yet taken sits in the
-heap (a k-way merge), so the heap holds one entry per expanded group, not one per child.
+heap (a k-way merge), so the heap holds one entry per expanded group, not one per child. The
+``batch`` largest groups are taken at once and their vectors computed in one call per unit (the
+held values broadcast over the batch), so the order is best-first up to a batch.
 """
 
 from __future__ import annotations
@@ -67,14 +69,17 @@ END = -1
 
 
 class PathSearch:
-    """Best-first expansion of ``network``'s path tree. ``budget``: the most groups expanded
-    (each costs one frozen unit application); ``max_seconds``; ``goal``: stop once the listed
-    paths (with the decoder's constant) carry this share of the target value (None: no goal)."""
+    """Best-first expansion of ``network``'s path tree, ``batch`` groups at a time.
+
+    ``budget``: the most groups expanded (each costs one frozen unit application);
+    ``max_seconds``; ``goal``: stop once the listed paths (with the decoder's constant) carry
+    this share of the target value (None: no goal)."""
 
     def __init__(self, network: FrozenNetwork, budget: int, max_seconds: float, goal: float | None,
-                 kept: int = 100) -> None:
+                 kept: int = 100, batch: int = 16) -> None:
         self.network = network
         self.budget, self.max_seconds, self.goal, self.kept = budget, max_seconds, goal, kept
+        self.batch = batch
         self.heap: list[tuple[float, int, Prefix | Source, int]] = []
         self.counter = itertools.count()
         self.listed: list[Found] = []
@@ -100,10 +105,20 @@ class PathSearch:
             if time.perf_counter() - start > self.max_seconds:
                 stopped = f"time: {self.max_seconds:g} s"
                 break
+            batch = self._take(min(self.batch, self.budget - expansions))
+            expansions += len(batch)
+            self._expand_all(batch)
+        groups, rest = self._groups()
+        return SearchResult(self.listed, groups, *rest, expansions, time.perf_counter() - start, stopped)
+
+    def _take(self, most: int) -> list[tuple[Source, tuple[int, ...], int, torch.Tensor | None, float]]:
+        """The largest groups off the heap, up to ``most`` (paths that end come off on the way and
+        are listed): (source, units, state, the parent's vector or None for a source, total)."""
+        taken = []
+        while self.heap and len(taken) < most:
             _, _, item, rank = heapq.heappop(self.heap)
             if isinstance(item, Source):
-                expansions += 1
-                self._expand(item, (), item.state, self.network.source_vector(item), item.total)
+                taken.append((item, (), item.state, None, item.total))
                 continue
             child, total, parent_vector = item.children[rank], item.totals[rank], item.vector
             self._take_next(item)
@@ -113,24 +128,41 @@ class PathSearch:
                 self.listed_mass += abs(total)
                 self.listed_total += total
                 continue
-            expansions += 1
-            vector = self.network.apply(child, parent_vector)
-            unit = self.network.units[child]
-            self._expand(item.source, (*item.units, child), unit.index + 1, vector, total)
-        groups, rest = self._groups()
-        return SearchResult(self.listed, groups, *rest, expansions, time.perf_counter() - start, stopped)
+            taken.append((item.source, (*item.units, child), child + 1, parent_vector, total))
+        return taken
+
+    def _expand_all(self, taken: list) -> None:
+        """The vectors of the taken groups (one batched call per unit), then their children."""
+        vectors: list[torch.Tensor | None] = [None] * len(taken)
+        by_unit: dict[int, list[int]] = {}
+        for i, (source, units, _, parent, _) in enumerate(taken):
+            if parent is None:
+                vectors[i] = self.network.source_vector(source)
+            else:
+                by_unit.setdefault(units[-1], []).append(i)
+        for unit, members in by_unit.items():
+            applied = self.network.apply_many(unit, torch.stack([taken[i][3] for i in members]))
+            for i, vector in zip(members, applied, strict=True):
+                vectors[i] = vector
+        if not taken:
+            return
+        stacked = torch.stack(vectors)  # type: ignore[arg-type]
+        direct, through = self.network.direct_many(stacked), self.network.through_many(stacked)
+        for i, (source, units, state, _, total) in enumerate(taken):
+            readers = self.network.readers(state)
+            self._expand(source, units, state, vectors[i], total, float(direct[i]), through[readers, i])
 
     def _push(self, item: Prefix | Source, rank: int, size: float) -> None:
         heapq.heappush(self.heap, (-size, next(self.counter), item, rank))
 
     def _expand(self, source: Source, units: tuple[int, ...], state: int, vector: torch.Tensor,
-                total: float) -> None:
-        """Replace a group by its children: the path ending here and one group per next unit."""
+                total: float, direct: float, through: torch.Tensor) -> None:
+        """Replace a group by its children: the path ending here (``direct``) and one group per
+        next unit (``through``, over the units that read ``state`` or later)."""
         if not units:
             self.open_mass -= abs(total)
         readers = self.network.readers(state)
-        totals = torch.cat([torch.tensor([self.network.direct(vector)], dtype=torch.float64),
-                            self.network.through(readers, vector)])
+        totals = torch.cat([torch.tensor([direct], dtype=torch.float64), through])
         ids = torch.cat([torch.tensor([END]), readers])
         order = torch.argsort(totals.abs(), descending=True)
         prefix = Prefix(source, units, state, vector, ids[order].tolist(), totals[order].tolist())
