@@ -312,3 +312,18 @@ def test_cli_target_without_its_leading_space_gets_a_note(capsys) -> None:
     assert "note" not in capsys.readouterr().err
     assert _token(tokenizer, "Paris", 50257, "target") == tokenizer("Paris").input_ids[0]
     assert "without a leading space" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_unit_maps_equal_one_vector_at_a_time(family: str) -> None:
+    _, prog = captured(family, torch.float64)
+    ids = random_ids(1, 5, seed=10)
+    network = FrozenNetwork(prog.at("head"), ids, 4, lambda row: row[..., 3])
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn((3, *network.final.shape), generator=generator, dtype=torch.float64)
+    for unit in network.units:
+        batched = network.apply_many(unit.index, vectors)
+        alone = torch.stack([network.apply(unit.index, v) for v in vectors])
+        assert torch.allclose(batched, alone, rtol=1e-10, atol=1e-12), unit.name
+    every = torch.arange(len(network.units))
+    assert torch.allclose(network.through_many(vectors)[:, 1], network.through(every, vectors[1]))
