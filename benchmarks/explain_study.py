@@ -38,7 +38,13 @@ import torch
 
 import jetgraph
 from jetgraph.applications.explain import FrozenNetwork, explain_program
-from jetgraph.applications.explain.patching import remove_path, remove_unit, unit_attributions, value_with
+from jetgraph.applications.explain.patching import (
+    logits_with,
+    remove_path,
+    remove_unit,
+    unit_attributions,
+    value_with,
+)
 from jetgraph.applications.groundtruth.planted import planted_rule_model
 from jetgraph.applications.groundtruth.training import TinyConfig, row_batches, train
 
@@ -133,10 +139,10 @@ def induction_run(seed: int, steps: int) -> dict:
         with torch.no_grad():
             copied += int(prog(ids)[0, position].argmax() == target)
         cut = _cut(network, names.index(edge[0]), receiver)
-        logits = _logits_with(network, receiver, lambda x, unit, c=cut: c(unit, x))
+        logits = logits_with(network, receiver, cut)
         cut_copied += int(logits.argmax() == target)
-        ablated_copied += int(_logits_with(network, receiver, lambda x, unit: torch.zeros_like(x)).argmax()
-                              == target)
+        ablated = logits_with(network, receiver, lambda unit, x: torch.zeros_like(x))
+        ablated_copied += int(ablated.argmax() == target)
         for method, options in (("frozen", {"budget": 400}), ("jet order 0", {**jet, "order": 0}),
                                 ("jet order 1", {**jet, "order": 1})):
             result = explain_program(prog, ids, target, position=position, **options)
@@ -154,21 +160,6 @@ def induction_run(seed: int, steps: int) -> dict:
             "copying_accuracy_with_copying_head_ablated": ablated_copied / 8,
             "edge_is_top_multi_hop_of_8": found, "examples": {m: runs[:2] for m, runs in tops.items()},
             "seconds": round(time.perf_counter() - start, 1)}
-
-
-def _logits_with(network: FrozenNetwork, index: int, cut) -> torch.Tensor:
-    view, side = network.prog, network.side
-    states = [s.unsqueeze(0) for s in network.states[:index + 1]]
-    with torch.no_grad():
-        for unit in view.units[index:]:
-            if unit.index == index:
-                out = cut(states[unit.reads], unit)
-            elif unit.reads <= index:
-                out = network.unit_outputs[unit.index].unsqueeze(0)
-            else:
-                out = unit(states[unit.reads], side)
-            states.append(states[-1] + out)
-        return view.decoder(states[-1], side)[0, network.position]
 
 
 # ----------------------------------------------------------------------------------------- rule

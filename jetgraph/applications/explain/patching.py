@@ -21,8 +21,14 @@ from jetgraph.applications.explain.network import FrozenNetwork
 
 
 def value_with(network: FrozenNetwork, edit_at: int, edit) -> float:
-    """The model's target value with unit ``edit_at``'s input (``edit(x)``) or output changed;
-    units before it and units that read states before it keep their outputs."""
+    """The model's target value with unit ``edit_at``'s update replaced by ``edit(unit, x)``
+    (``x``: the stream it reads): see :func:`logits_with`."""
+    return float(network.target(logits_with(network, edit_at, edit)).double())
+
+
+def logits_with(network: FrozenNetwork, edit_at: int, edit) -> torch.Tensor:
+    """The model's logits at the explained position with unit ``edit_at``'s update replaced by
+    ``edit(unit, x)``; units before it, and units that read states before it, keep their outputs."""
     view, side = network.prog, network.side
     states = [s.unsqueeze(0) for s in network.states[:edit_at + 1]]
     with torch.no_grad(), view.resident(view.units):
@@ -34,8 +40,7 @@ def value_with(network: FrozenNetwork, edit_at: int, edit) -> float:
             else:
                 out = unit(states[unit.reads], side)
             states.append(states[-1] + out)
-        logits = view.decoder(states[-1], side)[0, network.position]
-        return float(network.target(logits).double())
+        return view.decoder(states[-1], side)[0, network.position]
 
 
 def remove_path(network: FrozenNetwork, source: str, position: int | None, units: Sequence[str]) -> float:
@@ -77,4 +82,4 @@ def unit_attributions(network: FrozenNetwork) -> dict[str, tuple[float, float]]:
     return scores
 
 
-__all__ = ["remove_path", "remove_unit", "unit_attributions", "value_with"]
+__all__ = ["logits_with", "remove_path", "remove_unit", "unit_attributions", "value_with"]
