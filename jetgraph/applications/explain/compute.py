@@ -22,7 +22,7 @@ import time
 import torch
 
 from jetgraph.applications.explain.attribution import SUM_TOLERANCE, AttributedPath, PathAttribution
-from jetgraph.applications.explain.network import FrozenNetwork, Source
+from jetgraph.applications.explain.network import FrozenNetwork, Source, frozen
 from jetgraph.applications.explain.search import Found, PathSearch
 from jetgraph.cost import Plan, estimate_seconds, gemm_rate
 from jetgraph.ir import DECODER_NAME, ResidualProgram, as_input_ids, check_granularity
@@ -136,7 +136,7 @@ def explain_program(prog: ResidualProgram, input_ids: torch.Tensor, target: int 
                              rest_count=found.rest_count,
                              remainder=model_value - explained, expansions=found.expansions,
                              seconds=found.seconds, stopped=found.stopped)
-    held = sorted({op for unit in view.units for op in _held(unit)})
+    held = sorted({op for unit in view.units for op in frozen(unit).held})
     if held:
         result.notes.append("held at their values on this input (constants of the frozen map): "
                             + ", ".join(held))
@@ -155,12 +155,6 @@ def working_dtype(view: ResidualProgram, dtype: torch.dtype) -> torch.dtype:
                     torch.finfo(value.dtype).eps > torch.finfo(least).eps:
                 least = value.dtype
     return least
-
-
-def _held(unit) -> tuple[str, ...]:
-    from jetgraph.applications.explain.network import frozen
-
-    return frozen(unit).held
 
 
 def _attributed(network: FrozenNetwork, ids: torch.Tensor, found: Found) -> AttributedPath:
