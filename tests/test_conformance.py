@@ -432,6 +432,33 @@ def check_lens(subject: Subject, mode: str, tmp: Path) -> float:
     return _check(max(errors), LOGITS[dtype], "lens / states vs the Hugging Face model")
 
 
+def check_explain(subject: Subject, mode: str, tmp: Path) -> float:
+    """``explain_program`` at head granularity: its value vs the Hugging Face model's logit; the
+    head view's last state, decoded by the model's own final norm and lm_head, vs its logits (the
+    heads found in this model sum to its attention); and the attribution adds up (checked inside,
+    ``DecompositionError`` otherwise)."""
+    from jetgraph.applications.explain import explain_program
+
+    prog, dtype, ids = subject.program(mode), DTYPES[mode], subject.ids
+    model = subject.reference(mode)
+    with torch.no_grad():
+        logits = _hf_logits(model, ids)[0, -1]
+    target = int(logits.argmax())
+    try:
+        with torch.no_grad():
+            heads = prog.at("head").stream(ids)[-1]
+    except ValueError as error:  # a norm after the output projection: the update is not a sum of heads
+        assert "affine output map" in str(error), error
+        result = explain_program(prog, ids, target, budget=40, granularity="sublayer")
+        return _check(abs(result.value - float(logits[target])) / max(1.0, float(logits.abs().max())),
+                      LOGITS[dtype], "explain value (sublayer: heads refused) vs the Hugging Face model")
+    result = explain_program(prog, ids, target, budget=40)
+    errors = [abs(result.value - float(logits[target])) / max(1.0, float(logits.abs().max())),
+              _relative(_decode_by_hand(model, heads)[0, -1], logits)]
+    assert any(len(p.units) and ".h" in p.units[0] for p in result.paths + result.groups), "no head on a path"
+    return _check(max(errors), LOGITS[dtype], "explain value / head view vs the Hugging Face model")
+
+
 def check_readout(subject: Subject, mode: str, tmp: Path) -> float:
     """``RowReader`` (the default read-out, ``tokenizer=``) rows vs the Hugging Face model run on
     contexts built the way the tokenizer builds text (:func:`_hf_readout`)."""
@@ -826,6 +853,7 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "jet": check_jet,
     "expand": check_expand,
     "lens": check_lens,
+    "explain": check_explain,
     "readout": check_readout,
     "ngrams": check_ngrams,
     "path_table": check_path_table,
@@ -842,7 +870,8 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "cli_sketch": check_cli_sketch,
     "cli_roles": check_cli_roles,
 }
-LIBRARY = ("capture", "padding", "jet", "expand", "lens", "readout", "ngrams", "path_table", "emit")
+LIBRARY = ("capture", "padding", "jet", "expand", "lens", "explain", "readout", "ngrams", "path_table",
+           "emit")
 CLI = ("cli_capture", "cli_lens", "cli_ngrams", "cli_paths", "cli_emit", "cli_errors")
 ANALYSES = ("cli_masses", "cli_diff", "cli_curves", "cli_sketch", "cli_roles")
 

@@ -28,12 +28,11 @@ from jetgraph.applications.explain.network import FrozenNetwork, Source
 
 @dataclass(eq=False)
 class Prefix:
-    """An expanded group: its source, the units so far (view indices), its vector ([seq, d]) in
-    stream state ``state``, and its children in order of |total| (``-1``: the path ends here)."""
+    """An expanded group: its source, the units so far (view indices), its vector ([seq, d]), and
+    its children in order of |total| (``-1``: the path ends here)."""
 
     source: Source
     units: tuple[int, ...]
-    state: int
     vector: torch.Tensor | None = field(repr=False)
     children: list[int] = field(default_factory=list, repr=False)
     totals: list[float] = field(default_factory=list, repr=False)
@@ -165,7 +164,7 @@ class PathSearch:
         totals = torch.cat([torch.tensor([direct], dtype=torch.float64), through])
         ids = torch.cat([torch.tensor([END]), readers])
         order = torch.argsort(totals.abs(), descending=True)
-        prefix = Prefix(source, units, state, vector, ids[order].tolist(), totals[order].tolist())
+        prefix = Prefix(source, units, vector, ids[order].tolist(), totals[order].tolist())
         self.open_mass += float(totals.abs().sum())
         self._take_next(prefix, first=True)
 
