@@ -38,128 +38,188 @@ import torch
 
 import jetgraph
 from jetgraph.applications.explain import FrozenNetwork, explain_program
+from jetgraph.applications.explain.attention import attention_score_attribution, head_score
 from jetgraph.applications.explain.patching import (
     logits_with,
     remove_path,
     remove_unit,
     unit_attributions,
-    value_with,
 )
 from jetgraph.applications.groundtruth.planted import planted_rule_model
-from jetgraph.applications.groundtruth.training import TinyConfig, row_batches, train
+from jetgraph.applications.groundtruth.training import TinyConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "explain_study.json"
-LENGTH = 32  # an induction row: a random segment of 5..14 tokens, the segment again, random filler
+LENGTH = 40  # an induction row: random tokens in which a random segment repeats at once
+HEADS = 4
 
 
 # ------------------------------------------------------------------------------------ induction
-def induction_rows(count: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows whose segment of random length repeats at once (so only in-context copying predicts
-    the second copy), and each row's segment length."""
+def induction_rows(count: int, vocab: int, seed: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Random rows in which a segment of random length (6..) starting at a random offset repeats
+    at once (only in-context copying predicts its second copy); each row's (offset, length)."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, vocab, (count, LENGTH), generator=generator)
-    lengths = torch.randint(5, 15, (count,), generator=generator)
-    for row, length in zip(rows, lengths.tolist(), strict=True):
-        row[length:2 * length] = row[:length]
-    return rows, lengths
+    segments = []
+    for row in rows:
+        offset = int(torch.randint(0, LENGTH // 4, (1,), generator=generator))
+        length = int(torch.randint(6, (LENGTH - offset) // 2 + 1, (1,), generator=generator))
+        row[offset + length:offset + 2 * length] = row[offset:offset + length]
+        segments.append((offset, length))
+    return rows, segments
 
 
-def attention_only_gpt2(vocab: int, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def copy_labels(rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """Labels for the second copy only (after its first token), -100 elsewhere."""
+    labels = torch.full_like(rows, -100)
+    for i, (offset, length) in enumerate(segments):
+        labels[i, offset + length + 1:offset + 2 * length] = rows[i, offset + length + 1:offset + 2 * length]
+    return labels
+
+
+def attention_only_llama(vocab: int, seed: int):
+    """A two-layer Llama (rotary positions) whose MLPs are held at zero: attention only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=LENGTH,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                        eos_token_id=None, attn_implementation="eager")
-    model = GPT2LMHeadModel(config)
-    for block in model.transformer.h:  # attention-only: every MLP's output held at zero
-        torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        torch.nn.init.zeros_(block.mlp.c_proj.bias)
-        for parameter in block.mlp.parameters():
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                         max_position_embeddings=LENGTH, attn_implementation="eager",
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        for parameter in layer.mlp.parameters():
             parameter.requires_grad_(False)
     return model
 
 
-def _heads_by_pattern(model, rows: torch.Tensor, lengths: torch.Tensor
-                      ) -> tuple[int, int, list[float], list[float]]:
-    """(previous-token head of layer 0, induction head of layer 1) from the model's patterns:
-    mean attention to the token before, and to the token after the earlier copy of this one."""
+def train_copying(model, vocab: int, seed: int, steps: int) -> float:
+    """AdamW on fresh induction rows, the loss on the second copy only; the last step's loss."""
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  weight_decay=0.01)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        rows, segments = induction_rows(32, vocab, seed * 100_000 + step)
+        loss = model(input_ids=rows, labels=copy_labels(rows, segments)).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def head_patterns(model, rows: torch.Tensor, segments: list[tuple[int, int]]
+                  ) -> tuple[list[float], list[float]]:
+    """Per head: layer 0's mean attention to the token before (previous-token score) and layer
+    1's mean attention to the token after the earlier copy of this one (induction score), over
+    the second copies."""
     with torch.no_grad():
         attentions = model(input_ids=rows, output_attentions=True).attentions
-    previous, induction = torch.zeros(4), torch.zeros(4)
-    for i, length in enumerate(lengths.tolist()):
-        positions = torch.arange(length + 1, 2 * length)
+    previous, induction = torch.zeros(HEADS), torch.zeros(HEADS)
+    for i, (offset, length) in enumerate(segments):
+        positions = torch.arange(offset + length + 1, offset + 2 * length)
         previous += attentions[0][i][:, positions, positions - 1].mean(dim=1)
         induction += attentions[1][i][:, positions, positions - length + 1].mean(dim=1)
-    previous, induction = previous / len(lengths), induction / len(lengths)
-    return int(previous.argmax()), int(induction.argmax()), previous.tolist(), induction.tolist()
+    return (previous / len(segments)).tolist(), (induction / len(segments)).tolist()
 
 
-def _cut(network: FrozenNetwork, source: int, receiver: int):
-    """Unit ``receiver`` reading the stream without unit ``source``'s output (an edge cut)."""
+def _without(network: FrozenNetwork, vector: torch.Tensor):
+    """A unit reading the stream without ``vector`` (an edge cut in the real model)."""
     def edit(unit, x):
-        return unit(x - network.unit_outputs[source].unsqueeze(0), network.side)
+        return unit(x - vector.unsqueeze(0), network.side)
     return edit
 
 
-def induction_run(seed: int, steps: int) -> dict:
-    """The truth from the model's behaviour: the layer-1 head whose ablation costs the copied
-    token's logit most (the copying head), and the layer-0 head whose output, cut from that head's
-    input alone, costs it most (the head it composes with); then each decomposition's top
-    multi-hop path against that edge."""
+def _head_index(name: str) -> int:
+    return int(name.rpartition(".h")[2])
+
+
+def induction_case(prog, networks, ids: torch.Tensor, query: int, earlier: int,
+                   induction_scores: list[float], attention0: torch.Tensor) -> dict:
+    """One held-out row: the frozen decomposition's answers and the real model's truth.
+
+    Answer 1, the copying path: the top path of the copied token's logit must start at the
+    earlier copy and pass one layer-1 head, an induction head by its pattern. Answer 2, the
+    composition it reads: the top multi-hop pair of that head's score at the earlier copy must be
+    (the current token) × (the token before the earlier copy, moved by a layer-0 head), and that
+    head must be the one whose output, taken from the key row in the real model, lowers the
+    score most (path patching); that it is a previous-token head is read from its pattern."""
+    heads, blocks = networks
+    target = int(ids[0, query + 1])
+    result = explain_program(prog, ids, target, position=query, budget=200)
+    top = next(p for p in result.paths if p.position is not None)
+    record = {"copying_path": f"{top.path} @{top.position}", "copying_share": top.contribution / result.value,
+              "from_earlier_copy": top.position == earlier and len(top.units) == 1
+              and top.units[0].startswith("attn1."), "induction_head": False, "composition": False}
+    network = FrozenNetwork(heads, ids, query, lambda logits: logits[..., target])
+    names = {u.name: u.index for u in heads.units}
+    copying = top.units[0] if top.units else ""
+    if record["from_earlier_copy"]:
+        record["induction_head"] = induction_scores[_head_index(copying)] >= 0.5
+        score = attention_score_attribution(network, copying, query, earlier)
+        pair = score.top_multi_hop()
+        stream = network.states[heads.units[names[copying]].reads]
+        drops = []
+        for head in range(HEADS):
+            edited = stream.clone()
+            edited[earlier] -= network.unit_outputs[names[f"attn0.h{head}"]][earlier]
+            drops.append(score.value - head_score(network, copying, query, earlier, edited))
+        truth = max(range(HEADS), key=lambda h: drops[h])
+        record |= {"score": score.value, "attention": score.pattern,
+                   "top_score_pair": [pair.query.path if pair.query else None,
+                                      pair.key.path if pair.key else None, pair.contribution / score.value],
+                   "score_drop_cutting_layer0_heads_from_key": drops, "composes_with": f"attn0.h{truth}",
+                   "composes_with_attends_to_previous": float(attention0[truth, earlier, earlier - 1]),
+                   "composes_with_is_previous_token_head_here":
+                       int(attention0[:, earlier, earlier - 1].argmax()) == truth}
+        record["composition"] = (
+            pair.query is not None and pair.query.units == () and pair.query.position == query
+            and pair.key is not None and pair.key.units == (f"attn0.h{truth}",)
+            and pair.key.position == earlier - 1)
+        # the found edge, cut in the real model: that head's output taken from layer 1's input
+        sublayer = FrozenNetwork(blocks, ids, query, lambda logits: logits[..., target])
+        receiver = next(u.index for u in blocks.units if u.name == "attn1")
+        least = min(range(HEADS), key=lambda h: drops[h])
+        for head, key in ((truth, "copies_with_edge_cut"), (least, "copies_with_control_cut")):
+            vector = network.unit_outputs[names[f"attn0.h{head}"]]
+            record[key] = int(logits_with(sublayer, receiver, _without(sublayer, vector)).argmax()) == target
+    jet = explain_program(prog, ids, target, position=query, method="jet", order=0, max_length=2,
+                          budget=10**5)
+    multi = next((p for p in jet.paths if sum(u.startswith("attn") for u in p.units) >= 2), None)
+    record["jet0_top_multi_hop"] = multi.path if multi else None
+    record["jet0_found"] = bool(multi) and multi.units[0] == record.get("composes_with") and \
+        multi.units[1] == copying
+    with torch.no_grad():
+        record["copies"] = int(prog(ids)[0, query].argmax()) == target
+    return record
+
+
+def induction_run(seed: int, steps: int, cases: int = 24) -> dict:
+    """Train, read the heads' patterns, then one :func:`induction_case` per held-out row."""
     start = time.perf_counter()
-    vocab = 48
-    model = attention_only_gpt2(vocab, seed)
-    rows, _ = induction_rows(8000, vocab, seed)
-    train(model, row_batches(rows, 64, seed), steps, 1e-3)
-    held_out, lengths = induction_rows(16, vocab, seed + 100)
-    previous, induction, previous_scores, induction_scores = _heads_by_pattern(model, held_out, lengths)
-    prog = jetgraph.capture(model, held_out[:1])
-    view = prog.at("head")
-    names = [u.name for u in view.units]
-    cases = []
-    for row, length in zip(held_out[:8], lengths[:8].tolist(), strict=True):
-        position = length + 3  # predicts the token at length + 4, a copy of the one at 4
-        target = int(row[position + 1])
-        network = FrozenNetwork(view, row.unsqueeze(0), position, lambda logits, t=target: logits[..., t])
-        cases.append((row.unsqueeze(0), position, target, network))
-    ablation = {h: statistics.mean(n.value - remove_unit(n, f"attn1.h{h}") for *_, n in cases)
-                for h in range(4)}
-    copy_head = max(ablation, key=ablation.get)
-    receiver = names.index(f"attn1.h{copy_head}")
-    edge_cut = {g: statistics.mean(n.value - value_with(n, receiver, _cut(n, names.index(f"attn0.h{g}"),
-                                                                           receiver))
-                                   for *_, n in cases) for g in range(4)}
-    feed_head = max(edge_cut, key=edge_cut.get)
-    edge = (f"attn0.h{feed_head}", f"attn1.h{copy_head}")
-    copied = cut_copied = ablated_copied = 0
-    tops = {"frozen": [], "jet order 0": [], "jet order 1": []}
-    jet = {"method": "jet", "max_length": 2, "budget": 10**5}
-    for ids, position, target, network in cases:
-        with torch.no_grad():
-            copied += int(prog(ids)[0, position].argmax() == target)
-        cut = _cut(network, names.index(edge[0]), receiver)
-        logits = logits_with(network, receiver, cut)
-        cut_copied += int(logits.argmax() == target)
-        ablated = logits_with(network, receiver, lambda unit, x: torch.zeros_like(x))
-        ablated_copied += int(ablated.argmax() == target)
-        for method, options in (("frozen", {"budget": 400}), ("jet order 0", {**jet, "order": 0}),
-                                ("jet order 1", {**jet, "order": 1})):
-            result = explain_program(prog, ids, target, position=position, **options)
-            multi = [p for p in result.paths if sum(u.startswith("attn") for u in p.units) >= 2]
-            tops[method].append({"top": result.paths[0].path,
-                                 "top_multi_hop": list(multi[0].units) if multi else None,
-                                 "edge_is_top_multi_hop": bool(multi) and tuple(multi[0].units[:2]) == edge})
-    found = {m: sum(t["edge_is_top_multi_hop"] for t in runs) for m, runs in tops.items()}
-    return {"seed": seed, "copying_head": edge[1], "composes_with": edge[0],
-            "logit_drop_ablating_layer1_heads": ablation,
-            "logit_drop_cutting_layer0_heads_from_it": edge_cut,
-            "pattern_previous_token_head": previous, "pattern_induction_head": induction,
-            "previous_scores": previous_scores, "induction_scores": induction_scores,
-            "copying_accuracy": copied / 8, "copying_accuracy_with_edge_cut": cut_copied / 8,
-            "copying_accuracy_with_copying_head_ablated": ablated_copied / 8,
-            "edge_is_top_multi_hop_of_8": found, "examples": {m: runs[:2] for m, runs in tops.items()},
-            "seconds": round(time.perf_counter() - start, 1)}
+    vocab = 64
+    model = attention_only_llama(vocab, seed)
+    loss = train_copying(model, vocab, seed, steps)
+    rows, segments = induction_rows(cases, vocab, 10_000 + seed)
+    previous_scores, induction_scores = head_patterns(model, rows, segments)
+    with torch.no_grad():
+        attention0 = model(input_ids=rows, output_attentions=True).attentions[0]
+    prog = jetgraph.capture(model, rows[:1])
+    networks = (prog.at("head"), prog.at("sublayer"))
+    records = []
+    for i, (offset, length) in enumerate(segments):
+        query = offset + length + 3  # its next token is the copy of the one at offset + 4
+        records.append(induction_case(prog, networks, rows[i:i + 1], query, query + 1 - length,
+                                      induction_scores, attention0[i]))
+    count = {key: sum(bool(r.get(key)) for r in records)
+             for key in ("copies", "from_earlier_copy", "induction_head", "composition",
+                         "composes_with_is_previous_token_head_here", "copies_with_edge_cut",
+                         "copies_with_control_cut", "jet0_found")}
+    count["found"] = sum(r["from_earlier_copy"] and r["induction_head"] and r["composition"] for r in records)
+    return {"seed": seed, "steps": steps, "heads_per_layer": HEADS, "final_loss": loss, "cases": cases,
+            "previous_scores": previous_scores, "induction_scores": induction_scores, "counts": count,
+            "examples": records[:3], "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ----------------------------------------------------------------------------------------- rule
@@ -274,7 +334,7 @@ def main() -> None:
     parser.add_argument("--part", nargs="+", default=["induction", "rule", "smollm2"],
                         choices=["induction", "rule", "smollm2"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5000, help="training steps of the induction models")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of the induction models")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--granularity", default="head")
@@ -287,12 +347,7 @@ def main() -> None:
         for seed in range(args.seeds):
             runs.append(induction_run(seed, args.steps))
             r = runs[-1]
-            print(f"induction seed {seed}: copying {r['copying_accuracy']:.2f} → "
-                  f"{r['copying_accuracy_with_edge_cut']:.2f} with "
-                  f"{r['composes_with']}→{r['copying_head']} "
-                  f"cut ({r['copying_accuracy_with_copying_head_ablated']:.2f} with "
-                  f"{r['copying_head']} ablated); "
-                  f"edge is the top multi-hop path in {r['edge_is_top_multi_hop_of_8']} of 8")
+            print(f"induction seed {seed}: found {r['counts']['found']}/{r['cases']} {r['counts']}")
         results["induction"] = runs
     if "rule" in args.part:
         runs = [rule_run(seed) for seed in range(args.seeds)]

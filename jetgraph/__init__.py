@@ -6,6 +6,7 @@ One obvious name per job::
     lens = jetgraph.lens(model, ids, orders=(0, 1, 2))  # the iterative jet lens, all orders
     table = jetgraph.ngrams(prog, "E→MLP_last→U")   # an n-gram table read from a path
     why = jetgraph.explain(prog, ids, " Paris", tokenizer=tok)  # which paths give the logit
+    look = jetgraph.explain_attention(prog, ids, "attn1.h3", key=4)  # why a head attends there
     paths = jetgraph.expand_paths(prog, exclude={"attn"}, max_length=1)
     jetgraph.emit_source(paths.expansion(), "bigrams.py")  # expanded model as code
 
@@ -16,7 +17,7 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 """
 
 from jetgraph._version import __version__ as __version__
-from jetgraph.applications.entry_points import explain, lens, ngrams
+from jetgraph.applications.entry_points import explain, explain_attention, lens, ngrams
 from jetgraph.applications.explain import PathAttribution
 from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
@@ -65,6 +66,7 @@ __all__ = [
     "expand_paths",
     "expand_stream",
     "explain",
+    "explain_attention",
     "jet",
     "lens",
     "load_lazy",

@@ -327,3 +327,110 @@ def test_batched_unit_maps_equal_one_vector_at_a_time(family: str) -> None:
         assert torch.allclose(batched, alone, rtol=1e-10, atol=1e-12), unit.name
     every = torch.arange(len(network.units))
     assert torch.allclose(network.through_many(vectors)[:, 1], network.through(every, vectors[1]))
+
+
+# ------------------------------------------------------------------ why a head attends there
+def test_score_pairs_equal_a_llama_computed_by_hand() -> None:
+    """Each (query path, key path) pair of a head's score equals the query and key of those two
+    vectors written out from the weights (held RMSNorm scale, rotary embedding, the key head of
+    the query head's group): ``RoPE(W_q ŝ_q a) · RoPE(W_k ŝ_k b) / √d``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from jetgraph.applications.explain.attention import attention_score_attribution, head_score
+
+    model, prog = captured("llama", torch.float64)
+    ids = random_ids(1, 7, seed=5)
+    network = FrozenNetwork(prog.at("head"), ids, 6, lambda row: row[..., 3])
+    layer, heads = model.model.layers[1], model.config.num_attention_heads
+    dim = model.config.hidden_size // heads
+    group = heads // model.config.num_key_value_heads
+    head, query, key = 2, 6, 4
+    result = attention_score_attribution(network, f"attn1.h{head}", query, key)
+    unit = next(u for u in network.units if u.name == f"attn1.h{head}")
+    stream = network.states[unit.reads]
+    assert result.value == pytest.approx(head_score(network, unit.name, query, key), rel=1e-9)
+    scale = _rms_scale(stream, model.config.rms_norm_eps)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(stream.unsqueeze(0), torch.arange(7).unsqueeze(0))
+
+    def rotated(vector: torch.Tensor, row: int, weight: torch.Tensor, index: int) -> torch.Tensor:
+        normed = layer.input_layernorm.weight * vector * scale[row]
+        projected = (normed @ weight.T)[index * dim:(index + 1) * dim].view(1, 1, 1, dim)
+        out, _ = apply_rotary_pos_emb(projected, projected, cos[:, row:row + 1], sin[:, row:row + 1])
+        return out.flatten()
+
+    pairs = {(p.query.path if p.query else None, p.key.path if p.key else None): p.contribution
+             for p in result.pairs}
+    checked = 0
+    embedding, through = ("embed.token", query, ()), ("embed.token", query - 2, ("attn0.h0",))
+    for query_part, key_part in [(embedding, ("embed.token", key, ())),
+                                 (embedding, ("embed.token", key - 1, ("attn0.h1",))),
+                                 (through, ("embed.token", 2, ("attn0.h3",)))]:
+        a, _ = network.prefix_vector(*query_part)
+        b, _ = network.prefix_vector(*key_part)
+        with torch.no_grad():
+            by_hand = float(rotated(a[query], query, layer.self_attn.q_proj.weight, head)
+                            @ rotated(b[key], key, layer.self_attn.k_proj.weight, head // group)) / dim ** 0.5
+        name = ("→".join([f"{query_part[0]}@{query_part[1]}", *query_part[2]]),
+                "→".join([f"{key_part[0]}@{key_part[1]}", *key_part[2]]))
+        assert pairs[name] == pytest.approx(by_hand, rel=1e-7, abs=1e-10), name
+        checked += 1
+    assert checked == 3
+    mass = sum(abs(p.contribution) for p in result.pairs)  # the norms run in float32 (the graph casts)
+    assert abs(result.explained - result.value) <= 1e-6 * mass
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox_sequential", "phi", "qwen2"])
+def test_score_attribution_adds_up_to_the_real_score(family: str) -> None:
+    """Every family whose heads split: the pairs sum to the model's own pre-softmax score (float32,
+    the quadratic is exact with the norms held), and the listed attention weight is the model's."""
+    from jetgraph.applications.explain.attention import attention_score_attribution, head_score
+
+    _, prog = captured(family)
+    ids = random_ids(1, 8, seed=2)
+    network = FrozenNetwork(prog.at("head"), ids, 7, lambda row: row[..., 1])
+    result = attention_score_attribution(network, "attn1.h0", 7, 3, max_units=1)
+    assert result.value == pytest.approx(head_score(network, "attn1.h0", 7, 3), rel=1e-5, abs=1e-6)
+    assert result.explained == pytest.approx(result.value, rel=1e-4, abs=1e-5)
+    assert 0.0 <= result.pattern <= 1.0
+    assert any(p.multi_hop for p in result.pairs)
+    assert "rest" in {p.key.path for p in result.pairs if p.key} | {"rest"}
+    assert "score at query 7, key 3" in result.table()
+
+
+def test_score_attribution_refuses_bad_requests() -> None:
+    from jetgraph.applications.explain.attention import attention_score_attribution
+
+    _, prog = captured("llama")
+    network = FrozenNetwork(prog.at("head"), random_ids(1, 6, seed=2), 5, lambda row: row[..., 1])
+    for head, query, key, message in [("attn1", 5, 2, "not a head"), ("attn9.h0", 5, 2, "no head"),
+                                      ("attn1.h0", 2, 4, "0 ≤ key ≤ query"),
+                                      ("attn1.h0", 9, 2, "0 ≤ key ≤ query")]:
+        with pytest.raises(ValueError, match=message):
+            attention_score_attribution(network, head, query, key)
+
+
+def test_explain_attention_entry_point() -> None:
+    """``jetgraph.explain_attention`` on a program: negative positions resolve, the pairs add up,
+    the result serialises, and a key past the input is refused in one line. (Whether it finds a
+    trained induction circuit is the study's question: ``benchmarks/explain_study.py``.)"""
+    _, prog = captured("llama")
+    ids = torch.tensor([[5, 9, 13, 21, 5, 9]])
+    result = jetgraph.explain_attention(prog, ids, "attn1.h0", key=1, query=-1)
+    assert result.query == 5 and result.key == 1
+    assert abs(result.explained - result.value) <= 2e-4 * sum(abs(p.contribution) for p in result.pairs)
+    data = result.to_json()
+    assert data["head"] == "attn1.h0" and len(data["pairs"]) == len(result.pairs)
+    with pytest.raises(ValueError, match="past the input"):
+        jetgraph.explain_attention(prog, ids, "attn1.h0", key=7)
+
+
+def test_jet_paths_print_their_degrees() -> None:
+    """At order 1 the same units carry several terms (one per degree pattern): each is printed
+    with its degrees, so no two listed jet paths read the same."""
+    _, prog = captured("gpt2")
+    result = explain_program(prog, random_ids(1, 5, seed=3), 2, method="jet", order=1, max_length=1,
+                             granularity="sublayer")
+    printed = [p.path for p in result.paths]
+    assert len(set(printed)) == len(printed)
+    assert any("^1" in p for p in printed)

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from jetgraph.applications.explain import PathAttribution, check_explain_options, explain_program, token_id
+from jetgraph.applications.explain import (
+    FrozenNetwork,
+    PathAttribution,
+    check_explain_options,
+    explain_program,
+    token_id,
+)
+from jetgraph.applications.explain.attention import ScoreAttribution, attention_score_attribution
 from jetgraph.applications.explain.compute import DEFAULT_BUDGET, DEFAULT_GOAL
 from jetgraph.applications.lens import LensAverage, LensResult, iterative_lenses, lens_over_prompts
 from jetgraph.applications.ngrams import NgramTable, keyword_ids, load_keywords
@@ -146,6 +153,31 @@ def explain(model_or_program: nn.Module | ResidualProgram, input_ids_or_text: to
                              order=order, max_length=max_length, labels=labels)
     if tokenizer is not None and result.target not in labels:
         result.labels[result.target] = token_label(tokenizer, result.target)
+    return result
+
+
+def explain_attention(model_or_program: nn.Module | ResidualProgram, input_ids_or_text: torch.Tensor | str,
+                      head: str, key: int, query: int = -1, *, tokenizer: object = None,
+                      max_units: int = 1) -> ScoreAttribution:
+    """Why ``head`` (``"attn1.h3"``) attends from ``query`` to ``key``: its pre-softmax score
+    decomposed exactly into (query path, key path) pairs, with the norms held at this input
+    (:mod:`jetgraph.applications.explain.attention`). It answers what a path attribution leaves
+    in the held pattern: the query–key composition (an induction head matching the token a
+    previous-token head wrote into the key). Paths of more than ``max_units`` units are summed
+    into ``rest``; the pairs are checked to add up to the model's score."""
+    prog = _program(model_or_program, None)
+    ids = _input_ids(prog, input_ids_or_text, tokenizer)
+    seq = ids.shape[1]
+    for name, value in (("query", query), ("key", key)):
+        if not -seq <= value < seq:
+            raise ValueError(f"{name} position {value} is past the input of {seq} token(s) "
+                             f"(give -{seq}..{seq - 1})")
+    query, key = query % seq, key % seq
+    # the network's own target is not used: a score attribution reads the stream, not the logits
+    network = FrozenNetwork(prog.at("head"), ids, query, lambda row: row[..., 0])
+    result = attention_score_attribution(network, head, query, key, max_units=max_units)
+    if tokenizer is not None:
+        result.tokens = [token_label(tokenizer, t) for t in ids[0].tolist()]
     return result
 
 

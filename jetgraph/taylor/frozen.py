@@ -92,8 +92,12 @@ class FrozenGraph:
     gated: tuple[str, ...]
 
 
-def freeze(graph_module: fx.GraphModule) -> FrozenGraph:
-    """The frozen linearisation of ``graph_module`` (first placeholder: the stream)."""
+def freeze(graph_module: fx.GraphModule, hold_products: bool = True) -> FrozenGraph:
+    """The frozen linearisation of ``graph_module`` (first placeholder: the stream).
+
+    ``hold_products=False`` keeps both factors of a product live: the graph is then a polynomial
+    in the stream with the other nonlinear factors held (an attention score is bilinear in its
+    query and key rows with the norms held), and there is no linear graph (``linear`` is None)."""
     graph = copy.deepcopy(graph_module.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     live = {placeholders[0]}  # stream-dependent after the rewrite
@@ -118,7 +122,7 @@ def freeze(graph_module: fx.GraphModule) -> FrozenGraph:
                     continue
             else:
                 operands = [a for a in _operands(node) if a in live]
-                if len(operands) > 1:
+                if len(operands) > 1 and hold_products:
                     nonlinear = [a for a in operands if a in through]
                     hold = nonlinear[0] if nonlinear else operands[-1]
                     _hold_input(graph, node, hold)
@@ -131,7 +135,7 @@ def freeze(graph_module: fx.GraphModule) -> FrozenGraph:
         if target in _GATED or target is aten.pow.Tensor_Scalar or any(a in through for a in inputs):
             through.add(node)
     graph.lint()
-    linear = _linear_graph(graph_module, copy.deepcopy(graph))
+    linear = _linear_graph(graph_module, copy.deepcopy(graph)) if hold_products else None
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], *_held_nodes(graph)),)
     return FrozenGraph(_module(graph_module, graph), linear, tuple(held), tuple(gated))

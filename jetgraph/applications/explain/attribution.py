@@ -35,10 +35,14 @@ class AttributedPath:
     degrees: tuple[int, ...]
     contribution: float
     complete: bool = True
+    name: str | None = None  # the expansion's own name, degrees included (the jet method)
 
     @property
     def path(self) -> str:
-        """In the path language: ``embed.token→attn0.h1→mlp2→unembed``; a group ends in ``→…``."""
+        """In the path language: ``embed.token→attn0.h1→mlp2→unembed``; a group ends in ``→…``;
+        a jet path keeps its degrees (``embed.token→attn0.h1^1→unembed^1``)."""
+        if self.name is not None:
+            return self.name
         steps = [self.source, *self.units]
         if self.source.startswith(f"{DECODER_NAME}."):
             return self.source  # the decoder's own constant
@@ -187,7 +191,8 @@ class PathAttribution:
         return json.dumps(data, indent=1)
 
     def _record(self, path: AttributedPath) -> dict[str, object]:
-        return asdict(path) | {"path": path.path, "token_text": self.label(path.token)}
+        fields = {k: v for k, v in asdict(path).items() if k != "name"}
+        return fields | {"path": path.path, "token_text": self.label(path.token)}
 
     def to_csv(self) -> str:
         """The listed paths, one row each (the columns of :meth:`rows`)."""

@@ -184,7 +184,7 @@ def _jet(view: ResidualProgram, ids: torch.Tensor, position: int, value_of, orde
     for name, term in evaluated.terms.items():
         spec = parse_path(name)
         paths.append(AttributedPath(spec.source, None, None, tuple(spec.units), spec.degrees,
-                                    float(value_of(term[0, position]).double())))
+                                    float(value_of(term[0, position]).double()), name=name))
     paths.sort(key=lambda p: -abs(p.contribution))
     remainder = float(value_of(evaluated.remainder[0, position]).double())
     return PathAttribution(**common, method=f"jet (order {order}, ≤{max_length} units)", paths=paths,
