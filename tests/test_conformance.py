@@ -459,6 +459,26 @@ def check_explain(subject: Subject, mode: str, tmp: Path) -> float:
     return _check(max(errors), LOGITS[dtype], "explain value / head view vs the Hugging Face model")
 
 
+def check_explain_attention(subject: Subject, mode: str, tmp: Path) -> float:
+    """``explain_attention`` on the last layer's first head, last query, first key: the
+    attention weight it reports vs the Hugging Face model's own eager pattern, and the pairs add
+    up to the real score (checked inside); a model whose heads cannot be split is refused."""
+    prog, dtype, ids = subject.program(mode), DTYPES[mode], subject.ids
+    layers = sum(u.kind == "attn" for u in prog.at("sublayer").units)
+    head = f"attn{layers - 1}.h0"
+    try:
+        result = jetgraph.explain_attention(prog, ids, head, key=0)
+    except ValueError as error:
+        assert "affine output map" in str(error) or "softmax" in str(error), error
+        return 0.0
+    with torch.no_grad():
+        patterns = subject.reference(mode)(input_ids=ids, use_cache=False, output_attentions=True).attentions
+    expected = float(patterns[-1][0, 0, -1, 0])
+    assert result.key == 0 and result.query == ids.shape[1] - 1
+    return _check(abs(result.pattern - expected), LOGITS[dtype],
+                  "explain_attention pattern vs the Hugging Face model's eager attention")
+
+
 def check_readout(subject: Subject, mode: str, tmp: Path) -> float:
     """``RowReader`` (the default read-out, ``tokenizer=``) rows vs the Hugging Face model run on
     contexts built the way the tokenizer builds text (:func:`_hf_readout`)."""
@@ -854,6 +874,7 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "expand": check_expand,
     "lens": check_lens,
     "explain": check_explain,
+    "explain_attention": check_explain_attention,
     "readout": check_readout,
     "ngrams": check_ngrams,
     "path_table": check_path_table,
@@ -870,8 +891,8 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "cli_sketch": check_cli_sketch,
     "cli_roles": check_cli_roles,
 }
-LIBRARY = ("capture", "padding", "jet", "expand", "lens", "explain", "readout", "ngrams", "path_table",
-           "emit")
+LIBRARY = ("capture", "padding", "jet", "expand", "lens", "explain", "explain_attention", "readout", "ngrams",
+           "path_table", "emit")
 CLI = ("cli_capture", "cli_lens", "cli_ngrams", "cli_paths", "cli_emit", "cli_errors")
 ANALYSES = ("cli_masses", "cli_diff", "cli_curves", "cli_sketch", "cli_roles")
 

@@ -154,12 +154,13 @@ def attention_score_attribution(network: FrozenNetwork, head: str, query: int, k
     unit = units[head]
     rows = sorted({query, key})
     stream = network.states[unit.reads]
-    scores, pattern = _score_function(network, unit, int(index), query, key)
     z_star = stream[rows].flatten().detach()
-    with torch.no_grad():
-        value = float(scores(z_star).double())
-    hessian = torch.func.jacfwd(torch.func.jacrev(scores))(z_star).detach().double()
-    gradient_zero = torch.func.jacrev(scores)(z_star).detach().double() - hessian @ z_star.double()
+    with network.prog.resident([unit]):  # a lazily read model's weights, for this head only
+        scores, pattern = _score_function(network, unit, int(index), query, key)
+        with torch.no_grad():
+            value = float(scores(z_star).double())
+        hessian = torch.func.jacfwd(torch.func.jacrev(scores))(z_star).detach().double()
+        gradient_zero = torch.func.jacrev(scores)(z_star).detach().double() - hessian @ z_star.double()
     z64 = z_star.double()
     constant = value - float(gradient_zero @ z64) - 0.5 * float(z64 @ hessian @ z64)
 
@@ -216,7 +217,7 @@ def head_score(network: FrozenNetwork, head: str, query: int, key: int,
     node = _score_node(unit.graph_module, unit.name)
     x = (network.states[unit.reads] if stream is None else stream).unsqueeze(0)
     side = [network.side[name] for name in unit.side_inputs]
-    with torch.no_grad():
+    with torch.no_grad(), network.prog.resident([unit]):
         scores = _Capture(unit.graph_module, node).capture(x, *side)
     return float(scores[0, int(head.rpartition(".h")[2]), query, key].double())
 
