@@ -21,6 +21,7 @@ from jetgraph.applications.entry_points import explain, explain_attention, lens,
 from jetgraph.applications.explain import PathAttribution
 from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
+from jetgraph.applications.report import report
 from jetgraph.capture import load_lazy, load_model
 from jetgraph.codegen import emit, emit_source
 from jetgraph.errors import CaptureError, CostError, JetgraphError, JetRuleError, ModelLoadError
@@ -74,6 +75,7 @@ __all__ = [
     "ngrams",
     "parse_path",
     "path_term",
+    "report",
     "source_terms",
     "stream_term",
 ]

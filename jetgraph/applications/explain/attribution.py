@@ -8,6 +8,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -193,6 +194,12 @@ class PathAttribution:
     def _record(self, path: AttributedPath) -> dict[str, object]:
         fields = {k: v for k, v in asdict(path).items() if k != "name"}
         return fields | {"path": path.path, "token_text": self.label(path.token)}
+
+    def to_html(self, path: str | Path) -> Path:
+        """This attribution as a self-contained HTML explorer (:func:`jetgraph.report`)."""
+        from jetgraph.applications.report import report
+
+        return report(self, path=path, title=f"explain {self.label(self.target)!r}")
 
     def to_csv(self) -> str:
         """The listed paths, one row each (the columns of :meth:`rows`)."""

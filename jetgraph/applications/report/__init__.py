@@ -1,0 +1,238 @@
+"""One self-contained HTML explorer per set of results: the data embedded as JSON, the script and
+style inlined (``explorer.js``, ``explorer.css``: plain JavaScript, no library), nothing fetched
+when the page is viewed. ``jetgraph.report(results…, "report.html")`` writes it; each result's
+``to_html(path)`` writes one alone.
+
+Views: a lens as the states × positions grid (top token per cell, colour = probability of the
+model's own next token or cosine, hover for the top-k, one grid per order, diverged cells
+outlined); a path attribution as a layered graph (sources at the bottom, units by layer, the
+target on top, edges as wide as the contribution they carry, a slider that keeps the paths
+carrying a chosen share, click a node for the paths through it); tables (n-gram tables and any
+rows) sortable, searchable by token text and paged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from jetgraph.files import atomic_write
+
+TOP = 10  # tokens per lens cell in the hover
+
+
+def report(*results: object, path: str | Path = "report.html", title: str = "jetgraph report",
+           tokenizer: object = None, input_ids: torch.Tensor | None = None) -> Path:
+    """Write ``results`` (lens results, path attributions, n-gram tables) as one HTML file;
+    ``tokenizer`` labels tokens, ``input_ids`` ([batch, seq]) names a lens's positions."""
+    if not results:
+        raise ValueError("report needs at least one result (a LensResult, PathAttribution or NgramTable)")
+    target = Path(path)
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"a report is an .html file, got {target.name!r}")
+    views = [view for result in results for view in views_of(result, tokenizer, input_ids)]
+    atomic_write(target, page(title, views))
+    return target
+
+
+def page(title: str, views: list[dict]) -> str:
+    """The whole HTML document: data, style and script inline."""
+    folder = resources.files(__name__)
+    style = folder.joinpath("explorer.css").read_text(encoding="utf-8")
+    script = folder.joinpath("explorer.js").read_text(encoding="utf-8")
+    data = json.dumps({"title": title, "views": views}, separators=(",", ":"), allow_nan=False,
+                      default=_plain).replace("</", "<\\/")
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_escape(title)}</title><style>{style}</style></head><body>"
+            f"<header><h1>{_escape(title)}</h1><nav id=\"nav\"></nav></header><main id=\"views\"></main>"
+            f"<div id=\"tooltip\"></div>"
+            f"<script type=\"application/json\" id=\"jetgraph-data\">{data}</script>"
+            f"<script>{script}</script></body></html>\n")
+
+
+def views_of(result: object, tokenizer: object = None, input_ids: torch.Tensor | None = None) -> list[dict]:
+    """The explorer views of one result, by its type."""
+    from jetgraph.applications.explain import PathAttribution
+    from jetgraph.applications.lens import LensResult
+    from jetgraph.applications.ngrams import NgramTable
+
+    if isinstance(result, PathAttribution):
+        return [attribution_view(result)]
+    if isinstance(result, LensResult):
+        return [lens_view([result], tokenizer, input_ids)]
+    if isinstance(result, NgramTable):
+        return [ngram_view(result, tokenizer)]
+    if isinstance(result, dict):  # jetgraph.lens: {order: LensResult}
+        result = list(result.values())
+    if isinstance(result, (list, tuple)) and result and all(isinstance(r, LensResult) for r in result):
+        return [lens_view(list(result), tokenizer, input_ids)]
+    raise ValueError(f"report takes LensResult, PathAttribution or NgramTable results, got "
+                     f"{type(result).__name__}")
+
+
+# ------------------------------------------------------------------------------------ lens
+def lens_view(results: Sequence[object], tokenizer: object = None, input_ids: torch.Tensor | None = None,
+              batch: int = 0) -> dict:
+    """One grid per order (states × positions) of the ``batch``-th sequence."""
+    first = results[0]
+    true = first.true_logits[batch].float()
+    own = true.argmax(-1)
+    seq = true.shape[0]
+    tokens = _token_texts(tokenizer, None if input_ids is None else input_ids[batch].tolist(), seq)
+    orders = []
+    for result in results:
+        logits = result.logits[:, batch].float()  # [centres, seq, vocab]
+        probabilities = torch.softmax(torch.nan_to_num(logits, nan=-1e30, posinf=1e30, neginf=-1e30), -1)
+        top_p, top_i = probabilities.topk(min(TOP, probabilities.shape[-1]), -1)
+        cosine = torch.nn.functional.cosine_similarity(logits, true.unsqueeze(0), dim=-1)
+        own_p = probabilities.gather(-1, own.view(1, seq, 1).expand(logits.shape[0], seq, 1))[..., 0]
+        diverged = ~torch.isfinite(logits).all(-1)
+        cells = [[{"top": [[_label(tokenizer, int(i)), float(p)]
+                           for p, i in zip(top_p[s, t], top_i[s, t], strict=True)],
+                   "rest": float(1 - top_p[s, t].sum()), "own": _finite(own_p[s, t]),
+                   "cos": _finite(cosine[s, t]), "diverged": bool(diverged[s, t])}
+                  for t in range(seq)] for s in range(logits.shape[0])]
+        orders.append({"name": f"order {result.order} ({result.kind})", "labels": list(result.labels),
+                       "cells": cells})
+    return {"kind": "lens", "title": "lens", "tokens": tokens,
+            "next": [_label(tokenizer, int(t)) for t in own],
+            "subtitle": "each cell: the top token the lens reads at that state and position; hover "
+                        "for the top tokens with probabilities", "orders": orders}
+
+
+# ------------------------------------------------------------------------------------ attribution
+def attribution_view(result: object) -> dict:
+    """The layered graph of a path attribution: node positions computed here, the script draws."""
+    nodes: dict[str, dict] = {}
+    rows: dict[str, int] = {}
+    paths = []
+    for path in result.paths:
+        if path.position is None and not path.units:
+            continue  # the decoder's constant: a node beside the target
+        ids = [_source_node(nodes, result, path)]
+        for unit in path.units:
+            nodes.setdefault(unit, {"label": unit, "short": unit})
+            rows[unit] = _unit_row(unit)
+            ids.append(unit)
+        ids.append("target")
+        start = f"{result.label(path.token)!r}@{path.position} " if path.position is not None else ""
+        paths.append({"nodes": ids, "contribution": path.contribution, "text": start + path.path})
+    top_row = max(rows.values(), default=0) + 1
+    nodes["target"] = {"label": f"target {result.label(result.target)!r}", "short": "target",
+                       "detail": f"value {result.value:.4g}", "fill": "#ffe9a8"}
+    grouped = sum(g.contribution for g in result.groups) + result.rest_total
+    nodes["groups"] = {"label": f"unexpanded groups ({len(result.groups) + result.rest_count})",
+                       "short": "groups", "fill": "#eee", "detail": f"total {grouped:.4g}"}
+    nodes["remainder"] = {"label": "remainder (error node)", "short": "remainder", "fill": "#f6d5d5",
+                          "detail": f"{result.remainder:.3g}"}
+    width, spacing = 1100, 46
+    by_row: dict[int, list[str]] = {}
+    for name, row in rows.items():
+        by_row.setdefault(row, []).append(name)
+    sources = sorted((n for n in nodes if n.startswith("source:")), key=lambda n: nodes[n]["order"])
+    height = (top_row + 2) * spacing + 20
+    _spread(nodes, sources, height - spacing, width)
+    for row, names in by_row.items():
+        _spread(nodes, sorted(names, key=_natural), height - spacing * (row + 1), width)
+    _spread(nodes, ["groups", "target", "remainder"], spacing // 2 + 10, width)
+    return {"kind": "attribution", "title": f"explain {result.label(result.target)!r}",
+            "subtitle": f"{result.method}, {result.granularity} granularity; completeness "
+                        f"{result.completeness:.1%}", "value": result.value, "nodes": nodes,
+            "paths": paths, "width": width, "height": height, "fixed": ["target", "groups", "remainder"],
+            "listed": sum(p.contribution for p in result.paths),
+            "groups": sum(g.contribution for g in result.groups) + result.rest_total,
+            "remainder": result.remainder}
+
+
+def _source_node(nodes: dict, result: object, path: object) -> str:
+    if path.position is None:
+        key = f"source:{path.source}"
+        nodes.setdefault(key, {"label": path.source, "short": path.source[:10], "order": 10**6})
+        return key
+    key = f"source:{path.position}"
+    text = result.label(path.token)
+    nodes.setdefault(key, {"label": f"{text!r} @{path.position}", "short": f"{text[:7]}@{path.position}",
+                           "order": path.position, "fill": "#e4efff"})
+    return key
+
+
+def _unit_row(name: str) -> int:
+    """Rows bottom-up: layer ℓ's attention at 2ℓ+1, its MLP at 2ℓ+2 (blocks at 2ℓ+1)."""
+    match = re.search(r"(\d+)", name)
+    layer = int(match.group(1)) if match else 0
+    return 2 * layer + (2 if name.startswith("mlp") else 1)
+
+
+def _spread(nodes: dict, names: list[str], y: float, width: int) -> None:
+    for i, name in enumerate(names):
+        nodes[name]["x"] = round(50 + (width - 100) * (i + 1) / (len(names) + 1), 1)
+        nodes[name]["y"] = y
+
+
+def _natural(name: str) -> list[object]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# ------------------------------------------------------------------------------------ tables
+def ngram_view(table: object, tokenizer: object = None, limit: int = 100_000) -> dict:
+    """An n-gram table's entries as sortable, searchable rows."""
+    entries = table.entries(tokenizer)[:limit]
+    columns = list(entries[0]) if entries else ["context", "next", "logit"]
+    text_columns = [i for i, c in enumerate(columns) if entries and isinstance(entries[0][c], str)]
+    return rows_view(f"n-grams of {table.path}", columns, [[e[c] for c in columns] for e in entries],
+                     text_columns)
+
+
+def rows_view(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+              search: Sequence[int] | None = None) -> dict:
+    """Any table: ``columns`` and ``rows``; ``search``: the columns the search box reads."""
+    return {"kind": "table", "title": title, "columns": list(columns),
+            "rows": [[_cell(v) for v in row] for row in rows],
+            "search": list(search) if search is not None else list(range(len(columns)))}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _token_texts(tokenizer: object, ids: Sequence[int] | None, seq: int) -> list[str]:
+    if ids is None:
+        return [str(p) for p in range(seq)]
+    return [_label(tokenizer, int(t)) for t in ids]
+
+
+def _label(tokenizer: object, token: int) -> str:
+    if tokenizer is None:
+        return str(token)
+    from jetgraph.applications.targets import token_label
+
+    return token_label(tokenizer, token)
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (torch.Tensor,)):
+        return _cell(value.item())
+    return value
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot embed {type(value).__name__} in a report")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+__all__ = ["attribution_view", "lens_view", "ngram_view", "page", "report", "rows_view", "views_of"]
