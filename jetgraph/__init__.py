@@ -22,6 +22,7 @@ from jetgraph.applications.explain import PathAttribution
 from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.report import report
+from jetgraph.applications.saving import load_result, save_result
 from jetgraph.capture import load_lazy, load_model
 from jetgraph.codegen import emit, emit_source
 from jetgraph.errors import CaptureError, CostError, JetgraphError, JetRuleError, ModelLoadError
@@ -72,10 +73,12 @@ __all__ = [
     "lens",
     "load_lazy",
     "load_model",
+    "load_result",
     "ngrams",
     "parse_path",
     "path_term",
     "report",
+    "save_result",
     "source_terms",
     "stream_term",
 ]

@@ -86,6 +86,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
                             contexts=torch.tensor(rows).view(-1, 1), row_top=1, chunk=chunk,
                             first_tokens=0 if convention.prefix else FIRST_TOKENS)
     path = table.export(out / "bigrams_readout.csv", tokenizer)
+    tables = [table]
     probes = _probe_rows(table, tokenizer, rows)
     mass = table.mass()
     found.append(f"default read-out {DEFAULT_READOUT}: {probes}; toxic-word mass {mass['mean']:.2e} "
@@ -96,6 +97,7 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     for index, spec in enumerate(DEMO_PATHS):
         table = ngram_table(prog, spec, top=100, keywords=keywords, rank="prob", chunk=chunk)
         path = table.export(out / f"bigrams_{index}.csv", tokenizer)
+        tables.append(table)
         top = table.entries(tokenizer)[:5]
         pairs = ", ".join(f"{e['context']!r}→{e['next']!r}" for e in top)
         mass = table.mass()
@@ -119,6 +121,14 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
     log.step(f"emitted the bigram paths {names} (unit weights: each output is the path's logits, as in "
              f"the tables) as {module.name} (+ {size:.0f} MB of weights)")
 
+    why = jetgraph.explain(prog, ids, tokenizer=tokenizer, budget=500)
+    jetgraph.report(why, results, *tables, path=out / "report.html", title=f"jetgraph demo: {model_name}",
+                    tokenizer=tokenizer, input_ids=ids)
+    best = why.paths[0]
+    log.step(f"explained the prediction {why.label(why.target)!r} (logit {why.value:.2f}): top path "
+             f"{best.path} carries {best.contribution / why.value:.0%}; completeness "
+             f"{why.completeness:.0%} after {why.expansions} expansions -> report.html (lens, paths, tables)")
+
     summary = [
         f"jetgraph demo on {model_name} ({type(model).__name__}), input {text!r}",
         f"- capture: {len(prog.sublayers)} residual units, logits reproduced to {error:.1e}",
@@ -126,8 +136,10 @@ def run_demo(model_name: str, text: str, out: Path, chunk: int = 1024) -> int:
         + ", ".join(f"order {k} {shown[k]}" for k in range(3)),
         *(f"- {line}" for line in found),
         f"- paths: {_count(total)} in total; {len(bigram_paths)} bigram paths emitted as {module.name}",
+        f"- explain: {why.label(why.target)!r} ← {best.path} "
+        f"({best.contribution / why.value:.0%} of its logit)",
         f"- outputs in {out}/: program.txt/svg, lens.png, lens.csv, bigrams_readout.csv, bigrams_*.csv, "
-        f"paths.svg, {module.name}",
+        f"paths.svg, {module.name}, report.html (open it in a browser)",
         f"- total {time.perf_counter() - log.start:.0f} s",
     ]
     text_summary = "\n".join(summary)

@@ -15,6 +15,16 @@ if ! command -v dot >/dev/null 2>&1; then
     echo "note: install graphviz (apt-get install graphviz / brew install graphviz) to render SVG/PNG" >&2
   fi
 fi
+# dev: headless Chromium drives the HTML explorer's tests (tests/test_report.py); Playwright (a pip
+# package) talks to Debian's browser, so nothing is downloaded at test time.
+if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+      || echo "warning: could not install chromium; the browser tests will skip (and fail under CI=true)" >&2
+  else
+    echo "note: install chromium (apt-get install chromium) to run the explorer's browser tests" >&2
+  fi
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

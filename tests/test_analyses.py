@@ -429,6 +429,8 @@ def test_analysis_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
             (["masses", "m", "--keywords", " , "], 2, "--keywords is empty"),
             (["curves", str(tmp_path), str(tmp_path), "--path", "E→attn0→U"], 2, "reads token pairs"),
             (["diff", "a", "b", "--min-prob", "2"], 2, "--min-prob must lie in (0, 1)"),
+            (["diff", "a", "b", "--html", str(tmp_path / "d.png")], 2, "--html must end in .html"),
+            (["roles", "m", "--targets", "ing", "--html", str(tmp_path / "r.txt")], 2, "--html must end"),
             (["masses", "a", "--keywords", "x", "--path", "E→nothing"], 2, "--path")):
         assert main(argv) == code
         err = capsys.readouterr().err.strip()
@@ -442,15 +444,19 @@ def test_analysis_commands_on_tinystories(tmp_path, capsys):
     folder = require_tinystories()
     out = tmp_path / "roles.png"
     assert main(["roles", str(folder), "--targets", "ing", "--samples", "64", "--length", "64",
-                 "--pairs", "2", "--attention", "--out", str(out), "--csv", str(tmp_path / "roles.csv")]) == 0
+                 "--pairs", "2", "--attention", "--out", str(out), "--csv", str(tmp_path / "roles.csv"),
+                 "--html", str(tmp_path / "roles.html")]) == 0
     text = capsys.readouterr().out
+    assert 'id="jetgraph-data"' in (tmp_path / "roles.html").read_text()
     assert "zero-ablation" in text and out.stat().st_size > 0
     assert "not ranked (no bigram path through attention)" in text and "attn1" in text
     assert main(["roles", str(folder), "--targets", "suffix:qqqzz"]) == 1
     assert "matches no token" in capsys.readouterr().err
     assert main(["diff", str(folder), str(folder), "--sources", "64", "--first-tokens", "2", "--top", "5",
-                 "--out", str(tmp_path / "d.png"), "--csv", str(tmp_path / "d.csv")]) == 0
+                 "--out", str(tmp_path / "d.png"), "--csv", str(tmp_path / "d.csv"),
+                 "--html", str(tmp_path / "d.html")]) == 0
     assert "largest increases" in capsys.readouterr().out
+    assert '"kind":"table"' in (tmp_path / "d.html").read_text()
     assert main(["masses", str(folder), "--keywords", "dog,cat,ball", "--sources", "64",
                  "--first-tokens", "2", "--out", str(tmp_path / "m.png"),
                  "--csv", str(tmp_path / "m.csv")]) == 0

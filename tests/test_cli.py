@@ -291,8 +291,10 @@ def test_dtype_loads_half_precision(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "lens.png"
     assert main(["lens", str(path), "Once upon a time", "--dtype", "bfloat16", "--order", "1",
-                 "--out", str(out), "--csv", str(tmp_path / "lens.csv")]) == 0
+                 "--out", str(out), "--csv", str(tmp_path / "lens.csv"),
+                 "--html", str(tmp_path / "lens.html")]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and "cos@1" in capsys.readouterr().out
+    assert '"kind":"lens"' in (tmp_path / "lens.html").read_text()  # the grid, with the tokens' text
     assert main(["ngrams", str(path), "--dtype", "float64", "--out", str(tmp_path / "t.csv")]) == 2
     assert "invalid choice: 'float64'" in capsys.readouterr().err
 
@@ -346,11 +348,12 @@ def test_ngrams_command_with_keywords(tmp_path, capsys) -> None:
     path = require_tinystories()
     out = tmp_path / "bigrams.csv"
     assert main(["ngrams", str(path), "--paths", "E→U", "E→MLP_last→U", "--top", "20",
-                 "--keywords", "toxic", "--out", str(out)]) == 0
+                 "--keywords", "toxic", "--out", str(out), "--html", str(tmp_path / "t.html")]) == 0
     printed = capsys.readouterr().out
     assert "keyword mass (toxic" in printed
     assert (tmp_path / "bigrams-0.csv").read_text().count("\n") == 21
     assert (tmp_path / "bigrams-1.csv").is_file()
+    assert '"kind":"table"' in (tmp_path / "t-1.html").read_text()  # one page per table, suffixed
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     capsys.readouterr()
@@ -558,11 +561,13 @@ def test_demo_writes_every_output(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(path), "--text", "Once upon a time", "--out", str(out)]) == 0
     expected = {"program.txt", "program.svg", "lens.png", "lens.csv", "bigrams_readout.csv", "bigrams_0.csv",
-                "bigrams_1.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt"}
+                "bigrams_1.csv", "paths.svg", "bigram_paths.py", "bigram_paths.safetensors", "summary.txt",
+                "report.html"}
     assert expected == {p.name for p in out.iterdir()}  # nothing else (no temporary files)
     printed = capsys.readouterr().out
     assert "toxic-word mass" in printed and "logits reproduced to" in printed
     assert "default read-out h_last→U:" in printed
+    assert "- explain: " in printed and 'id="jetgraph-data"' in (out / "report.html").read_text()
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
 
 

@@ -237,6 +237,8 @@ def test_cli_explain_errors_before_work(tmp_path, capsys) -> None:
     assert main(["explain", "m", "  "]) == 2
     assert main(["explain", "m", "text", "--csv", str(tmp_path / "x.txt")]) == 2
     assert main(["explain", "m", "text", "--goal", "2"]) == 2
+    assert main(["explain", "m", "text", "--html", str(tmp_path / "x.svg")]) == 2
+    assert main(["explain", "m", "text", "--graph-json", str(tmp_path / "x.csv")]) == 2
     assert list(tmp_path.iterdir()) == []
     capsys.readouterr()
 
@@ -283,7 +285,8 @@ def test_cli_explain_on_tinystories(tmp_path, capsys) -> None:
     from tests.conftest import require_tinystories
 
     model = str(require_tinystories())
-    out = {"--csv": tmp_path / "p.csv", "--json": tmp_path / "p.json", "--render": tmp_path / "p.dot"}
+    out = {"--csv": tmp_path / "p.csv", "--json": tmp_path / "p.json", "--render": tmp_path / "p.dot",
+           "--html": tmp_path / "p.html", "--graph-json": tmp_path / "g.json"}
     files = [a for pair in out.items() for a in map(str, pair)]
     assert main(["explain", model, "Once upon a time there was a", "--budget", "80", "--top", "5",
                  *files]) == 0
@@ -292,8 +295,12 @@ def test_cli_explain_on_tinystories(tmp_path, capsys) -> None:
     data = json.loads(out["--json"].read_text())
     assert data["granularity"] == "head" and data["paths"]
     assert out["--csv"].read_text().startswith("rank,") and "digraph" in out["--render"].read_text()
+    assert 'id="jetgraph-data"' in out["--html"].read_text()
+    graph = json.loads(out["--graph-json"].read_text())
+    assert graph["metadata"]["schema_version"] == 1 and graph["nodes"] and graph["links"]
     for bad, message in ((["--target", " upon a"], "tokens ["), (["--position", "40"], "past the input"),
-                         (["--target", "id:999999"], "outside the vocabulary")):
+                         (["--target", "id:999999"], "outside the vocabulary"),
+                         (["--html", str(tmp_path / "x.txt")], "--html")):
         assert main(["explain", model, "Once upon a time", *bad, "--csv", str(tmp_path / "q.csv")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "q.csv").exists()

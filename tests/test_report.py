@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
 
 import jetgraph
 from jetgraph.applications.report import report
-from tests.conftest import captured, random_ids
+from tests.conftest import captured, missing, random_ids
 
 
 def _results():
@@ -70,41 +69,196 @@ def test_to_html_writes_the_attribution(tmp_path) -> None:
     assert data["views"][0]["kind"] == "attribution"
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+def _browser():
+    """The browser driver, or a skip (a failure under CI=true, where setup installs both)."""
+    from jetgraph.applications.report import browser
+
+    try:
+        browser.chromium()
+    except browser.BrowserMissing as exc:
+        missing(str(exc))
+    return browser
+
+
+def _table(prog):
+    from jetgraph.applications import ngram_table
+
+    return ngram_table(prog, "E→mlp0→U", top=300)
 
 
 def test_the_explorer_works_in_a_browser(tmp_path) -> None:
-    """Headless Chromium: the page loads with no script error and no request beyond the file;
-    the slider prunes the graph; clicking a node lists only the paths through it; the lens hover
-    shows the top tokens."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine (apt install chromium)")
-    _, ids, why, lenses = _results()
-    path = report(why, lenses, path=tmp_path / "r.html", input_ids=ids)
-    errors: list[str] = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("request", lambda request: None if request.url.startswith("file:")
-                else errors.append(f"fetched {request.url}"))
-        page.goto(path.as_uri())
-        page.wait_for_selector("body[data-ready=true]")
-        edges_at = {}
-        for share in (100, 10):
+    """Headless Chromium: the page loads with no script or console error and no request beyond
+    the file; the slider changes the number of drawn edges; clicking a node lists only the paths
+    through it; hovering a lens cell shows its top tokens; switching the order changes the cells;
+    the table's search filters its rows. A screenshot of each view is written."""
+    browser = _browser()
+    prog, ids, why, lenses = _results()
+    path = report(why, lenses, _table(prog), path=tmp_path / "r.html", input_ids=ids)
+    with browser.opened(path) as (page, problems, _):
+        edges = {}
+        for share in (100, 5):
             page.fill("#attr-share", str(share))
             page.dispatch_event("#attr-share", "input")
-            edges_at[share] = page.locator("#attr-graph path.edge").count()
-        assert edges_at[10] < edges_at[100]
+            edges[share] = page.locator("#attr-graph path.edge").count()
+        assert edges[5] < edges[100]
         page.fill("#attr-share", "100")
         page.dispatch_event("#attr-share", "input")
         unit = next(p.units[0] for p in why.paths if p.units)
         page.click(f'#attr-graph g[data-node="{unit}"]')
         listed = page.locator("#attr-side tr td:first-child").all_inner_texts()
         assert listed and all(unit in text for text in listed)
-        page.click("nav button:nth-child(2)")
+        page.screenshot(path=str(tmp_path / "attribution.png"))
+
+        browser.show_view(page, "lens")
+        before = page.locator("#lens-grid").inner_text()
         page.hover("#lens-grid tr:nth-child(3) td:nth-child(4)")
-        assert "%" in page.inner_text("#tooltip")
-        browser.close()
-    assert not errors, errors
+        assert page.inner_text("#tooltip").count("%") >= 10  # the top 10 and the rest
+        page.screenshot(path=str(tmp_path / "lens.png"))
+        page.select_option("#lens-order", "1")
+        assert page.locator("#lens-grid").inner_text() != before
+
+        browser.show_view(page, "n-grams")
+        rows = page.locator("#table-rows tr").count()
+        token = page.locator("#table-rows tr:nth-child(2) td:nth-child(2)").inner_text()  # a context
+        page.fill("#table-search", token)
+        page.dispatch_event("#table-search", "input")
+        kept = page.locator("#table-rows tr").count()
+        assert 1 < kept < rows
+        page.click("#table-rows th:nth-child(4)")  # sort by a column
+        page.screenshot(path=str(tmp_path / "table.png"))
+        assert not problems, problems
+    assert all((tmp_path / f"{v}.png").stat().st_size > 10_000 for v in ("attribution", "lens", "table"))
+
+
+def test_notebook_output_renders_in_a_browser(tmp_path) -> None:
+    """What a notebook shows: each result's ``_repr_html_`` and ``.show()``'s iframe, put in a page
+    as Jupyter would, load in Chromium; the iframe's explorer draws its graph."""
+    browser = _browser()
+    _, _, why, lenses = _results()
+    cells = [why._repr_html_(), lenses[0]._repr_html_(), why.show()._repr_html_()]
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text("<!doctype html><html><body data-ready=true>" + "".join(
+        f"<div class=cell>{cell}</div>" for cell in cells) + "</body></html>")
+    with browser.opened(notebook) as (page, problems, _):
+        assert "PathAttribution of" in page.inner_text("body")
+        assert "LensResult" in page.inner_text("body")
+        frame = page.frame_locator("iframe")
+        frame.locator("body[data-ready=true]").wait_for()
+        assert frame.locator("#attr-graph path.edge").count() > 0
+        assert not problems, problems
+
+
+def test_graph_json_validates_against_circuit_tracers_models() -> None:
+    """The graph file against circuit-tracer's pydantic models, written here from its
+    ``circuit_tracer/frontend/graph_models.py`` (safety-research/circuit-tracer @ 196e2ce: the
+    package itself needs nnsight and TransformerLens), and its links add up to the model's value."""
+    pydantic = pytest.importorskip("pydantic", reason="pydantic is not installed")
+
+    class Metadata(pydantic.BaseModel):
+        slug: str
+        scan: str
+        transcoder_list: list[str]
+        prompt_tokens: list[str]
+        prompt: str
+        node_threshold: float | None = None
+        schema_version: int | None = 1
+
+    class QParams(pydantic.BaseModel):
+        pinnedIds: list[str]
+        supernodes: list[list[str]]
+        linkType: str
+        clickedId: str
+        sg_pos: str
+
+    class Node(pydantic.BaseModel):
+        node_id: str
+        feature: int
+        layer: str
+        ctx_idx: int
+        feature_type: str
+        token_prob: float = 0.0
+        is_target_logit: bool = False
+        run_idx: int = 0
+        reverse_ctx_idx: int = 0
+        jsNodeId: str
+        clerp: str = ""
+        influence: float | None = None
+        activation: float | None = None
+
+    class Link(pydantic.BaseModel):
+        source: str
+        target: str
+        weight: float
+
+    class Graph(pydantic.BaseModel):
+        metadata: Metadata
+        qParams: QParams
+        nodes: list[Node]
+        links: list[Link]
+
+    _, _, why, _ = _results()
+    data = json.loads(json.dumps(why.to_graph_json(layers=2)))
+    graph = Graph.model_validate(data)
+    ids = [n.node_id for n in graph.nodes]
+    assert len(ids) == len(set(ids))
+    assert {link.source for link in graph.links} | {link.target for link in graph.links} <= set(ids)
+    kinds = {n.feature_type for n in graph.nodes}
+    assert kinds <= {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    logit = next(n for n in graph.nodes if n.feature_type == "logit")
+    assert logit.layer == "3" and logit.is_target_logit and logit.node_id == f"3_{why.target}_{why.position}"
+    into_logit = sum(link.weight for link in graph.links if link.target == logit.node_id)
+    assert into_logit == pytest.approx(why.value, rel=1e-9, abs=1e-12)
+    units = {n.clerp for n in graph.nodes if n.feature_type == "cross layer transcoder"}
+    assert units == {u for p in why.paths for u in p.units}
+
+
+def test_every_result_type_round_trips_through_save_and_load(tmp_path) -> None:
+    """Lens result, lens average, path attribution, score attribution, n-gram table: saved as JSON +
+    safetensors and loaded back, each reads out the same (tables, entries, checks, its explorer
+    page byte for byte)."""
+    from jetgraph.applications.lens import lens_over_prompts
+    from jetgraph.applications.report import page, views_of
+
+    prog, ids, why, lenses = _results()
+    average = lens_over_prompts(prog, [ids[0], ids[0, :5]], orders=(0,), progress=False)[0]
+    look = jetgraph.explain_attention(prog, ids, "attn1.h0", key=2)
+    table = _table(prog)
+    for index, result in enumerate([lenses[0], lenses[1], average, why, look, table]):
+        folder = jetgraph.save_result(result, tmp_path / f"r{index}")
+        assert {p.name for p in folder.iterdir()} == {"result.json", "tensors.safetensors"}
+        loaded = jetgraph.load_result(folder)
+        assert type(loaded) is type(result)
+        if hasattr(result, "table") and not isinstance(result, type(look)):
+            assert loaded.table() == result.table()
+        if hasattr(result, "entries"):
+            assert loaded.entries() == result.entries()
+        if result is not look:
+            assert page("t", views_of(loaded)) == page("t", views_of(result))
+    assert jetgraph.load_result(tmp_path / "r3").check(1e-4, remainder_is_rounding=True) is None
+    assert jetgraph.load_result(tmp_path / "r4").pairs == look.pairs
+    # saving again replaces the result whole; a folder holding anything else is refused
+    jetgraph.save_result(why, tmp_path / "r0")
+    assert type(jetgraph.load_result(tmp_path / "r0")) is type(why)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds something other"):
+        jetgraph.save_result(why, tmp_path / "other")
+    with pytest.raises(ValueError, match="no saved result"):
+        jetgraph.load_result(tmp_path / "other")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_cli_view_opens_saved_results_in_one_page(tmp_path, capsys) -> None:
+    from jetgraph.cli import main
+
+    _, _, why, lenses = _results()
+    jetgraph.save_result(why, tmp_path / "saved" / "why")
+    jetgraph.save_result(lenses[0], tmp_path / "saved" / "lens")
+    out = tmp_path / "v.html"
+    assert main(["view", str(tmp_path / "saved"), "--out", str(out), "--no-open"]) == 0
+    assert "2 results" in capsys.readouterr().out
+    assert [v["kind"] for v in _embedded(out.read_text())["views"]] == ["lens", "attribution"]
+    assert main(["view", str(tmp_path / "nothing"), "--out", str(tmp_path / "w.html"), "--no-open"]) == 2
+    assert "holds no saved result" in capsys.readouterr().err
+    assert main(["view", str(tmp_path / "saved"), "--out", str(tmp_path / "w.txt"), "--no-open"]) == 2
+    assert not (tmp_path / "w.html").exists()

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from jetgraph.cli import analyses, capture, demo, explain, lens, ngrams, paths, sketch
+from jetgraph.cli import analyses, capture, demo, explain, lens, ngrams, paths, sketch, view
 from jetgraph.cli.exits import ERROR, INTERRUPTED, USAGE, LaunchFailed, UsageError, rank, resume_hint
 from jetgraph.cli.options import HelpFormatter
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_paths_parser(command)
     paths.add_emit_parser(command)
     analyses.add_commands(command)
+    view.add_parser(command)
     demo.add_parser(command)
     return parser
 

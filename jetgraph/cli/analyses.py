@@ -69,6 +69,7 @@ def add_commands(command) -> None:
     roles.add_argument("--chunk", type=positive, default=1024, help="source tokens per batched call")
     roles.add_argument("--out", type=Path, default=Path("roles.png"), help="PNG to write")
     roles.add_argument("--csv", type=Path, default=Path("roles.csv"), help="CSV to write")
+    roles.add_argument("--html", type=Path, help="also write the table as a sortable, searchable HTML page")
     cost_arguments(roles)
     roles.set_defaults(run=run_roles, check=check_roles)
 
@@ -98,6 +99,7 @@ def add_commands(command) -> None:
     diff.add_argument("--min-prob", type=float, default=1e-3, help="probability floor of --rank log_ratio")
     diff.add_argument("--out", type=Path, default=Path("diff.png"), help="PNG to write")
     diff.add_argument("--csv", type=Path, default=Path("diff.csv"), help="CSV to write")
+    diff.add_argument("--html", type=Path, help="also write the table as a sortable, searchable HTML page")
     diff.set_defaults(run=run_diff, check=check_diff)
 
     masses = command("masses", "keyword masses of models: the paper's mean mass and a calibrated lift",
@@ -152,6 +154,17 @@ def _check_bigram_path(args: argparse.Namespace) -> None:
 def _check_pngs(args: argparse.Namespace) -> None:
     check_output(args.out, (".png",), "--out")
     check_output(args.csv, (".csv",), "--csv")
+    if getattr(args, "html", None) is not None:
+        check_output(args.html, (".html", ".htm"), "--html")
+
+
+def _write_html(args: argparse.Namespace, title: str) -> None:
+    """``--html``: the CSV just written as the explorer's table."""
+    if getattr(args, "html", None) is None:
+        return
+    from jetgraph.applications.report import csv_view, write_page
+
+    args.written.append(write_page([csv_view(args.csv, title)], args.html, title))
 
 
 def check_roles(args: argparse.Namespace) -> None:
@@ -322,6 +335,7 @@ def run_roles(args: argparse.Namespace) -> int:
               "more --samples or a longer --text", file=sys.stderr)
     print(report.table(tokenizer))
     args.written = [report.write_csv(args.csv, tokenizer), plot_roles(report, args.out, tokenizer)]
+    _write_html(args, f"roles of {args.model}")
     print(f"wrote {', '.join(map(str, args.written))}")
     return 0
 
@@ -356,6 +370,7 @@ def run_diff(args: argparse.Namespace) -> int:
                       names=(args.model_a, args.model_b), convention=convention)
     print(diff.table(tokenizer))
     args.written = [diff.write_csv(args.csv, tokenizer), plot_diff(diff, args.out, tokenizer)]
+    _write_html(args, f"diff {args.model_a} → {args.model_b}")
     print(f"wrote {', '.join(map(str, args.written))}")
     return 0
 

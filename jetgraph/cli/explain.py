@@ -4,6 +4,7 @@ and a picture."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def add_parser(command) -> None:
     explain.add_argument("--json", type=Path, default=Path("explain.json"), help="JSON of everything")
     explain.add_argument("--render", type=Path, default=Path("explain.svg"),
                          help="the picture (SVG, PNG or DOT)")
+    explain.add_argument("--html", type=Path, help="also write the interactive explorer (one HTML file)")
+    explain.add_argument("--graph-json", type=Path,
+                         help="also write circuit-tracer's attribution-graph JSON (Neuronpedia reads it)")
     cost_arguments(explain)
     explain.set_defaults(run=run, check=check)
 
@@ -72,6 +76,10 @@ def check(args: argparse.Namespace) -> None:
     check_output(args.csv, (".csv",), "--csv")
     check_output(args.json, (".json",), "--json")
     check_output(args.render, (".svg", ".png", ".dot"), "--render")
+    if args.html is not None:
+        check_output(args.html, (".html", ".htm"), "--html")
+    if args.graph_json is not None:
+        check_output(args.graph_json, (".json",), "--graph-json")
 
 
 def _token(tokenizer, value: str | None, vocab: int, what: str) -> int | None:
@@ -147,5 +155,12 @@ def run(args: argparse.Namespace) -> int:
         written.append(render(attribution_graph(result, args.top), args.render))
     except RenderError as exc:
         print(f"note: {exc}")
+    if args.html is not None:
+        written.append(result.to_html(args.html))
+    if args.graph_json is not None:
+        layers = sum(u.kind == "attn" for u in prog.at("sublayer").units) or None
+        graph = result.to_graph_json(slug=args.graph_json.stem, layers=layers)
+        atomic_write(args.graph_json, json.dumps(graph))
+        written.append(args.graph_json)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -43,6 +43,7 @@ def add_parser(command) -> None:
                       help="also fit the joint lens (weighted centres), drawn and written with the rest")
     lens.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write")
     lens.add_argument("--csv", type=Path, help="also write every order's per-layer metrics as CSV")
+    lens.add_argument("--html", type=Path, help="also write the interactive explorer (one HTML file)")
     cost_arguments(lens)
 
     lens.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
@@ -64,6 +65,8 @@ def check(args: argparse.Namespace) -> None:
     check_output(args.out, (".png",), "--out")
     if args.csv is not None:
         check_output(args.csv, (".csv",), "--csv")
+    if args.html is not None:
+        check_output(args.html, (".html", ".htm"), "--html")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
     print(lens_table(results))
     if args.csv is not None:
         write_lens_csv(results, args.csv)
-    print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
+    if args.html is not None:
+        from jetgraph.applications.report import report
+
+        report(results, path=args.html, title=f"lens of {args.model}", tokenizer=tokenizer, input_ids=ids)
+    print(_wrote(args))
     return 0
 
 
@@ -167,7 +174,11 @@ def _run_lens_over_prompts(args: argparse.Namespace) -> int:
     print(lens_table(averages))
     if args.csv is not None:
         write_lens_csv(averages, args.csv)
-    print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
+    if args.html is not None:
+        from jetgraph.applications.report import report
+
+        report(*averages, path=args.html, title=f"lens of {args.model} over {averages[0].prompts} prompts")
+    print(_wrote(args))
     return 0
 
 
@@ -194,3 +205,7 @@ def lens_table(results) -> str:
             lines.append(f"joint lens, order {result.order}: cosine "
                          f"{result.metrics['cosine'][0].mean().item():.3f} (weights fitted on this input)")
     return "\n".join(lines)
+
+
+def _wrote(args: argparse.Namespace) -> str:
+    return "wrote " + ", ".join(str(p) for p in (args.out, args.csv, args.html) if p is not None)

@@ -73,6 +73,8 @@ def add_parser(command) -> None:
                         help="where tables are computed; auto: this rank's GPU (LOCAL_RANK) if there is one")
     ngrams.add_argument("--out", type=Path, default=Path("ngrams.csv"),
                         help="CSV or JSON to write; one file per path (suffixed -0, -1, …) when several")
+    ngrams.add_argument("--html", type=Path,
+                        help="also write each table as a searchable HTML explorer (suffixed like --out)")
     cost_arguments(ngrams)
     ngrams.set_defaults(run=run, check=check)
 
@@ -98,6 +100,8 @@ def check(args: argparse.Namespace) -> None:
         args.context_rows = read_contexts(args.contexts)
     for out in ngram_outputs(args):
         check_output(out, (".csv", ".json"), "--out")
+    if args.html is not None:
+        check_output(args.html, (".html", ".htm"), "--html")
     if args.resume is not None:
         if args.resume.is_file() or args.resume.suffix in (".pt", ".pth", ".ckpt"):
             raise UsageError(f"--resume takes a folder (one checkpoint ngrams-N.pt per path is kept inside "
@@ -212,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         table.export(out, tokenizer)
         args.written = [*getattr(args, "written", []), out]
+        if args.html is not None:
+            html = args.html if len(outputs) == 1 else args.html.with_name(f"{args.html.stem}-{index}.html")
+            table.to_html(html, tokenizer)
+            args.written.append(html)
         where = f" over {ranks} processes" if ranks > 1 else ""
         print(f"{table.path}: top {args.top} of {len(table.contexts):,} contexts x {table.vocab:,} "
               f"(by {args.rank}){where} -> {out}")

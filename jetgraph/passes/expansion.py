@@ -10,6 +10,7 @@ objects; an expansion only holds terms of its own program's view.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from collections.abc import Sequence
@@ -82,6 +83,14 @@ class Expansion:
     def __repr__(self) -> str:
         where = "decoder" if self.space == "logits" else self.prog.units[self.unit].name
         return f"Expansion({where}, order={self.order}, terms={len(self.terms)})"
+
+    def _repr_html_(self) -> str:
+        """A compact view for notebooks: where it expands, its order and its first terms."""
+        where = "decoder" if self.space == "logits" else self.prog.units[self.unit].name
+        names = "".join(f"<li><code>{html.escape(t.name)}</code></li>" for t in self.terms[:12])
+        more = f"<li>… {len(self.terms) - 12} more</li>" if len(self.terms) > 12 else ""
+        return (f"<div><b>Expansion</b> of {html.escape(where)} at order {self.order}: "
+                f"{len(self.terms)} terms ({self.space} space)<ol>{names}{more}</ol></div>")
 
     @property
     def target_state(self) -> int:

@@ -195,6 +195,24 @@ class PathAttribution:
         fields = {k: v for k, v in asdict(path).items() if k != "name"}
         return fields | {"path": path.path, "token_text": self.label(path.token)}
 
+    def to_graph_json(self, slug: str = "jetgraph-explain", layers: int | None = None) -> dict:
+        """The attribution-graph JSON of circuit-tracer's frontend and Neuronpedia
+        (:mod:`jetgraph.applications.explain.graph_json`)."""
+        from jetgraph.applications.explain.graph_json import to_graph_json
+
+        return to_graph_json(self, slug, layers)
+
+    def _repr_html_(self) -> str:
+        from jetgraph.applications.report.inline import attribution_html
+
+        return attribution_html(self)
+
+    def show(self):
+        """The path graph explorer inline in a notebook."""
+        from jetgraph.applications.report import explorer
+
+        return explorer(self)
+
     def to_html(self, path: str | Path) -> Path:
         """This attribution as a self-contained HTML explorer (:func:`jetgraph.report`)."""
         from jetgraph.applications.report import report

@@ -185,6 +185,25 @@ class LensResult:
         """Per centre: how many tokens have a diverging jet (:attr:`divergent_tokens`)."""
         return self.divergent_tokens.sum((1, 2)).tolist()
 
+    def _repr_html_(self) -> str:
+        from jetgraph.applications.report.inline import lens_html
+
+        return lens_html(self)
+
+    def show(self, tokenizer: object = None, input_ids: torch.Tensor | None = None):
+        """The states × positions explorer inline in a notebook (``input_ids`` names positions)."""
+        from jetgraph.applications.report import explorer
+
+        return explorer(self, tokenizer=tokenizer, input_ids=input_ids)
+
+    def to_html(self, path: str | Path, tokenizer: object = None,
+                input_ids: torch.Tensor | None = None) -> Path:
+        """This lens as a self-contained HTML explorer (:func:`jetgraph.report`)."""
+        from jetgraph.applications.report import report
+
+        return report(self, path=path, title=f"lens: {self.kind}, order {self.order}",
+                      tokenizer=tokenizer, input_ids=input_ids)
+
     def to_csv(self, path: str | Path) -> Path:
         """This result's :meth:`table` as CSV (columns ``center`` and :data:`METRICS`); for several
         results with their lens and order, see :func:`write_lens_csv`."""
@@ -243,6 +262,22 @@ class LensAverage:
     @property
     def prompts(self) -> int:
         return int(self.prompt_metrics[METRICS[0]].shape[1])
+
+    def _repr_html_(self) -> str:
+        from jetgraph.applications.report.inline import lens_average_html
+
+        return lens_average_html(self)
+
+    def show(self):
+        """The per-state curves with their ranges over the prompts, inline in a notebook."""
+        from jetgraph.applications.report import explorer
+
+        return explorer(self)
+
+    def to_html(self, path: str | Path) -> Path:
+        from jetgraph.applications.report import report
+
+        return report(self, path=path, title=f"lens over {self.prompts} prompts")
 
     def to_csv(self, path: str | Path) -> Path:
         """This average's :meth:`table` as CSV (see :func:`write_lens_csv`)."""

@@ -98,6 +98,23 @@ class NgramTable:
         shifted = self.keyword_logits[:, columns].double() - self.row_max.double()[:, None]
         return torch.exp(torch.logsumexp(shifted, -1) - self.log_sum.double())
 
+    def _repr_html_(self) -> str:
+        from jetgraph.applications.report.inline import ngram_html
+
+        return ngram_html(self)
+
+    def show(self, tokenizer: object = None):
+        """The table sortable, searchable and paged, inline in a notebook."""
+        from jetgraph.applications.report import explorer
+
+        return explorer(self, tokenizer=tokenizer)
+
+    def to_html(self, path, tokenizer: object = None):
+        """The table as a self-contained HTML explorer (:func:`jetgraph.report`)."""
+        from jetgraph.applications.report import report
+
+        return report(self, path=path, title=f"n-grams of {self.path}", tokenizer=tokenizer)
+
     def entries(self, tokenizer=None) -> list[dict]:
         """The global top-k as rows: rank, context, next token, logit and, when the row
         normalisers were kept, the log-probability and probability of the next token."""

@@ -37,8 +37,21 @@ def report(*results: object, path: str | Path = "report.html", title: str = "jet
     if target.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"a report is an .html file, got {target.name!r}")
     views = [view for result in results for view in views_of(result, tokenizer, input_ids)]
-    atomic_write(target, page(title, views))
-    return target
+    return write_page(views, target, title)
+
+
+def write_page(views: list[dict], path: str | Path, title: str) -> Path:
+    """Views made here (``rows_view``, ``csv_view``, …) as one HTML file."""
+    return atomic_write(Path(path), page(title, views))
+
+
+def explorer(*results: object, title: str = "jetgraph", tokenizer: object = None,
+             input_ids: torch.Tensor | None = None):
+    """The explorer of ``results`` for a notebook cell (``result.show()``)."""
+    from jetgraph.applications.report.inline import Explorer
+
+    views = [view for result in results for view in views_of(result, tokenizer, input_ids)]
+    return Explorer(page(title, views))
 
 
 def page(title: str, views: list[dict]) -> str:
@@ -59,20 +72,22 @@ def page(title: str, views: list[dict]) -> str:
 def views_of(result: object, tokenizer: object = None, input_ids: torch.Tensor | None = None) -> list[dict]:
     """The explorer views of one result, by its type."""
     from jetgraph.applications.explain import PathAttribution
-    from jetgraph.applications.lens import LensResult
+    from jetgraph.applications.lens import LensAverage, LensResult
     from jetgraph.applications.ngrams import NgramTable
 
     if isinstance(result, PathAttribution):
         return [attribution_view(result)]
     if isinstance(result, LensResult):
         return [lens_view([result], tokenizer, input_ids)]
+    if isinstance(result, LensAverage):
+        return [curves_view(result)]
     if isinstance(result, NgramTable):
         return [ngram_view(result, tokenizer)]
     if isinstance(result, dict):  # jetgraph.lens: {order: LensResult}
         result = list(result.values())
     if isinstance(result, (list, tuple)) and result and all(isinstance(r, LensResult) for r in result):
         return [lens_view(list(result), tokenizer, input_ids)]
-    raise ValueError(f"report takes LensResult, PathAttribution or NgramTable results, got "
+    raise ValueError(f"report takes LensResult, LensAverage, PathAttribution or NgramTable results, got "
                      f"{type(result).__name__}")
 
 
@@ -104,6 +119,21 @@ def lens_view(results: Sequence[object], tokenizer: object = None, input_ids: to
             "next": [_label(tokenizer, int(t)) for t in own],
             "subtitle": "each cell: the top token the lens reads at that state and position; hover "
                         "for the top tokens with probabilities", "orders": orders}
+
+
+def curves_view(average: object) -> dict:
+    """A lens over many prompts: per state, each bounded metric's mean over the prompts with the
+    10th–90th percentile band."""
+    series = []
+    for metric, name in (("top1", "top-1 agreement"), ("cosine", "cosine"), ("topk", "top-k overlap")):
+        values = average.prompt_metrics[metric].double()  # [centres, prompts]
+        low, high = torch.nanquantile(values, 0.1, dim=1), torch.nanquantile(values, 0.9, dim=1)
+        series.append({"name": name, "mean": [_finite(v) or 0.0 for v in values.nanmean(1)],
+                       "low": [_finite(v) or 0.0 for v in low], "high": [_finite(v) or 0.0 for v in high]})
+    return {"kind": "curves", "title": f"lens over {average.prompts} prompts",
+            "subtitle": f"{average.kind} lens, order {average.order}: mean over the prompts, band = "
+                        "10th–90th percentile",
+            "curves": {"title": "per state", "labels": list(average.labels), "series": series}}
 
 
 # ------------------------------------------------------------------------------------ attribution
@@ -197,6 +227,27 @@ def rows_view(title: str, columns: Sequence[str], rows: Sequence[Sequence[object
             "search": list(search) if search is not None else list(range(len(columns)))}
 
 
+def csv_view(path: str | Path, title: str) -> dict:
+    """A CSV a command wrote (roles, diffs) as a sortable, searchable table; numbers stay numbers,
+    and the search reads the text columns."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        columns = next(reader, [])
+        rows = [[_number(v) for v in row] for row in reader]
+    text = [i for i in range(len(columns)) if rows and any(isinstance(r[i], str) and r[i] for r in rows)]
+    return rows_view(title, columns, rows, text)
+
+
+def _number(text: str) -> object:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else None
+
+
 # ------------------------------------------------------------------------------------ helpers
 def _token_texts(tokenizer: object, ids: Sequence[int] | None, seq: int) -> list[str]:
     if ids is None:
@@ -235,4 +286,16 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-__all__ = ["attribution_view", "lens_view", "ngram_view", "page", "report", "rows_view", "views_of"]
+__all__ = [
+    "attribution_view",
+    "csv_view",
+    "curves_view",
+    "explorer",
+    "lens_view",
+    "ngram_view",
+    "page",
+    "report",
+    "rows_view",
+    "views_of",
+    "write_page",
+]

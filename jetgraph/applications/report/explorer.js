@@ -163,7 +163,8 @@
     draw();
   }
 
-  const VIEWS = {lens: lensView, attribution: attributionView, table: tableView};
+  const VIEWS = {lens: lensView, attribution: attributionView, table: tableView,
+    curves: (view, root) => root.append(curvesChart(view.curves))};
   const nav = document.getElementById("nav"), main = document.getElementById("views");
   DATA.views.forEach((view, i) => {
     const section = el("section", {class: "view" + (i === 0 ? " active" : ""), id: "view-" + i},
