@@ -153,7 +153,6 @@ def attribution_view(result: object) -> dict:
         ids.append("target")
         start = f"{result.label(path.token)!r}@{path.position} " if path.position is not None else ""
         paths.append({"nodes": ids, "contribution": path.contribution, "text": start + path.path})
-    top_row = max(rows.values(), default=0) + 1
     nodes["target"] = {"label": f"target {result.label(result.target)!r}", "short": "target",
                        "detail": f"value {result.value:.4g}", "fill": "#ffe9a8"}
     grouped = sum(g.contribution for g in result.groups) + result.rest_total
@@ -161,20 +160,22 @@ def attribution_view(result: object) -> dict:
                        "short": "groups", "fill": "#eee", "detail": f"total {grouped:.4g}"}
     nodes["remainder"] = {"label": "remainder (error node)", "short": "remainder", "fill": "#f6d5d5",
                           "detail": f"{result.remainder:.3g}"}
-    width, spacing = 1100, 46
+    width, spacing = 900, 52
     by_row: dict[int, list[str]] = {}
     for name, row in rows.items():
         by_row.setdefault(row, []).append(name)
+    used = sorted(by_row)  # only the rows that hold a unit take space, bottom-up
     sources = sorted((n for n in nodes if n.startswith("source:")), key=lambda n: nodes[n]["order"])
-    height = (top_row + 2) * spacing + 20
-    _spread(nodes, sources, height - spacing, width)
-    for row, names in by_row.items():
-        _spread(nodes, sorted(names, key=_natural), height - spacing * (row + 1), width)
-    _spread(nodes, ["groups", "target", "remainder"], spacing // 2 + 10, width)
+    height = (len(used) + 2) * spacing + 20
+    _spread(nodes, sources, height - spacing // 2 - 10, width)
+    for rank, row in enumerate(used, start=1):
+        _spread(nodes, sorted(by_row[row], key=_natural), height - spacing // 2 - 10 - spacing * rank, width)
+    _spread(nodes, ["groups", "target", "remainder"], spacing // 2, width)
     return {"kind": "attribution", "title": f"explain {result.label(result.target)!r}",
             "subtitle": f"{result.method}, {result.granularity} granularity; completeness "
                         f"{result.completeness:.1%}", "value": result.value, "nodes": nodes,
             "paths": paths, "width": width, "height": height, "fixed": ["target", "groups", "remainder"],
+            "extra": [{"from": "groups", "value": grouped}, {"from": "remainder", "value": result.remainder}],
             "listed": sum(p.contribution for p in result.paths),
             "groups": sum(g.contribution for g in result.groups) + result.rest_total,
             "remainder": result.remainder}

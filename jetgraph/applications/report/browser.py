@@ -60,20 +60,24 @@ def show_view(page: object, title: str) -> None:
 
 def screenshots(path: str | Path, folder: str | Path) -> dict[str, object]:
     """One PNG per view of the page at ``path`` into ``folder`` (the lens with a cell hovered),
-    with the load time and any problems: what docs/explorer.md shows."""
+    named ``{page}-{kind}.png`` (``-{kind}-2`` for the second of a kind), with the load time and
+    any problems: what docs/explorer.md shows."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shots = {}
     with opened(path) as (page, problems, seconds):
-        tabs = page.locator("nav button").all_inner_texts()
-        for index, title in enumerate(tabs):
+        seen: dict[str, int] = {}
+        for index in range(page.locator("nav button").count()):
             page.locator("nav button").nth(index).click()
             section = page.locator(f"#view-{index}")
+            kind = section.get_attribute("data-kind")
+            seen[kind] = seen.get(kind, 0) + 1
             if section.locator("#lens-grid").count():
                 section.locator("#lens-grid tr:nth-child(4) td:nth-child(5)").hover()
-            shot = folder / f"{Path(path).stem}-{index}.png"
+            name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
+            shot = folder / f"{Path(path).stem}-{name}.png"
             page.screenshot(path=str(shot), full_page=False)
-            shots[title] = shot
+            shots[name] = shot
         return {"seconds": seconds, "problems": list(problems), "shots": shots}
 
 

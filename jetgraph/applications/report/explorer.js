@@ -13,7 +13,8 @@
     for (const kid of kids) node.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
     return node;
   };
-  const fmt = (x, d = 3) => (x === null || x === undefined || Number.isNaN(x)) ? "—" : Number(x).toPrecision(d);
+  const fmt = (x, d = 3) => (x === null || x === undefined || Number.isNaN(x)) ? "—"
+    : Number.isInteger(x) ? String(x) : Number(x).toPrecision(d);
   const pct = (x) => (x === null || Number.isNaN(x)) ? "—" : (100 * x).toFixed(1) + "%";
   const showTip = (ev, html) => { tip.innerHTML = html; tip.style.display = "block";
     tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 10) + "px"; };
@@ -84,7 +85,7 @@
       on: {input: (e) => { share = e.target.value / 100; draw(); }}});
     const shareText = el("span", {id: "attr-share-text"});
     root.append(el("div", {class: "controls"}, el("label", {}, "paths carrying ", slider, " ", shareText, " of the listed mass"), info));
-    const graph = el("div", {}), side = el("div", {class: "side", id: "attr-side"});
+    const graph = el("div", {class: "graph"}), side = el("div", {class: "side", id: "attr-side"});
     root.append(el("div", {class: "panel"}, graph, side));
     const nodes = view.nodes, W = view.width, H = view.height;
     function kept() {
@@ -101,14 +102,19 @@
         edges.set(key, (edges.get(key) || 0) + p.contribution);
       }
       const biggest = Math.max(1e-12, ...[...edges.values()].map(Math.abs));
+      for (const extra of view.extra || []) edges.set(extra.from + "|target", extra.value);
       const through = selected ? new Set(paths.filter((p) => p.nodes.includes(selected)).flatMap((p) => p.nodes)) : null;
-      const svg = el("svg", {width: W, height: H, id: "attr-graph"});
+      const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", id: "attr-graph",
+        style: `max-height: 78vh; min-height: ${Math.min(H, 360)}px`});
       for (const [key, v] of edges) {
         const [a, b] = key.split("|"), na = nodes[a], nb = nodes[b];
         const dim = through && !(through.has(a) && through.has(b));
         const mid = (na.y + nb.y) / 2;
-        svg.append(el("path", {class: "edge" + (dim ? " dim" : ""), d: `M${na.x},${na.y} C${na.x},${mid} ${nb.x},${mid} ${nb.x},${nb.y}`,
-          stroke: v >= 0 ? "#2666d0" : "#d03a2a", "stroke-width": (0.6 + 9 * Math.abs(v) / biggest).toFixed(2), opacity: 0.75},
+        const fixed = a === "groups" || a === "remainder";
+        const d = fixed ? `M${na.x},${na.y} L${nb.x},${nb.y}` : `M${na.x},${na.y} C${na.x},${mid} ${nb.x},${mid} ${nb.x},${nb.y}`;
+        svg.append(el("path", {class: fixed ? "extra" : "edge" + (dim ? " dim" : ""), d,
+          stroke: v >= 0 ? "#2666d0" : "#d03a2a", "stroke-width": Math.min(12, 0.6 + 9 * Math.abs(v) / biggest).toFixed(2),
+          opacity: 0.75, "stroke-dasharray": fixed ? "5,4" : "none", fill: "none"},
           el("title", {}, `${nodes[a].label} → ${nodes[b].label}: ${fmt(v)}`)));
       }
       const used = new Set(paths.flatMap((p) => p.nodes).concat(view.fixed));
@@ -167,7 +173,7 @@
     curves: (view, root) => root.append(curvesChart(view.curves))};
   const nav = document.getElementById("nav"), main = document.getElementById("views");
   DATA.views.forEach((view, i) => {
-    const section = el("section", {class: "view" + (i === 0 ? " active" : ""), id: "view-" + i},
+    const section = el("section", {class: "view" + (i === 0 ? " active" : ""), id: "view-" + i, "data-kind": view.kind},
       el("h2", {}, view.title), view.subtitle ? el("p", {class: "muted"}, view.subtitle) : "");
     const button = el("button", {class: i === 0 ? "active" : "", on: {click: () => {
       document.querySelectorAll("section.view, nav button").forEach((x) => x.classList.remove("active"));

@@ -1,0 +1,120 @@
+"""The HTML explorer at SmolLM2 scale, in headless Chromium: file size and load time, and the
+docs' screenshots.
+
+Part ``demo``: the demo's own ``report.html`` (``jetgraph demo``: its lens, its explained
+prediction and its bigram tables), one screenshot per view into ``docs/img/`` (this script's
+stated output; the same driver as ``tests/test_report.py``).
+
+Part ``scale``: the sizes the issue names — a lens of SmolLM2's 30 layers over a 64-token text
+(orders 0 and 1, top-10 tokens per cell), an explanation after 2,000 expansions, a bigram table
+of 100,000 rows — written as one page, then opened three times: file size, load-and-draw time
+(median and range), and the time to redraw the graph at the widest slider setting.
+
+    python -m benchmarks.explorer [--part demo scale]
+
+Writes ``benchmarks/results/explorer.json``; docs/explorer.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import jetgraph
+from jetgraph.applications.report import browser, report
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "explorer.json"
+IMAGES = ROOT / "docs" / "img"
+TEXT = ("The history of the city begins in the Roman period, when a small settlement grew on the north "
+        "bank of the river. In the Middle Ages it became a market town, and by the eighteenth century its "
+        "port was one of the busiest in the country. The old bridge, rebuilt after a flood in 1850, still "
+        "carries traffic between the two halves of the town, and the cathedral")
+
+
+def demo_part() -> dict:
+    from jetgraph.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        run_demo("smollm2", "The capital of France is", Path(folder))
+        seconds = time.perf_counter() - start
+        page = Path(folder) / "report.html"
+        shots = browser.screenshots(page, IMAGES)
+        renamed = {}
+        for name, shot in shots["shots"].items():
+            target = IMAGES / f"explorer-demo-{name}.png"
+            shot.replace(target)
+            renamed[name] = str(target.relative_to(ROOT))
+        return {"demo_seconds": round(seconds, 1), "bytes": page.stat().st_size,
+                "load_seconds": round(shots["seconds"], 3), "problems": shots["problems"],
+                "screenshots": renamed}
+
+
+def scale_part(repeats: int = 3) -> dict:
+    model, tokenizer = jetgraph.load_model("smollm2")
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
+    prog = jetgraph.capture(model, ids, granularity="block")
+    timings = {}
+    start = time.perf_counter()
+    lenses = jetgraph.lens(prog, ids, orders=(0, 1))
+    timings["lens_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    why = jetgraph.explain(prog, ids[:, :16], tokenizer=tokenizer, budget=2000, goal=None)
+    timings["explain_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    table = jetgraph.ngrams(prog, "E→U", tokenizer=tokenizer, top=100_000)
+    timings["table_seconds"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        page = Path(folder) / "scale.html"
+        start = time.perf_counter()
+        report(why, lenses, table, path=page, tokenizer=tokenizer, input_ids=ids)
+        timings["write_seconds"] = time.perf_counter() - start
+        loads, redraws, problems = [], [], []
+        for _ in range(repeats):
+            with browser.opened(page) as (tab, found, seconds):
+                loads.append(seconds)
+                problems += found
+                start = time.perf_counter()
+                tab.fill("#attr-share", "100")
+                tab.dispatch_event("#attr-share", "input")
+                tab.locator("#attr-graph").wait_for()
+                redraws.append(time.perf_counter() - start)
+                edges = tab.locator("#attr-graph path.edge").count()
+        size = page.stat().st_size
+    graph = why.to_graph_json()
+    return {"seq": int(ids.shape[1]), "states": int(lenses[0].logits.shape[0]), "paths": len(why.paths),
+            "graph_nodes": len(graph["nodes"]), "graph_links": len(graph["links"]), "edges_drawn": edges,
+            "table_rows": len(table.entries()), "bytes": size,
+            "load_seconds_median": round(statistics.median(loads), 3),
+            "load_seconds_range": [round(min(loads), 3), round(max(loads), 3)],
+            "redraw_seconds_median": round(statistics.median(redraws), 3), "problems": problems,
+            **{k: round(v, 1) for k, v in timings.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", default=["demo", "scale"], choices=["demo", "scale"])
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results |= {"machine": platform.platform(), "torch": torch.__version__, "chromium": browser.chromium()}
+    if "demo" in args.part:
+        results["demo"] = demo_part()
+        print("demo:", json.dumps(results["demo"], indent=1))
+    if "scale" in args.part:
+        results["scale"] = scale_part()
+        print("scale:", json.dumps(results["scale"], indent=1))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
