@@ -10,7 +10,10 @@ Part ``scale``: the sizes the issue names — a lens of SmolLM2's 30 layers over
 of 100,000 rows — written as one page, then opened three times: file size, load-and-draw time
 (median and range), and the time to redraw the graph at the widest slider setting.
 
-    python -m benchmarks.explorer [--part demo scale]
+Part ``prompts``: the lens over eight prompts (orders 0 and 1) as per-state curves with their
+bands, screenshotted like the demo.
+
+    python -m benchmarks.explorer [--part demo prompts scale]
 
 Writes ``benchmarks/results/explorer.json``; docs/explorer.md quotes it.
 """
@@ -58,6 +61,32 @@ def demo_part() -> dict:
                 "screenshots": renamed}
 
 
+PROMPTS = ["The capital of France is", "Once upon a time there was a little", "The weather today is",
+           "In 1492 Columbus sailed across the", "She opened the door and saw a",
+           "Water boils at one hundred", "The best way to learn a language is to", "My favourite food is"]
+
+
+def prompts_part() -> dict:
+    """The lens over eight prompts (order 0 and 1): the per-state curves with their bands."""
+    from jetgraph.applications.lens import lens_over_prompts
+
+    model, tokenizer = jetgraph.load_model("smollm2")
+    prompts = [tokenizer(p, return_tensors="pt").input_ids[0] for p in PROMPTS]
+    prog = jetgraph.capture(model, prompts[0].unsqueeze(0), granularity="block")
+    averages = lens_over_prompts(prog, prompts, orders=(0, 1), progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        page = report(*averages.values(), path=Path(folder) / "lens-prompts.html",
+                      title="SmolLM2: the jet lens over 8 prompts")
+        shots = browser.screenshots(page, IMAGES)
+        renamed = {}
+        for name, shot in shots["shots"].items():
+            target = IMAGES / f"explorer-prompts-{name}.png"
+            shot.replace(target)
+            renamed[name] = str(target.relative_to(ROOT))
+        return {"bytes": page.stat().st_size, "load_seconds": round(shots["seconds"], 3),
+                "problems": shots["problems"], "screenshots": renamed}
+
+
 def scale_part(repeats: int = 3) -> dict:
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
@@ -101,13 +130,17 @@ def scale_part(repeats: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["demo", "scale"], choices=["demo", "scale"])
+    parser.add_argument("--part", nargs="+", default=["demo", "prompts", "scale"],
+                        choices=["demo", "prompts", "scale"])
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"machine": platform.platform(), "torch": torch.__version__, "chromium": browser.chromium()}
     if "demo" in args.part:
         results["demo"] = demo_part()
         print("demo:", json.dumps(results["demo"], indent=1))
+    if "prompts" in args.part:
+        results["prompts"] = prompts_part()
+        print("prompts:", json.dumps(results["prompts"], indent=1))
     if "scale" in args.part:
         results["scale"] = scale_part()
         print("scale:", json.dumps(results["scale"], indent=1))

@@ -127,7 +127,17 @@ def test_the_explorer_works_in_a_browser(tmp_path) -> None:
         page.click("#table-rows th:nth-child(4)")  # sort by a column
         page.screenshot(path=str(tmp_path / "table.png"))
         assert not problems, problems
-    assert all((tmp_path / f"{v}.png").stat().st_size > 10_000 for v in ("attribution", "lens", "table"))
+    from jetgraph.applications.lens import lens_over_prompts
+
+    average = lens_over_prompts(prog, [ids[0], ids[0, :5], ids[0, 2:]], orders=(0,), progress=False)[0]
+    curves = average.to_html(tmp_path / "curves.html")
+    with browser.opened(curves) as (page, problems, _):
+        assert page.locator("#lens-curves path.mean").count() == 3  # and a band each
+        assert page.locator("#lens-curves path.band").count() == 3
+        page.screenshot(path=str(tmp_path / "curves.png"))
+        assert not problems, problems
+    views = ("attribution", "lens", "table", "curves")
+    assert all((tmp_path / f"{v}.png").stat().st_size > 10_000 for v in views)
 
 
 def test_notebook_output_renders_in_a_browser(tmp_path) -> None:

@@ -130,10 +130,11 @@ def curves_view(average: object) -> dict:
         low, high = torch.nanquantile(values, 0.1, dim=1), torch.nanquantile(values, 0.9, dim=1)
         series.append({"name": name, "mean": [_finite(v) or 0.0 for v in values.nanmean(1)],
                        "low": [_finite(v) or 0.0 for v in low], "high": [_finite(v) or 0.0 for v in high]})
-    return {"kind": "curves", "title": f"lens over {average.prompts} prompts",
+    return {"kind": "curves", "title": f"lens over {average.prompts} prompts (order {average.order})",
             "subtitle": f"{average.kind} lens, order {average.order}: mean over the prompts, band = "
                         "10th–90th percentile",
-            "curves": {"title": "per state", "labels": list(average.labels), "series": series}}
+            "curves": {"title": "per state: the mean over the prompts and its band; hover a state for the "
+                                "numbers", "labels": list(average.labels), "series": series}}
 
 
 # ------------------------------------------------------------------------------------ attribution

@@ -60,19 +60,33 @@
   }
 
   function curvesChart(curves) {
-    const w = 640, h = 240, m = 36;
-    const svg = el("svg", {width: w, height: h, id: "lens-curves"});
+    const w = 900, h = 340, left = 46, right = 20, top = 30, bottom = 40;
     const n = curves.labels.length;
-    const x = (i) => m + (w - 2 * m) * i / Math.max(1, n - 1), y = (v) => h - m - (h - 2 * m) * v;
-    svg.append(el("line", {x1: m, y1: y(0), x2: w - m, y2: y(0), stroke: "#999"}), el("line", {x1: m, y1: y(0), x2: m, y2: y(1), stroke: "#999"}));
+    const all = curves.series.flatMap((s) => s.low.concat(s.high, s.mean));
+    const low = Math.min(0, ...all) < 0 ? -1 : 0, high = 1;
+    const x = (i) => left + (w - left - right) * i / Math.max(1, n - 1);
+    const y = (v) => top + (h - top - bottom) * (high - Math.max(low, Math.min(high, v))) / (high - low);
+    const svg = el("svg", {width: w, height: h, id: "lens-curves"});
+    for (let t = low; t <= high + 1e-9; t += 0.5) {
+      svg.append(el("line", {x1: left, y1: y(t), x2: w - right, y2: y(t), stroke: t === 0 ? "#999" : "#e3e3e3"}));
+      svg.append(el("text", {x: left - 6, y: y(t) + 4, "text-anchor": "end", "font-size": 11}, t.toFixed(1)));
+    }
+    const step = Math.max(1, Math.ceil(n / 16));
+    curves.labels.forEach((label, i) => { if (i % step === 0 || i === n - 1)
+      svg.append(el("text", {x: x(i), y: h - bottom + 16, "text-anchor": "middle", "font-size": 11}, label)); });
     const colours = ["#2666d0", "#d0662a", "#2a9d4b", "#8a3fc0"];
     curves.series.forEach((serie, k) => {
       const c = colours[k % colours.length];
       const band = serie.low.map((v, i) => `${x(i)},${y(v)}`).concat(serie.high.map((v, i) => `${x(i)},${y(v)}`).reverse());
-      svg.append(el("path", {d: "M" + band.join("L") + "Z", fill: c, opacity: 0.15}));
-      svg.append(el("path", {d: "M" + serie.mean.map((v, i) => `${x(i)},${y(v)}`).join("L"), stroke: c, fill: "none", "stroke-width": 2}));
-      svg.append(el("text", {x: w - m + 4, y: y(serie.mean[n - 1]), fill: c, "font-size": 11}, serie.name));
+      svg.append(el("path", {class: "band", d: "M" + band.join("L") + "Z", fill: c, opacity: 0.14}));
+      svg.append(el("path", {class: "mean", d: "M" + serie.mean.map((v, i) => `${x(i)},${y(v)}`).join("L"), stroke: c, fill: "none", "stroke-width": 2}));
+      svg.append(el("rect", {x: left + 10 + 150 * k, y: 8, width: 14, height: 10, fill: c}));
+      svg.append(el("text", {x: left + 28 + 150 * k, y: 17, "font-size": 12}, serie.name));
     });
+    curves.labels.forEach((label, i) => svg.append(el("rect", {x: x(i) - (w - left - right) / (2 * Math.max(1, n - 1)), y: top,
+      width: (w - left - right) / Math.max(1, n - 1), height: h - top - bottom, fill: "transparent",
+      on: {mousemove: (ev) => showTip(ev, `<b>${esc(label)}</b><br>` + curves.series.map((s) =>
+        `${esc(s.name)}: ${fmt(s.mean[i])} [${fmt(s.low[i])}, ${fmt(s.high[i])}]`).join("<br>")), mouseleave: hideTip}})));
     return el("div", {}, el("h3", {}, curves.title), svg);
   }
 
