@@ -2,7 +2,7 @@
 docs' screenshots.
 
 Part ``demo``: the demo's own ``report.html`` (``jetgraph demo``: its lens, its explained
-prediction and its bigram tables), one screenshot per view into ``docs/img/`` (this script's
+prediction and its bigram tables), one screenshot per kind of view into ``docs/img/`` (this script's
 stated output; the same driver as ``tests/test_report.py``).
 
 Part ``scale``: the sizes the issue names — a lens of SmolLM2's 30 layers over a 64-token text
@@ -53,6 +53,9 @@ def demo_part() -> dict:
         shots = browser.screenshots(page, IMAGES)
         renamed = {}
         for name, shot in shots["shots"].items():
+            if "-" in name:  # the docs show the first view of each kind
+                shot.unlink()
+                continue
             target = IMAGES / f"explorer-demo-{name}.png"
             shot.replace(target)
             renamed[name] = str(target.relative_to(ROOT))
@@ -80,6 +83,9 @@ def prompts_part() -> dict:
         shots = browser.screenshots(page, IMAGES)
         renamed = {}
         for name, shot in shots["shots"].items():
+            if "-" in name:
+                shot.unlink()
+                continue
             target = IMAGES / f"explorer-prompts-{name}.png"
             shot.replace(target)
             renamed[name] = str(target.relative_to(ROOT))
