@@ -10,6 +10,10 @@ Part ``scale``: the sizes the issue names — a lens of SmolLM2's 30 layers over
 of 100,000 rows — written as one page, then opened three times: file size, load-and-draw time
 (median and range), and the time to redraw the graph at the widest slider setting.
 
+Part ``stress``: a synthetic path attribution with 2,000 graph nodes and 6,000 paths (a SmolLM2
+attribution has at most a few hundred nodes: sources, heads and MLPs), to time the graph view at
+the size the issue names.
+
 Part ``prompts``: the lens over eight prompts (orders 0 and 1) as per-state curves with their
 bands, screenshotted like the demo.
 
@@ -93,6 +97,56 @@ def prompts_part() -> dict:
                 "problems": shots["problems"], "screenshots": renamed}
 
 
+def synthetic_attribution(nodes: int = 2000, paths: int = 6000, seed: int = 0):
+    """A stress case, not a model's result: a PathAttribution over ``nodes`` graph nodes (200 source
+    positions and heads of 30 layers) with ``paths`` random paths of 1–4 units, contributions
+    heavy-tailed; it adds up by construction (the remainder closes it)."""
+    from jetgraph.applications.explain import AttributedPath, PathAttribution
+
+    generator = torch.Generator().manual_seed(seed)
+    sources = 200
+    heads = (nodes - sources - 3) // 30 + 1
+    units = [f"attn{layer}.h{head}" for layer in range(30) for head in range(heads)][:nodes - sources - 3]
+    listed = []
+    for _ in range(paths):
+        length = int(torch.randint(1, 5, (1,), generator=generator))
+        chosen = sorted(torch.randperm(len(units), generator=generator)[:length].tolist(),
+                        key=lambda i: (int(units[i].split(".")[0][4:]), i))
+        position = int(torch.randint(0, sources, (1,), generator=generator))
+        value = float(torch.randn(1, generator=generator) ** 3)
+        listed.append(AttributedPath("embed.token", position, position % 50, tuple(units[i] for i in chosen),
+                                     (1,) * length, value))
+    listed.sort(key=lambda p: -abs(p.contribution))
+    total = sum(p.contribution for p in listed)
+    return PathAttribution(tokens=[i % 50 for i in range(sources)], position=sources - 1, target=7,
+                           contrast=None, value=total + 1.0, method="synthetic", granularity="head",
+                           paths=listed, groups=[], remainder=1.0, expansions=paths, seconds=0.0,
+                           stopped="synthetic")
+
+
+def stress_part(repeats: int = 3) -> dict:
+    """The path graph at 2,000 nodes (synthetic): load time and the redraw at 100% and at 10%."""
+    why = synthetic_attribution()
+    with tempfile.TemporaryDirectory() as folder:
+        page = why.to_html(Path(folder) / "stress.html")
+        loads, full, tenth = [], [], []
+        for _ in range(repeats):
+            with browser.opened(page) as (tab, problems, seconds):
+                loads.append(seconds)
+                for share, times in ((100, full), (10, tenth)):
+                    start = time.perf_counter()
+                    tab.fill("#attr-share", str(share))
+                    tab.dispatch_event("#attr-share", "input")
+                    count = tab.locator("#attr-graph g.node").count()
+                    times.append(time.perf_counter() - start)
+                    if share == 100:
+                        nodes_drawn = count
+        return {"nodes": nodes_drawn, "paths": len(why.paths), "bytes": page.stat().st_size,
+                "load_seconds_median": round(statistics.median(loads), 3),
+                "redraw_all_seconds_median": round(statistics.median(full), 3),
+                "redraw_tenth_seconds_median": round(statistics.median(tenth), 3), "problems": problems}
+
+
 def scale_part(repeats: int = 3) -> dict:
     model, tokenizer = jetgraph.load_model("smollm2")
     ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
@@ -136,8 +190,8 @@ def scale_part(repeats: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["demo", "prompts", "scale"],
-                        choices=["demo", "prompts", "scale"])
+    parser.add_argument("--part", nargs="+", default=["demo", "prompts", "scale", "stress"],
+                        choices=["demo", "prompts", "scale", "stress"])
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"machine": platform.platform(), "torch": torch.__version__, "chromium": browser.chromium()}
@@ -147,6 +201,9 @@ def main() -> None:
     if "prompts" in args.part:
         results["prompts"] = prompts_part()
         print("prompts:", json.dumps(results["prompts"], indent=1))
+    if "stress" in args.part:
+        results["stress"] = stress_part()
+        print("stress:", json.dumps(results["stress"], indent=1))
     if "scale" in args.part:
         results["scale"] = scale_part()
         print("scale:", json.dumps(results["scale"], indent=1))
