@@ -207,7 +207,8 @@ def test_bad_options_are_refused_in_one_line() -> None:
     ids = random_ids(1, 4, seed=8)
     cases = [({"position": 4}, "position 4 is past the input of 4"), ({"budget": 0}, "budget must"),
              ({"goal": 0}, "goal must"), ({"method": "exact"}, "method must"),
-             ({"granularity": "layer"}, "granularity must"), ({"target": 10**9}, "outside the vocabulary")]
+             ({"granularity": "layer"}, "granularity must"), ({"target": 10**9}, "outside the vocabulary"),
+             ({"target": 3, "contrast": 3}, "the contrast is the target")]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             explain_program(prog, ids, **options)
@@ -239,6 +240,7 @@ def test_cli_explain_errors_before_work(tmp_path, capsys) -> None:
     assert main(["explain", "m", "text", "--goal", "2"]) == 2
     assert main(["explain", "m", "text", "--html", str(tmp_path / "x.svg")]) == 2
     assert main(["explain", "m", "text", "--graph-json", str(tmp_path / "x.csv")]) == 2
+    assert main(["explain", "m", "text", "--target", " a", "--contrast", " a"]) == 2
     assert list(tmp_path.iterdir()) == []
     capsys.readouterr()
 
@@ -430,6 +432,13 @@ def test_explain_attention_entry_point() -> None:
     assert data["head"] == "attn1.h0" and len(data["pairs"]) == len(result.pairs)
     with pytest.raises(ValueError, match="past the input"):
         jetgraph.explain_attention(prog, ids, "attn1.h0", key=7)
+    with pytest.raises(ValueError, match="after query"):
+        jetgraph.explain_attention(prog, ids, "attn1.h0", key=4, query=2)
+    with pytest.raises(ValueError, match=r"its heads are attn0\.h0 … attn1\.h3"):
+        jetgraph.explain_attention(prog, ids, "attn40.h1", key=1)
+    assert all(p.multi_hop is False for p in result.pairs if "rest" in (p.query and p.query.path,
+                                                                       p.key and p.key.path))
+    assert "ScoreAttribution" in result._repr_html_()
 
 
 def test_jet_paths_print_their_degrees() -> None:

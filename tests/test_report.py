@@ -246,9 +246,13 @@ def test_every_result_type_round_trips_through_save_and_load(tmp_path) -> None:
             assert page("t", views_of(loaded)) == page("t", views_of(result))
     assert jetgraph.load_result(tmp_path / "r3").check(1e-4, remainder_is_rounding=True) is None
     assert jetgraph.load_result(tmp_path / "r4").pairs == look.pairs
-    # saving again replaces the result whole; a folder holding anything else is refused
-    jetgraph.save_result(why, tmp_path / "r0")
+    # saving over a result needs overwrite=True and replaces it whole; anything else is refused
+    with pytest.raises(ValueError, match="overwrite=True"):
+        jetgraph.save_result(why, tmp_path / "r0")
+    jetgraph.save_result(why, tmp_path / "r0", overwrite=True)
     assert type(jetgraph.load_result(tmp_path / "r0")) is type(why)
+    with pytest.raises(ValueError, match="saves jetgraph's results, got str"):
+        jetgraph.save_result("hello", tmp_path / "s")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds something other"):
@@ -261,13 +265,15 @@ def test_every_result_type_round_trips_through_save_and_load(tmp_path) -> None:
 def test_cli_view_opens_saved_results_in_one_page(tmp_path, capsys) -> None:
     from jetgraph.cli import main
 
-    _, _, why, lenses = _results()
+    prog, ids, why, lenses = _results()
     jetgraph.save_result(why, tmp_path / "saved" / "why")
     jetgraph.save_result(lenses[0], tmp_path / "saved" / "lens")
+    look = jetgraph.explain_attention(prog, ids, "attn1.h0", key=2)
+    jetgraph.save_result(look, tmp_path / "saved" / "look")
     out = tmp_path / "v.html"
     assert main(["view", str(tmp_path / "saved"), "--out", str(out), "--no-open"]) == 0
-    assert "2 results" in capsys.readouterr().out
-    assert [v["kind"] for v in _embedded(out.read_text())["views"]] == ["lens", "attribution"]
+    assert "3 results" in capsys.readouterr().out
+    assert [v["kind"] for v in _embedded(out.read_text())["views"]] == ["lens", "table", "attribution"]
     assert main(["view", str(tmp_path / "nothing"), "--out", str(tmp_path / "w.html"), "--no-open"]) == 2
     assert "holds no saved result" in capsys.readouterr().err
     assert main(["view", str(tmp_path / "saved"), "--out", str(tmp_path / "w.txt"), "--no-open"]) == 2

@@ -173,6 +173,9 @@ def explain_attention(model_or_program: nn.Module | ResidualProgram, input_ids_o
             raise ValueError(f"{name} position {value} is past the input of {seq} token(s) "
                              f"(give -{seq}..{seq - 1})")
     query, key = query % seq, key % seq
+    if key > query:
+        raise ValueError(f"key {key} is after query {query}: a head attends only to positions at or "
+                         "before its query")
     # the network's own target is not used: a score attribution reads the stream, not the logits
     network = FrozenNetwork(prog.at("head"), ids, query, lambda row: row[..., 0])
     result = attention_score_attribution(network, head, query, key, max_units=max_units)

@@ -27,10 +27,16 @@ VERSION = 1
 JSON_NAME, TENSORS_NAME = "result.json", "tensors.safetensors"
 
 
-def save_result(result: object, folder: str | Path) -> Path:
-    """Write ``result`` into ``folder`` (created; an existing result there is replaced whole, never
-    half: the files are written to a temporary folder beside it and moved in place)."""
+def save_result(result: object, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write ``result`` (one of jetgraph's results: a lens result or average, a path or score
+    attribution, an n-gram table, …) into ``folder``. An existing saved result there is replaced
+    only with ``overwrite=True``, and then whole, never half: the files are written to a
+    temporary folder beside it and moved in place."""
     folder = Path(folder)
+    if not type(result).__module__.startswith("jetgraph.") or not hasattr(result, "__dict__"):
+        raise ValueError(f"save_result saves jetgraph's results, got {type(result).__name__}")
+    if (folder / JSON_NAME).exists() and not overwrite:
+        raise ValueError(f"{folder} already holds a saved result; pass overwrite=True to replace it")
     if folder.exists() and not (folder / JSON_NAME).exists() and any(folder.iterdir()):
         raise ValueError(f"{folder} exists and holds something other than a saved result; "
                          "give a new or empty folder")

@@ -213,9 +213,12 @@ def _dequantise(gguf: Path, target: Path) -> Path:
 
 
 def load_tokenizer(name_or_path: str) -> object:
-    """A tokenizer from a local folder or file (tokenizer.json), or a cached hub id."""
+    """A tokenizer from a local folder or file (tokenizer.json), a cached hub id, or ``"smollm2"``
+    (the tokenizer of the model ``load_model("smollm2")`` loads)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if name_or_path.lower() in SMOLLM2_NAMES:
+        name_or_path = str(_smollm2_folder())
     path = Path(name_or_path)
     if not path.exists() and (_looks_like_path(name_or_path) or path.suffix == ".json"):
         raise ModelLoadError(f"no tokenizer at {name_or_path!r}: no such file or folder")

@@ -65,6 +65,9 @@ def check(args: argparse.Namespace) -> None:
     from jetgraph.applications.explain import check_explain_options
 
     check_text(args.text, "the text")
+    if args.contrast is not None and args.contrast == args.target:
+        raise UsageError(f"--contrast {args.contrast!r} is the target: the difference would be 0; give "
+                         "a different --contrast or none")
     try:
         check_explain_options(args.method, args.budget, args.goal, 60.0, args.order, args.max_length)
     except ValueError as exc:

@@ -68,8 +68,10 @@ class ScorePair:
 
     @property
     def multi_hop(self) -> bool:
-        """Whether a side of the pair passed a unit before the head (query or key composition)."""
-        return any(side is not None and side.units for side in (self.query, self.key))
+        """Whether a side of the pair is a path that passed a unit before the head (query or key
+        composition); the summed ``rest`` is not a path, so a pair with it never counts."""
+        sides = [side for side in (self.query, self.key) if side is not None]
+        return any(side.units for side in sides) and all(side.source != _REST for side in sides)
 
 
 @dataclass
@@ -123,6 +125,15 @@ class ScoreAttribution:
             return part.path
         return f"{part.path} {self.tokens[part.position]!r}"
 
+    def _repr_html_(self) -> str:
+        from jetgraph.applications.report.inline import table_html
+
+        rows = [[self._shown(p.query), self._shown(p.key), p.contribution,
+                 f"{p.contribution / self.value:.1%}" if self.value else "—"] for p in self.pairs[:10]]
+        return table_html(f"ScoreAttribution: why {self.head} attends {self.query} → {self.key} "
+                          f"(score {self.value:.4g}, attention {self.pattern:.3f})",
+                          ["query side", "key side", "contribution", "share"], rows)
+
     def to_json(self) -> dict[str, object]:
         """The result as plain data (what ``jetgraph.report`` and notebooks read)."""
         def side(part: ScorePart | None) -> dict[str, object] | None:
@@ -144,8 +155,9 @@ def attention_score_attribution(network: FrozenNetwork, head: str, query: int, k
         raise ValueError(f"{head!r} is not a head; give a name such as attn1.h0")
     if head not in units:
         heads = [name for name in units if ".h" in name]
-        raise ValueError(f"no head {head!r} in this view (heads: {', '.join(heads[:8])}…); "
-                         "explain at granularity='head'")
+        if not heads:
+            raise ValueError(f"no head {head!r}: this view has no head units; use prog.at('head')")
+        raise ValueError(f"no head {head!r} in this program (its heads are {heads[0]} … {heads[-1]})")
     seq = network.final.shape[0]
     if not (0 <= key <= query < seq):
         raise ValueError(f"query {query} and key {key} must satisfy 0 ≤ key ≤ query < {seq}")

@@ -215,9 +215,9 @@ class PathAttribution:
 
     def to_html(self, path: str | Path) -> Path:
         """This attribution as a self-contained HTML explorer (:func:`jetgraph.report`)."""
-        from jetgraph.applications.report import report
+        from jetgraph.applications.report import attribution_title, report
 
-        return report(self, path=path, title=f"explain {self.label(self.target)!r}")
+        return report(self, path=path, title=attribution_title(self))
 
     def to_csv(self) -> str:
         """The listed paths, one row each (the columns of :meth:`rows`)."""

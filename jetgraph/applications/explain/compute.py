@@ -102,6 +102,9 @@ def explain_program(prog: ResidualProgram, input_ids: torch.Tensor, target: int 
         logits = prog(ids)[0, position]
     if target is None:
         target = int(logits.argmax())
+    if contrast is not None and contrast == target:
+        raise ValueError(f"the contrast is the target (token {target}): logit(target) − logit(contrast) "
+                         "would be 0; give a different contrast or none")
     for name, token in (("target", target), ("contrast", contrast)):
         if token is not None and vocab is not None and not 0 <= token < vocab:
             raise ValueError(f"{name} token id {token} is outside the vocabulary of {vocab}")

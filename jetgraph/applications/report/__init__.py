@@ -72,6 +72,7 @@ def page(title: str, views: list[dict]) -> str:
 def views_of(result: object, tokenizer: object = None, input_ids: torch.Tensor | None = None) -> list[dict]:
     """The explorer views of one result, by its type."""
     from jetgraph.applications.explain import PathAttribution
+    from jetgraph.applications.explain.attention import ScoreAttribution
     from jetgraph.applications.lens import LensAverage, LensResult
     from jetgraph.applications.ngrams import NgramTable
 
@@ -81,13 +82,16 @@ def views_of(result: object, tokenizer: object = None, input_ids: torch.Tensor |
         return [lens_view([result], tokenizer, input_ids)]
     if isinstance(result, LensAverage):
         return [curves_view(result)]
+    if isinstance(result, ScoreAttribution):
+        return [score_view(result)]
     if isinstance(result, NgramTable):
         return [ngram_view(result, tokenizer)]
     if isinstance(result, dict):  # jetgraph.lens: {order: LensResult}
         result = list(result.values())
     if isinstance(result, (list, tuple)) and result and all(isinstance(r, LensResult) for r in result):
         return [lens_view(list(result), tokenizer, input_ids)]
-    raise ValueError(f"report takes LensResult, LensAverage, PathAttribution or NgramTable results, got "
+    raise ValueError(f"report takes LensResult, LensAverage, PathAttribution, ScoreAttribution or NgramTable "
+                     f"results, got "
                      f"{type(result).__name__}")
 
 
@@ -108,17 +112,20 @@ def lens_view(results: Sequence[object], tokenizer: object = None, input_ids: to
         cosine = torch.nn.functional.cosine_similarity(logits, true.unsqueeze(0), dim=-1)
         own_p = probabilities.gather(-1, own.view(1, seq, 1).expand(logits.shape[0], seq, 1))[..., 0]
         diverged = ~torch.isfinite(logits).all(-1)
+        divergent = result.divergent_tokens[:, batch]  # a diverging series (overflow included)
         cells = [[{"top": [[_label(tokenizer, int(i)), float(p)]
                            for p, i in zip(top_p[s, t], top_i[s, t], strict=True)],
                    "rest": float(1 - top_p[s, t].sum()), "own": _finite(own_p[s, t]),
-                   "cos": _finite(cosine[s, t]), "diverged": bool(diverged[s, t])}
+                   "cos": _finite(cosine[s, t]), "diverged": bool(diverged[s, t]),
+                   "divergent": bool(divergent[s, t])}
                   for t in range(seq)] for s in range(logits.shape[0])]
         orders.append({"name": f"order {result.order} ({result.kind})", "labels": list(result.labels),
                        "cells": cells})
     return {"kind": "lens", "title": "lens", "tokens": tokens,
             "next": [_label(tokenizer, int(t)) for t in own],
             "subtitle": "each cell: the top token the lens reads at that state and position; hover "
-                        "for the top tokens with probabilities", "orders": orders}
+                        "for the top tokens with probabilities; outlined: the jet's series diverges there "
+                        "(read with care)", "orders": orders}
 
 
 def curves_view(average: object) -> dict:
@@ -169,10 +176,13 @@ def attribution_view(result: object) -> dict:
     sources = sorted((n for n in nodes if n.startswith("source:")), key=lambda n: nodes[n]["order"])
     height = (len(used) + 2) * spacing + 20
     _spread(nodes, sources, height - spacing // 2 - 10, width)
+    heads = 1 + max((int(m.group(1)) for u in rows if (m := re.search(r"\.h(\d+)$", u))), default=0)
     for rank, row in enumerate(used, start=1):
-        _spread(nodes, sorted(by_row[row], key=_natural), height - spacing // 2 - 10 - spacing * rank, width)
+        for unit in by_row[row]:
+            nodes[unit]["x"] = round(50 + (width - 100) * _column(unit, heads), 1)
+            nodes[unit]["y"] = height - spacing // 2 - 10 - spacing * rank
     _spread(nodes, ["groups", "target", "remainder"], spacing // 2, width)
-    return {"kind": "attribution", "title": f"explain {result.label(result.target)!r}",
+    return {"kind": "attribution", "title": attribution_title(result),
             "subtitle": f"{result.method}, {result.granularity} granularity; completeness "
                         f"{result.completeness:.1%}", "value": result.value, "nodes": nodes,
             "paths": paths, "width": width, "height": height, "fixed": ["target", "groups", "remainder"],
@@ -180,6 +190,25 @@ def attribution_view(result: object) -> dict:
             "listed": sum(p.contribution for p in result.paths),
             "groups": sum(g.contribution for g in result.groups) + result.rest_total,
             "remainder": result.remainder}
+
+
+def attribution_title(result: object) -> str:
+    """``explain ' Mary' − ' John'`` for a logit difference, ``explain ' Paris'`` otherwise."""
+    title = f"explain {result.label(result.target)!r}"
+    return title + (f" − {result.label(result.contrast)!r}" if result.contrast is not None else "")
+
+
+def score_view(result: object) -> dict:
+    """A head's score attribution (``explain_attention``) as a sortable table of its pairs."""
+    data = result.to_json()
+    rows = [[(p["query"] or {}).get("path", "(bias)"), (p["key"] or {}).get("path", "(bias)"),
+             p["contribution"], p["contribution"] / result.value if result.value else None]
+            for p in data["pairs"]]
+    view = rows_view(f"why {result.head} attends {result.query} → {result.key}",
+                     ["query side", "key side", "contribution", "share of the score"], rows, [0, 1])
+    view["subtitle"] = (f"score {result.value:.4g}, attention {result.pattern:.3f}; pairs of paths of at "
+                        f"most {result.max_units} unit(s), the rest summed as 'rest'")
+    return view
 
 
 def _source_node(nodes: dict, result: object, path: object) -> str:
@@ -196,9 +225,24 @@ def _source_node(nodes: dict, result: object, path: object) -> str:
 
 def _unit_row(name: str) -> int:
     """Rows bottom-up: layer ℓ's attention at 2ℓ+1, its MLP at 2ℓ+2 (blocks at 2ℓ+1)."""
-    match = re.search(r"(\d+)", name)
-    layer = int(match.group(1)) if match else 0
-    return 2 * layer + (2 if name.startswith("mlp") else 1)
+    return 2 * _layer_of(name) + (2 if name.startswith("mlp") else 1)
+
+
+def _column(unit: str, heads: int) -> float:
+    """Where a unit sits across (0..1): a head by its number, a unit's bias after its heads, and
+    an MLP or a block alternately left and right of centre by layer, so that an edge between
+    distant layers does not run through every MLP between them."""
+    head = re.search(r"\.h(\d+)$", unit)
+    if head:
+        return (int(head.group(1)) + 0.5) / (heads + 1)
+    if unit.endswith(".bias"):
+        return (heads + 0.5) / (heads + 1)
+    return 0.3 if _layer_of(unit) % 2 == 0 else 0.7
+
+
+def _layer_of(unit: str) -> int:
+    match = re.search(r"(\d+)", unit)
+    return int(match.group(1)) if match else 0
 
 
 def _spread(nodes: dict, names: list[str], y: float, width: int) -> None:
@@ -289,6 +333,7 @@ def _escape(text: str) -> str:
 
 
 __all__ = [
+    "attribution_title",
     "attribution_view",
     "csv_view",
     "curves_view",
@@ -298,6 +343,7 @@ __all__ = [
     "page",
     "report",
     "rows_view",
+    "score_view",
     "views_of",
     "write_page",
 ]

@@ -16,10 +16,16 @@
   const fmt = (x, d = 3) => (x === null || x === undefined || Number.isNaN(x)) ? "—"
     : Number.isInteger(x) ? String(x) : Number(x).toPrecision(d);
   const pct = (x) => (x === null || Number.isNaN(x)) ? "—" : (100 * x).toFixed(1) + "%";
-  const showTip = (ev, html) => { tip.innerHTML = html; tip.style.display = "block";
-    tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 10) + "px"; };
+  const showTip = (ev, html) => {  // beside the pointer, kept inside the window
+    tip.innerHTML = html; tip.style.display = "block";
+    const w = tip.offsetWidth, h = tip.offsetHeight;
+    const left = ev.clientX + 14 + w > window.innerWidth ? ev.clientX - w - 10 : ev.clientX + 14;
+    const top = ev.clientY + 10 + h > window.innerHeight ? Math.max(4, window.innerHeight - h - 4) : ev.clientY + 10;
+    tip.style.left = Math.max(4, left) + "px"; tip.style.top = top + "px"; };
   const hideTip = () => { tip.style.display = "none"; };
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+  // a token's leading/trailing spaces made visible (HTML would collapse them): " Paris" -> "␣Paris"
+  const vis = (t) => String(t).replace(/^ /, "␣").replace(/ $/, "␣");
 
   // ------------------------------------------------------------------ lens: layers × positions
   function lensView(view, root) {
@@ -34,21 +40,23 @@
     const grid = el("div", {});
     root.append(controls, grid);
     function draw() {
+      hideTip();
       const o = view.orders[order];
       const table = el("table", {class: "grid", id: "lens-grid"});
-      table.append(el("tr", {}, el("th", {}, "state \\ token"), ...view.tokens.map((t, p) => el("th", {title: "position " + p}, t))));
+      table.append(el("tr", {}, el("th", {}, "state \\ token"), ...view.tokens.map((t, p) => el("th", {title: "position " + p}, vis(t)))));
       o.cells.forEach((row, s) => {
         const tr = el("tr", {}, el("th", {}, o.labels[s]));
         row.forEach((cell, p) => {
           const value = colour === "own" ? cell.own : Math.max(0, cell.cos);
           const shade = Number.isFinite(value) ? value : 0;
-          const td = el("td", {class: "cell" + (cell.diverged ? " diverged" : ""),
+          const td = el("td", {class: "cell" + (cell.diverged || cell.divergent ? " diverged" : ""),
             style: `background: rgba(40, 110, 220, ${shade.toFixed(3)}); color: ${shade > 0.55 ? "#fff" : "#222"}`,
-            on: {mousemove: (ev) => showTip(ev, `<b>${esc(o.labels[s])}</b>, position ${p} (${esc(view.tokens[p])})<br>` +
-              (cell.diverged ? "<b style='color:#c00'>diverged</b><br>" : "") +
-              cell.top.map(([t, pr]) => `${esc(t)} <span class=num>${pct(pr)}</span>`).join("<br>") +
-              `<br><span class=muted>rest ${pct(cell.rest)}; model's own next token ${esc(view.next[p])}: ${pct(cell.own)}; cosine ${fmt(cell.cos)}</span>`),
-              mouseleave: hideTip}}, cell.top.length ? cell.top[0][0] : "·");
+            on: {mousemove: (ev) => showTip(ev, `<b>${esc(o.labels[s])}</b>, position ${p} (${esc(vis(view.tokens[p]))})<br>` +
+              (cell.diverged ? "<b style='color:#c00'>non-finite lens logits</b><br>"
+                : cell.divergent ? "<b style='color:#c00'>the jet's series diverges here: read with care</b><br>" : "") +
+              cell.top.map(([t, pr]) => `${esc(vis(t))} <span class=num>${pct(pr)}</span>`).join("<br>") +
+              `<br><span class=muted>rest ${pct(cell.rest)}; model's own next token ${esc(vis(view.next[p]))}: ${pct(cell.own)}; cosine ${fmt(cell.cos)}</span>`),
+              mouseleave: hideTip}}, cell.top.length ? vis(cell.top[0][0]) : "·");
           tr.append(td);
         });
         table.append(tr);
@@ -98,7 +106,8 @@
     const slider = el("input", {type: "range", min: 1, max: 100, value: 80, id: "attr-share",
       on: {input: (e) => { share = e.target.value / 100; draw(); }}});
     const shareText = el("span", {id: "attr-share-text"});
-    root.append(el("div", {class: "controls"}, el("label", {}, "paths carrying ", slider, " ", shareText, " of the listed mass"), info));
+    root.append(el("div", {class: "controls"}, el("label", {}, "show the largest paths until they carry ", slider, " ", shareText,
+      " of Σ|contribution| of the listed paths"), info));
     const graph = el("div", {class: "graph"}), side = el("div", {class: "side", id: "attr-side"});
     root.append(el("div", {class: "panel"}, graph, side));
     const nodes = view.nodes, W = view.width, H = view.height;
@@ -118,8 +127,9 @@
       const biggest = Math.max(1e-12, ...[...edges.values()].map(Math.abs));
       for (const extra of view.extra || []) edges.set(extra.from + "|target", extra.value);
       const through = selected ? new Set(paths.filter((p) => p.nodes.includes(selected)).flatMap((p) => p.nodes)) : null;
-      const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", id: "attr-graph",
-        style: `max-height: 78vh; min-height: ${Math.min(H, 360)}px`});
+      // scaled to the window, but never below 70% (labels stay readable; the panel scrolls)
+      const fit = Math.max(0.7 * H, Math.min(H, 0.78 * window.innerHeight));
+      const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: (W * fit / H).toFixed(0), height: fit.toFixed(0), id: "attr-graph"});
       for (const [key, v] of edges) {
         const [a, b] = key.split("|"), na = nodes[a], nb = nodes[b];
         const dim = through && !(through.has(a) && through.has(b));
@@ -143,7 +153,7 @@
       graph.replaceChildren(svg);
       const listed = selected ? paths.filter((p) => p.nodes.includes(selected)) : paths;
       side.replaceChildren(el("h3", {}, selected ? `paths through ${nodes[selected].label}` : "paths shown"),
-        el("table", {class: "rows"}, el("tr", {}, el("th", {}, "path"), el("th", {class: "num"}, "contribution"), el("th", {class: "num"}, "share")),
+        el("table", {class: "rows"}, el("tr", {}, el("th", {}, "path"), el("th", {class: "num"}, "contribution"), el("th", {class: "num"}, "of the value")),
           ...listed.slice(0, 300).map((p) => el("tr", {}, el("td", {}, p.text), el("td", {class: "num"}, fmt(p.contribution, 4)),
             el("td", {class: "num"}, pct(p.contribution / view.value))))));
     }
