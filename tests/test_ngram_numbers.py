@@ -140,8 +140,8 @@ def test_plan_counts_contexts_and_flops() -> None:
 
 
 def test_infeasible_tables_are_refused_before_work(monkeypatch) -> None:
-    import time
-
+    """Refused from the plan, with no chunk evaluated. (A wall-clock bound here failed at 1.04 s on
+    the loaded 2-core machine: a timed test; the patched evaluator is the proof.)"""
     import jetgraph.applications.ngrams.sweep as ngrams
 
     prog = sharp_program()
@@ -149,11 +149,9 @@ def test_infeasible_tables_are_refused_before_work(monkeypatch) -> None:
     def no_work(*_):
         raise AssertionError("the table was evaluated although it was refused")
 
-    monkeypatch.setattr(ngrams, "evaluate_chunk", no_work)
-    start = time.perf_counter()
+    monkeypatch.setattr(ngrams, "evaluate_chunk", no_work)  # any evaluation fails the test
     with pytest.raises(CostError, match=r"refusing n-gram table .*estimated .*raise max_seconds"):
         ngram_table(prog, "E→attn0→U", max_seconds=1e-6, progress=False)
-    assert time.perf_counter() - start < 1.0
     with pytest.raises(CostError, match="needs more memory"):
         ngram_plan(prog, "E→U").check(None, "max_seconds", max_bytes=10)
 
