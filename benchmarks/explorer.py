@@ -195,18 +195,11 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results |= {"machine": platform.platform(), "torch": torch.__version__, "chromium": browser.chromium()}
-    if "demo" in args.part:
-        results["demo"] = demo_part()
-        print("demo:", json.dumps(results["demo"], indent=1))
-    if "prompts" in args.part:
-        results["prompts"] = prompts_part()
-        print("prompts:", json.dumps(results["prompts"], indent=1))
-    if "stress" in args.part:
-        results["stress"] = stress_part()
-        print("stress:", json.dumps(results["stress"], indent=1))
-    if "scale" in args.part:
-        results["scale"] = scale_part()
-        print("scale:", json.dumps(results["scale"], indent=1))
+    parts = {"demo": demo_part, "prompts": prompts_part, "stress": stress_part, "scale": scale_part}
+    for name, run in parts.items():
+        if name in args.part:
+            results[name] = run()
+            print(f"{name}:", json.dumps(results[name], indent=1))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"wrote {RESULTS}")

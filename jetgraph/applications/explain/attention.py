@@ -32,7 +32,7 @@ from jetgraph.applications.explain.attribution import SUM_TOLERANCE
 from jetgraph.applications.explain.compute import working_dtype
 from jetgraph.applications.explain.network import FrozenNetwork
 from jetgraph.ir import parse_unit_name
-from jetgraph.taylor.frozen import freeze
+from jetgraph.taylor.frozen import HELD, freeze
 
 aten = torch.ops.aten
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
@@ -167,14 +167,15 @@ def attention_score_attribution(network: FrozenNetwork, head: str, query: int, k
     rows = sorted({query, key})
     stream = network.states[unit.reads]
     z_star = stream[rows].flatten().detach()
+    zero = torch.zeros_like(z_star)
     with network.prog.resident([unit]):  # a lazily read model's weights, for this head only
-        scores, pattern = _score_function(network, unit, int(index), query, key)
+        scores, value, pattern = _score_function(network, unit, int(index), query, key)
+        # the held score's Taylor coefficients at 0, each computed there (not derived from the value),
+        # so that the pairs adding up to the model's score checks that the held score is quadratic
         with torch.no_grad():
-            value = float(scores(z_star).double())
-        hessian = torch.func.jacfwd(torch.func.jacrev(scores))(z_star).detach().double()
-        gradient_zero = torch.func.jacrev(scores)(z_star).detach().double() - hessian @ z_star.double()
-    z64 = z_star.double()
-    constant = value - float(gradient_zero @ z64) - 0.5 * float(z64 @ hessian @ z64)
+            constant = float(scores(zero).double())
+        gradient_zero = torch.func.jacrev(scores)(zero).detach().double()
+        hessian = torch.func.jacfwd(torch.func.jacrev(scores))(zero).detach().double()
 
     parts = _parts(network, unit.reads, max_units)
     vectors = torch.stack([v[rows].flatten() for _, v in parts]).double()
@@ -270,8 +271,10 @@ def _parts(network: FrozenNetwork, state: int, max_units: int) -> list[tuple[Sco
 
 
 def _score_function(network: FrozenNetwork, unit, head: int, query: int, key: int):
-    """``z ↦ S``: the head's pre-softmax score at (query, key) with the stream's rows ``query``
-    and ``key`` set from ``z`` (norms held at the model's input), and the attention weight."""
+    """``(z ↦ S, S*, weight)``: the held score — the head's pre-softmax score at (query, key) with
+    the stream's rows ``query`` and ``key`` set from ``z`` and every held value (norm scales)
+    fixed at its value on the model's input —, the model's own score there, and its attention
+    weight."""
     graph_module = unit.graph_module
     frozen = freeze(graph_module, hold_products=False).values
     score_node = _score_node(frozen, unit.name)
@@ -279,22 +282,22 @@ def _score_function(network: FrozenNetwork, unit, head: int, query: int, key: in
     stream = network.states[unit.reads].unsqueeze(0)
     rows = sorted({query, key})
 
-    def scores_of(x: torch.Tensor) -> torch.Tensor:
-        return _Capture(frozen, score_node).capture(x, *side)
-
+    held = [n for n in frozen.graph.nodes if n.meta.get(HELD)]
     with torch.no_grad():
-        base = scores_of(stream)
+        recording = _Capture(frozen, score_node, record=held)
+        base = recording.capture(stream, *side)
     if base.dim() != 4 or base.shape[-1] != base.shape[-2]:
         raise ValueError(f"{unit.name}'s scores have shape {tuple(base.shape)}; a score attribution "
                          "needs [batch, heads, query, key]")
     pattern = float(torch.softmax(base[0, head, query].double(), -1)[key])
+    fixed = recording.recorded
 
     def scores(z: torch.Tensor) -> torch.Tensor:
         x = stream.clone().to(z.dtype)
         x[0, rows] = z.reshape(len(rows), -1)
-        return scores_of(x)[0, head, query, key]
+        return _Capture(frozen, score_node, fixed=fixed).capture(x, *side)[0, head, query, key]
 
-    return scores, pattern
+    return scores, float(base[0, head, query, key].double()), pattern
 
 
 class _Reached(Exception):
@@ -303,11 +306,16 @@ class _Reached(Exception):
 
 
 class _Capture(fx.Interpreter):
-    """Runs a graph up to one node and returns that node's value."""
+    """Runs a graph up to one node and returns that node's value; ``record``: nodes whose values
+    are kept (in :attr:`recorded`); ``fixed``: nodes whose values are given instead of computed."""
 
-    def __init__(self, graph_module: fx.GraphModule, node: fx.Node) -> None:
+    def __init__(self, graph_module: fx.GraphModule, node: fx.Node, record: list[fx.Node] = (),
+                 fixed: dict[fx.Node, torch.Tensor] | None = None) -> None:
         super().__init__(graph_module)
         self.node = node
+        self.record = set(record)
+        self.fixed = fixed or {}
+        self.recorded: dict[fx.Node, torch.Tensor] = {}
 
     def capture(self, *args: torch.Tensor) -> torch.Tensor:
         try:
@@ -317,7 +325,9 @@ class _Capture(fx.Interpreter):
         raise ValueError(f"the graph never computed {self.node.name}")
 
     def run_node(self, node: fx.Node):
-        value = super().run_node(node)
+        value = self.fixed[node] if node in self.fixed else super().run_node(node)
+        if node in self.record:
+            self.recorded[node] = value
         if node is self.node:
             raise _Reached(value)
         return value
