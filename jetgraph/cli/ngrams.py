@@ -173,14 +173,22 @@ def ngram_outputs(args: argparse.Namespace) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and not args.dry_run:  # a dry run plans here, for N ranks
         return launch_ranks(args)
+    from jetgraph.applications.ngrams import current_shard
+
+    shard = current_shard()  # under torchrun: this rank's place; else None
+    code = _run_tables(args, shard)
+    if shard is not None:
+        shard.close()  # every rank finished: close together, so no exit aborts a peer
+    return code
+
+
+def _run_tables(args: argparse.Namespace, shard) -> int:
     import torch
 
     from jetgraph.applications import keyword_ids
-    from jetgraph.applications.ngrams import current_shard
     from jetgraph.applications.ngrams.tables import TableSet
     from jetgraph.errors import CostError
 
-    shard = current_shard()  # under torchrun: this rank's place; else None
     main_rank = shard is None or shard.is_main
     model, tokenizer, ids = load(args, text="a")
     prog = capture_program(model, ids)

@@ -106,6 +106,14 @@ class Shard:
                                  "checkpoint written is kept: rerun the same command to resume)")
             time.sleep(_POLL)
 
+    def close(self) -> None:
+        """Wait until every rank has finished, then tear the process group down. A rank that
+        exits while a peer's gloo connection still expects it can abort that peer (SIGABRT at
+        exit, seen as a failed rank after a correct table), so a finished run closes first."""
+        if self.world > 1 and dist.is_initialized():
+            self.wait_for_all("close/", "the end of the run")
+            dist.destroy_process_group()
+
     # ---------------------------------------------------------------- collectives
     def barrier(self, what: str) -> None:
         self._collective(what, dist.barrier)
