@@ -158,8 +158,12 @@ class SideInputs:
                  ) -> dict[str, torch.Tensor]:
         if not self.names:
             return {}
-        values = self.graph_module(input_ids, mask_or_full(attention_mask, input_ids))
-        return dict(zip(self.names, values, strict=True))
+        # constants of every expansion, never differentiated; a side input can be a view of a
+        # parameter (attention sinks), which would otherwise carry requires_grad into every jet.
+        # forward(), not __call__: global module hooks (FLOP counters) must not see such views
+        with torch.no_grad():
+            values = self.graph_module.forward(input_ids, mask_or_full(attention_mask, input_ids))
+        return {name: value.detach() for name, value in zip(self.names, values, strict=True)}
 
     def for_shape(self, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Side inputs for a stream of shape [batch, seq, d], rebuilt from placeholder ids."""

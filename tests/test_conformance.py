@@ -178,14 +178,32 @@ def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def _decode_by_hand(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The Hugging Face model's own readout of a stream state: lm_head(final_norm(h))."""
+    """The Hugging Face model's own readout of a stream state: lm_head(final_norm(h)), the
+    hyper-connection streams [..., n, d] collapsed first by the model's own head (``hc_head``)."""
+    head = getattr(model.base_model, "hc_head", None)
+    if head is not None:  # [..., n, d] -> [..., d]: the head reads [batch, seq, n, d]
+        lead, dtype = h.shape[:-2], h.dtype
+        h = head(h.reshape(-1, 1, *h.shape[-2:]).to(next(head.parameters()).dtype))
+        h = h.reshape(*lead, h.shape[-1]).to(dtype)
     return model.get_output_embeddings()(_final_norm(model)(h))
 
 
 @torch.no_grad()
 def _embedding(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The token embedding E (Gemma's scale included: it is part of its embedding module)."""
-    return model.get_input_embeddings()(ids)
+    """The token embedding E in the stream's shape (Gemma's scale included: it is part of its
+    embedding module; with ``hc_mult`` hyper-connection streams, E copied into each, as the
+    models' own forward does)."""
+    embedded = model.get_input_embeddings()(ids)
+    streams = getattr(model.config, "hc_mult", None)
+    if streams:
+        embedded = embedded.unsqueeze(-2).expand(*embedded.shape[:-1], streams, embedded.shape[-1])
+    return embedded
+
+
+def _as_stream(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face hidden state in the program's stream shape (the embedding of a
+    hyper-connected model is recorded before it is copied into its streams)."""
+    return value.unsqueeze(-2).expand_as(like) if value.dim() < like.dim() else value
 
 
 def _float64(function: jetgraph.ResidualUnit | jetgraph.Decoder, side: dict[str, torch.Tensor]
@@ -377,7 +395,7 @@ def check_jet(subject: Subject, mode: str, tmp: Path) -> float:
     for unit in _units_under_test(prog):
         h = states[unit.reads].detach()
         with prog.resident([unit]), torch.no_grad():
-            jet = jetgraph.jet(unit, centre, h, order=2)
+            jet = jetgraph.jet(unit, centre, h, order=2, side=side)
             oracle_f = _float64(unit, side)
         with torch.no_grad() if _jvp_blind(unit) else contextlib.nullcontext():
             oracle = _coefficients(oracle_f, centre.double(), (h - centre).double(), 2, _jvp_blind(unit))
@@ -423,9 +441,10 @@ def check_lens(subject: Subject, mode: str, tmp: Path) -> float:
         out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
         states = prog.stream(ids)
     lens = jetgraph.lens(prog, ids, orders=(0,))[0]
-    hidden = out.hidden_states
     layers = len(prog.units)
-    assert len(states) == len(hidden) == layers + 1 == lens.logits.shape[0], (len(states), len(hidden))
+    assert len(states) == len(out.hidden_states) == layers + 1 == lens.logits.shape[0], \
+        (len(states), len(out.hidden_states))
+    hidden = [_as_stream(out.hidden_states[ell], states[ell]) for ell in range(layers)]
     errors = [_relative(states[ell], hidden[ell]) for ell in range(layers)]
     errors += [_relative(lens.logits[ell], _decode_by_hand(model, hidden[ell])) for ell in range(layers)]
     errors.append(_relative(lens.logits[layers], out.logits))
@@ -901,7 +920,15 @@ ANALYSES = ("cli_masses", "cli_diff", "cli_curves", "cli_sketch", "cli_roles")
 # run until the entry is removed. The six bugs this matrix found first (lazy loading of renamed
 # checkpoints, MoE in bf16, emitted bf16 LayerNorm, and four lazy CLI commands) are fixed; the
 # cells that found them are the regression tests (docs/conformance.md).
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
+ROUTING_FLIP = "the bf16 router picks other experts than the float64 oracle's at one position"
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
+    # not a jet error, a check to fix: at the centre E the routed MoE unit's bf16 router picks other
+    # experts than its float64 copy at position 0 (88% off there, ≤ 2.8% at the other positions),
+    # so its value and terms differ by 17% / 13% overall; the check should compare the positions
+    # whose routing agrees (eager and lazy float32 pass)
+    ("jet", "hyper_connections", "bf16"): ROUTING_FLIP,
+    ("expand", "hyper_connections", "bf16"): ROUTING_FLIP,
+}
 
 
 def known_failure(feature: str, family: str, mode: str) -> str | None:

@@ -84,7 +84,7 @@ def _composed_by_hand(view: jetgraph.ResidualProgram, ids: torch.Tensor) -> tupl
 
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
 @pytest.mark.parametrize("order", [0, 1, 2])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "hyper_mlp"])  # hyper_mlp: a [batch, seq, 2, d] stream
 def test_every_term_equals_its_oracle(family: str, order: int, granularity: str) -> None:
     """Unit 0 at the encoder's addends (identity="jet"), unit 1 at all of those terms
     (identity="pass"), the decoder at all of those (uniform weights): every term of every stage

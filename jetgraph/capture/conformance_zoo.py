@@ -23,6 +23,9 @@ family              what it breaks
                     Gemma 3's tokenizer); their (tied) embeddings are doubled, so the model
                     predicts them most: rows "chosen by the model" must leave them out; BOS, tied
 ``gpt_neox``        parallel attention and MLP in one block (from :mod:`.zoo`), no BOS
+``hyper_connections``  two residual streams per position mixed by input-dependent weights
+                    (DeepSeek-V4's manifold hyper-connections), hash-routed MoE, no BOS
+``per_layer_inputs``   every layer also reads a projection of the token embeddings (Gemma 4), BOS
 ==================  ==========================================================================
 
 Every tokenizer is a real ``tokenizers`` WordLevel model (lower-casing, whitespace split)
@@ -141,6 +144,28 @@ def _qwen2_moe() -> object:
                                        **_common(128, False))
 
 
+def _hyper_connections() -> object:
+    import transformers
+
+    return transformers.DeepseekV4Config(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, qk_rope_head_dim=8, q_lora_rank=32,
+        o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, num_hash_layers=1,
+        hc_mult=2, hc_sinkhorn_iters=3, sliding_window=8, max_position_embeddings=64,
+        **_common(128, False))
+
+
+def _per_layer_inputs() -> object:
+    import transformers
+
+    return transformers.Gemma4TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, global_head_dim=8, max_position_embeddings=64,
+        sliding_window=4, layer_types=[SLIDING, FULL], hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, **_common(128, True))
+
+
 SPARSE_VOCAB = 24_000
 
 
@@ -169,6 +194,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            breaks="V=24,000 at d=16; special, <unusedN>, byte and HTML tokens at the low ids; BOS, tied"),
     Family("gpt_neox", _gpt_neox, 128, bos=False, tied=False, parallel=True,
            breaks="parallel attention + MLP per block; no BOS"),
+    Family("hyper_connections", _hyper_connections, 128, bos=False, tied=False,
+           breaks="2 residual streams [batch, seq, 2, d] mixed by input-dependent (Sinkhorn) "
+                  "weights, hash-routed MoE, sinks (DeepSeek-V4); no BOS"),
+    Family("per_layer_inputs", _per_layer_inputs, 128, bos=True, tied=True,
+           breaks="every layer reads a projection of the token embeddings (Gemma 4); BOS, tied"),
 )}
 
 

@@ -1,7 +1,7 @@
 """Capture's last check: every unit of a lifted program has an order-1 jet.
 
-:mod:`.lift` refuses by structure the constructs jetgraph knows it cannot expand (a stream of
-several parallel streams, an interrupted stream); this check catches the rest before the user
+:mod:`.lift` refuses by structure the constructs jetgraph knows it cannot expand (an
+interrupted stream, a unit reading the stream at a second depth); this check catches the rest before the user
 holds a program. One order-1 Taylor-mode pass (:func:`jetgraph.taylor.jet`) of each distinct
 unit graph and of the decoder, at the example's stream state along a random direction: an op
 without a rule, or one its rule cannot handle, becomes a :class:`~jetgraph.CaptureError` naming

@@ -30,6 +30,7 @@ from jetgraph.capture.subgraph import (
     descendants,
     extract,
     is_add,
+    value_inputs,
 )
 from jetgraph.errors import CaptureError
 from jetgraph.ir import (
@@ -91,10 +92,25 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
     """Find the residual units of ``captured`` and build its residual program."""
     index = GraphIndex.build(captured.graph_module)
     logits = _logits_node(captured.graph_module.graph)
-    steps, h0 = _find_stream(index, logits, captured.model_class)
-    _check_one_stream(steps, logits, captured.model_class)
-    cutter = _Cutter(index, descendants(list(captured.graph_module.graph.nodes), [h0]),
-                     SideRegistry(), captured.model_class)
+    found = _walk_stream(index, logits, captured.model_class, None)
+    if not isinstance(found, CaptureError):
+        return _lift_found(captured, index, logits, granularity, *found)
+    # no chain of additive steps: perhaps one of steps whose skip maps the stream (hyper-connections)
+    mixed = _walk_stream(index, logits, captured.model_class, {})
+    if isinstance(mixed, CaptureError):
+        raise found
+    try:
+        return _lift_found(captured, index, logits, granularity, *mixed)
+    except Exception:  # not such a model either: the first walk's refusal says why
+        raise found from None
+
+
+def _lift_found(captured: CapturedGraph, index: GraphIndex, logits: fx.Node, granularity: str,
+                steps: list[ResidualAdd], h0: fx.Node) -> ResidualProgram:
+    nodes = list(captured.graph_module.graph.nodes)
+    stream = descendants(nodes, [h0])
+    cutter = _Cutter(index, stream, SideRegistry(), captured.model_class,
+                     _encoder_extras(nodes, stream, steps))
     encoder = _build_encoder(index, h0, captured)
     cut_blocks = [cutter.block(layer, block_steps) for layer, block_steps in enumerate(_group_blocks(steps))]
     decoder_region = cutter.region([(steps[-1].out, "h")], [logits], "the decoder")
@@ -181,15 +197,26 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
 
 
-def _split(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
+def _split(index: GraphIndex, node: fx.Node, mixed: dict[fx.Node, ResidualAdd | None] | None = None
+           ) -> ResidualAdd | None:
     """``node = p + Σ updates`` (or ``a·p + Σ updates``, or ``c·(p + f(p))``) with every update
-    depending on p's value, or None."""
+    depending on p's value, or None. ``mixed`` (a memo) also accepts a sum whose skip is a map
+    of p (:func:`_mixed_skip`)."""
     val = node.meta.get("val")
     if node not in index.on_ids or not isinstance(val, torch.Tensor) or not val.is_floating_point() \
             or val.dim() < 2:
         return None
     if not is_add(node):
         return _rescaled(index, node)
+    if mixed is None:
+        return _additive(index, node)
+    if node not in mixed:
+        mixed[node] = None  # a cycle guard while the candidates below are tried
+        mixed[node] = _additive(index, node) or _mixed_skip(index, node, mixed)
+    return mixed[node]
+
+
+def _additive(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
     addends = _addends(node)
     if any(not isinstance(a, fx.Node) for a in addends):
         return None
@@ -244,6 +271,38 @@ def _affine_operand(index: GraphIndex, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _mixed_skip(index: GraphIndex, node: fx.Node, memo: dict[fx.Node, ResidualAdd | None]
+                ) -> ResidualAdd | None:
+    """``node = S(p) + Σ f(p)``: two or more addends that all read p, where the skip S is not the
+    identity or a constant scale: hyper-connections (DeepSeek-V4: ``comb(H)ᵀ·H + post(H) ⊗
+    f(pre(H)·H)``, the streams mixed by input-dependent weights). One step p -> node whose
+    update is ``node − p``, skip map included, so it is expanded by its jet like any update.
+    p is the latest value that every addend reads and that is itself a step, else the earliest
+    one (h_0)."""
+    addends = _addends(node)
+    if len(addends) < 2 or any(not isinstance(a, fx.Node) or a not in index.on_ids for a in addends):
+        return None
+    shared = set.intersection(*(_value_ancestors(index, a) for a in addends))
+    candidates = sorted((p for p in shared if p not in addends and p.op == "call_function"
+                         and _same_shape(p, node) and p.meta["val"].is_floating_point()),
+                        key=index.order.__getitem__)
+    if not candidates:
+        return None
+    inp = next((p for p in reversed(candidates) if _split(index, _peel(p), memo) is not None), candidates[0])
+    return ResidualAdd(node, _peel(inp), [node], [], minus_input=True)
+
+
+def _value_ancestors(index: GraphIndex, node: fx.Node) -> set[fx.Node]:
+    """Every node whose value ``node``'s value depends on (``node`` included)."""
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in found and current in index.on_ids:
+            found.add(current)
+            stack.extend(value_inputs(current))
+    return found
+
+
 def _rescaled(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
     """``node = c·s`` where s is itself a residual step ``p + f(p)``: one step p -> node (gemma4
     scales each layer's output by a constant)."""
@@ -254,29 +313,33 @@ def _rescaled(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:
     return ResidualAdd(node, step.inp, [node], [], minus_input=True)
 
 
-def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[list[ResidualAdd], fx.Node]:
-    """Walk the residual chain back from the logits; return its steps and h_0."""
+def _walk_stream(index: GraphIndex, logits: fx.Node, model_class: str,
+                 mixed: dict[fx.Node, ResidualAdd | None] | None
+                 ) -> tuple[list[ResidualAdd], fx.Node] | CaptureError:
+    """Walk the residual chain back from the logits: its steps and h_0, or the refusal (returned,
+    not raised) when no chain reaches the encoder. ``mixed`` (a memo) also accepts steps whose
+    skip is a map of the stream (:func:`_mixed_skip`)."""
     feeding = index.ancestors([logits])
     last = None
     for node in reversed(list(index.graph_module.graph.nodes)):
-        if node in feeding and _split(index, node) is not None:
+        if node in feeding and _split(index, node, mixed) is not None:
             last = node
             break
     if last is None:
-        raise CaptureError(
+        return CaptureError(
             "no residual add (h + f(h)) feeds the logits, so there is no residual stream to "
             "expand. " + SUPPORTED,
             model_class=model_class,
         )
     steps: list[ResidualAdd] = []
     node = last
-    while (step := _split(index, node)) is not None:
+    while (step := _split(index, node, mixed)) is not None:
         steps.append(step)
         node = step.inp
     steps.reverse()
     h0 = node
     before = index.ancestors([h0])
-    stray = [n for n in index.graph_module.graph.nodes if n in before and _split(index, n)]
+    stray = [n for n in index.graph_module.graph.nodes if n in before and _split(index, n, mixed)]
     if stray:
         first = stray[-1]
         reason = (f"(the sum h + f(h) at node '{first.name}' is not the stream the next unit reads: "
@@ -285,7 +348,7 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
                   "α·LN(h) + f(LN(h)), unit-sphere streams), or the stream is rebuilt from several "
                   "earlier states), so the model is not a composition of residual units id + γ of "
                   "one stream")
-        raise CaptureError(
+        return CaptureError(
             "the residual stream is interrupted between residual adds " + reason + ". " + SUPPORTED,
             model_class=model_class,
             module=module_scope(first),
@@ -294,25 +357,16 @@ def _find_stream(index: GraphIndex, logits: fx.Node, model_class: str) -> tuple[
     return steps, h0
 
 
-def _check_one_stream(steps: Sequence[ResidualAdd], logits: fx.Node, model_class: str) -> None:
-    """Refuse a stream with more axes than the logits: [batch, seq, n, d] holds n parallel streams
-    of width d per position (hyper-connections mix them into each block's input and write its
-    update back into each), not one additive stream [batch, seq, d], which every expansion, lens
-    and path reads."""
-    ndim = logits.meta["val"].dim()
-    for layer, block_steps in enumerate(_group_blocks(steps)):
-        for node in [block_steps[0].inp, *(step.out for step in block_steps)]:
-            value = node.meta.get("val")
-            if not isinstance(value, torch.Tensor) or value.dim() <= ndim:
-                continue
-            extra = [str(size) for size in value.shape[ndim - 1:-1]]
-            width = value.shape[-1]
-            raise CaptureError(
-                f"block {layer} reads the residual stream as {' × '.join(extra)} parallel streams of "
-                f"width {width} per position (shape [..., {', '.join(extra)}, {width}], as with "
-                "hyper-connections), not one additive stream [batch, seq, d]: jet expansion needs "
-                "one, so this model is not supported yet. " + SUPPORTED,
-                model_class=model_class, module=block_steps[0].scope or None, node=node.name)
+def _encoder_extras(nodes: list[fx.Node], stream: set[fx.Node], steps: Sequence[ResidualAdd]) -> set[fx.Node]:
+    """Values computed from the encoder's output h_0 alone that units after the first step read
+    (Gemma 4's per-layer inputs: a projection of the token embeddings, sliced per layer). They are
+    functions of the tokens, like the encoder's output itself, so every unit that reads them takes
+    them as side inputs, held in its jets. A value that depends on a later stream state read
+    at a second depth (Zaya's router state) is not one: it stays refused by the cutter."""
+    outs = {step.out for step in steps}
+    deep = descendants(nodes, list(outs))
+    return {node for node in stream - deep if isinstance(node.meta.get("val"), torch.Tensor)
+            and any(user in deep and user not in outs for user in node.users)}
 
 
 def _group_blocks(steps: Sequence[ResidualAdd]) -> list[list[ResidualAdd]]:
@@ -351,6 +405,7 @@ class _Cutter:
     stream: set[fx.Node]
     side_registry: SideRegistry
     model_class: str
+    extra: set[fx.Node] = dataclasses.field(default_factory=set)
 
     def region(self, inputs: list[tuple[fx.Node, str]], outputs: list[fx.Node], what: str,
                stream_outputs: bool = False, scope: str = "", minus_input: bool = False) -> Region:
@@ -362,7 +417,7 @@ class _Cutter:
                                      combine=combine_sum_minus_input if minus_input else combine_sum,
                                      stream=self.stream, side=self.side_registry,
                                      stream_shape=h0.meta["val"].shape,
-                                     stream_outputs=stream_outputs, what=what)
+                                     stream_outputs=stream_outputs, what=what, extra=self.extra)
         except CaptureError as exc:
             raise CaptureError(str(exc) + ". " + SUPPORTED, model_class=self.model_class,
                                module=exc.module, node=exc.node) from None

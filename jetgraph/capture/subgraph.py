@@ -185,12 +185,15 @@ def extract(
     stream_shape: torch.Size | None = None,
     stream_outputs: bool = False,
     what: str = "",
+    extra: set[fx.Node] | None = None,
 ) -> tuple[fx.GraphModule, tuple[str, ...]]:
     """Cut ``inputs -> outputs`` out of the captured graph; return the module and its side inputs.
 
     ``stream`` is the set of nodes that depend on the residual stream; a region that reads one of
     them other than through ``inputs`` raises :class:`CaptureError`. ``side=None`` forbids side
     inputs (used for the side-input graph itself and the encoder, whose only input is the ids).
+    ``extra``: values of the encoder's output that later units read (per-layer inputs): side
+    inputs of every region that reads them, never recomputed from a region's own input.
     With ``stream_shape`` (the shape of h_0), the first input is a stream tensor of that shape
     even where the model flattened the stream to [batch*seq, d] (OPT's MLP), and stream-shaped
     outputs are reshaped back to it when ``stream_outputs`` is set.
@@ -198,7 +201,7 @@ def extract(
     input_nodes = [node for node, _ in inputs]
     nodes = list(index.graph_module.graph.nodes)
     reach = descendants(nodes, input_nodes)
-    copied, side_nodes = _classify(index, input_nodes, outputs, reach, stream, what)
+    copied, side_nodes = _classify(index, input_nodes, outputs, reach, stream, what, extra or set())
     if side_nodes and side is None:
         node = side_nodes[0]
         raise CaptureError(f"{what} needs tensor '{node.name}' from outside its region",
@@ -329,6 +332,7 @@ def _classify(
     reach: set[fx.Node],
     stream: set[fx.Node] | None,
     what: str,
+    extra: set[fx.Node],
 ) -> tuple[set[fx.Node], list[fx.Node]]:
     """Walk back from ``outputs``: nodes to copy, and tensors that become side inputs."""
     copied: set[fx.Node] = set()
@@ -337,6 +341,9 @@ def _classify(
     while stack:
         node = stack.pop()
         if node in copied or node in side or node in inputs:
+            continue
+        if node in extra:  # a value of the encoder's output: an input of its own, held
+            side.add(node)
             continue
         val = node.meta.get("val")
         external_tensor = (

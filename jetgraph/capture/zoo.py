@@ -84,6 +84,37 @@ class ResidualMLP(nn.Module):
         return self.readout(self.norm(h))
 
 
+class HyperConnectedMLP(nn.Module):
+    """A residual MLP on ``streams`` parallel residual streams (hyper-connections with static
+    mixing, the simplest form): the stream is [batch, seq, n, d]; the encoder writes the token
+    embedding into every stream; block ℓ reads the mix ``Σ_i a_ℓi·H_i`` and writes its output
+    into stream i scaled by ``b_ℓi``; the decoder reads ``Σ_i c_i·H_i``. Every block is still
+    ``H + γ(H)``, so the model is one additive stream with a per-position shape [n, d]."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 16, hidden: int = 32, layers: int = 2,
+                 streams: int = 2) -> None:
+        super().__init__()
+        self.streams = streams
+        self.embed = nn.Embedding(vocab, d)
+        self.read = nn.Parameter(torch.randn(layers, streams) / streams)  # a_ℓ
+        self.write = nn.Parameter(torch.randn(layers, streams))  # b_ℓ
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+            for _ in range(layers)
+        )
+        self.collapse = nn.Parameter(torch.randn(streams) / streams)  # c
+        self.norm = nn.LayerNorm(d)
+        self.readout = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed(input_ids)
+        h = e.unsqueeze(-2).expand(*e.shape[:-1], self.streams, e.shape[-1])
+        for layer, block in enumerate(self.blocks):
+            update = block(torch.einsum("bsnd,n->bsd", h, self.read[layer]))
+            h = h + self.write[layer][:, None] * update.unsqueeze(-2)
+        return self.readout(self.norm(torch.einsum("bsnd,n->bsd", h, self.collapse)))
+
+
 def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Module:
     """A random-init model of ``family`` (one of :data:`FAMILIES`), in eval mode, with 2 layers
     (3 for the residual MLP) unless ``layers`` says otherwise (even for gpt_neo, whose layers
@@ -91,6 +122,8 @@ def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Modu
     torch.manual_seed(seed)
     if family == "residual_mlp":
         return ResidualMLP(layers=layers or 3).eval()
+    if family == "hyper_mlp":  # not in FAMILIES: the multi-stream tests (tests/test_streams.py)
+        return HyperConnectedMLP(layers=layers or 2).eval()
     if layers is not None and (layers < 1 or (family == "gpt_neo" and layers % 2)):
         raise ValueError(f"layers must be a positive integer (even for gpt_neo), got {layers}")
     configs = _configs(layers or 2)

@@ -73,7 +73,7 @@ class BatchedRun:
                 if mode == "given":
                     buffer = given(index) if counts is None and given is not None else self.compute(step)
                 elif mode == "last":
-                    centers = self.gather(step.centers)[:, :, -1:, :] if step.centers else None
+                    centers = self.gather(step.centers)[:, :, -1:] if step.centers else None
                     buffer = evaluate_terms(step.terms, last, centers, step.center_of)
                 elif mode == "split":
                     buffer = self._split(modes, index, step, groups, replay=counts is None)
@@ -82,7 +82,7 @@ class BatchedRun:
             self.buffers.append(buffer)
             if counts is not None:
                 counts.append(counter.get_total_flops() if counter is not None else 0.0)
-        return self.gather(self.schedule.outputs)[:, :, -1, :]
+        return self.gather(self.schedule.outputs)[:, :, -1]
 
     def _split(self, modes: Modes, index: int, step: Step, groups: dict[int, Groups],
                replay: bool = True) -> torch.Tensor:
@@ -92,20 +92,22 @@ class BatchedRun:
         from jetgraph.codegen.modes import fell_back
 
         centers = self.gather(step.centers)
-        count, batch, seq, width = centers.shape
+        count, batch, seq = centers.shape[:3]
+        per_position = centers.shape[3:]  # [d], or [n, d] for n parallel streams
         if count not in groups:
             groups[count] = Groups.of(self.inputs.input_ids, copies=count)
         side = self.inputs.side_for(count)
         try:
             splitter = modes.splitters[index]
             values = (splitter if replay else splitter.interpret)(
-                centers.reshape(count * batch, seq, width), [side[name] for name in step.unit.side_inputs],
-                groups[count])
+                centers.reshape(count * batch, seq, *per_position),
+                [side[name] for name in step.unit.side_inputs], groups[count])
         except PositionSplitError as error:
             fell_back(modes.name, f"{step.unit.name} ran on every position, not split by position",
                       str(error))
-            return self.compute(step)[:, :, -1:, :]
-        return term_rows(step.terms, values.reshape(count, batch, 1, -1), count, step.center_of)
+            return self.compute(step)[:, :, -1:]
+        rows = values.reshape(count, batch, 1, *values.shape[2:])
+        return term_rows(step.terms, rows, count, step.center_of)
 
     def gather(self, terms: Sequence[Term]) -> torch.Tensor:
         """The values of ``terms`` stacked: contiguous rows of one buffer are one slice."""

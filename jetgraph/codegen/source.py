@@ -181,6 +181,10 @@ _OPERATORS = {operator.mul: "*", operator.add: "+", operator.sub: "-", operator.
               operator.mod: "%", operator.truediv: "/"}
 
 
+# min/max of sizes (a window clipped to the sequence length): Python's own on plain ints.
+_SIZE_FUNCTIONS = {torch.sym_min: "min", torch.sym_max: "max"}
+
+
 def _statement(node: fx.Node) -> str:
     target = node.target
     args, kwargs = node.args, node.kwargs
@@ -190,6 +194,8 @@ def _statement(node: fx.Node) -> str:
         return f"{node.name} = {_expr(args[0])}.{args[1]}"
     if target in _OPERATORS:
         return f"{node.name} = {_expr(args[0])} {_OPERATORS[target]} {_expr(args[1])}"
+    if target in _SIZE_FUNCTIONS:
+        return f"{node.name} = {_SIZE_FUNCTIONS[target]}({', '.join(_expr(a) for a in args)})"
     if target is check_input:
         return f"{node.name} = check_input({', '.join(_expr(a) for a in args)})"
     if isinstance(target, torch._ops.OpOverload):

@@ -59,6 +59,13 @@ class RunInputs:
             self._addends = list(self.prog.encoder.addends(self.input_ids, self.attention_mask).values())
         return self._addends
 
+    @property
+    def stream_shape(self) -> torch.Size:
+        """[batch, seq, *per position]: [batch, seq, d], or [batch, seq, n, d] for n parallel
+        streams; the encoder's addends broadcast to it ([seq, d] position tables included)."""
+        shape = torch.broadcast_shapes(*(a.shape for a in self.addends))
+        return torch.Size((self.batch, self.seq, *shape[2:]))
+
     def variate(self, unit: Unit) -> torch.Tensor:
         """The stream state ``unit`` reads, where its jets are evaluated (h_N for the decoder)."""
         return self.states[-1] if isinstance(unit, Decoder) else self.states[unit.reads]
@@ -76,6 +83,8 @@ class RunInputs:
             self._stacked_side[count] = self.prog.side(self.input_ids.repeat(count, 1),
                                                        self.attention_mask.repeat(count, 1))
         return self._stacked_side[count]
+
+
 
 
 def coefficient_index(term: Term) -> int:
@@ -96,7 +105,7 @@ def evaluate_terms(terms: Sequence[Term], inputs: RunInputs, centers: torch.Tens
     kind = terms[0].kind
     full = (inputs.batch, inputs.seq)
     if kind == "source":
-        return torch.stack([inputs.addends[t.state].expand(*full, -1) for t in terms])
+        return torch.stack([inputs.addends[t.state].expand(inputs.stream_shape) for t in terms])
     if kind == "stream":
         return torch.stack([inputs.states[t.state] for t in terms])
     unit = terms[0].unit
@@ -104,7 +113,7 @@ def evaluate_terms(terms: Sequence[Term], inputs: RunInputs, centers: torch.Tens
         return weighted(torch.stack([inputs.variate(unit)] * len(terms)), [t.weight for t in terms])
     if centers is None or center_of is None:
         raise ValueError(f"{kind} terms are computed from their centres: give centers and center_of")
-    centers = centers.expand(centers.shape[0], *full, centers.shape[-1])  # an addend may have batch 1
+    centers = centers.expand(centers.shape[0], *full, *centers.shape[3:])  # an addend may have batch 1
     if kind == "identity":  # J^0 id(c)(h) = c
         return weighted(centers[list(center_of)], [t.weight for t in terms])
     coefficients = unit_jet(unit, terms[0].order, centers, inputs, directions)
@@ -130,7 +139,7 @@ def unit_jet(unit: Unit, order: int, centers: torch.Tensor, inputs: RunInputs,
     coefficient-major. Along h − c (h: the state the unit reads), or along ``directions``. A
     lazily read program holds the unit's weights only while its jet runs."""
     count = centers.shape[0]
-    flat = (count * inputs.batch, inputs.seq, centers.shape[-1])
+    flat = (count * inputs.batch, inputs.seq, *centers.shape[3:])
     stacked = centers.reshape(flat)
     side = inputs.side_for(count)
     if directions:
@@ -143,7 +152,7 @@ def unit_jet(unit: Unit, order: int, centers: torch.Tensor, inputs: RunInputs,
     with inputs.prog.resident([] if isinstance(unit, Decoder) else [unit]):
         coefficients = jet(unit, stacked, variate, order=order, directions=along, side=side).coefficients
     return coefficients.reshape(coefficients.shape[0] * count, inputs.batch, inputs.seq,
-                                coefficients.shape[-1])
+                                *coefficients.shape[3:])
 
 
 def weighted(rows: torch.Tensor, weights: Sequence[Weight]) -> torch.Tensor:

@@ -282,6 +282,11 @@ def _hold_input(graph: fx.Graph, node: fx.Node, operand: fx.Node) -> None:
 
 
 def _hold_output(graph: fx.Graph, node: fx.Node) -> None:
+    users = list(node.users)
+    if users and all(u.op == "call_function" and u.target is operator.getitem for u in users):
+        for user in users:  # an op of several outputs (topk): hold each output read
+            _hold_output(graph, user)
+        return
     with graph.inserting_after(node):
         detached = _detach(graph, node)
     node.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)

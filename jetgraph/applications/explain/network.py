@@ -141,7 +141,7 @@ class FrozenNetwork:
         (``G_{u+1}·out_u − B_u·x_u``) and the decoder's constant (``T − G_N·h_N``)."""
         found = []
         for name, value in self.addends.items():
-            per_position = (self.gradients[0].double() * value.double()).sum(-1)
+            per_position = (self.gradients[0].double() * value.double()).flatten(1).sum(-1)  # [seq, …]
             found += [Source(f"embed.{name}", p, 0, float(t)) for p, t in enumerate(per_position)]
         for unit, x, out, gradient_in in zip(self.units, self.unit_inputs, self.unit_outputs,
                                               self.unit_gradients, strict=True):
