@@ -212,8 +212,22 @@ def _split(index: GraphIndex, node: fx.Node, mixed: dict[fx.Node, ResidualAdd | 
         return _additive(index, node)
     if node not in mixed:
         mixed[node] = None  # a cycle guard while the candidates below are tried
-        mixed[node] = _additive(index, node) or _mixed_skip(index, node, mixed)
+        mixed[node] = _chained(index, node, mixed)
     return mixed[node]
+
+
+def _chained(index: GraphIndex, node: fx.Node, memo: dict[fx.Node, ResidualAdd | None]) -> ResidualAdd | None:
+    """The step ending at ``node`` that continues the chain: the additive one if its input is
+    itself a step, else a mixed one whose input is (a normalised skip: MiniMax's ``α·LN(h) +
+    β·f(LN(h))`` is additive in LN(h), which no step writes, and a mixed step from h, which one
+    does; post-LN blocks ``LN(h + f(h))`` likewise), else either."""
+    additive = _additive(index, node)
+    if additive is not None and _split(index, additive.inp, memo) is not None:
+        return additive
+    mixed = _mixed_skip(index, node, memo)
+    if mixed is not None and _split(index, mixed.inp, memo) is not None:
+        return mixed
+    return additive if additive is not None else mixed
 
 
 def _additive(index: GraphIndex, node: fx.Node) -> ResidualAdd | None:

@@ -45,7 +45,14 @@ from jetgraph.capture.export import CapturedGraph, LogitsWrapper, export_model
 from jetgraph.capture.lazy import lazy_weights
 from jetgraph.capture.lift import lift, name_units
 from jetgraph.errors import CaptureError
-from jetgraph.ir import PARAMETER_NAME, ResidualProgram, ResidualUnit, parameter_names, unit_name
+from jetgraph.ir import (
+    PARAMETER_NAME,
+    ResidualProgram,
+    ResidualUnit,
+    parameter_name,
+    parameter_names,
+    unit_name,
+)
 from jetgraph.padding import mask_or_full
 from jetgraph.precision import capture_tolerance, dtype_name
 
@@ -257,6 +264,8 @@ def _capture_stack(model: nn.Module, stack: BlockStack, ids: torch.Tensor,
     if len(program.blocks) != len(stack.representatives):
         raise Mismatch(f"the exported stack of {len(stack.representatives)} blocks lifted into "
                        f"{len(program.blocks)} blocks", model_class=type(model).__name__)
+    if len(stack.representatives) < len(stack.blocks):  # some block will be bound to another's graph
+        _check_own_weights(program, stack, type(model).__name__)
     full = name_units(_bind_blocks(program, stack, wrapper))  # kinds are the representatives' (same code)
     outside = _names_outside_blocks(full)
     if weights is not None:
@@ -314,6 +323,35 @@ def _reason(exc: CaptureError) -> str:
     """The error's message without its ``[model …]`` prefix (for quoting it in another)."""
     text = str(exc)
     return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+
+
+def _check_own_weights(program: ResidualProgram, stack: BlockStack, model_class: str) -> None:
+    """Each lifted block reads the weights of its own block of the stack only, and nothing else
+    reads the stack's: binding copies block j's graph onto layer ℓ's weights, which is wrong for
+    a unit that also reads another layer's (a post-norm skip whose norm belongs to the layer
+    before) even when the logits come out close. :class:`Mismatch` names the first one."""
+    inside = re.compile(re.escape(f"{WRAPPER_PREFIX}{stack.path}.") + r"(\d+)\.|" +
+                        re.escape(f"{stack.path}.") + r"(\d+)\.")
+
+    def layers(names: list[str]) -> set[int]:
+        found = (inside.match(name) for name in names)
+        return {int(m.group(1) or m.group(2)) for m in found if m}
+
+    for position, block in enumerate(program.blocks):
+        others = layers(parameter_names(block.graph_module)) - {position}
+        if others:
+            raise Mismatch(f"block {position} of the exported stack reads the weights of another block "
+                           f"({sorted(others)})", model_class=model_class)
+    side = program.side.graph_module
+    # a side input may read a block's buffers (GPT-Neo's per-group causal masks: equal within a
+    # group), never its learned weights (attention sinks: one per layer)
+    learned_side = [parameter_name(side, n.target) for n in side.graph.nodes
+                    if n.op == "get_attr" and isinstance(_attribute(side, n.target), nn.Parameter)]
+    for names in (parameter_names(program.encoder.graph_module),
+                  parameter_names(program.decoder.graph_module), learned_side):
+        if layers(names):
+            raise Mismatch("a part outside the blocks reads the weights of the block stack",
+                           model_class=model_class)
 
 
 def _representative_weights(model: nn.Module, stack: BlockStack) -> list[str]:
