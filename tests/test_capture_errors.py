@@ -99,6 +99,11 @@ def test_post_ln_bert_is_a_stream_of_pre_norm_sums() -> None:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64, is_decoder=True)
     model = transformers.BertLMHeadModel(config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # norms that differ by layer: a block bound to another layer's norm shows
+        for name, value in model.named_parameters():
+            if "LayerNorm" in name:
+                value.add_(0.3 * torch.randn_like(value))
     ids = random_ids(1, 6)
     prog = jetgraph.capture(model, ids)
     norms = [n for layer in model.bert.encoder.layer for n in (layer.attention.output.LayerNorm,
@@ -185,3 +190,25 @@ def test_jet_through_an_expanded_view_and_a_cast() -> None:
     result = jetgraph.jet(f, x, v, order=1, increment=True)
     expected = (2 * torch.cos(x) * v).float().unsqueeze(1).expand(-1, 4, -1)
     torch.testing.assert_close(result.coefficient(1), expected)
+
+
+def test_shared_capture_binds_no_block_to_another_layers_weights() -> None:
+    """A post-LN block's unit holds the previous layer's norm (the skip of the mixed step), so a
+    copy of block 0's graph bound to layer 1's weights would be another model, even where its
+    logits come out close (Marian's decoder: 1.6e-4 of their scale). Shared capture refuses such a
+    stack (the caller then exports the whole model), whose blocks here have equal norms, so the
+    logits alone could not tell."""
+    from jetgraph.capture.shared import capture_shared
+
+    config = transformers.MarianConfig(vocab_size=VOCAB, d_model=32, decoder_layers=3,
+                                       decoder_attention_heads=4, decoder_ffn_dim=64, pad_token_id=0,
+                                       decoder_start_token_id=0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.MarianForCausalLM(config).eval()
+    ids = random_ids(1, 6)
+    assert capture_shared(model, ids, None, "block") is None
+    prog = jetgraph.capture(model, ids)  # the whole model, exported once
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    assert prog.num_layers == 3
+    torch.testing.assert_close(prog(ids), reference, rtol=1e-4, atol=1e-6)

@@ -124,7 +124,8 @@ def test_hyper_connections_capture_exactly_and_every_unit_has_its_jet() -> None:
     """HY-V4 keeps hc_mult = 4 streams, mixed into each block's input by input-dependent weights
     and written back into each: the stream is [batch, seq, 4, d], each update a pure function of
     it. Captured exactly on a padded batch; every sublayer's order-1 jet equals torch.func.jvp of
-    its own graph (the sweep's oracle), and an order-1 path expansion runs on it."""
+    its own graph (the sweep's oracle); the path E→U equals the model's readout of the embedding
+    in its 4 streams."""
     model = _hy_v4()
     ids = random_ids(2, 6, seed=1)
     prog = jetgraph.capture(model, ids[:1])
@@ -140,6 +141,12 @@ def test_hyper_connections_capture_exactly_and_every_unit_has_its_jet() -> None:
     # differences where the graph holds ops of other libraries (the MoE's grouped matmul)
     error, _ = _sweep()._order_one_error(prog, ids[1:])
     assert error <= 1, f"an order-1 jet is off the oracle by {error} x its tolerance"
-    result = jetgraph.expand_paths(prog, order=1, max_length=1).expansion().evaluate(ids[1:])
-    total = sum(result.terms.values()) + result.remainder
-    torch.testing.assert_close(total, reference[1:], rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    # the path E→U on the 4-stream state, against the model's own modules: the embedding copied
+    # into every stream (as its forward does), collapsed by its hc_head, normed, unembedded
+    terms = jetgraph.expand_paths(prog, paths=["E→U"]).expansion().evaluate(ids[1:]).terms
+    with torch.no_grad():
+        e = model.get_input_embeddings()(ids[1:])
+        streams = e.unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()
+        by_hand = model.lm_head(model.model.norm(model.model.hc_head(streams)))
+    torch.testing.assert_close(terms["embed.token→unembed"], by_hand, rtol=1e-4,
+                               atol=1e-4 * by_hand.abs().max().item())

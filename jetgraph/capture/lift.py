@@ -101,7 +101,8 @@ def lift(captured: CapturedGraph, granularity: str = "block") -> ResidualProgram
         raise found
     try:
         return _lift_found(captured, index, logits, granularity, *mixed)
-    except Exception:  # not such a model either: the first walk's refusal says why
+    except Exception as exc:  # not such a model either: the first walk's refusal says why
+        found.add_note(f"(a walk accepting mixed steps failed too: {type(exc).__name__}: {exc})")
         raise found from None
 
 

@@ -85,8 +85,6 @@ class RunInputs:
         return self._stacked_side[count]
 
 
-
-
 def coefficient_index(term: Term) -> int:
     """Where a jet term's coefficient sits in the unit's jet (its monomial's basis index)."""
     basis = Basis(max(len(term.directions), 1), term.order)
