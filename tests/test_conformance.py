@@ -570,16 +570,23 @@ def check_path_table(subject: Subject, mode: str, tmp: Path) -> float:
 def check_emit(subject: Subject, mode: str, tmp: Path) -> float:
     """``jetgraph.emit`` of the bigram paths E→U and E→MLP_last→U: each output equals the path's own
     value by hand (lm_head(norm(E)) from the Hugging Face modules; decoder(mlp(E)) composed from
-    float64 copies of the units)."""
+    float64 copies of the units), and the emitted target the Hugging Face model's logits. In bf16
+    the code is emitted without the target (``remainder=False``: the model's whole forward is
+    most of the trace's time, and eager and lazy check it)."""
     prog, dtype = subject.program(mode), DTYPES[mode]
     ids = subject.ids
     sub = prog.at("sublayer")
     mlp = _units_under_test(prog)[1]
     expansion = jetgraph.expand_paths(sub, paths=["E→U", "E→MLP_last→U"]).expansion()
-    module = jetgraph.emit(expansion, ids)  # a lazy program's weights are read for the trace
+    remainder = mode != "bf16"
+    module = jetgraph.emit(expansion, ids, remainder=remainder)  # lazy: weights read for the trace
     with torch.no_grad():
         out = module(ids)
     model = subject.reference(mode)
+    if remainder:
+        _check(_relative(out["target"], _hf_logits(model, ids)), LOGITS[dtype], "emitted target vs the model")
+    else:
+        assert "target" not in out and "remainder" not in out
     embedding = _embedding(model, ids)
     side = sub.side_inputs(ids)
     with prog.resident([mlp]):
@@ -699,7 +706,8 @@ def check_cli_paths(subject: Subject, mode: str, tmp: Path) -> float:
 
 def check_cli_emit(subject: Subject, mode: str, tmp: Path) -> float:
     """``jetgraph emit --paths E→U E→MLP_last→U``: exit 0; the written module, imported and run, gives
-    the library's path values (``Expansion.evaluate``), and E→U equals lm_head(norm(E)) by hand."""
+    the library's path values (``Expansion.evaluate``), E→U equals lm_head(norm(E)) by hand, and
+    its target the Hugging Face model's logits."""
     target = tmp / f"emitted_{subject.name}_{mode}.py"
     _ok(["emit", subject.cli_model(mode), "-o", str(target), "--text", subject.text, "--paths", "E→U",
          "E→MLP_last→U", *FLAGS[mode]])
@@ -718,6 +726,8 @@ def check_cli_emit(subject: Subject, mode: str, tmp: Path) -> float:
     model = subject.reference(mode)
     errors = [_relative(written[n], library[n]) for n in names]
     errors.append(_relative(written["embed.token→unembed"], _decode_by_hand(model, _embedding(model, ids))))
+    if "target" in written:  # the written file's own forward (lazy: its weights, not placeholders)
+        errors.append(_relative(written["target"], _hf_logits(model, ids)))
     return _check(max(errors), LOGITS[DTYPES[mode]], "emitted module vs the library and by hand")
 
 

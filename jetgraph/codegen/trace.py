@@ -118,8 +118,10 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
             prog.resident(_traced_units(expansion, remainder)):
         traced = make_fx(forward, tracing_mode="symbolic" if dynamic else "real",
                          _allow_non_fake_inputs=True)(example, torch.ones_like(example))
-    _label_steps(traced.graph, marks)
-    module = _with_named_buffers(traced, prog)
+        # the weights become buffers while still resident: a lazily read parameter released
+        # afterwards holds NaN placeholders, not its values
+        module = _with_named_buffers(traced, prog)
+    _label_steps(module.graph, marks)
     module.fused = fuse(module.graph) if fuse_ops else {}
     module.graph.eliminate_dead_code()
     _follow_input_device(module.graph)
