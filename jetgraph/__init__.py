@@ -17,8 +17,10 @@ torch code; :mod:`jetgraph.applications` reads out lenses and n-grams.
 """
 
 from jetgraph._version import __version__ as __version__
+from jetgraph.applications import lenses
 from jetgraph.applications.entry_points import explain, explain_attention, lens, ngrams
 from jetgraph.applications.explain import PathAttribution
+from jetgraph.applications.lens import FittedLens
 from jetgraph.applications.ngrams import FirstTokens, NgramQuery, PathReader, RunOptions
 from jetgraph.applications.ngrams.convention import InputConvention
 from jetgraph.applications.report import report
@@ -48,6 +50,7 @@ __all__ = [
     "Encoder",
     "Expansion",
     "FirstTokens",
+    "FittedLens",
     "InputConvention",
     "Jet",
     "JetRuleError",
@@ -71,6 +74,7 @@ __all__ = [
     "explain_attention",
     "jet",
     "lens",
+    "lenses",
     "load_lazy",
     "load_model",
     "load_result",

@@ -27,10 +27,18 @@ The package, one job per module: :mod:`.results` (results, tables, divergence), 
 
 from jetgraph.applications.lens.compute import (
     JOINT_LABEL,
+    ahead_lens,
     contribution_centers,
     iterative_lens,
     iterative_lenses,
     joint_lens,
+)
+from jetgraph.applications.lens.fitted import FITTED_KINDS, Corpus, FittedLens
+from jetgraph.applications.lens.jacobian import (
+    SKIP_FIRST_POSITIONS,
+    fit_jacobian_lens,
+    fit_jacobian_lens_reverse,
+    jacobian_lens,
 )
 from jetgraph.applications.lens.prompts import (
     DEFAULT_BATCH_SIZE,
@@ -54,23 +62,33 @@ from jetgraph.applications.lens.results import (
     metric_table,
     write_lens_csv,
 )
+from jetgraph.applications.lens.tuned import fit_tuned_lens
 
 __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_BATCH_SIZE",
     "DIVERGENCE_REMAINDER",
+    "FITTED_KINDS",
     "JOINT_LABEL",
     "MEMORY_FRACTION",
+    "SKIP_FIRST_POSITIONS",
+    "Corpus",
+    "FittedLens",
     "LensAverage",
     "LensDivergenceWarning",
     "LensKind",
     "LensResult",
     "LensSeriesDivergenceWarning",
     "LensSizes",
+    "ahead_lens",
     "contribution_centers",
     "divergent_series",
+    "fit_jacobian_lens",
+    "fit_jacobian_lens_reverse",
+    "fit_tuned_lens",
     "iterative_lens",
     "iterative_lenses",
+    "jacobian_lens",
     "joint_lens",
     "lens_batch_size",
     "lens_over_prompts",

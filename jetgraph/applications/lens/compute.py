@@ -13,7 +13,7 @@ from jetgraph.ir import ENCODER_NAME, ResidualProgram, as_input_ids
 from jetgraph.passes.expansion import Expansion
 from jetgraph.passes.rewrite import expand
 from jetgraph.passes.terms import stream_term
-from jetgraph.taylor import check_order
+from jetgraph.taylor import check_order, jet
 
 JOINT_LABEL = "Σ weighted centres"
 
@@ -69,10 +69,39 @@ def iterative_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 
                             attention_mask=attention_mask)[order]
 
 
+@torch.no_grad()
+def ahead_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 1, ahead: int = 1, k: int = 5,
+               granularity: str | None = None, layers: Sequence[int] | None = None, *,
+               attention_mask: torch.Tensor | None = None) -> LensResult:
+    """The iterative lens with its variate ``ahead`` states on instead of h_N: at state s, the
+    order-``order`` jet of the decoder centred at h_s and evaluated at h_{min(s+ahead, N)},
+    J^k Dec(h_s)(h_{s+m}). It reads h_s and the next ``ahead`` units' outputs, never the final
+    state (except for the last ``ahead`` states, whose variate is h_N). Order 0 is the logit lens;
+    ``ahead=N`` is the paper's iterative lens."""
+    order = check_order(order, "lens order")
+    if not isinstance(ahead, int) or ahead < 1:
+        raise ValueError(f"ahead must be a number of states ≥ 1, got {ahead!r}")
+    view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
+    ids, mask = view.inputs(input_ids, attention_mask)
+    states_list = list(range(len(view.units) + 1)) if layers is None else _states(layers, len(view.units))
+    states, side = view.stream_with_side_inputs(ids, mask)
+    last = len(view.units)
+    coefficients = []
+    for s in states_list:
+        variate = states[min(s + ahead, last)]
+        coefficients.append(jet(view.decoder, states[s], variate, order, side=side).coefficients)
+    per_degree = torch.stack(coefficients)  # [states, order+1, batch, seq, vocab]
+    written = [ENCODER_NAME if i == 0 else view.units[i - 1].name for i in states_list]
+    return LensResult("ahead", order, [f"h{i}" for i in states_list], per_degree.sum(1),
+                      view.decoder(states[-1], side), k, written_by=written,
+                      attention_mask=attention_mask, coefficient_norms=_norms(per_degree))
+
+
 def _norms(values: torch.Tensor) -> torch.Tensor:
     """Float64 norms over the last dimension, summed in float32 where that cannot overflow (a
     float64 pass over the vocabulary costs 8× as much) and in float64 for the rest."""
-    norms = torch.linalg.vector_norm(values, dim=-1, dtype=torch.float32).double()
+    cheap = torch.float64 if values.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(values, dim=-1, dtype=cheap).double()
     large = ~torch.isfinite(norms) | (norms > 1e18)
     if large.any():
         norms[large] = torch.linalg.vector_norm(values[large], dim=-1, dtype=torch.float64)

@@ -21,7 +21,7 @@ CSV_COLUMNS = ("lens", "order", "center", "written_by", *METRICS, "positions", "
 DIVERGENCE_REMAINDER = 2.0  # see divergent_series: a remainder past the logits' own negative
 
 
-LensKind = Literal["iterative", "joint"]
+LensKind = Literal["iterative", "joint", "ahead", "jacobian", "averaged_jacobian", "tuned"]
 
 
 
