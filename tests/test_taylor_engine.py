@@ -198,3 +198,19 @@ def test_interpreter_constant_inputs_pass_through() -> None:
     basis = Basis(1, 2)
     out = run_series(graph_module, Series(torch.randn(3, 3), basis))
     assert isinstance(out, Series) and out.coeffs.shape == (3, 3)
+
+
+def test_a_basis_of_many_directions_is_made_degree_by_degree() -> None:
+    """The monomials of total degree ≤ order, in the documented order (by degree, then by the
+    exponents reversed), equal the filtered (order+1)^n grid; 64 directions build at once (the
+    grid would hold 2^64)."""
+    import itertools
+
+    from jetgraph.taylor import Basis
+
+    for directions, order in [(1, 0), (1, 5), (3, 2), (4, 3), (2, 4), (5, 1)]:
+        grid = [a for a in itertools.product(range(order + 1), repeat=directions) if sum(a) <= order]
+        grid.sort(key=lambda a: (sum(a), tuple(-x for x in a)))
+        assert list(Basis(directions, order).monomials) == grid
+    wide = Basis(64, 1)
+    assert wide.size == 65 and wide.unit(63) == 64

@@ -51,11 +51,13 @@ class Basis:
             raise ValueError(f"need directions >= 1 and order >= 0, got {directions}, {order}")
         self.directions = directions
         self.order = order
-        monomials = [
-            alpha
-            for alpha in itertools.product(range(order + 1), repeat=directions)
-            if sum(alpha) <= order
-        ]
+        monomials = []  # every alpha with |alpha| <= order, made degree by degree (not from the
+        for degree in range(order + 1):  # (order+1)^directions grid: 33 directions are 2^33 there)
+            for chosen in itertools.combinations_with_replacement(range(directions), degree):
+                alpha = [0] * directions
+                for direction in chosen:
+                    alpha[direction] += 1
+                monomials.append(tuple(alpha))
         monomials.sort(key=lambda alpha: (sum(alpha), tuple(-a for a in alpha)))
         self.monomials: tuple[tuple[int, ...], ...] = tuple(monomials)
         self.index = {alpha: i for i, alpha in enumerate(self.monomials)}

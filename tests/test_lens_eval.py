@@ -1,0 +1,37 @@
+"""The lens benchmark's CI-sized run (``python benchmarks/lens_eval.py --ci``) on TinyStories-656K:
+every lens scored at every state, the two Jacobian fits equal, the numbers what their names say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require_tinystories
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_ci_sized_lens_benchmark_runs_and_writes_its_tables(tmp_path: Path) -> None:
+    model = require_tinystories()
+    out = tmp_path / "lens_eval.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "lens_eval.py"), "--ci", "--model", str(model),
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    lenses = result["faithfulness"]
+    assert set(lenses) >= {"logit", "iterative k=1 (reads h_N)", "jacobian (per input)", "averaged jacobian",
+                           "tuned"}
+    for entry in lenses.values():
+        assert list(entry["states"]) == result["states"] == ["h0", "h1", "h2", "h3"]
+        for state in entry["states"].values():
+            for metric in ("kl", "top1"):
+                low, mean, high = state[metric]["low"], state[metric]["mean"], state[metric]["high"]
+                assert low <= mean <= high
+            assert state["kl"]["low"] >= 0 and 0 <= state["top1"]["mean"] <= 1
+    costs = result["jacobian_fit_forward_vs_reverse"]
+    assert costs["max_abs_difference"] <= 1e-5 * max(1.0, costs["scale"])
+    assert "| logit |" in done.stdout and "Top-1 agreement" in done.stdout
+    assert not list(tmp_path.glob("*.png"))  # writes only where --out says
