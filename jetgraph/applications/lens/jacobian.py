@@ -100,11 +100,8 @@ def fit_jacobian_lens(prog: ResidualProgram, corpus: Sequence[torch.Tensor], *,
     each prompt, [seq] or [1, seq]) by forward mode: ``directions`` basis columns per Taylor
     pass. ``layers``: the states (default every state before h_N). ``description`` says what the
     corpus is; it is recorded with the fit."""
-    view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
-    prompts = _check_corpus(corpus, skip_first)
-    states_list = _fit_states(layers, len(view.units))
+    view, prompts, states_list, sums = _fit_setup(prog, corpus, granularity, layers, skip_first)
     d = view.d_model
-    sums = torch.zeros(len(states_list), d, d, dtype=torch.float64)
     kept_total = 0
     started = time.perf_counter()
     passes = len(prompts) * len(states_list) * math.ceil(d / directions)
@@ -143,11 +140,8 @@ def fit_jacobian_lens_reverse(prog: ResidualProgram, corpus: Sequence[torch.Tens
     (``vmap``), every source state from the same backward."""
     from torch.func import vjp, vmap
 
-    view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
-    prompts = _check_corpus(corpus, skip_first)
-    states_list = _fit_states(layers, len(view.units))
+    view, prompts, states_list, sums = _fit_setup(prog, corpus, granularity, layers, skip_first)
     d = view.d_model
-    sums = torch.zeros(len(states_list), d, d, dtype=torch.float64)
     kept_total = 0
     started = time.perf_counter()
     bar = tqdm(total=len(prompts) * math.ceil(d / rows), desc="Jacobian lens fit (reverse mode)",
@@ -196,6 +190,17 @@ def _final_from_sources(view: ResidualProgram, states_list: Sequence[int], state
         return h
 
     return final
+
+
+def _fit_setup(prog: ResidualProgram, corpus: Sequence[torch.Tensor], granularity: str | None,
+               layers: Sequence[int] | None, skip_first: int
+               ) -> tuple[ResidualProgram, list[torch.Tensor], list[int], torch.Tensor]:
+    """The view, the checked prompts, the states fitted and the float64 sums [states, d, d]."""
+    view = prog.at(granularity) if granularity else prog  # type: ignore[arg-type]
+    prompts = _check_corpus(corpus, skip_first)
+    states_list = _fit_states(layers, len(view.units))
+    sums = torch.zeros(len(states_list), view.d_model, view.d_model, dtype=torch.float64)
+    return view, prompts, states_list, sums
 
 
 def _one_hot(j: int, d: int, like: torch.Tensor) -> torch.Tensor:
