@@ -451,6 +451,36 @@ def check_lens(subject: Subject, mode: str, tmp: Path) -> float:
     return _check(max(errors), LOGITS[dtype], "lens / states vs the Hugging Face model")
 
 
+def check_lens_rivals(subject: Subject, mode: str, tmp: Path) -> float:
+    """``jetgraph.lenses.jacobian`` and ``jetgraph.lenses.ahead`` (order 1, one state on) at the
+    embedding h0 of the block view, vs the float64 oracle: Dec(D R(h0)[h0]) with R the blocks
+    composed by hand from float64 copies (nested jvp; central differences where a unit is jvp-blind),
+    and Dec(h0) + D Dec(h0)[h1 − h0] (relative norm per lens, the coefficients' tolerance)."""
+    prog, dtype, ids = subject.program(mode).at("block"), DTYPES[mode], subject.ids
+    jacobian = jetgraph.lenses.jacobian(prog, ids, layers=[0])
+    ahead = jetgraph.lenses.ahead(prog, ids, order=1, ahead=1, layers=[0])
+    states, side = prog.stream_with_side_inputs(ids)
+    with prog.resident(prog.units):
+        blocks = [_float64(unit, side) for unit in prog.units]
+        decoder = _float64(prog.decoder, side)
+    blind = any(_jvp_blind(unit) for unit in prog.units)
+
+    def rest(h: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            h = h + block(h)
+        return h
+
+    h0, h1 = states[0].detach().double(), states[1].detach().double()
+    with torch.no_grad() if blind else contextlib.nullcontext():
+        transported = _coefficients(rest, h0, h0, 1, blind)[1]
+    with torch.no_grad():
+        expected_jacobian = decoder(transported)
+    expected_ahead = sum(_coefficients(decoder, h0, h1 - h0, 1, False))
+    errors = [((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+              for got, want in ((jacobian.logits[0], expected_jacobian), (ahead.logits[0], expected_ahead))]
+    return _check(max(errors), COEFFICIENTS[dtype], "Jacobian / ahead lens vs the float64 oracle")
+
+
 def check_explain(subject: Subject, mode: str, tmp: Path) -> float:
     """``explain_program`` at head granularity: its value vs the Hugging Face model's logit; the
     head view's last state, decoded by the model's own final norm and lm_head, vs its logits (the
@@ -902,6 +932,7 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "jet": check_jet,
     "expand": check_expand,
     "lens": check_lens,
+    "lens_rivals": check_lens_rivals,
     "explain": check_explain,
     "explain_attention": check_explain_attention,
     "readout": check_readout,
@@ -920,8 +951,8 @@ CHECKS: dict[str, Callable[[Subject, str, Path], float]] = {
     "cli_sketch": check_cli_sketch,
     "cli_roles": check_cli_roles,
 }
-LIBRARY = ("capture", "padding", "jet", "expand", "lens", "explain", "explain_attention", "readout", "ngrams",
-           "path_table", "emit")
+LIBRARY = ("capture", "padding", "jet", "expand", "lens", "lens_rivals", "explain", "explain_attention",
+           "readout", "ngrams", "path_table", "emit")
 CLI = ("cli_capture", "cli_lens", "cli_ngrams", "cli_paths", "cli_emit", "cli_errors")
 ANALYSES = ("cli_masses", "cli_diff", "cli_curves", "cli_sketch", "cli_roles")
 

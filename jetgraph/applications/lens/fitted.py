@@ -41,7 +41,7 @@ class Corpus:
            skip_first: int = 0) -> Corpus:
         digest = hashlib.sha256()
         for ids in prompts:
-            digest.update(ids.reshape(-1).to(torch.int64).numpy().tobytes())
+            digest.update(ids.reshape(-1).to(torch.int64).cpu().numpy().tobytes())
             digest.update(b"|")
         return cls(len(prompts), sum(int(p.numel()) for p in prompts), positions, digest.hexdigest(),
                    description, skip_first)
@@ -70,10 +70,10 @@ class FittedLens:
 
     def transform(self, row: int, h: torch.Tensor) -> torch.Tensor:
         """The state ``h`` [..., d] as state ``labels[row]``'s map sends it to the decoder."""
-        matrix = self.matrices[row].to(h.dtype)
+        matrix = self.matrices[row].to(h)  # the state's dtype and device
         if self.kind == "averaged_jacobian":
             return h @ matrix.T
-        return h + h @ matrix.T + self.biases[row].to(h.dtype)  # type: ignore[index]
+        return h + h @ matrix.T + self.biases[row].to(h)  # type: ignore[index]
 
     @torch.no_grad()
     def apply(self, prog: ResidualProgram, input_ids: torch.Tensor, k: int = 5, *,

@@ -58,16 +58,8 @@ def jacobian_lens(prog: ResidualProgram, input_ids: torch.Tensor, k: int = 5,
         out = rest_series(view, s, first_order_series(states[s], [states[s]]), states, side)
         transported.append(out.coeffs[1])
     logits = torch.stack([view.decoder(h, side) for h in transported])
-    return _result(view, "jacobian", logits, view.decoder(states[-1], side), states_list, k,
-                   attention_mask, ids)
-
-
-def _result(view: ResidualProgram, kind: str, logits: torch.Tensor, true_logits: torch.Tensor,
-            states_list: Sequence[int], k: int, attention_mask: torch.Tensor | None,
-            ids: torch.Tensor) -> LensResult:
-    labels = [f"h{i}" for i in states_list]
     written = [ENCODER_NAME if i == 0 else view.units[i - 1].name for i in states_list]
-    return LensResult(kind, 1 if kind == "jacobian" else 0, labels, logits, true_logits, k,  # type: ignore[arg-type]
+    return LensResult("jacobian", 1, _labels(states_list), logits, view.decoder(states[-1], side), k,
                       written_by=written, attention_mask=attention_mask)
 
 
