@@ -177,6 +177,9 @@ def test_fitted_lenses_round_trip_and_apply(tmp_path) -> None:
         states = prog.stream(ids)
         for row, s in enumerate(loaded.states):
             assert torch.allclose(applied.logits[row], prog.decoder(lens.transform(row, states[s])))
+    h = torch.randn(3, prog.d_model, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(jacobian.transform(0, h), h @ jacobian.matrices[0].T)  # J̄ h, by hand
+    assert torch.allclose(tuned.transform(1, h), h + h @ tuned.matrices[1].T + tuned.biases[1])
     assert jacobian.corpus.description == "two random rows" and jacobian.corpus.prompts == 2
     assert jacobian.corpus.positions == 2 * (10 - 1 - 1)
 
