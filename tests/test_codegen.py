@@ -133,6 +133,41 @@ def test_without_remainder_only_the_paths_weights_remain() -> None:
         torch.testing.assert_close(lean(ids)[name], full(ids)[name])
 
 
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_the_target_of_order_zero_paths_is_appended_from_the_graphs(family: str, monkeypatch) -> None:
+    """Order-0 paths read no stream, so the target's forward is copied from the program's graphs
+    (codegen.inline), not traced: its nodes are labelled so, the code runs on another shape, and
+    target and remainder equal the Hugging Face logits and target − Σ paths. When the copy fails
+    the forward is traced as before, with one warning naming the reason, and the outputs agree."""
+    model, prog = captured(family)
+    ids, other = random_ids(2, 6), random_ids(3, 5, seed=4)
+    expansion = jetgraph.expand_paths(prog.at("sublayer"), paths=["E→U", "E→MLP_last→U"]).expansion()
+    module = emit(expansion, ids)
+    labels = {n.meta.get("jetgraph_step") for n in module.graph.nodes}
+    assert "the model's own forward (target) and the remainder" in labels
+    for batch in (ids, other):
+        out = module(batch)
+        with torch.no_grad():
+            reference = model(batch).logits
+        torch.testing.assert_close(out["target"], reference, rtol=1e-5, atol=1e-5)
+        paths = sum(out[name] for name in module.term_names)
+        torch.testing.assert_close(out["remainder"], out["target"] - paths, rtol=1e-6, atol=1e-6)
+
+    from jetgraph.codegen import inline, trace
+
+    def refuse(self, root):
+        raise RuntimeError("a node the proxy cannot follow")
+
+    monkeypatch.setattr(inline._Tracer, "trace", refuse)
+    monkeypatch.setattr(trace, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="could not be appended.*a node the proxy cannot follow"):
+        traced = emit(expansion, ids)
+    assert "the model's own forward (target) and the remainder" not in {
+        n.meta.get("jetgraph_step") for n in traced.graph.nodes}
+    for name, value in traced(other).items():
+        torch.testing.assert_close(value, module(other)[name], rtol=1e-5, atol=1e-5)
+
+
 def expansion_names(expansion: jetgraph.Expansion) -> list[str]:
     return [t.name for t in expansion.terms]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import torch
 from torch import fx
@@ -24,6 +25,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
+from jetgraph.codegen.inline import InlineError, append_target
 from jetgraph.codegen.schedule import Step, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, expansion_plan
 from jetgraph.ir import ResidualProgram, ResidualUnit, as_input_ids, parameter_name
@@ -101,27 +103,47 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
         graph = get_proxy_mode().tracer.graph
         marks.append((next(iter(reversed(graph.nodes)), None), step))
 
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, with_target: bool
+                ) -> dict[str, torch.Tensor]:
         run = BatchedRun(schedule, input_ids, attention_mask)
-        outputs, target, rest = run.run(on_step=mark, remainder=remainder)
+        outputs, target, rest = run.run(on_step=mark, remainder=with_target)
         result = {name: outputs[i] for i, name in enumerate(names)}
-        if remainder:
+        if with_target:
             result["target"] = target
             result["remainder"] = rest
         return result
 
     dynamic = prog.dynamic and (dynamic is None or dynamic)
     example = _symbolic_example(ids, prog.max_positions) if dynamic else ids
+    # Without a jet that reads the stream, the target's forward is appended from the program's
+    # own graphs (codegen.inline) instead of traced again: most of the trace's time otherwise.
+    inline = remainder and not _reads_stream(expansion)
+    appended: list[fx.Node] = []
     # Index tables are made inside the trace (none is cached under it). The fake-tensor cache
     # costs more than it saves here (most ops are traced once): without it tracing is 2x faster.
     with torch.no_grad(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False), \
             prog.resident(_traced_units(expansion, remainder)):
-        traced = make_fx(forward, tracing_mode="symbolic" if dynamic else "real",
-                         _allow_non_fake_inputs=True)(example, torch.ones_like(example))
+        def trace(with_target: bool) -> fx.GraphModule:
+            marks.clear()
+            return make_fx(functools.partial(forward, with_target=with_target),
+                           tracing_mode="symbolic" if dynamic else "real",
+                           _allow_non_fake_inputs=True)(example, torch.ones_like(example))
+
+        traced = trace(with_target=remainder and not inline)
+        if inline:
+            state = None if schedule.space == "logits" else schedule.target_state
+            try:
+                appended = append_target(traced, prog, state, names, example)
+            except InlineError as error:
+                _warn_once(f"emit: the model's forward could not be appended from its graphs ({error}); "
+                           "it was traced with the expansion instead (slower, the same code)")
+                traced = trace(with_target=True)
         # the weights become buffers while still resident: a lazily read parameter released
         # afterwards holds NaN placeholders, not its values
         module = _with_named_buffers(traced, prog)
     _label_steps(module.graph, marks)
+    for node in appended:
+        node.meta[STEP_META] = "the model's own forward (target) and the remainder"
     module.fused = fuse(module.graph) if fuse_ops else {}
     module.graph.eliminate_dead_code()
     _follow_input_device(module.graph)
@@ -136,15 +158,27 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
     return module
 
 
+def _reads_stream(expansion: Expansion) -> bool:
+    """Whether a term reads the model's own stream (a stream term, or a jet of order ≥ 1)."""
+    return any(t.kind == "stream" or (t.kind != "source" and t.order >= 1) for t in expansion.nodes)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _traced_units(expansion: Expansion, remainder: bool) -> list[ResidualUnit]:
     """The units whose weights the trace reads: every unit when it runs the model's own forward
     (the target, or the stream a jet of order ≥ 1 or a stream term reads), else the terms' own.
     A lazily read program holds them in memory for the whole trace: the emitted module keeps
     them as buffers, and weights cannot be swapped in and out while make_fx traces."""
     prog = expansion.prog
-    reads_stream = remainder or any(t.kind == "stream" or (t.kind != "source" and t.order >= 1)
-                                    for t in expansion.nodes)
-    if reads_stream:
+    if remainder or _reads_stream(expansion):
         return list(prog.units)
     units = {id(t.unit): t.unit for t in expansion.nodes if isinstance(t.unit, ResidualUnit)}
     return list(units.values())
@@ -199,7 +233,7 @@ def _with_named_buffers(traced: fx.GraphModule, prog: ResidualProgram) -> fx.Gra
     for node in traced.graph.nodes:
         if node.op != "get_attr":
             continue
-        value = getattr(traced, node.target)
+        value = functools.reduce(getattr, node.target.split("."), traced)
         if id(value) not in by_tensor:
             if id(value) in known:
                 base = _identifier(known[id(value)])
