@@ -1,5 +1,6 @@
 """The lens benchmark's CI-sized run (``python benchmarks/lens_eval.py --ci``) on TinyStories-656K:
-every lens scored at every state, the two Jacobian fits equal, the numbers what their names say."""
+every lens scored at every state on faithfulness and on one concept set (with the leakage control
+and the chance baseline), the two Jacobian fits equal, the numbers what their names say."""
 
 from __future__ import annotations
 
@@ -34,4 +35,15 @@ def test_the_ci_sized_lens_benchmark_runs_and_writes_its_tables(tmp_path: Path) 
     costs = result["jacobian_fit_forward_vs_reverse"]
     assert costs["max_abs_difference"] <= 1e-5 * max(1.0, costs["scale"])
     assert "| logit |" in done.stdout and "Top-1 agreement" in done.stdout
+    concepts = result["concepts"]  # the CI-sized run scores one set with every lens and the fitted two
+    assert list(concepts["sets"]) == ["arithmetic_ordering"]
+    assert concepts["sets"]["arithmetic_ordering"]["items"] >= 40
+    assert set(concepts["lenses"]) == {"logit", "iterative", "ahead", "jacobian",
+                                       "averaged_jacobian (fitted)", "tuned (fitted)"}
+    assert set(concepts["controls"]) == {"iterative", "ahead"}
+    for per_set in [*concepts["lenses"].values(), *concepts["controls"].values()]:
+        for part in ("intermediate", "answer", "other_intermediate", "other_answer"):
+            shares = [per_set["arithmetic_ordering"][part][f"pass@{k}"]["pass"] for k in (1, 5, 10)]
+            assert all(0 <= v <= 1 for v in shares) and shares == sorted(shares)  # pass@k grows with k
+    assert "Leakage control" in done.stdout and "Chance baseline" in done.stdout
     assert not list(tmp_path.glob("*.png"))  # writes only where --out says

@@ -18,10 +18,15 @@ entry                         logits at state s, position t                   re
 
 Fitting: :func:`fit_jacobian` (forward mode, the Taylor engine) and :func:`fit_tuned` give a
 :class:`~jetgraph.applications.lens.FittedLens`; ``lens.save(folder)`` / ``FittedLens.load``.
+
+Comparing: :func:`concepts` scores lenses on the shipped intermediate-concept prompt sets
+(:mod:`jetgraph.applications.lens.concepts`), with the leakage control for the lenses that read
+later states.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +42,7 @@ from jetgraph.applications.lens import (
     iterative_lens,
     jacobian_lens,
 )
+from jetgraph.applications.lens.concepts import concept_set_names, concept_sets, evaluate_concepts
 from jetgraph.ir import ResidualProgram
 
 Model = nn.Module | ResidualProgram
@@ -117,4 +123,81 @@ def fit_tuned(model_or_program: Model, corpus: Sequence[torch.Tensor | str], tok
                           description=description, progress=progress)
 
 
-__all__ = ["FittedLens", "ahead", "fit_jacobian", "fit_tuned", "fitted", "iterative", "jacobian", "logit"]
+CONCEPT_LENSES = ("logit", "iterative", "ahead", "jacobian")
+"""The lens kinds :func:`concepts` computes by name (fitted lenses are passed as objects)."""
+READS_LATER_STATES = ("iterative", "ahead")
+
+
+def concepts(model_or_program: Model, tokenizer: object, *, sets: Sequence[str] | None = None,
+             kinds: Sequence[str] = CONCEPT_LENSES, fitted_lenses: Sequence[FittedLens] = (),
+             granularity: str | None = None, layers: Sequence[int] | None = None,
+             max_seconds: float | None = None, progress: bool = True) -> dict:
+    """Score lenses on the intermediate-concept sets (default: all shipped; :func:`concept_set_names`).
+
+    ``kinds``: ``logit``; ``iterative`` (order 1, reads h_N); ``ahead`` (order 1, one state on);
+    ``jacobian`` (per input). ``fitted_lenses`` are added under their kind's name. The lenses that
+    read later states (iterative, ahead) are also scored on the leakage control. ``layers``: the
+    stream states scored (default h_0..h_{N-1}; h_N decodes as the model). Returns the dict
+    of :func:`~jetgraph.applications.lens.concepts.evaluate_concepts` (pass@{1,5,10} of the
+    intermediate concept and of the answer, first states, seconds per prompt); ``max_seconds``
+    refuses a run whose estimate (timed on the first prompt) is longer.
+    """
+    unknown = [k for k in kinds if k not in CONCEPT_LENSES]
+    if unknown:
+        raise ValueError(f"unknown lens kind {unknown}: the kinds are {', '.join(CONCEPT_LENSES)} "
+                         "(fitted lenses: fitted_lenses=[FittedLens, ...])")
+    chosen_sets = concept_sets(sets)
+    if tokenizer is None:
+        raise ValueError("the concept sets are text: pass the model's tokenizer")
+    prog = _program(model_or_program, granularity)
+    view = prog.at(granularity) if granularity else prog
+    last = len(view.units)
+    states = list(range(last)) if layers is None else sorted({int(s) for s in layers})
+    if not states or states[0] < 0 or states[-1] >= last:
+        raise ValueError(f"layers must name stream states 0..{last - 1} (h_{last} decodes as the model "
+                         f"itself), got {layers}")
+    for lens in fitted_lenses:
+        if not isinstance(lens, FittedLens):
+            raise TypeError(f"fitted_lenses holds {type(lens).__name__}, not a FittedLens")
+        at = granularity or prog.granularity
+        if lens.granularity != at:
+            raise ValueError(f"a {lens.kind} lens fitted at {lens.granularity} states cannot be compared at "
+                             f"{at} states: give granularity={lens.granularity!r}")
+        if not set(states) <= set(lens.states):
+            raise ValueError(f"the {lens.kind} lens was fitted at {lens.labels}, not at every state scored: "
+                             f"give layers= within them")
+    builders = {
+        "logit": lambda ids: iterative_lens(view, ids, 0, layers=states),
+        "iterative": lambda ids: iterative_lens(view, ids, 1, layers=states),
+        "ahead": lambda ids: ahead_lens(view, ids, 1, 1, layers=states),
+        "jacobian": lambda ids: jacobian_lens(view, ids, layers=states),
+    }
+    control_builders = {  # the iterative lens is the ahead lens whose variate is h_N
+        "iterative": lambda ids, other: ahead_lens(view, ids, 1, last, layers=states,
+                                                   later_states_from=other),
+        "ahead": lambda ids, other: ahead_lens(view, ids, 1, 1, layers=states, later_states_from=other),
+    }
+    lenses = {name: builders[name] for name in kinds}
+    for lens in fitted_lenses:
+        lenses[f"{lens.kind} (fitted)"] = functools.partial(_apply_fitted, lens, view)
+    controls = {name: control_builders[name] for name in kinds if name in READS_LATER_STATES}
+
+    def encode(text: str) -> torch.Tensor:
+        return _input_ids(view, text, tokenizer)
+
+    def final_logits(text: str) -> torch.Tensor:
+        ids = encode(text)
+        with torch.no_grad():
+            states, side = view.stream_with_side_inputs(*view.inputs(ids))
+            return view.decoder(states[-1], side)[0, -1].float()
+
+    return evaluate_concepts(chosen_sets, lenses, controls, tokenizer, encode, final_logits, states,
+                             max_seconds=max_seconds, progress=progress)
+
+
+def _apply_fitted(lens: FittedLens, prog: ResidualProgram, ids: torch.Tensor) -> LensResult:
+    return lens.apply(prog, ids)
+
+
+__all__ = ["CONCEPT_LENSES", "FittedLens", "ahead", "concept_set_names", "concepts", "fit_jacobian",
+           "fit_tuned", "fitted", "iterative", "jacobian", "logit"]

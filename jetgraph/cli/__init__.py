@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from jetgraph.cli import analyses, capture, demo, explain, lens, ngrams, paths, sketch, view
+from jetgraph.cli import analyses, capture, demo, explain, lens, lens_eval, ngrams, paths, sketch, view
 from jetgraph.cli.exits import ERROR, INTERRUPTED, USAGE, LaunchFailed, UsageError, rank, resume_hint
 from jetgraph.cli.options import HelpFormatter
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture.add_parser(command)
     lens.add_parser(command)
+    lens_eval.add_parser(command)
     explain.add_parser(command)
     ngrams.add_parser(command)
     sketch.add_parser(command)

@@ -72,12 +72,18 @@ def iterative_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 
 @torch.no_grad()
 def ahead_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 1, ahead: int = 1, k: int = 5,
                granularity: str | None = None, layers: Sequence[int] | None = None, *,
-               attention_mask: torch.Tensor | None = None) -> LensResult:
+               attention_mask: torch.Tensor | None = None,
+               later_states_from: torch.Tensor | None = None) -> LensResult:
     """The iterative lens with its variate ``ahead`` states on instead of h_N: at state s, the
     order-``order`` jet of the decoder centred at h_s and evaluated at h_{min(s+ahead, N)},
     J^k Dec(h_s)(h_{s+m}). It reads h_s and the next ``ahead`` units' outputs, never the final
     state (except for the last ``ahead`` states, whose variate is h_N). Order 0 is the logit lens;
-    ``ahead=N`` is the paper's iterative lens."""
+    ``ahead=N`` is the paper's iterative lens.
+
+    ``later_states_from`` (ids [1, seq'] of another prompt, one unpadded prompt only) is the
+    leakage control of the intermediate-concept benchmark: every variate h_{s+m} is replaced by
+    that prompt's state h_{s+m} at its last position, so what the lens shows beyond h_s comes
+    from the other prompt."""
     order = check_order(order, "lens order")
     if not isinstance(ahead, int) or ahead < 1:
         raise ValueError(f"ahead must be a number of states ≥ 1, got {ahead!r}")
@@ -85,10 +91,16 @@ def ahead_lens(prog: ResidualProgram, input_ids: torch.Tensor, order: int = 1, a
     ids, mask = view.inputs(input_ids, attention_mask)
     states_list = list(range(len(view.units) + 1)) if layers is None else _states(layers, len(view.units))
     states, side = view.stream_with_side_inputs(ids, mask)
+    variates = states
+    if later_states_from is not None:
+        if attention_mask is not None or ids.shape[0] != 1:
+            raise ValueError("later_states_from replaces one prompt's later states: give one unpadded prompt")
+        other, _ = view.stream_with_side_inputs(*view.inputs(later_states_from, None))
+        variates = [theirs[:, -1:].expand_as(ours) for theirs, ours in zip(other, states, strict=True)]
     last = len(view.units)
     coefficients = []
     for s in states_list:
-        variate = states[min(s + ahead, last)]
+        variate = variates[min(s + ahead, last)]
         coefficients.append(jet(view.decoder, states[s], variate, order, side=side).coefficients)
     per_degree = torch.stack(coefficients)  # [states, order+1, batch, seq, vocab]
     written = [ENCODER_NAME if i == 0 else view.units[i - 1].name for i in states_list]
