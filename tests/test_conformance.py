@@ -979,10 +979,10 @@ def known_failure(feature: str, family: str, mode: str) -> str | None:
 
 # ------------------------------------------------------------------------------- the matrix
 FEATURES = (*LIBRARY, *CLI, *ANALYSES)
-# The CI-sized matrix (fast tier, ≈ 3 min on 2 quiet cores): every library feature on every family in
-# every mode, the CLI's bad inputs everywhere, capture and ngrams on every family, lens, paths and emit
-# on two families (BOS and no BOS), masses, sketch and roles on one; the rest of the matrix is marked
-# slow (and run by benchmarks/conformance.py).
+# The CI-sized matrix (the whole suite; its eager column is in the fast tier): every library feature
+# on every family in every mode, the CLI's bad inputs everywhere, capture and ngrams on every family,
+# lens, paths and emit on two families (BOS and no BOS), masses, sketch and roles on one; the rest of
+# the matrix is marked slow (and run by benchmarks/conformance.py).
 FAST_CLI_FAMILIES = ("llama_bos", "gpt2")
 
 
@@ -1000,11 +1000,20 @@ def cells(families=tuple(FAMILIES), features=FEATURES, modes=MODES) -> list[tupl
     return [(feature, family, mode) for feature in features for family in families for mode in modes]
 
 
+def in_fast_tier(feature: str, family: str, mode: str) -> bool:
+    """The fast tier (``-m "not slow"``) holds the CI-sized matrix's eager column and the CLI's
+    bad inputs in every mode; the lazy and bf16 columns of the library features run in the whole
+    suite (each mode captures every family once more, and emit traces each model's forward)."""
+    return fast(feature, family, mode) and (mode == "eager" or feature == "cli_errors")
+
+
 def _param(cell: tuple[str, str, str]) -> object:
     reason = known_failure(*cell)
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
     if not fast(*cell):  # run with --full-matrix (and by benchmarks/conformance.py)
         marks += [pytest.mark.slow, pytest.mark.matrix_beyond_ci]
+    elif not in_fast_tier(*cell):  # the whole suite and CI run it
+        marks += [pytest.mark.slow]
     return pytest.param(*cell, id="-".join(cell), marks=marks)
 
 
