@@ -213,11 +213,13 @@ def tables(result: dict) -> str:
 def concept_tables(concepts: dict) -> list[str]:
     """The concept part: pass@10 per lens and set, its control, the chance baseline, the model."""
     sets = list(concepts["sets"])
-    model = ["| model's own answer (pass@1 / @10 at the prompt's end) | " + " | ".join(
-        f"{concepts['model'][n]['pass@1']:.2f} / {concepts['model'][n]['pass@10']:.2f}" for n in sets) + " |",
-             "| the same on the control prompts | " + " | ".join(
-        f"{concepts['model_on_control_prompts'][n]['pass@1']:.2f} / "
-        f"{concepts['model_on_control_prompts'][n]['pass@10']:.2f}" for n in sets) + " |"]
+    def own(scores: dict) -> str:
+        return "–" if not scores["items"] else f"{scores['pass@1']:.2f} / {scores['pass@10']:.2f}"
+
+    model = ["| model's own answer (pass@1 / @10 at the prompt's end) | "
+             + " | ".join(own(concepts["model"][n]) for n in sets) + " |",
+             "| the same on the control prompts | "
+             + " | ".join(own(concepts["model_on_control_prompts"][n]) for n in sets) + " |"]
     header = "| | " + " | ".join(sets) + " |\n" + "|---" * (len(sets) + 1) + "|"
     seconds = ", ".join(f"{k} {v:.2f}" for k, v in concepts["seconds_per_prompt"].items())
     return ["", "Intermediate concepts: pass@10 intermediate / answer (median first state), states "
@@ -266,9 +268,9 @@ def main() -> None:
                  skip_first=args.skip_first, directions=args.directions, every=args.every, fit=fit,
                  parts=parts, sets=args.sets.split(",") if args.sets else None)
     result["command"] = "python benchmarks/lens_eval.py " + " ".join(sys.argv[1:])
-    print(tables(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    print(tables(result))
     print(f"wrote {args.out}")
 
 

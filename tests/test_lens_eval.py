@@ -47,3 +47,21 @@ def test_the_ci_sized_lens_benchmark_runs_and_writes_its_tables(tmp_path: Path) 
             assert all(0 <= v <= 1 for v in shares) and shares == sorted(shares)  # pass@k grows with k
     assert "Leakage control" in done.stdout and "Chance baseline" in done.stdout
     assert not list(tmp_path.glob("*.png"))  # writes only where --out says
+
+
+def test_the_concept_tables_print_a_set_nothing_could_score() -> None:
+    """A tokenizer that scores no answer of a set (TinyStories on capitals): a dash, not a crash."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lens_eval", ROOT / "benchmarks" / "lens_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    empty = {f"pass@{k}": {"pass": None, "first_state": None, "items": 0} for k in (1, 5, 10)}
+    part = {"intermediate": empty, "answer": empty, "other_intermediate": empty, "other_answer": empty}
+    unscored = {"items": 0, "pass@1": None, "pass@5": None, "pass@10": None}
+    concepts = {"sets": {"capitals": {"items": 40}}, "states": ["h0"], "controls": {},
+                "lenses": {"logit": {"capitals": part}}, "model": {"capitals": unscored},
+                "model_on_control_prompts": {"capitals": unscored}, "seconds_per_prompt": {"logit": 0.01}}
+    text = "\n".join(module.concept_tables(concepts))
+    assert "| logit | – / – |" in text
+    assert "| model's own answer (pass@1 / @10 at the prompt's end) | – |" in text

@@ -202,3 +202,27 @@ def test_lenses_entry_points_take_text_and_refuse_bad_input() -> None:
     other.d_model = prog.d_model + 1
     with pytest.raises(ValueError, match="fitted on a model with d_model"):
         other.apply(prog, ids)
+
+
+def test_the_divergence_check_reads_the_remainder_alone_and_flags_the_same_tokens() -> None:
+    """LensResult.relative_remainder (one pass over the logits, what the divergence check needs)
+    equals the token metric ``remainder``; the divergent tokens are the same whether the other
+    metrics were computed first or not (overflow included)."""
+    from jetgraph.applications.lens import LensResult
+
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 1.0, 30.0, 1.0, 1.0]).view(5, 1, 1, 1)
+    logits = torch.randn(5, 2, 7, 50, generator=generator) * scale
+    logits[1, 0, 3, 4] = float("inf")
+    true = torch.randn(2, 7, 50, generator=generator)
+    norms = torch.rand(5, 2, 2, 7, generator=generator).double()
+    norms[:, 1] *= 3
+    labels = [f"h{i}" for i in range(5)]
+    with pytest.warns(Warning):
+        alone = LensResult("iterative", 1, labels, logits, true, 5, coefficient_norms=norms)
+    with pytest.warns(Warning):
+        full = LensResult("iterative", 1, labels, logits, true, 5, coefficient_norms=norms)
+    full.token_metrics  # noqa: B018 - every metric first
+    assert "token_metrics" not in alone.__dict__
+    torch.testing.assert_close(alone.relative_remainder, full.token_metrics["remainder"], equal_nan=True)
+    assert torch.equal(alone.divergent_tokens, full.divergent_tokens) and alone.divergent_tokens.sum() > 1

@@ -195,6 +195,8 @@ def concept_table(results: Mapping[str, Mapping[str, dict]], k: int = 10,
     """A markdown table: per lens (rows) and set (columns), pass@k of ``parts`` (default the
     intermediate concept / the answer; ``("other_intermediate", "other_answer")`` gives the chance
     baseline) with the median first state."""
+    if not results:
+        return "(no lens)"
     sets = list(next(iter(results.values())).keys())
     lines = ["| lens | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for lens, per_set in results.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,8 +137,25 @@ class LensResult:
         growing = ((norms[:, -1] >= norms[:, -2]) & (norms[:, -1] > 0)).cpu() & self.real
         if not growing.any():  # the usual case: no metric needs computing here
             return flagged
-        series = divergent_series(norms.cpu().movedim(1, -1), self.token_metrics["remainder"].cpu())
+        series = divergent_series(norms.cpu().movedim(1, -1), self.relative_remainder.cpu())
         return flagged | (series & self.real)
+
+    @functools.cached_property
+    def relative_remainder(self) -> torch.Tensor:
+        """[centres, batch, seq]: ‖true − lens‖ / ‖true‖ per token (the metric ``remainder``, NaN
+        where not finite), computed alone when no other metric is asked for: the divergence
+        check needs only this one pass over the logits, not the softmaxes of every metric."""
+        if "token_metrics" in self.__dict__:
+            return self.token_metrics["remainder"]
+        true = self.true_logits.detach().double()
+        true_norm = true.norm(dim=-1)
+        true_finite = torch.isfinite(true).all(-1)
+        rows = []
+        for center in self.logits.detach():
+            finite = torch.isfinite(center).all(-1) & true_finite
+            difference = (true - center.double().masked_fill(~finite.unsqueeze(-1), 0)).norm(dim=-1)
+            rows.append((difference / true_norm).masked_fill(~finite, math.nan).float())
+        return torch.stack(rows)
 
     @functools.cached_property
     def divergent(self) -> torch.Tensor:
