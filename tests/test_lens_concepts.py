@@ -217,6 +217,11 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_lens_eval_writes_the_scores_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
     model = str(require_tinystories())
     out = tmp_path / "scores.json"
+    loaded, tokenizer = jetgraph.load_model(model)
+    ids = [tokenizer("Once upon a time there was a little dog.", return_tensors="pt").input_ids]
+    block_lens = tmp_path / "tuned_block"
+    fit_tuned_lens(jetgraph.capture(loaded).at("block"), ids, granularity="block", steps=2,
+                   progress=False).save(block_lens)
     code, printed, _ = _run(["lens-eval", model, "--set", "associations", "--lens", "logit", "--lens",
                              "iterative", "--every", "2", "--out", str(out)], capsys)
     assert code == 0
@@ -228,6 +233,7 @@ def test_cli_lens_eval_writes_the_scores_and_refuses_bad_input(tmp_path: Path, c
         (["--lens", "tuned"], 2, "invalid choice"),
         (["--fitted", str(tmp_path)], 2, "holds no saved lens"),
         (["--out", str(tmp_path / "scores.csv")], 2, "must end in .json"),
+        (["--fitted", str(block_lens), "--granularity", "sublayer"], 2, "give --granularity block"),
         (["--set", "associations", "--max-time", "0.001"], 1, "would take about"),
     ]:
         code, _, err = _run(["lens-eval", model, *argv], capsys)

@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from jetgraph.applications.lens.concepts import concept_table
 
     fitted = [FittedLens.load(folder) for folder in args.fitted]
+    for folder, lens in zip(args.fitted, fitted, strict=True):
+        if lens.granularity != args.granularity:
+            raise UsageError(f"--fitted {folder} holds a {lens.kind} lens fitted at {lens.granularity} "
+                             f"states: give --granularity {lens.granularity}")
     model, tokenizer, _ = load(args, text="a")
     prog = jetgraph.capture(model, granularity=args.granularity)
     states = list(range(0, len(prog.units), args.every))
