@@ -153,13 +153,13 @@ def test_the_target_of_order_zero_paths_is_appended_from_the_graphs(family: str,
         paths = sum(out[name] for name in module.term_names)
         torch.testing.assert_close(out["remainder"], out["target"] - paths, rtol=1e-6, atol=1e-6)
 
-    from jetgraph.codegen import inline, trace
+    from jetgraph.codegen import inline, modes
 
     def refuse(self, root):
         raise RuntimeError("a node the proxy cannot follow")
 
     monkeypatch.setattr(inline._Tracer, "trace", refuse)
-    monkeypatch.setattr(trace, "_WARNED", set())
+    monkeypatch.setattr(modes, "_TOLD", set())
     with pytest.warns(RuntimeWarning, match="could not be appended.*a node the proxy cannot follow"):
         traced = emit(expansion, ids)
     assert "the model's own forward (target) and the remainder" not in {

@@ -226,3 +226,8 @@ def test_the_divergence_check_reads_the_remainder_alone_and_flags_the_same_token
     assert "token_metrics" not in alone.__dict__
     torch.testing.assert_close(alone.relative_remainder, full.token_metrics["remainder"], equal_nan=True)
     assert torch.equal(alone.divergent_tokens, full.divergent_tokens) and alone.divergent_tokens.sum() > 1
+    # and the criterion applied by hand to the metric's remainder flags the same tokens
+    from jetgraph.applications.lens.results import divergent_series
+
+    by_hand = divergent_series(norms.movedim(1, -1), full.token_metrics["remainder"]) | full.diverged_tokens
+    assert torch.equal(alone.divergent_tokens, by_hand)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 
 import torch
 from torch import fx
@@ -26,6 +25,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from jetgraph.codegen.execute import BatchedRun
 from jetgraph.codegen.fuse import fuse
 from jetgraph.codegen.inline import InlineError, append_target
+from jetgraph.codegen.modes import fell_back
 from jetgraph.codegen.schedule import Step, plan
 from jetgraph.cost import DEFAULT_MAX_SECONDS, expansion_plan
 from jetgraph.ir import ResidualProgram, ResidualUnit, as_input_ids, parameter_name
@@ -135,8 +135,8 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
             try:
                 appended = append_target(traced, prog, state, names, example)
             except InlineError as error:
-                _warn_once(f"emit: the model's forward could not be appended from its graphs ({error}); "
-                           "it was traced with the expansion instead (slower, the same code)")
+                fell_back("emit", "the model's forward could not be appended from its graphs and was "
+                          "traced with the expansion", str(error))
                 traced = trace(with_target=True)
         # the weights become buffers while still resident: a lazily read parameter released
         # afterwards holds NaN placeholders, not its values
@@ -161,15 +161,6 @@ def emit(expansion: Expansion, input_ids: torch.Tensor | None = None, *,
 def _reads_stream(expansion: Expansion) -> bool:
     """Whether a term reads the model's own stream (a stream term, or a jet of order ≥ 1)."""
     return any(t.kind == "stream" or (t.kind != "source" and t.order >= 1) for t in expansion.nodes)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _traced_units(expansion: Expansion, remainder: bool) -> list[ResidualUnit]:

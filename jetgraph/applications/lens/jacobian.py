@@ -117,10 +117,8 @@ def fit_jacobian_lens(prog: ResidualProgram, corpus: Sequence[torch.Tensor], *,
                 bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    return FittedLens("averaged_jacobian", _labels(states_list), (sums / kept_total).float(),
-                      None, Corpus.of(prompts, description, kept_total, skip_first),
-                      {"method": "forward", "directions": directions, "seconds": round(seconds, 3)},
-                      view.granularity, d)
+    return _averaged(view, states_list, sums, Corpus.of(prompts, description, kept_total, skip_first),
+                     {"method": "forward", "directions": directions, "seconds": round(seconds, 3)})
 
 
 def fit_jacobian_lens_reverse(prog: ResidualProgram, corpus: Sequence[torch.Tensor], *,
@@ -158,10 +156,15 @@ def fit_jacobian_lens_reverse(prog: ResidualProgram, corpus: Sequence[torch.Tens
             bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    return FittedLens("averaged_jacobian", _labels(states_list), (sums / kept_total).float(),
-                      None, Corpus.of(prompts, description, kept_total, skip_first),
-                      {"method": "reverse", "rows": rows, "seconds": round(seconds, 3)},
-                      view.granularity, d)
+    return _averaged(view, states_list, sums, Corpus.of(prompts, description, kept_total, skip_first),
+                     {"method": "reverse", "rows": rows, "seconds": round(seconds, 3)})
+
+
+def _averaged(view: ResidualProgram, states_list: Sequence[int], sums: torch.Tensor, corpus: Corpus,
+              fit: dict) -> FittedLens:
+    """The averaged-Jacobian lens from the Jacobians summed over the corpus's kept positions."""
+    return FittedLens("averaged_jacobian", _labels(states_list), (sums / corpus.positions).float(), None,
+                      corpus, fit, view.granularity, view.d_model)
 
 
 def _final_from_sources(view: ResidualProgram, states_list: Sequence[int], states: Sequence[torch.Tensor],
